@@ -1,0 +1,240 @@
+"""The inference engine: jitted prefill and decode steps around `model.forward`, plus the
+generation loop (sampling, EOS, streaming callback, timing)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from powerinfer_jax.config import ModelConfig
+from powerinfer_jax.model import FFNFn, KVCache, forward, init_cache
+from powerinfer_jax.params import ModelParams
+from powerinfer_jax.sampling import SamplingParams, sample
+from powerinfer_jax.tokenizer import Tokenizer
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, limit: int) -> int:
+    """Smallest power of two >= n (at least MIN_BUCKET), capped at `limit`."""
+    b = MIN_BUCKET
+    while b < n:
+        b *= 2
+    return min(b, limit)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What `Engine.generate` returns."""
+
+    text: str
+    token_ids: list[int]  # generated tokens only (prompt excluded)
+    prompt_ids: list[int]
+    stats: dict
+
+
+class Engine:
+    """A loaded model ready to score and generate; see `powerinfer_jax.load`."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: ModelParams,
+        tokenizer: Tokenizer | None = None,
+        max_seq_len: int | None = None,
+        ffn_fn: FFNFn | None = None,
+        model_dir: str | None = None,
+    ):
+        self.cfg = cfg
+        self.params = params
+        self.tokenizer = tokenizer
+        self.model_dir = model_dir
+        self.max_seq_len = min(max_seq_len or 2048, cfg.max_position_embeddings)
+        self._ffn_fn = ffn_fn
+        self._compiled: dict[tuple, Callable] = {}
+        self._prefill = jax.jit(
+            functools.partial(self._prefill_impl, cfg=cfg, ffn_fn=ffn_fn),
+            static_argnames=("attend_len", "sampling"),
+            donate_argnames=("cache",),
+        )
+        self._decode = jax.jit(
+            functools.partial(self._decode_impl, cfg=cfg, ffn_fn=ffn_fn),
+            static_argnames=("attend_len", "sampling"),
+            donate_argnames=("cache",),
+        )
+        self._full = jax.jit(functools.partial(self._full_impl, cfg=cfg, ffn_fn=ffn_fn))
+
+    # ---- jitted bodies -------------------------------------------------------------
+    @staticmethod
+    def _full_impl(params, tokens, *, cfg, ffn_fn):
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        logits, _, _ = forward(params, cfg, tokens, positions, ffn_fn=ffn_fn)
+        return logits
+
+    @staticmethod
+    def _prefill_impl(params, tokens, lengths, cache, key, *, cfg, ffn_fn, attend_len, sampling):
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        logits, cache, _ = forward(
+            params, cfg, tokens, positions, cache, attend_len, ffn_fn=ffn_fn, logits_at=lengths - 1
+        )
+        return sample(logits[:, 0], key, sampling), cache
+
+    @staticmethod
+    def _decode_impl(params, token, pos, cache, key, *, cfg, ffn_fn, attend_len, sampling):
+        logits, cache, _ = forward(params, cfg, token[:, None], pos[:, None], cache, attend_len, ffn_fn=ffn_fn)
+        return sample(logits[:, 0], key, sampling), cache
+
+    def _call(self, name: str, fn, args: tuple, static: dict, stats: dict):
+        """Runs `fn`, compiling ahead of time once per shape bucket so timings exclude compiles."""
+        shapes = tuple((a.shape, a.dtype) for a in jax.tree.leaves(args[1:]))
+        sig = (name, shapes, tuple(sorted(static.items())))
+        exe = self._compiled.get(sig)
+        if exe is None:
+            t0 = time.perf_counter()
+            exe = fn.lower(*args, **static).compile()
+            self._compiled[sig] = exe
+            stats["compile_s"] = stats.get("compile_s", 0.0) + time.perf_counter() - t0
+        return exe(*args)
+
+    # ---- public API ----------------------------------------------------------------
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Float32 logits [T, vocab] of a causal forward over a 1-D token sequence."""
+        ids = self._check_ids(token_ids)
+        T = len(ids)
+        padded = np.zeros((1, bucket(T, max(T, self.max_seq_len))), np.int32)
+        padded[0, :T] = ids
+        out = self._full(self.params, jnp.asarray(padded))
+        return np.asarray(out[0, :T], dtype=np.float32)
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """A text prompt through the tokenizer, or token ids as they are."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer.json: pass token ids, not text")
+            return self.tokenizer.encode(prompt)
+        return self._check_ids(prompt)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop_at_eos: bool = True,
+        on_token: Callable[[int, str], None] | None = None,
+    ) -> GenerationResult:
+        """Generates up to `max_new_tokens` after `prompt`; `on_token(id, new_text)` streams."""
+        prompt_ids = self.encode(prompt)
+        out = self.generate_batch([prompt_ids], max_new_tokens, temperature, top_p, top_k, seed,
+                                  stop_at_eos, on_token)
+        return out[0]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop_at_eos: bool = True,
+        on_token: Callable[[int, str], None] | None = None,
+    ) -> list[GenerationResult]:
+        """Generates for a batch of token-id prompts (lengths may differ); streams row 0."""
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        rows = [self._check_ids(p) for p in prompts]
+        B = len(rows)
+        lengths = np.array([len(r) for r in rows], np.int32)
+        total = int(lengths.max()) + max_new_tokens
+        if total > self.max_seq_len:
+            raise ValueError(
+                f"prompt ({lengths.max()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"context of {self.max_seq_len} tokens"
+            )
+        stats: dict = {"compile_s": 0.0}
+        T = bucket(int(lengths.max()), self.max_seq_len)
+        tokens = np.zeros((B, T), np.int32)
+        for b, r in enumerate(rows):
+            tokens[b, : len(r)] = r
+        cache = init_cache(self.cfg, B, self.max_seq_len)
+        key = jax.random.PRNGKey(seed)
+        eos = set(self._eos_ids()) if stop_at_eos else set()
+
+        t0 = time.perf_counter()
+        args = (self.params, jnp.asarray(tokens), jnp.asarray(lengths), cache, jax.random.fold_in(key, 0))
+        nxt, cache = self._call("prefill", self._prefill, args, {"attend_len": T, "sampling": sampling}, stats)
+        nxt = np.asarray(nxt)
+        prefill_s = time.perf_counter() - t0 - stats["compile_s"]
+
+        generated = [[int(t)] for t in nxt]
+        done = np.array([int(t) in eos for t in nxt])
+        streamed = self._stream(on_token, generated[0], "")
+        pos = lengths.copy()
+        t1, compile_before = time.perf_counter(), stats["compile_s"]
+        steps = 0
+        while steps < max_new_tokens - 1 and not done.all():
+            attend = bucket(int(pos.max()) + 1, self.max_seq_len)
+            args = (self.params, jnp.asarray(nxt), jnp.asarray(pos), cache, jax.random.fold_in(key, steps + 1))
+            nxt, cache = self._call("decode", self._decode, args, {"attend_len": attend, "sampling": sampling}, stats)
+            nxt = np.asarray(nxt)
+            steps += 1
+            pos += 1
+            for b in range(B):
+                if not done[b]:
+                    generated[b].append(int(nxt[b]))
+                    done[b] = int(nxt[b]) in eos
+            streamed = self._stream(on_token, generated[0], streamed)
+        decode_s = time.perf_counter() - t1 - (stats["compile_s"] - compile_before)
+
+        stats.update(
+            prompt_tokens=int(lengths.sum()),
+            prefill_s=prefill_s,
+            prefill_tokens_per_s=float(lengths.sum()) / max(prefill_s, 1e-9),
+            decode_steps=steps,
+            decode_s=decode_s,
+            decode_tokens_per_s=steps * B / decode_s if steps else 0.0,
+        )
+        results = []
+        for b in range(B):
+            ids = generated[b]
+            if ids and ids[-1] in eos:
+                ids = ids[:-1]
+            text = self.tokenizer.decode(ids) if self.tokenizer else ""
+            results.append(GenerationResult(text=text, token_ids=ids, prompt_ids=list(rows[b]), stats=stats))
+        return results
+
+    # ---- helpers -------------------------------------------------------------------
+    def _eos_ids(self) -> tuple[int, ...]:
+        return self.tokenizer.eos_token_ids if self.tokenizer else self.cfg.eos_token_ids
+
+    def _stream(self, on_token, ids: list[int], streamed: str) -> str:
+        """Calls on_token with the newly decoded text, holding back half-decoded UTF-8."""
+        if on_token is None or self.tokenizer is None:
+            if on_token is not None:
+                on_token(ids[-1], "")
+            return streamed
+        shown = [t for t in ids if t not in self._eos_ids()]
+        text = self.tokenizer.decode(shown)
+        if text.endswith("\ufffd"):
+            return streamed
+        on_token(ids[-1], text[len(streamed):])
+        return text
+
+    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in np.asarray(token_ids).reshape(-1)]
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}")
+        return ids

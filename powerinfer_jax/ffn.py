@@ -1,0 +1,54 @@
+"""The dense FFN of every supported family (the sparse variants live in `sparse_ffn.py`).
+
+All weights are neuron-major (`[n_ff, d]`, down projection transposed), so the dense
+form here and the sparse form, which gathers the rows of active neurons, read alike.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from powerinfer_jax.params import FFNParams
+
+f32 = jnp.float32
+
+
+def _rows_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., d] against neuron rows w [n, d] -> [..., n]."""
+    return jax.lax.dot_general(x, w.astype(f32), (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def ffn_activation(p: FFNParams, kind: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns (h, a): the down projection's input h [..., n_ff] and the ReLU output a whose
+    zeros define sparsity (relu(gate x) for ReGLU/dReLU, relu(fc1 x + b) for OPT).
+
+    For SwiGLU `a` is silu(gate x), which is never exactly zero.
+    """
+    if kind == "relu":
+        a = jax.nn.relu(_rows_dot(x, p.w_up) + p.b_up.astype(f32))
+        return a, a
+    gate = _rows_dot(x, p.w_gate)
+    up = _rows_dot(x, p.w_up)
+    if kind == "reglu":
+        a = jax.nn.relu(gate)
+        return a * up, a
+    if kind == "drelu":
+        a = jax.nn.relu(gate)
+        return a * jax.nn.relu(up), a
+    if kind == "swiglu":
+        a = jax.nn.silu(gate)
+        return a * up, a
+    raise ValueError(f"unknown FFN kind {kind!r}")
+
+
+def ffn_output(p: FFNParams, h: jax.Array) -> jax.Array:
+    """Down projection: sum_i h_i * w_down_t[i] (+ bias)."""
+    y = h @ p.w_down_t.astype(f32)
+    return y if p.b_down is None else y + p.b_down.astype(f32)
+
+
+def dense_ffn(p: FFNParams, kind: str, x: jax.Array) -> jax.Array:
+    """Dense FFN: every neuron computed."""
+    h, _ = ffn_activation(p, kind, x)
+    return ffn_output(p, h)

@@ -1,0 +1,118 @@
+"""Pure functions for the non-FFN blocks: norms, rotary embeddings, attention with a KV cache.
+
+Everything computes in float32: weights stored in bfloat16 are widened at use, because
+XLA:CPU bf16 dots are several times slower than f32 ones (see FIELD-NOTES.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from powerinfer_jax.config import ModelConfig
+from powerinfer_jax.params import AttentionParams, NormParams
+
+f32 = jnp.float32
+
+
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """x @ w (+ b) in float32; w is stored `[in, out]`."""
+    y = x @ w.astype(f32)
+    return y if b is None else y + b.astype(f32)
+
+
+def rms_norm(x: jax.Array, p: NormParams, eps: float) -> jax.Array:
+    """LLaMA RMSNorm."""
+    var = jnp.mean(x * x, axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(var + eps) * p.scale.astype(f32)
+
+
+def layer_norm(x: jax.Array, p: NormParams, eps: float) -> jax.Array:
+    """OPT LayerNorm."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p.scale.astype(f32) + p.bias.astype(f32)
+
+
+def norm(x: jax.Array, p: NormParams, cfg: ModelConfig) -> jax.Array:
+    """The family's normalisation."""
+    return rms_norm(x, p, cfg.norm_eps) if cfg.family == "llama" else layer_norm(x, p, cfg.norm_eps)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Rotary inverse frequencies, with HF's `linear` and `llama3` scaling."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=f32) / hd))
+    s = cfg.rope_scaling_dict
+    kind = None if s is None else s.get("rope_type", s.get("type"))
+    if kind == "linear":
+        return inv / s["factor"]
+    if kind == "llama3":
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old_len / lo, inv / factor, inv)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates x [B, T, H, hd] by its positions [B, T] (HF's rotate-half convention)."""
+    angles = positions[..., None].astype(f32) * inv_freq  # [B, T, hd/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention(
+    x: jax.Array,
+    p: AttentionParams,
+    cfg: ModelConfig,
+    positions: jax.Array,
+    k_cache: jax.Array | None,
+    v_cache: jax.Array | None,
+    attend_len: int = 0,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Causal self-attention of x [B, T, d] at `positions` [B, T] over a KV cache.
+
+    Writes this step's keys/values into the caches [B, S, n_kv, hd] at `positions` and
+    attends over the first `attend_len` cache slots (a static bucket >= max position + 1,
+    so short contexts do not pay for the whole preallocated cache). Slots beyond a query's
+    position are masked, so stale or padded entries never leak in. With no cache
+    (training), x attends within itself.
+    """
+    B, T, _ = x.shape
+    hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = linear(x, p.wq, p.bq).reshape(B, T, hq, hd)
+    k = linear(x, p.wk, p.bk).reshape(B, T, hkv, hd)
+    v = linear(x, p.wv, p.bv).reshape(B, T, hkv, hd)
+    if cfg.family == "llama":
+        inv_freq = rope_inv_freq(cfg)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+    if k_cache is None:  # training / cache-free forward: attend within this sequence
+        keys, values, key_pos = k, v, positions
+    else:
+        rows = jnp.arange(B)[:, None]
+        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+        keys = k_cache[:, :attend_len].astype(f32)
+        values = v_cache[:, :attend_len].astype(f32)
+        key_pos = jnp.broadcast_to(jnp.arange(attend_len), (B, attend_len))
+
+    group = hq // hkv
+    qg = q.reshape(B, T, hkv, group, hd)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, keys) / math.sqrt(hd)
+    allowed = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
+    if cfg.sliding_window:
+        allowed &= positions[:, :, None] - key_pos[:, None, :] < cfg.sliding_window
+    scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, values).reshape(B, T, hq * hd)
+    return linear(out, p.wo, p.bo), k_cache, v_cache

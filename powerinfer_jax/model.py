@@ -1,0 +1,120 @@
+"""The decoder forward pass for every supported family, as one pure function.
+
+LLaMA family: pre-RMSNorm blocks, rotary positions, gated FFN.
+OPT: LayerNorm blocks (pre- or post-LN), learned positions offset by 2, biases, ReLU FFN,
+optional project_in/project_out around the decoder (OPT-350m).
+The FFN is a parameter (`ffn_fn`) so the hybrid sparse engine swaps only that block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from powerinfer_jax import layers
+from powerinfer_jax.config import ModelConfig
+from powerinfer_jax.ffn import dense_ffn, ffn_activation, ffn_output
+from powerinfer_jax.params import FFNParams, ModelParams
+
+f32 = jnp.float32
+OPT_POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer key/value caches, each [batch, max_len, n_kv_heads, head_dim]."""
+
+    k: list[jax.Array]
+    v: list[jax.Array]
+
+    @property
+    def max_len(self) -> int:
+        """Number of preallocated positions."""
+        return self.k[0].shape[1]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=f32) -> KVCache:
+    """A zeroed KV cache for `batch` sequences of up to `max_len` tokens."""
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(
+        k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+        v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+    )
+
+
+# ffn_fn(layer_index, ffn_params, normed_input, residual_before_norm) -> ffn output [B, T, d]
+FFNFn = Callable[[int, FFNParams, jax.Array, jax.Array], jax.Array]
+
+
+def embed(params: ModelParams, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """Token (and, for OPT, learned position) embeddings -> [B, T, d] float32."""
+    x = params.embed[tokens].astype(f32)
+    if params.project_in is not None:
+        x = x @ params.project_in.astype(f32)
+    if params.pos_embed is not None:
+        x = x + params.pos_embed[positions + OPT_POSITION_OFFSET].astype(f32)
+    return x
+
+
+def lm_head(params: ModelParams, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """Final norm, optional project_out, and the (possibly tied) output projection."""
+    if params.final_norm is not None:
+        x = layers.norm(x, params.final_norm, cfg)
+    if params.project_out is not None:
+        x = x @ params.project_out.astype(f32)
+    if params.lm_head is None:
+        return jax.lax.dot_general(x, params.embed.astype(f32), (((x.ndim - 1,), (1,)), ((), ())))
+    return x @ params.lm_head.astype(f32)
+
+
+def forward(
+    params: ModelParams,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache | None = None,
+    attend_len: int = 0,
+    ffn_fn: FFNFn | None = None,
+    logits_at: jax.Array | None = None,
+    collect: bool = False,
+) -> tuple[jax.Array, KVCache | None, dict]:
+    """Runs the decoder on tokens [B, T] at positions [B, T].
+
+    With a cache, keys/values are written at `positions` and attention spans the first
+    `attend_len` slots; without one, the sequence attends within itself (training).
+    `logits_at` [B] picks one position per row for the head (prefill needs only the last).
+    `collect=True` also returns, per layer, the FFN input before its norm (`ffn_in`, the
+    predictor's input) and the ReLU activation (`ffn_act`), for profiling and training.
+    """
+    x = embed(params, cfg, tokens, positions)
+    new_k, new_v, ffn_in, ffn_act = [], [], [], []
+    for i, lp in enumerate(params.layers):
+        kc = None if cache is None else cache.k[i]
+        vc = None if cache is None else cache.v[i]
+        pre = cfg.pre_layer_norm
+        h_in = layers.norm(x, lp.attn_norm, cfg) if pre else x
+        a, kc, vc = layers.attention(h_in, lp.attn, cfg, positions, kc, vc, attend_len)
+        new_k.append(kc)
+        new_v.append(vc)
+        x = x + a if pre else layers.norm(x + a, lp.attn_norm, cfg)
+        f_in = layers.norm(x, lp.ffn_norm, cfg) if pre else x
+        if collect:
+            h, act = ffn_activation(lp.ffn, cfg.ffn_kind, f_in)
+            ffn_in.append(x)
+            ffn_act.append(act)
+            y = ffn_output(lp.ffn, h)
+        elif ffn_fn is not None:
+            y = ffn_fn(i, lp.ffn, f_in, x)
+        else:
+            y = dense_ffn(lp.ffn, cfg.ffn_kind, f_in)
+        x = x + y if pre else layers.norm(x + y, lp.ffn_norm, cfg)
+    if logits_at is not None:
+        x = x[jnp.arange(x.shape[0]), logits_at][:, None, :]
+    logits = lm_head(params, cfg, x)
+    new_cache = None if cache is None else KVCache(k=new_k, v=new_v)
+    extras = {"ffn_in": ffn_in, "ffn_act": ffn_act} if collect else {}
+    return logits, new_cache, extras
