@@ -1,0 +1,79 @@
+"""Writes a parameter tree back out as an HF checkpoint folder (config.json + model.safetensors).
+
+The inverse of `loading.py`: the same name table, walked the other way, so a round trip
+through `pij.load` is exact by construction (and tested).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+from powerinfer_jax.config import ModelConfig
+from powerinfer_jax.loading import _spec
+from powerinfer_jax.params import ModelParams
+
+NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def flatten_params(params: ModelParams) -> dict[str, np.ndarray]:
+    """Our flat names ("layers.3.ffn.w_up", ...) -> numpy arrays."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        parts = []
+        for k in path:
+            parts.append(str(getattr(k, "name", getattr(k, "idx", getattr(k, "key", k)))))
+        flat[".".join(parts)] = np.asarray(leaf)
+    return flat
+
+
+def llama_hf_config(cfg: ModelConfig) -> dict:
+    """The `config.json` contents for a LLaMA-family `ModelConfig`."""
+    if cfg.family != "llama":
+        raise NotImplementedError("export is implemented for LLaMA-family models")
+    hidden_act = {"reglu": "relu", "drelu": "relu", "swiglu": "silu"}[cfg.ffn_kind]
+    out = {
+        "architectures": [cfg.architecture],
+        "model_type": "llama",
+        "hidden_act": hidden_act,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "mlp_bias": False,
+        "vocab_size": cfg.vocab_size,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else list(cfg.eos_token_ids),
+        "pad_token_id": cfg.pad_token_id,
+    }
+    if cfg.ffn_kind == "drelu":
+        out["powerinfer_ffn"] = "drelu"
+    return out
+
+
+def save_hf_checkpoint(params: ModelParams, cfg: ModelConfig, out_dir: str, dtype: str = "bfloat16") -> None:
+    """Writes `config.json` and `model.safetensors` for a LLaMA-family model."""
+    os.makedirs(out_dir, exist_ok=True)
+    flat = flatten_params(params)
+    np_dtype = NUMPY_DTYPES[dtype]
+    tensors = {}
+    for hf_name, (ours, transpose, _) in _spec(cfg).items():
+        arr = flat[ours].astype(np.float32)
+        tensors[hf_name] = np.ascontiguousarray(arr.T if transpose else arr).astype(np_dtype)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    hf_cfg = llama_hf_config(cfg)
+    hf_cfg["torch_dtype"] = dtype
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2)
