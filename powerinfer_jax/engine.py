@@ -69,6 +69,10 @@ class Engine:
             donate_argnames=("cache",),
         )
         self._full = jax.jit(functools.partial(self._full_impl, cfg=cfg, ffn_fn=ffn_fn))
+        self._step = jax.jit(functools.partial(self._step_impl, cfg=cfg, ffn_fn=ffn_fn),
+                             static_argnames=("attend_len",), donate_argnames=("cache",))
+        # Sparse engines set this: their prompt path is dense, so scoring must use decode steps.
+        self.stepwise_logits = False
 
     # ---- jitted bodies -------------------------------------------------------------
     @staticmethod
@@ -76,6 +80,11 @@ class Engine:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         logits, _, _ = forward(params, cfg, tokens, positions, ffn_fn=ffn_fn)
         return logits
+
+    @staticmethod
+    def _step_impl(params, token, pos, cache, *, cfg, ffn_fn, attend_len):
+        logits, cache, extras = forward(params, cfg, token[:, None], pos[:, None], cache, attend_len, ffn_fn=ffn_fn)
+        return logits[:, 0], cache, extras.get("ffn_aux", [])
 
     @staticmethod
     def _prefill_impl(params, tokens, lengths, cache, key, *, cfg, ffn_fn, attend_len, sampling):
@@ -87,8 +96,8 @@ class Engine:
 
     @staticmethod
     def _decode_impl(params, token, pos, cache, key, *, cfg, ffn_fn, attend_len, sampling):
-        logits, cache, _ = forward(params, cfg, token[:, None], pos[:, None], cache, attend_len, ffn_fn=ffn_fn)
-        return sample(logits[:, 0], key, sampling), cache
+        logits, cache, extras = forward(params, cfg, token[:, None], pos[:, None], cache, attend_len, ffn_fn=ffn_fn)
+        return sample(logits[:, 0], key, sampling), cache, extras["ffn_aux"]
 
     def _call(self, name: str, fn, args: tuple, static: dict, stats: dict):
         """Runs `fn`, compiling ahead of time once per shape bucket so timings exclude compiles."""
@@ -106,11 +115,29 @@ class Engine:
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Float32 logits [T, vocab] of a causal forward over a 1-D token sequence."""
         ids = self._check_ids(token_ids)
+        if self.stepwise_logits:
+            return self.logits_stepwise(ids)
         T = len(ids)
         padded = np.zeros((1, bucket(T, max(T, self.max_seq_len))), np.int32)
         padded[0, :T] = ids
         out = self._full(self.params, jnp.asarray(padded))
         return np.asarray(out[0, :T], dtype=np.float32)
+
+    def logits_stepwise(self, token_ids: Sequence[int], stats: dict | None = None) -> np.ndarray:
+        """Logits [T, vocab] computed one decode step per token (the path generation uses)."""
+        ids = self._check_ids(token_ids)
+        if len(ids) > self.max_seq_len:
+            raise ValueError(f"sequence of {len(ids)} tokens exceeds the context of {self.max_seq_len}")
+        cache = init_cache(self.cfg, 1, self.max_seq_len)
+        out = []
+        for t, tok in enumerate(ids):
+            attend = bucket(t + 1, self.max_seq_len)
+            logits, cache, aux = self._step(self.params, jnp.asarray([tok], jnp.int32),
+                                            jnp.asarray([t], jnp.int32), cache, attend_len=attend)
+            out.append(np.asarray(logits[0], np.float32))
+            if stats is not None:
+                self._accumulate_ffn_stats(aux, stats)
+        return np.stack(out)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """A text prompt through the tokenizer, or token ids as they are."""
@@ -185,8 +212,10 @@ class Engine:
         while steps < max_new_tokens - 1 and not done.all():
             attend = bucket(int(pos.max()) + 1, self.max_seq_len)
             args = (self.params, jnp.asarray(nxt), jnp.asarray(pos), cache, jax.random.fold_in(key, steps + 1))
-            nxt, cache = self._call("decode", self._decode, args, {"attend_len": attend, "sampling": sampling}, stats)
+            nxt, cache, aux = self._call("decode", self._decode, args, {"attend_len": attend, "sampling": sampling},
+                                         stats)
             nxt = np.asarray(nxt)
+            self._accumulate_ffn_stats(aux, stats)
             steps += 1
             pos += 1
             for b in range(B):
@@ -214,6 +243,13 @@ class Engine:
         return results
 
     # ---- helpers -------------------------------------------------------------------
+    @staticmethod
+    def _accumulate_ffn_stats(aux: list[dict], stats: dict) -> None:
+        """Sums the sparse FFN's per-layer counters (computed, hot, total neurons) over steps."""
+        for layer_aux in aux:
+            for k, v in layer_aux.items():
+                stats[k] = stats.get(k, 0) + int(v)
+
     def _eos_ids(self) -> tuple[int, ...]:
         return self.tokenizer.eos_token_ids if self.tokenizer else self.cfg.eos_token_ids
 

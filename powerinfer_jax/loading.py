@@ -144,11 +144,17 @@ def _check_not_truncated(path: str) -> None:
         )
 
 
-def load_params(model_dir: str, cfg: ModelConfig, dtype: str = "float32") -> ModelParams:
-    """Loads and checks every tensor of an HF checkpoint into our parameter tree."""
+def load_params(model_dir: str, cfg: ModelConfig, dtype: str = "float32", on_host: bool = False) -> ModelParams:
+    """Loads and checks every tensor of an HF checkpoint into our parameter tree.
+
+    `on_host=True` keeps numpy arrays (the hybrid engine then moves only what the placement
+    puts on the device); otherwise every array goes to the default JAX device.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     jdtype = DTYPES[dtype]
+    convert = (lambda a: np.ascontiguousarray(a).astype(jdtype)) if on_host else (
+        lambda a: jnp.asarray(np.ascontiguousarray(a), dtype=jdtype))
     spec = _spec(cfg)
     flat: dict[str, jnp.ndarray] = {}
     unexpected, bad_shape = [], []
@@ -165,7 +171,7 @@ def load_params(model_dir: str, cfg: ModelConfig, dtype: str = "float32") -> Mod
         if tuple(array.shape) != shape:
             bad_shape.append(f"{raw_name}: expected {shape[::-1] if transpose else shape}, got {array.T.shape if transpose else array.shape}")
             continue
-        flat[ours] = jnp.asarray(np.ascontiguousarray(array), dtype=jdtype)
+        flat[ours] = convert(array)
     missing = [hf for hf, (ours, _, _) in spec.items() if ours not in flat]
     problems = []
     if missing:

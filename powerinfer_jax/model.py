@@ -46,8 +46,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=f32) -> KVCache
     )
 
 
-# ffn_fn(layer_index, ffn_params, normed_input, residual_before_norm) -> ffn output [B, T, d]
-FFNFn = Callable[[int, FFNParams, jax.Array, jax.Array], jax.Array]
+# ffn_fn(layer_index, ffn_params, normed_input, residual_before_norm) -> (output [B, T, d], aux)
+# `aux` is a (possibly empty) dict of per-layer statistics, returned in extras["ffn_aux"].
+FFNFn = Callable[[int, FFNParams, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 
 def embed(params: ModelParams, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
@@ -91,7 +92,7 @@ def forward(
     predictor's input) and the ReLU activation (`ffn_act`), for profiling and training.
     """
     x = embed(params, cfg, tokens, positions)
-    new_k, new_v, ffn_in, ffn_act = [], [], [], []
+    new_k, new_v, ffn_in, ffn_act, ffn_aux = [], [], [], [], []
     for i, lp in enumerate(params.layers):
         kc = None if cache is None else cache.k[i]
         vc = None if cache is None else cache.v[i]
@@ -108,7 +109,8 @@ def forward(
             ffn_act.append(act)
             y = ffn_output(lp.ffn, h)
         elif ffn_fn is not None:
-            y = ffn_fn(i, lp.ffn, f_in, x)
+            y, aux = ffn_fn(i, lp.ffn, f_in, x)
+            ffn_aux.append(aux)
         else:
             y = dense_ffn(lp.ffn, cfg.ffn_kind, f_in)
         x = x + y if pre else layers.norm(x + y, lp.ffn_norm, cfg)
@@ -116,5 +118,5 @@ def forward(
         x = x[jnp.arange(x.shape[0]), logits_at][:, None, :]
     logits = lm_head(params, cfg, x)
     new_cache = None if cache is None else KVCache(k=new_k, v=new_v)
-    extras = {"ffn_in": ffn_in, "ffn_act": ffn_act} if collect else {}
+    extras = {"ffn_in": ffn_in, "ffn_act": ffn_act} if collect else {"ffn_aux": ffn_aux}
     return logits, new_cache, extras

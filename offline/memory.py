@@ -1,0 +1,113 @@
+"""Exact device-memory accounting: what must sit on the device before any FFN neuron.
+
+Priority order (PowerInfer's): embeddings -> attention -> norms -> output head -> predictors
+-> KV cache for the stated max context -> FFN hot neurons (the placement solver gets what
+is left). Every number is computed from shapes and dtypes, so the engine can check its
+real allocation against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from powerinfer_jax.config import ModelConfig
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class BudgetTooSmallError(ValueError):
+    """The device budget cannot even hold the parts that must live on the device."""
+
+
+def parse_bytes(value: int | float | str | None) -> int | None:
+    """Bytes from an int or a string like "1.5GiB", "800MB", "512KiB"."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else int(value)
+    s = value.strip().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6,
+             "GB": 10**9, "TB": 10**12, "B": 1}
+    for unit, mult in units.items():
+        if s.upper().endswith(unit):
+            num = s[: -len(unit)]
+            try:
+                return int(float(num) * mult)
+            except ValueError:
+                break
+    try:
+        return int(float(s))
+    except ValueError:
+        raise ValueError(f"cannot parse a byte size from {value!r} (use e.g. 1.5GiB, 800MB, 1000000)") from None
+
+
+def neuron_bytes(cfg: ModelConfig, dtype: str) -> int:
+    """Device bytes of one FFN neuron: its gate/up rows and its row of the transposed down matrix."""
+    b = DTYPE_BYTES[dtype]
+    rows = 3 if cfg.has_gate else 2
+    bias = 1 if cfg.family == "opt" else 0  # fc1 bias entry
+    return (rows * cfg.hidden_size + bias) * b
+
+
+@dataclasses.dataclass(frozen=True)
+class DevicePlan:
+    """Bytes by group, in priority order, and what is left for hot FFN neurons."""
+
+    budget: int
+    groups: tuple[tuple[str, int], ...]
+    neuron_bytes: int
+
+    @property
+    def fixed(self) -> int:
+        """Bytes that must be on the device before any FFN neuron."""
+        return sum(b for _, b in self.groups)
+
+    @property
+    def ffn_budget(self) -> int:
+        """Bytes left for hot FFN neurons."""
+        return self.budget - self.fixed
+
+    def as_dict(self) -> dict:
+        """JSON-friendly view."""
+        return {"budget": self.budget, **dict(self.groups), "ffn_budget": self.ffn_budget,
+                "neuron_bytes": self.neuron_bytes}
+
+
+def fixed_groups(cfg: ModelConfig, dtype: str, predictor_bytes: int, max_context: int, batch: int = 1,
+                 kv_dtype: str = "float32") -> tuple[tuple[str, int], ...]:
+    """(group, bytes) for everything but FFN neurons, in placement priority order."""
+    b = DTYPE_BYTES[dtype]
+    d, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+    e = cfg.word_embed_proj_dim or d
+    q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    embed = V * e
+    if cfg.family == "opt":
+        embed += (cfg.max_position_embeddings + 2) * d + (2 * e * d if e != d else 0)
+    attn = d * q_out + 2 * d * kv_out + q_out * d
+    if cfg.attention_bias:
+        attn += q_out + 2 * kv_out + d
+    norm_vecs = 2 if cfg.family == "opt" else 1  # LayerNorm has a bias
+    norms = (2 * L + (1 if cfg.final_layer_norm or cfg.family == "llama" else 0)) * d * norm_vecs
+    if cfg.family == "opt":
+        norms += L * d  # fc2 bias: added once per layer, kept with the always-on vectors
+    head = 0 if cfg.tie_word_embeddings else e * V
+    kv = 2 * L * batch * max_context * cfg.num_kv_heads * cfg.head_dim * DTYPE_BYTES[kv_dtype]
+    return (("embeddings", embed * b), ("attention", L * attn * b), ("norms", norms * b),
+            ("output_head", head * b), ("predictors", int(predictor_bytes)), ("kv_cache", kv))
+
+
+def plan_device_memory(cfg: ModelConfig, budget_bytes: int, dtype: str, predictor_bytes: int,
+                       max_context: int, batch: int = 1, kv_dtype: str = "float32") -> DevicePlan:
+    """Accounts for the fixed parts and fails clearly when the budget cannot hold them."""
+    groups = fixed_groups(cfg, dtype, predictor_bytes, max_context, batch, kv_dtype)
+    plan = DevicePlan(int(budget_bytes), groups, neuron_bytes(cfg, dtype))
+    if plan.ffn_budget < 0:
+        detail = ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in groups)
+        raise BudgetTooSmallError(
+            f"device budget {budget_bytes / 2**20:.2f} MiB is too small: the parts that must sit on the "
+            f"device need {plan.fixed / 2**20:.2f} MiB ({plan.fixed} bytes: {detail}) before any FFN neuron; "
+            f"raise the budget or lower max_context ({max_context})")
+    return plan
+
+
+def ffn_total_bytes(cfg: ModelConfig, dtype: str) -> int:
+    """Bytes of all FFN neurons of all layers."""
+    return cfg.num_layers * cfg.intermediate_size * neuron_bytes(cfg, dtype)

@@ -1,0 +1,113 @@
+"""Builds the hybrid engine: device/host split of every FFN from a placement, plus the
+llama.cpp-style dense layer offload baseline, and the device-memory report."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from powerinfer_jax.config import ModelConfig
+from powerinfer_jax.engine import Engine
+from powerinfer_jax.loading import DTYPES
+from powerinfer_jax.params import LayerParams, ModelParams, param_bytes
+from powerinfer_jax.sparse_ffn import HybridFFN, HybridRuntime, LayerPlan, PredictorParams, split_ffn
+
+
+def offload_hot_indices(cfg: ModelConfig, offload_layers: int) -> list[np.ndarray]:
+    """llama.cpp `-ngl N`: the last N layers wholly on the device, the others' FFNs on the host."""
+    if not 0 <= offload_layers <= cfg.num_layers:
+        raise ValueError(f"offload_layers must be in [0, {cfg.num_layers}], got {offload_layers}")
+    first_on_device = cfg.num_layers - offload_layers
+    n = cfg.intermediate_size
+    return [np.arange(n, dtype=np.int32) if l >= first_on_device else np.zeros(0, np.int32)
+            for l in range(cfg.num_layers)]
+
+
+class HybridEngine(Engine):
+    """An Engine whose FFNs are split between device (hot rows) and host (cold rows)."""
+
+    def __init__(self, cfg, params, runtime: HybridRuntime, tokenizer=None, max_seq_len=None, model_dir=None,
+                 placement_info: dict | None = None):
+        super().__init__(cfg, params, tokenizer, max_seq_len=max_seq_len, ffn_fn=runtime.ffn_fn,
+                         model_dir=model_dir)
+        self.runtime = runtime
+        self.mode = runtime.mode
+        self.placement_info = placement_info or {}
+        # Sparse modes must score sequences through the decode path (token by token), or the
+        # prompt path (always dense) would hide what the sparse machinery does.
+        self.stepwise_logits = runtime.mode != "dense"
+
+    def memory_report(self) -> dict:
+        """Bytes on the device by group and on the host, as allocated."""
+        p = self.params
+        layers = p.layers
+        dev = {
+            "embeddings": param_bytes([p.embed, p.pos_embed, p.project_in, p.project_out]),
+            "attention": param_bytes([lp.attn for lp in layers]),
+            "norms": param_bytes([[lp.attn_norm, lp.ffn_norm] for lp in layers] + [p.final_norm]
+                                 + [lp.ffn.b_down for lp in layers]),
+            "output_head": param_bytes(p.lm_head),
+            "predictors": param_bytes([lp.ffn.predictor for lp in layers]),
+            "kv_cache": 2 * self.cfg.num_layers * self.max_seq_len * self.cfg.num_kv_heads * self.cfg.head_dim * 4,
+            "ffn_index": param_bytes([[lp.ffn.hot_ids, lp.ffn.cold_ids] for lp in layers]),
+            "ffn_hot": param_bytes([lp.ffn.hot for lp in layers]),
+        }
+        host = {"ffn_cold": int(sum(a.nbytes for c in self.runtime.cold for a in c.values() if a is not None))}
+        hot = [pl.n_hot for pl in self.runtime.plans]
+        return {"device": dev, "device_total": int(sum(dev.values())), "host": host,
+                "host_total": int(sum(host.values())), "hot_neurons_per_layer": hot,
+                "placement": self.placement_info}
+
+
+def build_hybrid_engine(
+    cfg: ModelConfig,
+    host_params: ModelParams,
+    *,
+    mode: str,
+    hot_indices: Sequence[np.ndarray],
+    dtype: str = "float32",
+    predictors: Sequence[PredictorParams] | None = None,
+    thresholds: Sequence[float] | None = None,
+    capacities: Sequence[tuple[int, int]] | None = None,
+    tokenizer=None,
+    max_seq_len: int | None = None,
+    model_dir: str | None = None,
+    device_kernel: str = "auto",
+    placement_info: dict | None = None,
+) -> HybridEngine:
+    """Moves the non-FFN weights and each layer's hot rows to the device; cold rows stay on the host.
+
+    `capacities[l] = (hot, cold)` bounds the active-set sizes per token (default: the
+    partition sizes, which never drop a neuron).
+    """
+    if mode == "predicted" and predictors is None:
+        raise ValueError("sparsity='predicted' needs predictors: load a prepared bundle (bin/prepare)")
+    jdtype = DTYPES[dtype]
+    put = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dtype=jdtype), tree)  # noqa: E731
+    if device_kernel == "auto":
+        device_kernel = "pallas" if jax.default_backend() == "gpu" else "xla"
+    layers, cold, plans = [], [], []
+    for l, lp in enumerate(host_params.layers):
+        pred = None
+        if mode == "predicted":
+            pred = PredictorParams(fc1=jnp.asarray(predictors[l].fc1, jnp.float32),
+                                   fc2=jnp.asarray(predictors[l].fc2, jnp.float32))
+        ffn, cold_rows = split_ffn(lp.ffn, hot_indices[l], pred, jdtype)
+        n_hot = len(hot_indices[l])
+        n_cold = cfg.intermediate_size - n_hot
+        cap_hot, cap_cold = capacities[l] if capacities is not None else (n_hot, n_cold)
+        thr = float(thresholds[l]) if thresholds is not None else 0.0
+        plans.append(LayerPlan(n_hot, n_cold, max(min(cap_hot, n_hot), 0), max(min(cap_cold, n_cold), 0), thr))
+        layers.append(LayerParams(put(lp.attn_norm), put(lp.attn), put(lp.ffn_norm), ffn))
+        cold.append(cold_rows)
+    params = dataclasses.replace(
+        host_params, embed=put(host_params.embed), layers=layers, final_norm=put(host_params.final_norm),
+        lm_head=put(host_params.lm_head), pos_embed=put(host_params.pos_embed),
+        project_in=put(host_params.project_in), project_out=put(host_params.project_out))
+    runtime = HybridRuntime(cfg, mode, plans, cold, device_kernel=device_kernel)
+    return HybridEngine(cfg, params, runtime, tokenizer, max_seq_len=max_seq_len, model_dir=model_dir,
+                        placement_info=placement_info)
