@@ -1,8 +1,8 @@
 """Exact device-memory accounting: what must sit on the device before any FFN neuron.
 
 Priority order (PowerInfer's): embeddings -> attention -> norms -> output head -> predictors
--> KV cache for the stated max context -> FFN hot neurons (the placement solver gets what
-is left). Every number is computed from shapes and dtypes, so the engine can check its
+-> KV cache for the stated max context -> the int32 neuron-id maps of the split -> FFN hot
+neurons (the placement solver gets what is left). Every number is computed from shapes and dtypes, so the engine can check its
 real allocation against it.
 """
 
@@ -90,8 +90,10 @@ def fixed_groups(cfg: ModelConfig, dtype: str, predictor_bytes: int, max_context
         norms += L * d  # fc2 bias: added once per layer, kept with the always-on vectors
     head = 0 if cfg.tie_word_embeddings else e * V
     kv = 2 * L * batch * max_context * cfg.num_kv_heads * cfg.head_dim * DTYPE_BYTES[kv_dtype]
+    index = L * cfg.intermediate_size * 4  # int32 hot/cold neuron-id maps, one entry per neuron
     return (("embeddings", embed * b), ("attention", L * attn * b), ("norms", norms * b),
-            ("output_head", head * b), ("predictors", int(predictor_bytes)), ("kv_cache", kv))
+            ("output_head", head * b), ("predictors", int(predictor_bytes)), ("kv_cache", kv),
+            ("ffn_index", index))
 
 
 def plan_device_memory(cfg: ModelConfig, budget_bytes: int, dtype: str, predictor_bytes: int,

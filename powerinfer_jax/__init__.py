@@ -38,14 +38,48 @@ def default_model_dir() -> str:
     return str(Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL_NAME)
 
 
-def load(model_dir: str | os.PathLike | None = None, dtype: str = "float32", max_seq_len: int | None = None) -> Engine:
-    """Loads an HF model folder (config.json + safetensors [+ tokenizer.json]) into an Engine."""
+def load(
+    model_dir: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    max_seq_len: int | None = None,
+    sparsity: str | None = None,
+    device_memory_budget: int | str | None = None,
+    threshold: float | None = None,
+    offload_layers: int | None = None,
+    placement_batch: int = 64,
+    min_hot_per_split_layer: int = 0,
+    device_kernel: str = "auto",
+) -> Engine:
+    """Loads an HF model folder or a prepared bundle (from bin/prepare) into an Engine.
+
+    sparsity: None/"dense" (reference), "oracle" (true ReLU mask drives the sparse path) or
+      "predicted" (the bundle's predictors pick neurons; PowerInfer's mode).
+    device_memory_budget: bytes or "1.5GiB"-style string; hot neurons go to the device by a
+      placement solved from the bundle's statistics, the rest stay on the host. None: all on device.
+    threshold: overrides the predictors' calibrated per-layer thresholds.
+    offload_layers: llama.cpp-style baseline: the last N layers on the device, the other
+      layers' dense FFNs on the host (ignores the budget).
+    """
     from powerinfer_jax.tokenizer import Tokenizer
 
-    model_dir = str(model_dir) if model_dir is not None else default_model_dir()
-    cfg = load_config(model_dir)
-    params = load_params(model_dir, cfg, dtype=dtype)
+    path = str(model_dir) if model_dir is not None else default_model_dir()
+    bundle = None
+    from offline import bundle as bundle_lib
+
+    if bundle_lib.is_bundle(path):
+        bundle = bundle_lib.load_bundle(path)
+        path = bundle.model_dir
+    cfg = load_config(path)
     tokenizer = None
-    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
-        tokenizer = Tokenizer(model_dir, cfg.bos_token_id, cfg.eos_token_ids)
-    return Engine(cfg, params, tokenizer, max_seq_len=max_seq_len, model_dir=model_dir)
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        tokenizer = Tokenizer(path, cfg.bos_token_id, cfg.eos_token_ids)
+    hybrid = sparsity not in (None, "dense") or device_memory_budget is not None or offload_layers is not None
+    if not hybrid:
+        params = load_params(path, cfg, dtype=dtype)
+        return Engine(cfg, params, tokenizer, max_seq_len=max_seq_len, model_dir=path)
+    from powerinfer_jax import hybrid as hybrid_lib
+
+    return hybrid_lib.load_hybrid(
+        cfg, path, bundle, tokenizer, mode=sparsity or "dense", dtype=dtype, max_seq_len=max_seq_len,
+        budget=device_memory_budget, threshold=threshold, offload_layers=offload_layers,
+        placement_batch=placement_batch, min_hot=min_hot_per_split_layer, device_kernel=device_kernel)

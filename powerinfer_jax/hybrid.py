@@ -111,3 +111,72 @@ def build_hybrid_engine(
     runtime = HybridRuntime(cfg, mode, plans, cold, device_kernel=device_kernel)
     return HybridEngine(cfg, params, runtime, tokenizer, max_seq_len=max_seq_len, model_dir=model_dir,
                         placement_info=placement_info)
+
+
+def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: str, dtype: str,
+                max_seq_len: int | None, budget, threshold: float | None, offload_layers: int | None,
+                placement_batch: int, min_hot: int, device_kernel: str) -> HybridEngine:
+    """`pij.load` for sparse modes, budgets and the offload baseline (see its docstring)."""
+    from offline import memory
+    from powerinfer_jax.loading import load_params
+
+    if mode == "predicted" and (bundle is None or bundle.predictors is None):
+        raise ValueError("sparsity='predicted' needs a prepared bundle with predictors: run bin/prepare on "
+                         f"{model_dir} and load the bundle folder")
+    max_seq_len = min(max_seq_len or 2048, cfg.max_position_embeddings)
+    host = load_params(model_dir, cfg, dtype=dtype, on_host=True)
+    preds = bundle.predictors if bundle is not None else None
+    info: dict = {}
+    n = cfg.intermediate_size
+    if offload_layers is not None:
+        hot = offload_hot_indices(cfg, offload_layers)
+        info = {"kind": "layer_offload", "offload_layers": offload_layers}
+    elif budget is None:
+        hot = [np.arange(n, dtype=np.int32)] * cfg.num_layers
+        info = {"kind": "all_on_device"}
+    else:
+        if bundle is None:
+            raise ValueError("device_memory_budget needs activation statistics: run bin/prepare on "
+                             f"{model_dir} and load the bundle folder")
+        from offline.bundle import PlacementSettings, solve_placement
+
+        ps = PlacementSettings(budget_bytes=memory.parse_bytes(budget), dtype=dtype, max_context=max_seq_len,
+                               batch=placement_batch, min_hot_per_split_layer=min_hot)
+        p, plan = solve_placement(cfg, bundle.counts, bundle.tokens, preds.nbytes if preds else 0, ps,
+                                  include_predictors=mode == "predicted")
+        hot = [np.asarray(h) for h in p.hot_indices]
+        info = {"kind": "milp", "budget": ps.budget_bytes, "device_plan": plan.as_dict(), "status": p.status,
+                "objective_share": p.objective / max(p.total_mass, 1e-30), "solve_time_s": p.solve_time_s}
+    thresholds = capacities = pred_params = None
+    if mode == "predicted":
+        pred_params = preds.params
+        thresholds = [threshold] * cfg.num_layers if threshold is not None else list(preds.thresholds)
+        capacities = predicted_capacities(bundle, hot, preds)
+    return build_hybrid_engine(cfg, host, mode=mode, hot_indices=hot, dtype=dtype, predictors=pred_params,
+                               thresholds=thresholds, capacities=capacities, tokenizer=tokenizer,
+                               max_seq_len=max_seq_len, model_dir=model_dir, device_kernel=device_kernel,
+                               placement_info=info)
+
+
+def predicted_capacities(bundle, hot: Sequence[np.ndarray], preds, margin: float = 2.0,
+                         min_capacity: int = 32) -> list[tuple[int, int]]:
+    """Fixed active-set capacities per layer and partition, from the profile's statistics.
+
+    The expected number of predicted-active neurons in a partition is its activation mass
+    (sum of the neurons' firing rates) times the predictor's predicted/true ratio; the
+    capacity is `margin` times that, rounded up to a power of two (few compiled shapes).
+    """
+    from ops.select import capacity_bucket
+
+    caps = []
+    n = bundle.counts.shape[1]
+    for l, row in enumerate(bundle.counts):
+        rates = row / max(bundle.tokens, 1)
+        ratio = max(1.0, float(preds.layers[l].metrics.get("ratio") or 1.5))
+        in_hot = np.zeros(n, bool)
+        in_hot[np.asarray(hot[l], np.int64)] = True
+        exp_hot = rates[in_hot].sum() * ratio * margin
+        exp_cold = rates[~in_hot].sum() * ratio * margin
+        caps.append((capacity_bucket(int(np.ceil(exp_hot)), max(int(in_hot.sum()), 1), min_capacity),
+                     capacity_bucket(int(np.ceil(exp_cold)), max(int((~in_hot).sum()), 1), min_capacity)))
+    return caps

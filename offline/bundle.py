@@ -1,0 +1,227 @@
+"""The prepared bundle: everything the hybrid engine needs beside the HF weights.
+
+    prepared/
+      manifest.json          format version, model reference + sha256 of its files, corpus hash,
+                             dtype, max context, settings, tool versions, current placement name
+      profile/               profiler output (counts.npy, summary.json, samples/, plot)
+      predictors/            per-layer predictors (orbax arrays + predictors.json)
+      placements/<name>.json one per budget: hot neuron ids per layer (Placement.to_json) and
+                             the device memory plan that produced it
+`prepare` re-uses the profile and the predictors when the model, corpus and their settings are
+unchanged, so another budget only re-solves the placement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from importlib import metadata
+
+import numpy as np
+
+from offline import memory, profiler
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(ValueError):
+    """A prepared folder that is missing pieces or does not match its model."""
+
+
+def is_bundle(path: str) -> bool:
+    """Whether `path` is a prepared-bundle folder."""
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_hashes(model_dir: str) -> dict[str, str]:
+    """sha256 of config.json and every safetensors file of a model folder."""
+    names = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors") or f == "config.json")
+    return {n: sha256_file(os.path.join(model_dir, n)) for n in names}
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the packages that shaped the bundle."""
+    out = {}
+    for pkg in ("powerinfer-jax", "jax", "jaxlib", "cvxpy", "highspy", "orbax-checkpoint", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementSettings:
+    """How the device budget is turned into a placement."""
+
+    budget_bytes: int
+    dtype: str = "float32"
+    max_context: int = 1024
+    batch: int = 64
+    min_hot_per_split_layer: int = 0
+    time_limit_s: float = 30.0
+
+
+def placement_name(ps: PlacementSettings) -> str:
+    """File stem naming a placement by its budget and settings."""
+    return f"budget_{ps.budget_bytes}_{ps.dtype}_ctx{ps.max_context}_b{ps.batch}_m{ps.min_hot_per_split_layer}"
+
+
+def solve_placement(cfg, counts: np.ndarray, tokens: int, predictor_bytes: int, ps: PlacementSettings,
+                    include_predictors: bool = True):
+    """Device plan + MILP placement for one budget; returns (Placement, DevicePlan)."""
+    from offline import placement
+
+    plan = memory.plan_device_memory(cfg, ps.budget_bytes, ps.dtype,
+                                     predictor_bytes if include_predictors else 0, ps.max_context)
+    rates = [row / max(tokens, 1) for row in counts]
+    p = placement.solve(rates, neuron_bytes=plan.neuron_bytes, budget_bytes=plan.ffn_budget, batch=ps.batch,
+                        min_hot_per_split_layer=ps.min_hot_per_split_layer, time_limit_s=ps.time_limit_s)
+    return p, plan
+
+
+def write_placement(bundle_dir: str, p, plan, ps: PlacementSettings) -> str:
+    """Saves a placement (+ its memory plan) into the bundle and makes it current."""
+    os.makedirs(os.path.join(bundle_dir, "placements"), exist_ok=True)
+    name = placement_name(ps)
+    with open(os.path.join(bundle_dir, "placements", name + ".json"), "w") as f:
+        json.dump({"settings": dataclasses.asdict(ps), "device_plan": plan.as_dict(), "placement": p.to_dict()}, f)
+    return name
+
+
+@dataclasses.dataclass
+class Bundle:
+    """A loaded prepared bundle."""
+
+    path: str
+    manifest: dict
+    counts: np.ndarray
+    tokens: int
+    predictors: object | None  # offline.predictors.Predictors
+
+    @property
+    def model_dir(self) -> str:
+        """The HF model folder the bundle was prepared from."""
+        return self.manifest["model"]["path"]
+
+    def placement(self, name: str | None = None) -> dict:
+        """A stored placement record (the current one by default)."""
+        name = name or self.manifest.get("current_placement")
+        if not name:
+            raise BundleError(f"{self.path} has no placement yet; run bin/prepare with --budget")
+        with open(os.path.join(self.path, "placements", name + ".json")) as f:
+            return json.load(f)
+
+
+def load_bundle(path: str, check_model: bool = True) -> Bundle:
+    """Reads a bundle; fails clearly when its manifest does not match the model it references."""
+    from offline import predictors as predictors_lib
+
+    if not is_bundle(path):
+        raise BundleError(f"{path} is not a prepared bundle (no {MANIFEST}); create one with bin/prepare")
+    with open(os.path.join(path, MANIFEST)) as f:
+        manifest = json.load(f)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
+                          "re-run bin/prepare")
+    model_dir = manifest["model"]["path"]
+    if not os.path.isabs(model_dir):  # stored relative to the bundle so bundles can move with their model
+        model_dir = os.path.normpath(os.path.join(path, model_dir))
+        manifest["model"]["path"] = model_dir
+    if check_model:
+        if not os.path.isdir(model_dir):
+            raise BundleError(f"{path}: its model folder {model_dir} is missing")
+        now = model_hashes(model_dir)
+        if now != manifest["model"]["sha256"]:
+            changed = sorted(set(now) ^ set(manifest["model"]["sha256"]) |
+                             {k for k in now if manifest["model"]["sha256"].get(k) != now[k]})
+            raise BundleError(f"{path}: the bundle does not match its model {model_dir} (changed files: "
+                              f"{', '.join(changed)}); re-run bin/prepare")
+    counts, tokens = profiler.load_counts(os.path.join(path, "profile"))
+    preds_dir = os.path.join(path, "predictors")
+    preds = predictors_lib.load_predictors(preds_dir) if os.path.isdir(preds_dir) else None
+    return Bundle(path, manifest, counts, tokens, preds)
+
+
+def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: PlacementSettings | None,
+            profile_settings: profiler.ProfileSettings = profiler.ProfileSettings(),
+            predictor_settings=None, keep_samples: bool = True, log=print) -> dict:
+    """Profile -> predictors -> placement into `out_dir`, re-using finished steps; returns the manifest."""
+    from offline import pipeline
+    from offline import predictors as predictors_lib
+    from powerinfer_jax.config import load_config
+
+    predictor_settings = predictor_settings or predictors_lib.TrainSettings()
+    pipeline.check_sparse_model(model_dir)
+    cfg = load_config(model_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    text = pipeline.corpus_text(corpus)
+    corpus_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    hashes = model_hashes(model_dir)
+    old = {}
+    if is_bundle(out_dir):
+        with open(os.path.join(out_dir, MANIFEST)) as f:
+            old = json.load(f)
+    same_inputs = (old.get("model", {}).get("sha256") == hashes and old.get("corpus", {}).get("sha256") == corpus_hash)
+    profile_dir = os.path.join(out_dir, "profile")
+    prof_cfg = dataclasses.asdict(profile_settings)
+    if same_inputs and old.get("profile_settings") == prof_cfg and os.path.isfile(os.path.join(profile_dir, "counts.npy")):
+        log("profile: up to date, re-used")
+    else:
+        log("profile: running")
+        pipeline.run_profile(model_dir, corpus, profile_dir, profile_settings)
+        old.pop("predictor_settings", None)
+    pred_cfg = dataclasses.asdict(predictor_settings)
+    preds_dir = os.path.join(out_dir, "predictors")
+    if old.get("predictor_settings") == pred_cfg and same_inputs and os.path.isdir(preds_dir):
+        log("predictors: up to date, re-used")
+        preds = predictors_lib.load_predictors(preds_dir)
+    else:
+        log("predictors: training")
+        preds, rows = predictors_lib.train_all(profile_dir, (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers),
+                                               predictor_settings, model_params=predictors_lib.model_param_count(model_dir),
+                                               progress=True)
+        predictors_lib.save_predictors(preds, preds_dir)
+        log(predictors_lib.markdown_table(rows, preds.totals()))
+    if not keep_samples:
+        import shutil
+
+        shutil.rmtree(os.path.join(profile_dir, "samples"), ignore_errors=True)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"path": os.path.relpath(os.path.abspath(model_dir), os.path.abspath(out_dir)), "sha256": hashes,
+                  "architecture": cfg.architecture, "ffn_kind": cfg.ffn_kind},
+        "corpus": {"paths": [os.path.abspath(p) for p in corpus] if corpus else ["<default training split>"],
+                   "sha256": corpus_hash},
+        "profile_settings": prof_cfg,
+        "predictor_settings": pred_cfg,
+        "predictor_bytes": preds.nbytes,
+        "tools": tool_versions(),
+        "placements": old.get("placements", []) if same_inputs else [],
+        "current_placement": None,
+    }
+    if ps is not None:
+        counts, tokens = profiler.load_counts(profile_dir)
+        p, plan = solve_placement(cfg, counts, tokens, preds.nbytes, ps)
+        name = write_placement(out_dir, p, plan, ps)
+        manifest["placements"] = sorted(set(manifest["placements"]) | {name})
+        manifest["current_placement"] = name
+        log(f"placement {name}: {p.status}, gap {p.mip_gap}, {p.solve_time_s:.2f} s; hot per layer {list(p.hot_counts)}; "
+            f"device plan {plan.as_dict()}")
+    with open(os.path.join(out_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest

@@ -1,0 +1,92 @@
+"""ops.host_kernels: numba kernels vs the numpy reference, determinism, and jit callbacks."""
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from ops import host_kernels as H
+from ops import reference as R
+
+RTOL, ATOL = 1e-5, 1e-5  # f32 both sides; bf16 storage is widened exactly to f32 by both
+N = 384
+
+
+def _case(family, d, cap, count, batch, seed, dtype):
+    wg, wu, wd, bu = R.random_ffn_weights(family, N, d, seed, dtype)
+    rng = np.random.default_rng(seed + 3)
+    x = rng.standard_normal((d,) if batch is None else (batch, d)).astype(np.float32)
+    idx = rng.choice(N, cap, replace=False).astype(np.int32)  # entries >= count are padding
+    return wg, wu, wd, bu, x, idx, count
+
+
+@pytest.mark.parametrize("family", R.FAMILIES)
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("d,batch,seed", [(203, None, 0), (256, 3, 1), (600, None, 2)])
+def test_host_sparse_ffn_matches_numpy(family, dtype, d, batch, seed):
+    wg, wu, wd, bu, x, idx, count = _case(family, d, 64, 45, batch, seed, dtype)
+    y = H.host_sparse_ffn(family, wg, wu, wd, x, idx, count, bu)
+    want = H.host_sparse_ffn_ref(family, wg, wu, wd, x, idx, count, bu)
+    assert y.shape == x.shape and y.dtype == np.float32
+    np.testing.assert_allclose(y, want, rtol=RTOL, atol=ATOL)
+    # ... and the numpy reference agrees with the jnp one (padding given valid=False).
+    valid = np.arange(len(idx)) < count
+    np.testing.assert_allclose(want, R.sparse_ffn_ref(family, wg, wu, wd, x, idx, valid, bu),
+                               rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gather_matvec_and_axpy(dtype, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((N, 300)).astype(dtype)
+    x = rng.standard_normal((2, 300)).astype(np.float32)
+    idx = rng.choice(N, 50, replace=False).astype(np.int32)
+    wf = w.astype(np.float32)
+    got = H.host_gather_matvec(w, idx, 37, x)
+    np.testing.assert_allclose(got, x @ wf[idx[:37]].T, rtol=RTOL, atol=1e-4)  # O(sqrt(300))
+    h = rng.standard_normal((2, 37)).astype(np.float32)
+    h[:, ::3] = 0  # rows with h == 0 for every token are skipped: must not change the result
+    got = H.host_axpy_down(w, idx, 37, h)
+    np.testing.assert_allclose(got, h @ wf[idx[:37]], rtol=RTOL, atol=1e-4)
+
+
+def test_deterministic_and_empty():
+    wg, wu, wd, _, x, idx, _ = _case("reglu", 1000, 128, 128, None, 5, np.float32)
+    runs = [H.host_sparse_ffn("reglu", wg, wu, wd, x, idx, 128) for _ in range(3)]
+    assert all(np.array_equal(runs[0], r) for r in runs[1:])  # bitwise, run to run
+    y = H.host_sparse_ffn("reglu", wg, wu, wd, x, idx, 0)
+    assert np.all(y == 0)
+
+
+def test_rejects_bad_inputs():
+    """numba does no bounds checks, so the wrappers must refuse what would read out of bounds."""
+    x = np.ones(8, np.float32)
+    with pytest.raises(TypeError):
+        H.host_gather_matvec(np.ones((4, 8), np.float16), np.zeros(2, np.int32), 2, x)
+    w = np.ones((4, 8), np.float32)
+    with pytest.raises(IndexError):
+        H.host_gather_matvec(w, np.array([1, 4], np.int32), 2, x)
+    with pytest.raises(ValueError):
+        H.host_gather_matvec(w, np.array([1, 2], np.int32), 3, x)
+    H.host_gather_matvec(w, np.array([1, 99], np.int32), 1, x)  # padding past count is ignored
+
+
+@pytest.mark.parametrize("method", ["buffer", "pure"])
+@pytest.mark.parametrize("family,dtype,batch", [
+    ("reglu", np.float32, None), ("relu", ml_dtypes.bfloat16, 2)])
+def test_callback_inside_jit(method, family, dtype, batch):
+    if method == "buffer" and jax.default_backend() != "cpu":
+        pytest.skip("buffer_callback hands numpy-unreadable device buffers off the CPU backend")
+    wg, wu, wd, bu, x, idx, count = _case(family, 160, 48, 30, batch, 7, dtype)
+
+    @jax.jit
+    def f(x, idx, count):
+        hot = jnp.sum(x) * 0.0  # some XLA work around the callback
+        return H.host_ffn_callback(family, wg, wu, wd, x, idx, count, bu, method=method) + hot
+
+    want = H.host_sparse_ffn_ref(family, wg, wu, wd, x, idx, count, bu)
+    np.testing.assert_allclose(f(x, idx, np.int32(count)), want, rtol=RTOL, atol=ATOL)
+    # A count above the capacity (overflowed selection) uses the C entries that exist.
+    want_all = H.host_sparse_ffn_ref(family, wg, wu, wd, x, idx, len(idx), bu)
+    np.testing.assert_allclose(f(x, idx, np.int32(500)), want_all, rtol=RTOL, atol=ATOL)
