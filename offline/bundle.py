@@ -73,20 +73,22 @@ class PlacementSettings:
     batch: int = 64
     min_hot_per_split_layer: int = 0
     time_limit_s: float = 30.0
+    reserve_predictors: bool = True  # False for dense/oracle runs, which hold no predictors
 
 
 def placement_name(ps: PlacementSettings) -> str:
     """File stem naming a placement by its budget and settings."""
-    return f"budget_{ps.budget_bytes}_{ps.dtype}_ctx{ps.max_context}_b{ps.batch}_m{ps.min_hot_per_split_layer}"
+    pred = "" if ps.reserve_predictors else "_nopred"
+    return (f"budget_{ps.budget_bytes}_{ps.dtype}_ctx{ps.max_context}_b{ps.batch}_m{ps.min_hot_per_split_layer}"
+            f"{pred}")
 
 
-def solve_placement(cfg, counts: np.ndarray, tokens: int, predictor_bytes: int, ps: PlacementSettings,
-                    include_predictors: bool = True):
+def solve_placement(cfg, counts: np.ndarray, tokens: int, predictor_bytes: int, ps: PlacementSettings):
     """Device plan + MILP placement for one budget; returns (Placement, DevicePlan)."""
     from offline import placement
 
     plan = memory.plan_device_memory(cfg, ps.budget_bytes, ps.dtype,
-                                     predictor_bytes if include_predictors else 0, ps.max_context)
+                                     predictor_bytes if ps.reserve_predictors else 0, ps.max_context)
     rates = [row / max(tokens, 1) for row in counts]
     p = placement.solve(rates, neuron_bytes=plan.neuron_bytes, budget_bytes=plan.ffn_budget, batch=ps.batch,
                         min_hot_per_split_layer=ps.min_hot_per_split_layer, time_limit_s=ps.time_limit_s)
@@ -116,6 +118,14 @@ class Bundle:
     def model_dir(self) -> str:
         """The HF model folder the bundle was prepared from."""
         return self.manifest["model"]["path"]
+
+    def stored_placement(self, ps: PlacementSettings) -> dict | None:
+        """The placement solved earlier for exactly these settings, if the bundle has it."""
+        path = os.path.join(self.path, "placements", placement_name(ps) + ".json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
 
     def placement(self, name: str | None = None) -> dict:
         """A stored placement record (the current one by default)."""

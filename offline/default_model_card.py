@@ -138,8 +138,9 @@ under Apache-2.0 like the rest of the repo.
 ## Training
 AdamW (b1 0.9, b2 0.95, weight decay {s.weight_decay} on matrices), peak lr {s.learning_rate} with
 {s.warmup_steps} warmup steps and cosine decay to {s.min_learning_rate}, {s.steps} steps of {s.batch_size} x {s.seq_len}
-tokens, seed {s.seed}. A ProSparse-style L1 penalty on `relu(gate x)`, whose weight a feedback controller sets each
-step (start {s.l1_init}, gain {s.l1_gain}) so the batch's zero fraction follows a target ramped from
+tokens, seed {s.seed}. A ProSparse-style L1 penalty on `relu(gate x)`, whose per-layer weight a feedback controller sets
+each step (start {s.l1_init}, gain {s.l1_gain}, cap {s.l1_max_weight}) so each layer's zero fraction on the
+batch follows a target ramped from
 {s.target_zero_start} to {s.target_zero} over the first {100 * s.l1_ramp_fraction:.0f}% of steps; the checkpoint kept is the one
 with the best held-out loss after the ramp.
 Took **{summary['train_minutes']:.1f} minutes** of training ({summary['total_minutes_with_tokenizer']:.1f} with the tokenizer) on

@@ -51,6 +51,7 @@ class TrainSettings:
     l1_ramp_fraction: float = 0.67  # ... over this share of steps
     l1_init: float = 1e-3  # initial weight of the mean relu(gate x) penalty
     l1_gain: float = 0.5  # controller gain: weight *= exp(gain * (target - zero_frac)) per step
+    l1_max_weight: float = 3.0  # cap on each layer's penalty weight
     eval_every: int = 50
     eval_tokens: int = 16384
     holdout_fraction: float = 0.1
@@ -89,15 +90,17 @@ def model_config(s: TrainSettings) -> ModelConfig:
 
 
 def loss_fn(params: ModelParams, cfg: ModelConfig, batch: jax.Array, l1_weight: jax.Array):
-    """Next-token cross entropy + l1_weight * mean relu(gate x) over layers, tokens, neurons."""
+    """Next-token cross entropy + sum_l l1_weight[l] * mean relu(gate x) of layer l / L."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
     logits, _, extras = forward(params, cfg, inputs, positions, collect=True)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     acts = extras["ffn_act"]
-    l1 = sum(a.mean() for a in acts) / len(acts)
-    zero = sum((a == 0).mean() for a in acts) / len(acts)
-    return ce + l1_weight * l1, {"ce": ce, "l1": l1, "zero_frac": zero}
+    l1_per_layer = jnp.stack([a.mean() for a in acts])
+    zero_per_layer = jnp.stack([(a == 0).mean() for a in acts])
+    penalty = jnp.sum(l1_weight * l1_per_layer) / len(acts)
+    return ce + penalty, {"ce": ce, "l1": l1_per_layer.mean(), "zero_frac": zero_per_layer.mean(),
+                          "zero_per_layer": zero_per_layer}
 
 
 def make_train_step(cfg: ModelConfig, optimizer):
@@ -140,9 +143,11 @@ def zero_target(step: int, s: TrainSettings) -> float:
     return s.target_zero_start + (s.target_zero - s.target_zero_start) * min(1.0, step / ramp)
 
 
-def update_l1_weight(weight: float, zero_frac: float, target: float, s: TrainSettings) -> float:
-    """Multiplicative feedback: raise the penalty while too dense, lower it while too sparse."""
-    return float(np.clip(weight * np.exp(s.l1_gain * (target - zero_frac)), 1e-6, 1.0))
+def update_l1_weight(weight: np.ndarray, zero_frac: np.ndarray, target: float, s: TrainSettings) -> np.ndarray:
+    """Per-layer multiplicative feedback: raise a layer's penalty while it is too dense, lower it
+    while too sparse. Per layer, because one shared weight let the deep layers go very sparse while
+    the first layers stayed dense and barely skewed."""
+    return np.clip(weight * np.exp(s.l1_gain * (target - zero_frac)), 1e-6, s.l1_max_weight).astype(np.float32)
 
 
 def train(s: TrainSettings, train_ids: np.ndarray, eval_ids: np.ndarray, progress=None, log=print):
@@ -165,16 +170,17 @@ def train(s: TrainSettings, train_ids: np.ndarray, eval_ids: np.ndarray, progres
     eval_batch = windows(eval_ids, s.seq_len)[: max(1, s.eval_tokens // s.seq_len)]
 
     history, best, best_loss = [], params, float("inf")
-    l1w = s.l1_init if s.target_zero > 0 else 0.0
+    l1w = np.full(cfg.num_layers, s.l1_init if s.target_zero > 0 else 0.0, np.float32)
     ramp_steps = int(s.steps * s.l1_ramp_fraction)
     t0 = time.time()
     for step in range(1, s.steps + 1):
         starts = rng.integers(0, len(train_ids) - s.seq_len, s.batch_size)
         body = np.stack([train_ids[i : i + s.seq_len] for i in starts])
         batch = np.concatenate([np.full((s.batch_size, 1), BOS_ID, body.dtype), body], axis=1)
-        params, opt_state, aux = step_fn(params, opt_state, jnp.asarray(batch), jnp.float32(l1w))
+        params, opt_state, aux = step_fn(params, opt_state, jnp.asarray(batch), jnp.asarray(l1w))
         target = zero_target(step, s)
-        l1w = update_l1_weight(l1w, float(aux["zero_frac"]), target, s) if s.target_zero > 0 else 0.0
+        if s.target_zero > 0:
+            l1w = update_l1_weight(l1w, np.asarray(aux["zero_per_layer"]), target, s)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(ce=f"{float(aux['ce']):.3f}", zero=f"{float(aux['zero_frac']):.3f}")
@@ -185,7 +191,7 @@ def train(s: TrainSettings, train_ids: np.ndarray, eval_ids: np.ndarray, progres
             n_tok = eval_batch.shape[0] * s.seq_len
             rec = {
                 "step": step, "minutes": (time.time() - t0) / 60, "train_ce": float(aux["ce"]),
-                "eval_ce": float(ce), "eval_ppl": float(np.exp(ce)), "l1_weight": l1w, "zero_target": target,
+                "eval_ce": float(ce), "eval_ppl": float(np.exp(ce)), "l1_weight": [round(float(w), 5) for w in l1w], "zero_target": target,
                 "zero_frac": float(1 - fires.sum() / (n_tok * fires.size)),
                 "dead_frac_max_layer": float((fires == 0).mean(axis=1).max()),
             }

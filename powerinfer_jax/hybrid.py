@@ -141,12 +141,24 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
         from offline.bundle import PlacementSettings, solve_placement
 
         ps = PlacementSettings(budget_bytes=memory.parse_bytes(budget), dtype=dtype, max_context=max_seq_len,
-                               batch=placement_batch, min_hot_per_split_layer=min_hot)
-        p, plan = solve_placement(cfg, bundle.counts, bundle.tokens, preds.nbytes if preds else 0, ps,
-                                  include_predictors=mode == "predicted")
-        hot = [np.asarray(h) for h in p.hot_indices]
-        info = {"kind": "milp", "budget": ps.budget_bytes, "device_plan": plan.as_dict(), "status": p.status,
-                "objective_share": p.objective / max(p.total_mass, 1e-30), "solve_time_s": p.solve_time_s}
+                               batch=placement_batch, min_hot_per_split_layer=min_hot,
+                               reserve_predictors=mode == "predicted")
+        stored = bundle.stored_placement(ps)
+        if stored is not None:  # solved before for exactly these settings: no MILP at load time
+            hot = [np.asarray(h, np.int32) for h in stored["placement"]["hot_indices"]]
+            info = {"kind": "milp (stored)", "budget": ps.budget_bytes, "device_plan": stored["device_plan"],
+                    "status": stored["placement"].get("status")}
+        else:
+            from offline.bundle import write_placement
+
+            p, plan = solve_placement(cfg, bundle.counts, bundle.tokens, preds.nbytes if preds else 0, ps)
+            hot = [np.asarray(h) for h in p.hot_indices]
+            info = {"kind": "milp", "budget": ps.budget_bytes, "device_plan": plan.as_dict(), "status": p.status,
+                    "objective_share": p.objective / max(p.total_mass, 1e-30), "solve_time_s": p.solve_time_s}
+            try:  # keep it, so the next load with these settings needs no solver
+                write_placement(bundle.path, p, plan, ps)
+            except OSError:
+                pass
     thresholds = capacities = pred_params = None
     if mode == "predicted":
         pred_params = preds.params

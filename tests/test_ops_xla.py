@@ -34,6 +34,18 @@ def test_sparse_ffn_xla_matches_ref(family, dtype, batch, seed):
     np.testing.assert_allclose(y, want, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("family,batch,count,chunk", [
+    ("reglu", None, 70, 16), ("relu", 2, 70, 32), ("drelu", None, 10, 16), ("reglu", 3, 0, 32)])
+def test_chunked_scan_matches_ref(family, batch, count, chunk):
+    """The CPU chunked scan (uneven last chunk, all-padding chunks skipped) equals the reference."""
+    wg, wu, wd, bu, x, idx, valid = _case(family, 3, np.float32, batch, cap=100, count=count)
+    f = jax.jit(lambda *a: X.sparse_ffn_xla(family, *a, chunk=chunk))
+    y = f(wg, wu, wd, x, idx, valid, bu)
+    want = R.sparse_ffn_ref(family, wg, wu, wd, x, idx, valid, bu)
+    assert y.shape == x.shape
+    np.testing.assert_allclose(y, want, rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_gather_matvec_and_axpy_xla(seed):
     wg, wu, wd, _, x, idx, valid = _case("reglu", seed, np.float32, None)

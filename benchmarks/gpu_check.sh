@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (run on a lent GPU machine from the repo root; results into $OUT):
+#   1. the device, jax and its backend;
+#   2. the FFN kernels on the real Triton backend vs the reference, and their timings
+#      (benchmarks/bench_ops.py: dense XLA, XLA gather, Pallas Triton; LLaMA-7B layer at 10%);
+#   3. the engine end to end on the bundled model: dense on the device, dense layer offload and
+#      hybrid predicted at the same budget (benchmarks/bench_engine.py).
+# Every step has its own time limit and the script goes on past a failure, so one run gives
+# everything it can.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu_info.txt"
+python3 -c "import jax; print('jax', jax.__version__, jax.default_backend(), jax.devices())" | tee -a "$OUT/gpu_info.txt"
+timeout "${OPS_TIMEOUT:-120}" python3 benchmarks/bench_ops.py --repeats 5 --out "$OUT/ops_gpu.json" 2>&1 \
+  | tail -40 | tee "$OUT/ops_gpu.log"
+timeout "${ENGINE_TIMEOUT:-180}" python3 benchmarks/bench_engine.py \
+  --bundle models/shakespeare-relu-llama-prepared --repeats 3 --out "$OUT/engine_gpu.json" 2>&1 \
+  | grep -v "^I1\|^W1" | tail -40 | tee "$OUT/engine_gpu.log"
+echo "gpu_check done"

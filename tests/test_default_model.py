@@ -1,0 +1,108 @@
+"""The bundled default model and its committed prepared bundle.
+
+Checks the model card's numbers against fresh measurements (perplexity slice within 0.1%),
+that transformers loads the folder and agrees, that `oracle` equals `dense` on the real model
+at 0/30/100% budgets, and that `predicted` keeps held-out perplexity within 2% of dense.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import powerinfer_jax as pij
+from offline import memory
+from offline.default_model_card import EVAL_WINDOW, SLICE_WINDOWS
+from offline.pipeline import DEFAULT_CORPUS, HOLDOUT_FRACTION
+from powerinfer_jax.metrics import perplexity
+
+MODEL = pij.default_model_dir()
+BUNDLE = os.path.join(os.path.dirname(MODEL), "shakespeare-relu-llama-prepared")
+
+
+@pytest.fixture(scope="module")
+def card():
+    with open(os.path.join(MODEL, "eval.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return pij.load(max_seq_len=EVAL_WINDOW)
+
+
+@pytest.fixture(scope="module")
+def heldout(dense):
+    text = DEFAULT_CORPUS.read_text(encoding="utf-8")
+    tail = text[int(len(text) * (1 - HOLDOUT_FRACTION)):]
+    return np.asarray(dense.tokenizer._tok.encode(tail, add_special_tokens=False).ids)
+
+
+def test_card_perplexity_slice(dense, heldout, card):
+    got = perplexity(dense, heldout, window=EVAL_WINDOW, bos=dense.tokenizer.bos_token_id,
+                     max_windows=SLICE_WINDOWS)
+    want = card["slice"]["perplexity"]
+    assert abs(got["perplexity"] - want) / want < 1e-3
+    assert card["perplexity_ours"] < card["perplexity_unigram"] / 3
+
+
+def test_card_sparsity_targets(card):
+    sp = card["sparsity"]
+    assert sp["mean"]["zero_frac"] >= 0.80
+    assert sp["mean"]["hot20_share"] >= 0.50
+    assert all(layer["dead_frac"] < 0.10 for layer in sp["layers"])
+
+
+def test_transformers_loads_and_agrees(dense):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    ids = dense.tokenizer.encode("ROMEO:\nWhat light through yonder window breaks?")
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    ours = dense.logits(ids)
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
+
+
+def test_generate_prints_text(dense):
+    res = dense.generate("ROMEO:", max_new_tokens=24, temperature=0.0)
+    assert len(res.text.strip()) > 10
+
+
+def _budget(cfg, fraction, pred_bytes, ctx):
+    fixed = sum(v for _, v in memory.fixed_groups(cfg, "float32", pred_bytes, ctx))
+    return fixed + int(fraction * memory.ffn_total_bytes(cfg, "float32"))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_oracle_equals_dense_on_the_bundled_model(dense, heldout, fraction):
+    from offline import bundle
+
+    b = bundle.load_bundle(BUNDLE)
+    ids = [dense.tokenizer.bos_token_id] + heldout[:40].tolist()
+    eng = pij.load(BUNDLE, sparsity="oracle", max_seq_len=64,
+                   device_memory_budget=_budget(dense.cfg, fraction, 0, 64))
+    ref = dense.logits(ids)
+    got = eng.logits(ids)
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
+    assert eng.memory_report()["device_total"] <= _budget(dense.cfg, fraction, 0, 64)
+    del b
+
+
+def test_predicted_perplexity_within_two_percent(dense, heldout):
+    windows = 2
+    ref = perplexity(dense, heldout, window=EVAL_WINDOW, bos=dense.tokenizer.bos_token_id, max_windows=windows)
+    eng = pij.load(BUNDLE, sparsity="predicted", max_seq_len=EVAL_WINDOW,
+                   device_memory_budget=_budget(dense.cfg, 0.3, eng_pred_bytes(), EVAL_WINDOW))
+    got = perplexity(eng, heldout, window=EVAL_WINDOW, bos=dense.tokenizer.bos_token_id, max_windows=windows)
+    assert got["perplexity"] <= ref["perplexity"] * 1.02, (got, ref)
+
+
+def eng_pred_bytes():
+    from offline import bundle
+
+    return bundle.load_bundle(BUNDLE).predictors.nbytes
