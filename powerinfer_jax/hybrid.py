@@ -170,8 +170,8 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
                                placement_info=info)
 
 
-def predicted_capacities(bundle, hot: Sequence[np.ndarray], preds, margin: float = 2.0,
-                         min_capacity: int = 32) -> list[tuple[int, int]]:
+def predicted_capacities(bundle, hot: Sequence[np.ndarray], preds, margin: float = 4.0,
+                         min_capacity: int = 64) -> list[tuple[int, int]]:
     """Fixed active-set capacities per layer and partition, from the profile's statistics.
 
     The expected number of predicted-active neurons in a partition is its activation mass
