@@ -188,15 +188,19 @@ def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: Placemen
     same_inputs = (old.get("model", {}).get("sha256") == hashes and old.get("corpus", {}).get("sha256") == corpus_hash)
     profile_dir = os.path.join(out_dir, "profile")
     prof_cfg = dataclasses.asdict(profile_settings)
-    if same_inputs and old.get("profile_settings") == prof_cfg and os.path.isfile(os.path.join(profile_dir, "counts.npy")):
+    pred_cfg = dataclasses.asdict(predictor_settings)
+    preds_dir = os.path.join(out_dir, "predictors")
+    preds_current = old.get("predictor_settings") == pred_cfg and same_inputs and os.path.isdir(preds_dir)
+    # Samples are deleted after training unless kept; re-training predictors then needs a new profile.
+    have_samples = os.path.isdir(os.path.join(profile_dir, "samples"))
+    if (same_inputs and old.get("profile_settings") == prof_cfg and os.path.isfile(os.path.join(profile_dir, "counts.npy"))
+            and (preds_current or have_samples)):
         log("profile: up to date, re-used")
     else:
         log("profile: running")
         pipeline.run_profile(model_dir, corpus, profile_dir, profile_settings)
         old.pop("predictor_settings", None)
-    pred_cfg = dataclasses.asdict(predictor_settings)
-    preds_dir = os.path.join(out_dir, "predictors")
-    if old.get("predictor_settings") == pred_cfg and same_inputs and os.path.isdir(preds_dir):
+    if preds_current and "predictor_settings" in old:
         log("predictors: up to date, re-used")
         preds = predictors_lib.load_predictors(preds_dir)
     else:

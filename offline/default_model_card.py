@@ -142,7 +142,9 @@ tokens, seed {s.seed}. A ProSparse-style L1 penalty on `relu(gate x)`, whose per
 each step (start {s.l1_init}, gain {s.l1_gain}, cap {s.l1_max_weight}) so each layer's zero fraction on the
 batch follows a target ramped from
 {s.target_zero_start} to {s.target_zero} over the first {100 * s.l1_ramp_fraction:.0f}% of steps; the checkpoint kept is the one
-with the best held-out loss after the ramp.
+with the best held-out loss after the ramp. Each neuron's share of the penalty is weighted by
+`(mean firing rate / its firing rate) ** {s.skew_strength}` (clipped to [0.25, 4]; rates are running averages),
+which presses rarely-firing neurons harder so the frequent ones form a hot set.
 Took **{summary['train_minutes']:.1f} minutes** of training ({summary['total_minutes_with_tokenizer']:.1f} with the tokenizer) on
 {platform.machine()} CPU, 2 cores, {summary['steps_run']} steps run.
 Reproduce: `bin/train_default_model --seed {s.seed}` (all settings are flags; defaults are the ones above).

@@ -524,8 +524,9 @@ def train_all(profile_dir: str, dims=None, settings: TrainSettings = TrainSettin
         for l in range(n_layers):
             max_rank = structural
             if budget is not None:
-                # Even share of what is left: earlier layers that needed less leave it to later ones.
-                max_rank = max(1, min(structural, (budget - used) // (n_layers - l) // per_rank))
+                # An even share of the budget; what layers leave unused goes, in the second pass
+                # below, to the layers that missed their target.
+                max_rank = max(1, min(structural, budget // n_layers // per_rank))
             row = counts[l]
             active = float(row.sum() / max(tokens * n_ff, 1))
             r0 = initial_rank(n_ff, active, hot_share(row, 0.20), s, max_rank)
@@ -541,6 +542,24 @@ def train_all(profile_dir: str, dims=None, settings: TrainSettings = TrainSettin
                 bar.set_postfix_str(f"L{l} r={lp.rank} recall={lp.metrics['recall']:.3f} "
                                     f"ratio={'inf' if ratio is None else f'{ratio:.2f}'}")
                 bar.update(1)
+        # Second pass: layers that missed their target (often the first, whose share was only an
+        # even split) get what the others left of the budget, largest first.
+        for i, lp in enumerate(layers):
+            if lp.metrics.get("meets_target") or budget is None:
+                continue
+            spare = (budget - used) // per_rank
+            new_rank = min(structural, lp.rank + spare, 2 * lp.rank)
+            if new_rank <= lp.rank:
+                continue
+            x, y = load_samples(profile_dir, lp.layer, n_ff)
+            retry = train_layer(x, y, lp.layer, new_rank, new_rank, s)
+            better = retry.metrics.get("meets_target") or (retry.metrics.get("ratio") or np.inf) < (
+                lp.metrics.get("ratio") or np.inf)
+            if better:
+                retry.metrics["profile_active_frac"] = lp.metrics.get("profile_active_frac")
+                retry.metrics["second_pass"] = True
+                used += (retry.rank - lp.rank) * per_rank
+                layers[i] = retry
     finally:
         if bar is not None:
             bar.close()

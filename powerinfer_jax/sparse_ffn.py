@@ -28,6 +28,7 @@ from ops.host_kernels import host_ffn_callback
 from ops.select import compact_mask
 from ops.xla_sparse import sparse_ffn_xla
 from powerinfer_jax.config import ModelConfig
+from powerinfer_jax.ffn import dense_ffn
 from powerinfer_jax.params import FFNParams
 
 f32 = jnp.float32
@@ -137,9 +138,7 @@ class HybridRuntime:
         if T > 1 or self.mode == "dense":
             # Dense split: every hot row on the device, every cold row on the host.
             if plan.n_hot:
-                all_hot = jnp.arange(plan.n_hot, dtype=jnp.int32)
-                y = y + sparse_ffn_xla(family, p.hot.w_gate, p.hot.w_up, p.hot.w_down_t, x, all_hot,
-                                       jnp.ones((plan.n_hot,), bool), p.hot.b_up)
+                y = y + dense_ffn(p.hot, family, x)  # p.hot carries no down bias: added once below
             if plan.n_cold:
                 y = y + self._host(i, x, jnp.arange(plan.n_cold, dtype=jnp.int32), jnp.int32(plan.n_cold))
             if T == 1:
