@@ -119,7 +119,9 @@ class HybridRuntime:
         if self.device_kernel == "pallas":
             from ops.pallas_gpu import sparse_ffn_pallas
 
-            return sparse_ffn_pallas(self.cfg.ffn_kind, hot.w_gate, hot.w_up, hot.w_down_t, x, idx, valid, hot.b_up)
+            # Interpret mode off the GPU: lets CPU tests run the exact kernels the GPU runs.
+            return sparse_ffn_pallas(self.cfg.ffn_kind, hot.w_gate, hot.w_up, hot.w_down_t, x, idx, valid, hot.b_up,
+                                     interpret=jax.default_backend() != "gpu")
         return sparse_ffn_xla(self.cfg.ffn_kind, hot.w_gate, hot.w_up, hot.w_down_t, x, idx, valid, hot.b_up)
 
     def _host(self, i: int, x, idx, count):

@@ -93,3 +93,15 @@ def test_offload_layers_out_of_range(model):
     _, _, dense, _ = model
     with pytest.raises(ValueError, match="offload_layers must be in"):
         offload_hot_indices(dense.cfg, dense.cfg.num_layers + 1)
+
+
+def test_pallas_device_kernel_in_the_engine(model):
+    """The GPU path (Pallas Triton kernels, interpret mode here) inside the hybrid decode step."""
+    _, _, dense, host = model
+    hot = _hot_for_fraction(dense.cfg, 0.3)
+    eng = build_hybrid_engine(dense.cfg, host, mode="oracle", hot_indices=hot, max_seq_len=32,
+                              device_kernel="pallas")
+    ids = _ids(n=6)
+    ref = dense.logits(ids)
+    got = eng.logits(ids)
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
