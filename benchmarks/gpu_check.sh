@@ -13,8 +13,13 @@ OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu_info.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.default_backend(), jax.devices())" | tee -a "$OUT/gpu_info.txt"
-timeout "${OPS_TIMEOUT:-120}" python3 benchmarks/bench_ops.py --repeats 5 --out "$OUT/ops_gpu.json" 2>&1 \
-  | tail -40 | tee "$OUT/ops_gpu.log"
+if [ "${SKIP_OPS_BENCH:-0}" != 1 ]; then
+  timeout "${OPS_TIMEOUT:-120}" python3 benchmarks/bench_ops.py --repeats 5 --out "$OUT/ops_gpu.json" 2>&1 \
+    | tail -40 | tee "$OUT/ops_gpu.log"
+fi
+# The GPU-only kernel tests (skipped on CPU): the Pallas kernels compiled by Triton vs the reference.
+timeout "${TEST_TIMEOUT:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_ops_pallas.py 2>&1 \
+  | tail -15 | tee "$OUT/pallas_tests_gpu.log"
 timeout "${ENGINE_TIMEOUT:-180}" python3 benchmarks/bench_engine.py \
   --bundle models/shakespeare-relu-llama-prepared --repeats 3 --out "$OUT/engine_gpu.json" 2>&1 \
   | grep -v "^I1\|^W1" | tail -40 | tee "$OUT/engine_gpu.log"
