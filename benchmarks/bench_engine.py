@@ -47,15 +47,23 @@ def main(argv):
     budget = fixed_pred + int(FLAGS.budget_fraction * ffn_total)
     per_layer = ffn_total // cfg.num_layers
     n_offload = int(max(0, budget - fixed_dense) // per_layer)
-    engines = {
-        "dense (all on device)": pij.load(b.model_dir, max_seq_len=ctx),
-        f"offload (last {n_offload}/{cfg.num_layers} layers on device)": pij.load(
+    makers = {
+        "dense (all on device)": lambda: pij.load(b.model_dir, max_seq_len=ctx),
+        f"offload (last {n_offload}/{cfg.num_layers} layers on device)": lambda: pij.load(
             b.model_dir, offload_layers=n_offload, max_seq_len=ctx),
-        "hybrid predicted": pij.load(FLAGS.bundle, sparsity="predicted", device_memory_budget=budget, max_seq_len=ctx),
+        "hybrid predicted": lambda: pij.load(FLAGS.bundle, sparsity="predicted", device_memory_budget=budget,
+                                             max_seq_len=ctx),
     }
     gen = dict(max_new_tokens=FLAGS.new_tokens, temperature=0.0, stop_at_eos=False)
-    for e in engines.values():
-        e.generate(FLAGS.prompt, **gen)  # compile every bucket once
+    engines, errors = {}, {}
+    for name, make in makers.items():
+        try:  # one failing configuration must not hide the others' numbers
+            e = make()
+            e.generate(FLAGS.prompt, **gen)  # compile every bucket once
+            engines[name] = e
+        except Exception as err:  # noqa: BLE001 - reported in the output and the JSON
+            errors[name] = f"{type(err).__name__}: {err}"
+            print(f"{name} FAILED: {errors[name]}")
     rates = {k: [] for k in engines}
     extra = {}
     for _ in range(FLAGS.repeats):
@@ -68,7 +76,7 @@ def main(argv):
                                "hot_hit_rate": s["ffn_hot"] / max(s["ffn_computed"], 1),
                                "overflow": s.get("ffn_overflow", 0)}
     med = {k: float(np.median(v)) for k, v in rates.items()}
-    base = med[next(k for k in med if k.startswith("offload"))]
+    base = next((med[k] for k in med if k.startswith("offload")), next(iter(med.values())))
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); budget {budget / 2**20:.2f} MiB "
           f"({FLAGS.budget_fraction:.0%} of FFN bytes)\n")
     print("| configuration | decode tok/s (median) | ms/token | vs offload | computed FFN | hot hit |")
@@ -84,7 +92,7 @@ def main(argv):
         json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "budget_bytes": budget,
                    "budget_fraction": FLAGS.budget_fraction, "tok_s_median": med, "tok_s_all": rates,
-                   "sparse_stats": extra, "new_tokens": FLAGS.new_tokens}, f, indent=2)
+                   "sparse_stats": extra, "errors": errors, "new_tokens": FLAGS.new_tokens}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -634,8 +634,11 @@ def load_predictors(out_dir: str) -> Predictors:
         raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}, "
                          f"this code reads {FORMAT!r} version {FORMAT_VERSION}")
     d, n_ff, dt = meta["hidden_size"], meta["intermediate_size"], jnp.dtype(meta["dtype"])
-    abstract = {f"layer_{e['layer']:03d}": {"fc1": jax.ShapeDtypeStruct((d, e["rank"]), dt),
-                                          "fc2": jax.ShapeDtypeStruct((e["rank"], n_ff), dt)}
+    # Name the target device: orbax refuses to restore onto another topology (a CPU-saved bundle
+    # loaded on a GPU machine) unless the target tree carries the sharding to restore to.
+    where = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {f"layer_{e['layer']:03d}": {"fc1": jax.ShapeDtypeStruct((d, e["rank"]), dt, sharding=where),
+                                          "fc2": jax.ShapeDtypeStruct((e["rank"], n_ff), dt, sharding=where)}
                 for e in meta["layers"]}
     with ocp.StandardCheckpointer() as ckptr:
         tree = ckptr.restore(os.path.join(out_dir, _ARRAYS), abstract)

@@ -28,6 +28,14 @@ def _case(family, d, cap, count, batch, seed, dtype=np.float32, n=N):
     return wg, wu, wd, bu, x, idx, valid
 
 
+
+@pytest.fixture(autouse=True)
+def _full_precision_dots():
+    """On a GPU, XLA's default f32 dots use TF32 (~1e-3 relative), in the reference too."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 @pytest.mark.parametrize("family,d,cap,count,batch,seed,split_d", [
     ("reglu", 200, 64, 50, None, 0, 1),   # d not a multiple of BLOCK_D, partial count
     ("drelu", 96, 24, 24, None, 1, 2),    # capacity not a multiple of BLOCK_C, full, d split
