@@ -89,7 +89,10 @@ def build_hybrid_engine(
     jdtype = DTYPES[dtype]
     put = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dtype=jdtype), tree)  # noqa: E731
     if device_kernel == "auto":
-        device_kernel = "pallas" if jax.default_backend() == "gpu" else "xla"
+        device_kernel = "pallas" if jax.default_backend() == "gpu" else (
+            "numba" if jax.default_backend() == "cpu" else "xla")
+    if device_kernel == "numba" and jax.default_backend() != "cpu":
+        raise ValueError("device_kernel='numba' reads device arrays from host memory: CPU backend only")
     layers, cold, plans = [], [], []
     for l, lp in enumerate(host_params.layers):
         pred = None
@@ -109,6 +112,11 @@ def build_hybrid_engine(
         lm_head=put(host_params.lm_head), pos_embed=put(host_params.pos_embed),
         project_in=put(host_params.project_in), project_out=put(host_params.project_out))
     runtime = HybridRuntime(cfg, mode, plans, cold, device_kernel=device_kernel)
+    if device_kernel == "numba":
+        runtime.hot_views = [
+            {} if lp.ffn.hot is None else {k: None if getattr(lp.ffn.hot, k) is None else np.asarray(getattr(lp.ffn.hot, k))
+                                           for k in ("w_gate", "w_up", "w_down_t", "b_up")}
+            for lp in layers]
     return HybridEngine(cfg, params, runtime, tokenizer, max_seq_len=max_seq_len, model_dir=model_dir,
                         placement_info=placement_info)
 

@@ -47,12 +47,13 @@ def _ids(n=24, seed=0):
     return [1] + np.random.default_rng(seed).integers(3, VOCAB, n - 1).tolist()
 
 
+@pytest.mark.parametrize("kernel", ["numba", "xla"])
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
-def test_oracle_equals_dense(model, fraction):
+def test_oracle_equals_dense(model, fraction, kernel):
     name, path, dense, host = model
     cfg = dense.cfg
     hot = _hot_for_fraction(cfg, fraction)
-    eng = build_hybrid_engine(cfg, host, mode="oracle", hot_indices=hot, max_seq_len=64)
+    eng = build_hybrid_engine(cfg, host, mode="oracle", hot_indices=hot, max_seq_len=64, device_kernel=kernel)
     ids = _ids()
     ref = dense.logits(ids)
     stats = {}
