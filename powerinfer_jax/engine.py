@@ -246,7 +246,7 @@ class Engine:
     @staticmethod
     def _accumulate_ffn_stats(aux: list[dict], stats: dict) -> None:
         """Sums the sparse FFN's per-layer counters (computed, hot, total neurons) over steps."""
-        for layer_aux in aux:
+        for layer_aux in jax.device_get(aux):  # one transfer per step, not one per counter
             for k, v in layer_aux.items():
                 stats[k] = stats.get(k, 0) + int(v)
 
