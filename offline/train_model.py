@@ -52,7 +52,7 @@ class TrainSettings:
     l1_init: float = 1e-3  # initial weight of the mean relu(gate x) penalty
     l1_gain: float = 0.5  # controller gain: weight *= exp(gain * (target - zero_frac)) per step
     l1_max_weight: float = 3.0  # cap on each layer's penalty weight
-    skew_strength: float = 0.5  # frequency-aware L1 (see skew_weights); 0 = plain L1
+    skew_strength: float = 1.0  # frequency-aware L1 (see skew_weights); 0 = plain L1
     eval_every: int = 50
     eval_tokens: int = 16384
     holdout_fraction: float = 0.1

@@ -51,15 +51,14 @@ def test_card_perplexity_slice(dense, heldout, card):
 
 def test_card_sparsity_matches_a_fresh_measurement(dense, heldout, card):
     """Re-measures firing statistics on a held-out slice: the card's numbers are real, and the
-    activations are sparse (>= 80% zeros), skewed (hottest 20% well above their uniform 20% share)
-    and alive (< 10% dead per layer). The issue's goal of a >= 50% hot-20% share is not reached by
-    this model (0.48 on the full held-out text; see the closing note), so it is not asserted."""
+    activations are sparse (>= 80% zeros), skewed (the hottest 20% of neurons carry >= 50% of the
+    activations, mean over layers) and alive (< 10% dead per layer)."""
     from offline import activation_stats
     from offline.train_model import windows
 
     sp = card["sparsity"]
     assert sp["mean"]["zero_frac"] >= 0.80
-    assert sp["mean"]["hot20_share"] >= 0.40
+    assert sp["mean"]["hot20_share"] >= 0.50
     assert all(layer["dead_frac"] < 0.10 for layer in sp["layers"])
     counts, tokens = activation_stats.firing_counts(dense.params, dense.cfg, windows(heldout, EVAL_WINDOW - 1)[:16])
     fresh = activation_stats.summarize(counts, tokens)["mean"]
