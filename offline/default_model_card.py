@@ -18,10 +18,9 @@ SLICE_WINDOWS = 8
 EVAL_WINDOW = 256
 
 
-def unigram_perplexity(train_ids: np.ndarray | None, eval_ids: np.ndarray, vocab: int, counts=None) -> float:
+def unigram_perplexity(train_ids: np.ndarray, eval_ids: np.ndarray, vocab: int) -> float:
     """Perplexity of an add-one-smoothed unigram model fitted on the training tokens."""
-    if counts is None:
-        counts = np.bincount(train_ids, minlength=vocab)
+    counts = np.bincount(train_ids, minlength=vocab)
     p = (counts + 1) / (counts.sum() + vocab)
     return float(np.exp(-np.log(p[eval_ids]).mean()))
 
@@ -74,12 +73,11 @@ def write_model_folder(out, params, cfg, tok, settings, history, summary, eval_i
     ours = perplexity(engine, eval_ids, window=EVAL_WINDOW, bos=BOS_ID)
     sliced = perplexity(engine, eval_ids, window=EVAL_WINDOW, bos=BOS_ID, max_windows=SLICE_WINDOWS)
     theirs = transformers_perplexity(out, eval_ids, EVAL_WINDOW)
-    train_counts = None
     with open(corpus_path, encoding="utf-8") as f:
         text = f.read()
     train_text = text[: int(len(text) * (1 - settings.holdout_fraction))]
     train_ids = np.array(tok.encode(train_text).ids, np.int64)
-    unigram = unigram_perplexity(train_ids, eval_ids, cfg.vocab_size, train_counts)
+    unigram = unigram_perplexity(train_ids, eval_ids, cfg.vocab_size)
     counts, n_tok = activation_stats.firing_counts(engine.params, cfg, windows(eval_ids, EVAL_WINDOW - 1))
     stats = activation_stats.summarize(counts, n_tok)
     activation_stats.plot_frequency_curves(

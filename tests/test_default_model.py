@@ -90,9 +90,6 @@ def _budget(cfg, fraction, pred_bytes, ctx):
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
 def test_oracle_equals_dense_on_the_bundled_model(dense, heldout, fraction):
-    from offline import bundle
-
-    b = bundle.load_bundle(BUNDLE)
     ids = [dense.tokenizer.bos_token_id] + heldout[:40].tolist()
     eng = pij.load(BUNDLE, sparsity="oracle", max_seq_len=64,
                    device_memory_budget=_budget(dense.cfg, fraction, 0, 64))
@@ -100,19 +97,16 @@ def test_oracle_equals_dense_on_the_bundled_model(dense, heldout, fraction):
     got = eng.logits(ids)
     assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
     assert eng.memory_report()["device_total"] <= _budget(dense.cfg, fraction, 0, 64)
-    del b
 
 
 def test_predicted_perplexity_within_two_percent(dense, heldout):
     windows = 2
     ref = perplexity(dense, heldout, window=EVAL_WINDOW, bos=dense.tokenizer.bos_token_id, max_windows=windows)
+    from offline import bundle
+
+    pred_bytes = bundle.load_bundle(BUNDLE).predictors.nbytes
     eng = pij.load(BUNDLE, sparsity="predicted", max_seq_len=EVAL_WINDOW,
-                   device_memory_budget=_budget(dense.cfg, 0.3, eng_pred_bytes(), EVAL_WINDOW))
+                   device_memory_budget=_budget(dense.cfg, 0.3, pred_bytes, EVAL_WINDOW))
     got = perplexity(eng, heldout, window=EVAL_WINDOW, bos=dense.tokenizer.bos_token_id, max_windows=windows)
     assert got["perplexity"] <= ref["perplexity"] * 1.02, (got, ref)
 
-
-def eng_pred_bytes():
-    from offline import bundle
-
-    return bundle.load_bundle(BUNDLE).predictors.nbytes
