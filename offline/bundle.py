@@ -95,12 +95,20 @@ def solve_placement(cfg, counts: np.ndarray, tokens: int, predictor_bytes: int, 
     return p, plan
 
 
-def write_placement(bundle_dir: str, p, plan, ps: PlacementSettings) -> str:
-    """Saves a placement (+ its memory plan) into the bundle and makes it current."""
+def write_placement(bundle_dir: str, p, plan, ps: PlacementSettings, make_current: bool = False) -> str:
+    """Saves a placement (+ its memory plan) into the bundle; optionally makes it the manifest's current one."""
     os.makedirs(os.path.join(bundle_dir, "placements"), exist_ok=True)
     name = placement_name(ps)
     with open(os.path.join(bundle_dir, "placements", name + ".json"), "w") as f:
         json.dump({"settings": dataclasses.asdict(ps), "device_plan": plan.as_dict(), "placement": p.to_dict()}, f)
+    manifest_path = os.path.join(bundle_dir, MANIFEST)
+    if make_current and os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        manifest["placements"] = sorted(set(manifest.get("placements", [])) | {name})
+        manifest["current_placement"] = name
+        with open(manifest_path, "w") as f:
+            json.dump(manifest, f, indent=2)
     return name
 
 
@@ -199,8 +207,8 @@ def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: Placemen
     else:
         log("profile: running")
         pipeline.run_profile(model_dir, corpus, profile_dir, profile_settings)
-        old.pop("predictor_settings", None)
-    if preds_current and "predictor_settings" in old:
+        preds_current = False  # a new profile means new predictors
+    if preds_current:
         log("predictors: up to date, re-used")
         preds = predictors_lib.load_predictors(preds_dir)
     else:
@@ -228,14 +236,13 @@ def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: Placemen
         "placements": old.get("placements", []) if same_inputs else [],
         "current_placement": None,
     }
+    with open(os.path.join(out_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
     if ps is not None:
         counts, tokens = profiler.load_counts(profile_dir)
         p, plan = solve_placement(cfg, counts, tokens, preds.nbytes, ps)
-        name = write_placement(out_dir, p, plan, ps)
-        manifest["placements"] = sorted(set(manifest["placements"]) | {name})
-        manifest["current_placement"] = name
+        name = write_placement(out_dir, p, plan, ps, make_current=True)
         log(f"placement {name}: {p.status}, gap {p.mip_gap}, {p.solve_time_s:.2f} s; hot per layer {list(p.hot_counts)}; "
             f"device plan {plan.as_dict()}")
-    with open(os.path.join(out_dir, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
-    return manifest
+    with open(os.path.join(out_dir, MANIFEST)) as f:
+        return json.load(f)

@@ -10,7 +10,8 @@ import platform
 import numpy as np
 
 from offline import activation_stats
-from offline.train_model import BOS_ID, EOS_ID, windows
+from offline.profiler import make_windows
+from offline.train_model import BOS_ID, EOS_ID
 from powerinfer_jax.export import save_hf_checkpoint
 
 # The fast test re-measures perplexity on this many held-out windows and compares with the card.
@@ -32,22 +33,15 @@ def transformers_perplexity(model_dir: str, eval_ids: np.ndarray, window: int, m
         from transformers import AutoModelForCausalLM
     except ImportError:
         return None
-    from powerinfer_jax.metrics import token_nll
+    from powerinfer_jax.metrics import perplexity
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    step, total, count, n = window - 1, 0.0, 0, 0
-    for start in range(0, len(eval_ids) - 1, step):
-        chunk = eval_ids[start : start + step + 1]
-        if len(chunk) < 2:
-            break
-        seq = np.concatenate([[BOS_ID], chunk])
+
+    def logits(ids):
         with torch.no_grad():
-            logits = model(torch.tensor(seq[None, :-1])).logits[0].numpy()
-        nll = token_nll(logits, seq[1:])[1:]
-        total, count, n = total + nll.sum(), count + len(nll), n + 1
-        if max_windows and n >= max_windows:
-            break
-    return float(np.exp(total / count))
+            return model(torch.tensor(np.asarray(ids)[None])).logits[0].numpy()
+
+    return perplexity(logits, eval_ids, window=window, bos=BOS_ID, max_windows=max_windows)["perplexity"]
 
 
 def write_model_folder(out, params, cfg, tok, settings, history, summary, eval_ids, dtype, corpus_path):
@@ -78,7 +72,7 @@ def write_model_folder(out, params, cfg, tok, settings, history, summary, eval_i
     train_text = text[: int(len(text) * (1 - settings.holdout_fraction))]
     train_ids = np.array(tok.encode(train_text).ids, np.int64)
     unigram = unigram_perplexity(train_ids, eval_ids, cfg.vocab_size)
-    counts, n_tok = activation_stats.firing_counts(engine.params, cfg, windows(eval_ids, EVAL_WINDOW - 1))
+    counts, n_tok = activation_stats.firing_counts(engine.params, cfg, make_windows(eval_ids, EVAL_WINDOW, BOS_ID))
     stats = activation_stats.summarize(counts, n_tok)
     activation_stats.plot_frequency_curves(
         counts, n_tok, os.path.join(out, "activation_frequency.png"),

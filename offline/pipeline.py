@@ -30,7 +30,7 @@ def tokenize(engine, text: str) -> np.ndarray:
     """Token ids of a corpus (no BOS; windows add their own)."""
     if engine.tokenizer is None:
         raise ValueError(f"{engine.model_dir} has no tokenizer.json: cannot tokenize a text corpus")
-    ids = engine.tokenizer._tok.encode(text, add_special_tokens=False).ids
+    ids = engine.tokenizer.encode(text, add_bos=False)
     return np.asarray(ids, np.int32)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from offline.profiler import make_windows
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.model import forward
 from powerinfer_jax.params import ModelParams, init_params
@@ -133,13 +134,6 @@ def make_eval(cfg: ModelConfig):
     return evaluate
 
 
-def windows(ids: np.ndarray, seq_len: int) -> np.ndarray:
-    """Non-overlapping [BOS] + (seq_len) token windows of a token stream."""
-    n = (len(ids) - 1) // seq_len
-    body = ids[: n * seq_len].reshape(n, seq_len)
-    return np.concatenate([np.full((n, 1), BOS_ID, ids.dtype), body], axis=1)
-
-
 def zero_target(step: int, s: TrainSettings) -> float:
     """Target zero fraction: linear ramp from target_zero_start to target_zero."""
     ramp = max(1, int(s.steps * s.l1_ramp_fraction))
@@ -183,7 +177,7 @@ def train(s: TrainSettings, train_ids: np.ndarray, eval_ids: np.ndarray, progres
     step_fn = make_train_step(cfg, optimizer)
     eval_fn = make_eval(cfg)
     rng = np.random.default_rng(s.seed)
-    eval_batch = windows(eval_ids, s.seq_len)[: max(1, s.eval_tokens // s.seq_len)]
+    eval_batch = make_windows(eval_ids, s.seq_len + 1, BOS_ID)[: max(1, s.eval_tokens // s.seq_len)]
 
     history, best, best_loss = [], params, float("inf")
     l1w = np.full(cfg.num_layers, s.l1_init if s.target_zero > 0 else 0.0, np.float32)

@@ -16,12 +16,14 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return logz - logits[np.arange(len(targets)), targets]
 
 
-def perplexity(engine, token_ids: Sequence[int], window: int = 256, bos: int | None = None,
+def perplexity(scorer, token_ids: Sequence[int], window: int = 256, bos: int | None = None,
                max_windows: int | None = None) -> dict:
     """Perplexity over non-overlapping windows; each window starts with BOS when given.
 
+    `scorer` is an Engine or any function ids -> logits [T, V] (e.g. a transformers model).
     Returns {"perplexity", "nll", "tokens", "windows"}.
     """
+    logits_fn = scorer.logits if hasattr(scorer, "logits") else scorer
     ids = np.asarray(token_ids, dtype=np.int64)
     step = window - (1 if bos is not None else 0)
     total, count, windows = 0.0, 0, 0
@@ -30,7 +32,7 @@ def perplexity(engine, token_ids: Sequence[int], window: int = 256, bos: int | N
         if len(chunk) < 2:
             break
         seq = np.concatenate([[bos], chunk]) if bos is not None else chunk
-        logits = engine.logits(seq[:-1])
+        logits = logits_fn(seq[:-1])
         nll = token_nll(logits, seq[1:])
         if bos is not None:
             nll = nll[1:]  # the BOS -> first-token prediction is not scored

@@ -30,10 +30,10 @@ class Tokenizer:
         """Size of the tokenizer's vocabulary (may be below the model's embedding rows)."""
         return self._tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        """Text -> ids, with exactly one leading BOS when the model expects one."""
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Text -> ids, with exactly one leading BOS when the model expects one (and add_bos)."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        if self.add_bos:
+        if add_bos and self.add_bos:
             ids = [self.bos_token_id] + ids
         return ids
 

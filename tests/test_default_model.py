@@ -38,7 +38,7 @@ def dense():
 def heldout(dense):
     text = DEFAULT_CORPUS.read_text(encoding="utf-8")
     tail = text[int(len(text) * (1 - HOLDOUT_FRACTION)):]
-    return np.asarray(dense.tokenizer._tok.encode(tail, add_special_tokens=False).ids)
+    return np.asarray(dense.tokenizer.encode(tail, add_bos=False))
 
 
 def test_card_perplexity_slice(dense, heldout, card):
@@ -54,13 +54,13 @@ def test_card_sparsity_matches_a_fresh_measurement(dense, heldout, card):
     activations are sparse (>= 80% zeros), skewed (the hottest 20% of neurons carry >= 50% of the
     activations, mean over layers) and alive (< 10% dead per layer)."""
     from offline import activation_stats
-    from offline.train_model import windows
+    from offline.profiler import make_windows
 
     sp = card["sparsity"]
     assert sp["mean"]["zero_frac"] >= 0.80
     assert sp["mean"]["hot20_share"] >= 0.50
     assert all(layer["dead_frac"] < 0.10 for layer in sp["layers"])
-    counts, tokens = activation_stats.firing_counts(dense.params, dense.cfg, windows(heldout, EVAL_WINDOW - 1)[:16])
+    counts, tokens = activation_stats.firing_counts(dense.params, dense.cfg, make_windows(heldout, EVAL_WINDOW, dense.tokenizer.bos_token_id)[:16])
     fresh = activation_stats.summarize(counts, tokens)["mean"]
     assert abs(fresh["zero_frac"] - sp["mean"]["zero_frac"]) < 0.02
     assert abs(fresh["hot20_share"] - sp["mean"]["hot20_share"]) < 0.05
