@@ -391,9 +391,13 @@ def solve(
     top = bm.mass.max()
     scale = 1.0 / top if top > 0 else 1.0
 
-    x_mip, status, bound = _solve_milp(bm, budget_units, mass=bm.mass * scale,
-                                       time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap,
-                                       verbose=verbose, highs_options=highs_options)
+    try:
+        x_mip, status, bound = _solve_milp(bm, budget_units, mass=bm.mass * scale,
+                                           time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap,
+                                           verbose=verbose, highs_options=highs_options)
+    except ImportError as err:  # e.g. a GPU machine without cvxpy: the greedy placement still works
+        _log.warning("placement: no MILP solver (%s); using the greedy heuristic", err)
+        x_mip, status, bound = None, "no_solver", None
     if x_mip is not None and not _feasible(bm, x_mip, budget_units):
         # Rounded solver output should always be feasible (integer costs); never trust it blindly.
         _log.warning("placement: solver solution violates constraints after rounding; discarded")

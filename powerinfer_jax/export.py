@@ -77,3 +77,38 @@ def save_hf_checkpoint(params: ModelParams, cfg: ModelConfig, out_dir: str, dtyp
     hf_cfg["torch_dtype"] = dtype
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
+
+
+def to_transformers(params: ModelParams, cfg: ModelConfig):
+    """A transformers LlamaForCausalLM (float32, eval mode) over the same weights, without a disk round trip.
+
+    Host (numpy) float32 tensors in HF's layout are shared, not copied; the ones stored transposed
+    here are copied into HF's contiguous layout, so torch runs exactly what `from_pretrained` would
+    give it. Used to benchmark transformers on in-memory models, like the synthetic 7B-shaped one.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = llama_hf_config(cfg)
+    with torch.device("meta"):  # no random init of weights that are replaced right away
+        model = LlamaForCausalLM(LlamaConfig(**hf_cfg))
+    flat = flatten_params(params)
+    state = {}
+    for hf_name, (ours, transpose, _) in _spec(cfg).items():
+        arr = flat[ours]
+        if arr.dtype != np.float32:
+            arr = arr.astype(np.float32)
+        t = torch.from_numpy(arr)
+        state[hf_name] = t.T.contiguous() if transpose else t
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    model.load_state_dict(state, strict=False, assign=True)
+    # Non-persistent buffers (rotary frequencies) are not in the state dict: rebuild them on the CPU.
+    rotary = type(model.model.rotary_emb)
+    model.model.rotary_emb = rotary(config=model.config)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise ValueError(f"parameters not set from ours: {left}")
+    return model.eval()

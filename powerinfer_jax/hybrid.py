@@ -171,16 +171,21 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
     if mode == "predicted":
         pred_params = preds.params
         thresholds = [threshold] * cfg.num_layers if threshold is not None else list(preds.thresholds)
-        capacities = predicted_capacities(bundle, hot, preds)
+        ratios = [lp.metrics.get("ratio") or 1.5 for lp in preds.layers]
+        if threshold is not None:
+            # Below a layer's calibrated threshold more neurons fire than its measured ratio says:
+            # size that layer's lists to its partitions, so no active neuron is dropped.
+            ratios = [r if threshold >= t else float(n) for r, t in zip(ratios, preds.thresholds)]
+        capacities = predicted_capacities(bundle.counts / max(bundle.tokens, 1), hot, ratios)
     return build_hybrid_engine(cfg, host, mode=mode, hot_indices=hot, dtype=dtype, predictors=pred_params,
                                thresholds=thresholds, capacities=capacities, tokenizer=tokenizer,
                                max_seq_len=max_seq_len, model_dir=model_dir, device_kernel=device_kernel,
                                placement_info=info)
 
 
-def predicted_capacities(bundle, hot: Sequence[np.ndarray], preds, margin: float = 4.0,
-                         min_capacity: int = 64) -> list[tuple[int, int]]:
-    """Fixed active-set capacities per layer and partition, from the profile's statistics.
+def predicted_capacities(rates: np.ndarray, hot: Sequence[np.ndarray], ratios: Sequence[float],
+                         margin: float = 4.0, min_capacity: int = 64) -> list[tuple[int, int]]:
+    """Fixed active-set capacities per layer and partition, from profiled firing rates [L, n_ff].
 
     The expected number of predicted-active neurons in a partition is its activation mass
     (sum of the neurons' firing rates) times the predictor's predicted/true ratio; the
@@ -189,14 +194,13 @@ def predicted_capacities(bundle, hot: Sequence[np.ndarray], preds, margin: float
     from ops.select import capacity_bucket
 
     caps = []
-    n = bundle.counts.shape[1]
-    for l, row in enumerate(bundle.counts):
-        rates = row / max(bundle.tokens, 1)
-        ratio = max(1.0, float(preds.layers[l].metrics.get("ratio") or 1.5))
+    n = rates.shape[1]
+    for l, row in enumerate(rates):
+        ratio = max(1.0, float(ratios[l]))
         in_hot = np.zeros(n, bool)
         in_hot[np.asarray(hot[l], np.int64)] = True
-        exp_hot = rates[in_hot].sum() * ratio * margin
-        exp_cold = rates[~in_hot].sum() * ratio * margin
+        exp_hot = row[in_hot].sum() * ratio * margin
+        exp_cold = row[~in_hot].sum() * ratio * margin
         caps.append((capacity_bucket(int(np.ceil(exp_hot)), max(int(in_hot.sum()), 1), min_capacity),
                      capacity_bucket(int(np.ceil(exp_cold)), max(int((~in_hot).sum()), 1), min_capacity)))
     return caps

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROGRAMS = ["generate", "prepare", "profile", "solve_placement", "train_predictors", "train_default_model"]
+PROGRAMS = ["generate", "prepare", "profile", "solve_placement", "train_predictors", "train_default_model", "eval", "bench"]
 
 
 def _run(*args, timeout=300):

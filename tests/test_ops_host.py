@@ -22,7 +22,7 @@ def _case(family, d, cap, count, batch, seed, dtype):
 
 @pytest.mark.parametrize("family", R.FAMILIES)
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
-@pytest.mark.parametrize("d,batch,seed", [(203, None, 0), (256, 3, 1), (600, None, 2)])
+@pytest.mark.parametrize("d,batch,seed", [(203, None, 0), (256, 3, 1), (600, None, 2), (128, 16, 3)])
 def test_host_sparse_ffn_matches_numpy(family, dtype, d, batch, seed):
     wg, wu, wd, bu, x, idx, count = _case(family, d, 64, 45, batch, seed, dtype)
     y = H.host_sparse_ffn(family, wg, wu, wd, x, idx, count, bu)
@@ -33,6 +33,18 @@ def test_host_sparse_ffn_matches_numpy(family, dtype, d, batch, seed):
     valid = np.arange(len(idx)) < count
     np.testing.assert_allclose(want, R.sparse_ffn_ref(family, wg, wu, wd, x, idx, valid, bu),
                                rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", R.FAMILIES)
+def test_prompt_blas_path_matches_numba_kernels(family):
+    """From BLAS_MIN_TOKENS tokens f32 weights go through GEMMs; they agree with the mat-vec kernels."""
+    wg, wu, wd, bu, x, idx, count = _case(family, 256, 64, 45, H.BLAS_MIN_TOKENS + 4, 5, np.float32)
+    y = H.host_sparse_ffn(family, wg, wu, wd, x, idx, count, bu)
+    kernels = H.host_axpy_down(wd, idx, count, H.host_sparse_h(family, wg, wu, x, idx, count, bu))
+    np.testing.assert_allclose(y, kernels, rtol=RTOL, atol=ATOL)
+    every = np.arange(N, dtype=np.int32)  # all rows: the no-gather branch
+    np.testing.assert_allclose(H.host_sparse_ffn(family, wg, wu, wd, x, every, N, bu),
+                               H.host_sparse_ffn_ref(family, wg, wu, wd, x, every, N, bu), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])

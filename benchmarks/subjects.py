@@ -1,0 +1,85 @@
+"""The models `bin/bench` measures: the bundled model (from its prepared bundle) and the
+synthetic LLaMA-7B-shaped model (benchmarks/synthetic.py)."""
+
+from __future__ import annotations
+
+import gc
+
+import jax
+import numpy as np
+
+from benchmarks import synthetic
+from benchmarks.suite import Subject, collect_residuals, device_params
+from offline.activation_stats import summarize
+from offline.bundle import load_bundle
+from powerinfer_jax.config import load_config
+from powerinfer_jax.loading import load_params
+from powerinfer_jax.tokenizer import Tokenizer
+
+
+def bundled_subject(bundle_path: str, prompt_len: int, corpus: str | None = None) -> Subject:
+    """The bundled model with its bundle's predictors and profiled firing rates; prompt = corpus text."""
+    b = load_bundle(bundle_path)
+    cfg = load_config(b.model_dir)
+    host = load_params(b.model_dir, cfg, dtype="float32", on_host=True)
+    tok = Tokenizer(b.model_dir, cfg.bos_token_id, cfg.eos_token_ids)
+    text = open(corpus).read(20_000) if corpus else "ROMEO:\n" * 200
+    prompt = tok.encode(text)[:prompt_len]
+    preds = b.predictors
+
+    def hf_model():
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(b.model_dir, dtype=torch.float32).eval()
+
+    rates = b.counts / max(b.tokens, 1)
+    return Subject(
+        name="bundled", description=f"{b.model_dir} (bundle {bundle_path})", cfg=cfg, host_params=host,
+        predictors=[jax.tree.map(np.asarray, p) for p in preds.params], thresholds=list(preds.thresholds),
+        predicted_ratio=[lp.metrics.get("ratio") or 1.5 for lp in preds.layers], rates=rates,
+        prompt_ids=prompt, hf_model=hf_model,
+        quality_note="real model: quality in bin/eval",
+        extra={"activity": summarize(b.counts, b.tokens)["mean"], "rates_for_plot": rates})
+
+
+def synthetic_subject(layers: int, vocab: int, predictor_rank: int, prompt_len: int, seed: int = 0,
+                      calib_tokens: int = 256, log=print, shape: dict | None = None, **rate_kw) -> Subject:
+    """The LLaMA-7B-shaped model with calibrated power-law predictors; its text means nothing.
+
+    `shape` overrides the layer dimensions (hidden, ffn, heads), for tests."""
+    cfg = synthetic.synthetic_config(layers=layers, vocab=vocab, **(shape or {}))
+    log(f"[synthetic] building {layers} layers (d={cfg.hidden_size}, n_ff={cfg.intermediate_size}, "
+        f"{cfg.num_heads} heads), predictor rank {predictor_rank}")
+    m = synthetic.build_synthetic(cfg, predictor_rank=predictor_rank, seed=seed, **rate_kw)
+    rng = np.random.default_rng(seed + 1)
+    params = device_params(m.params)
+    calib = collect_residuals(params, cfg, rng.integers(3, vocab, calib_tokens).astype(np.int32))
+    synthetic.calibrate_predictors(m, calib)
+    check = collect_residuals(params, cfg, rng.integers(3, vocab, calib_tokens // 2).astype(np.int32))
+    measured = synthetic.predicted_rates(m, check)
+    del params
+    gc.collect()
+    log(f"[synthetic] predicted-active fraction on fresh tokens: {measured.mean():.3f} (designed "
+        f"{m.rates.mean():.3f})")
+
+    def hf_model():
+        from powerinfer_jax.export import to_transformers
+
+        return to_transformers(m.params, cfg)
+
+    top = int(round(0.2 * cfg.intermediate_size))
+    return Subject(
+        name="synthetic-7b-shape",
+        description=(f"random LLaMA-ReGLU, {layers} layers of d={cfg.hidden_size}, n_ff={cfg.intermediate_size}, "
+                     f"{cfg.num_heads} heads (LLaMA-7B's are 4096/11008/32), vocab {vocab}, float32; predictors "
+                     f"rank {predictor_rank} with power-law firing rates"),
+        cfg=cfg, host_params=m.params, predictors=m.predictors, thresholds=[0.0] * layers,
+        predicted_ratio=[1.0] * layers, rates=m.rates,
+        prompt_ids=rng.integers(3, vocab, prompt_len).tolist(), hf_model=hf_model,
+        quality_note="SYNTHETIC: random weights, its quality means nothing; its speed does",
+        extra={"designed_mean_active": float(m.rates.mean()),
+               "designed_hot20_share": float(np.mean([np.sort(r)[::-1][:top].sum() / r.sum() for r in m.rates])),
+               "measured_mean_active": float(measured.mean()),
+               "measured_hot20_share": float(np.mean([np.sort(r)[::-1][:top].sum() / r.sum() for r in measured])),
+               "rates_for_plot": measured, "designed_rates_for_plot": m.rates})

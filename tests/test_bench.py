@@ -1,0 +1,120 @@
+"""bin/bench's parts: the synthetic power-law model, transformers on shared weights, the roofline
+byte counts, and one tiny end-to-end bench run (speed is never asserted, only structure)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import report, roofline, suite, synthetic
+from benchmarks.subjects import synthetic_subject
+from offline import memory
+from powerinfer_jax.engine import Engine
+from powerinfer_jax.params import param_bytes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = {"hidden": 128, "ffn": 512, "heads": 4}
+
+
+def test_power_law_rates_hit_the_published_statistics():
+    r = synthetic.power_law_rates(11008, mean_active=0.10, top_frac=0.26, top_share=0.80)
+    assert np.all(np.diff(r) <= 0) and r.max() <= 0.95 and r.min() > 0
+    assert abs(r.mean() - 0.10) < 1e-3
+    top = int(round(0.26 * r.size))
+    assert abs(r[:top].sum() / r.sum() - 0.80) < 5e-3
+
+
+def _small_model(layers=2):
+    cfg = synthetic.synthetic_config(layers=layers, vocab=257, **SMALL)
+    return cfg, synthetic.build_synthetic(cfg, predictor_rank=64, seed=1)
+
+
+def test_calibrated_predictors_fire_at_the_designed_rates():
+    cfg, m = _small_model()
+    params = suite.device_params(m.params)
+    rng = np.random.default_rng(0)
+    calib = suite.collect_residuals(params, cfg, rng.integers(3, 257, 512).astype(np.int32))
+    for x in calib:  # the bias feature: residual dim 0 is exactly constant in every layer
+        np.testing.assert_array_equal(x[:, 0], synthetic.BIAS_FEATURE)
+    synthetic.calibrate_predictors(m, calib)
+    fresh = suite.collect_residuals(params, cfg, rng.integers(3, 257, 512).astype(np.int32))
+    measured = synthetic.predicted_rates(m, fresh)
+    assert abs(measured.mean() - m.rates.mean()) < 0.02
+    # neuron by neuron the hot ones stay hot: rank correlation with the design
+    for l in range(cfg.num_layers):
+        hot = m.rates[l] > np.quantile(m.rates[l], 0.8)
+        assert measured[l][hot].mean() > 4 * measured[l][~hot].mean()
+
+
+def test_transformers_on_shared_weights_matches_our_engine():
+    from powerinfer_jax.export import to_transformers
+    import torch
+
+    cfg, m = _small_model()
+    model = to_transformers(m.params, cfg)
+    ids = np.random.default_rng(2).integers(0, 257, 24)
+    with torch.no_grad():
+        ref = model(torch.tensor(ids[None])).logits[0].numpy()
+    ours = Engine(cfg, suite.device_params(m.params), max_seq_len=64).logits(ids)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    # HF-layout tensors are views of our arrays, not copies
+    assert np.shares_memory(model.model.layers[0].mlp.up_proj.weight.detach().numpy(), m.params.layers[0].ffn.w_up)
+
+
+def test_decode_bytes_count_every_weight_read():
+    cfg, m = _small_model()
+    every = param_bytes(m.params)
+    table = m.params.embed.nbytes
+    dense = roofline.decode_bytes(cfg, "float32", ffn_neurons_per_token=cfg.num_layers * cfg.intermediate_size)
+    assert dense == every - table + cfg.hidden_size * 4  # one embedding row is read, not the table
+    kv = roofline.decode_bytes(cfg, "float32", ffn_neurons_per_token=0, attend_len=64) - \
+        roofline.decode_bytes(cfg, "float32", ffn_neurons_per_token=0)
+    assert kv == 2 * cfg.num_layers * 64 * cfg.num_kv_heads * cfg.head_dim * 4
+    sparse = roofline.decode_bytes(cfg, "float32", ffn_neurons_per_token=100, predictor_bytes=m.predictor_bytes,
+                                   ffn_index=True)
+    ffn = cfg.num_layers * cfg.intermediate_size * memory.neuron_bytes(cfg, "float32")
+    assert sparse == dense - ffn + 100 * memory.neuron_bytes(cfg, "float32") + m.predictor_bytes \
+        + cfg.num_layers * cfg.intermediate_size * 4
+
+
+def test_bandwidth_measurements_are_plausible():
+    for bw in (roofline.host_read_bandwidth(1 << 26, repeats=2), roofline.device_read_bandwidth(1 << 26, repeats=2)):
+        assert 1e8 < bw < 1e13
+
+
+def test_bench_subject_end_to_end(tmp_path):
+    s = synthetic_subject(2, 257, 64, prompt_len=8, calib_tokens=128, shape=SMALL, log=lambda *_: None)
+    m = suite.bench_subject(s, [0.3, 1.0], repeats=2, new_tokens=4, max_seq_len=64, bandwidth=1e10,
+                            with_transformers=True, log=lambda *_: None)
+    assert [r["fraction"] for r in m["budgets"]] == [0.3, 1.0]
+    for r in m["budgets"]:
+        assert set(r["configs"]) == {"dense", "offload", "hybrid", "transformers"}
+        for c in r["configs"].values():
+            assert len(c["decode_tok_s_all"]) == 2 and c["decode_tok_s"] > 0
+            assert c["floor_ms"] > 0 and c["achieved_over_floor"] > 0
+        h = r["configs"]["hybrid"]
+        assert 0 < h["ffn_computed_per_token"] < 2 * 512  # predicted sparsity, 2 layers
+        assert h["bytes_per_token"] < r["configs"]["dense"]["bytes_per_token"]
+    full = m["budgets"][1]
+    assert full["offload_layers"] == 2 and full["hot_fraction"] == 1.0  # 100%: everything fits
+    assert m["budgets"][0]["hot_fraction"] < 0.5
+    assert m["summary"]["dense_over_transformers"] > 0
+    res = {"backend": "cpu", "device": "cpu", "machine": "test", "jax": jax.__version__, "command": "bin/bench",
+           "bandwidth": {"host_gbps": 10.0, "device_gbps": 10.0, "used_gbps": 10.0}, "models": [m]}
+    md = report.report_markdown({**res, "models": [{k: v for k, v in m.items() if "rates_for_plot" not in k}]})
+    assert "| 30% | hybrid sparse (predicted)" in md and "SYNTHETIC" in md
+    report.plot_throughput(m, str(tmp_path / "t.png"))
+    report.plot_frequencies(m["rates_for_plot"], str(tmp_path / "f.png"), "t", m["designed_rates_for_plot"])
+    assert (tmp_path / "t.png").stat().st_size > 1000 and (tmp_path / "f.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,message", [(["--budgets", "0.5,2"], "fractions in [0, 1]"),
+                                          (["--models", "gpt5"], "unknown model"),
+                                          (["--budgets", "half"], "must be numbers")])
+def test_bench_bad_flags_are_clear_errors(args, message):
+    out = subprocess.run([sys.executable, "bin/bench", *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2 and message in out.stderr
