@@ -4,7 +4,8 @@
 #   2. the FFN kernels on the real Triton backend vs the reference, and their timings
 #      (benchmarks/bench_ops.py: dense XLA, XLA gather, Pallas Triton; LLaMA-7B layer at 10%);
 #   3. the engine end to end on the bundled model: dense on the device, dense layer offload and
-#      hybrid predicted at the same budget (benchmarks/bench_engine.py).
+#      hybrid predicted at the same budget (benchmarks/bench_engine.py);
+#   4. the full suite, bin/bench (both models, budgets 10-100%, roofline, plots) -> bench_gpu.*.
 # Every step has its own time limit and the script goes on past a failure, so one run gives
 # everything it can.
 set -uo pipefail
@@ -23,4 +24,8 @@ timeout "${TEST_TIMEOUT:-100}" python3 -m pytest -q -p no:cacheprovider tests/te
 timeout "${ENGINE_TIMEOUT:-180}" python3 benchmarks/bench_engine.py \
   --bundle models/shakespeare-relu-llama-prepared --repeats 3 --out "$OUT/engine_gpu.json" 2>&1 \
   | grep -v "^I1\|^W1" | tail -40 | tee "$OUT/engine_gpu.log"
+if [ "${SKIP_SUITE:-0}" != 1 ]; then
+  timeout "${SUITE_TIMEOUT:-420}" bin/bench --out_dir "$OUT" --tag gpu --repeats "${SUITE_REPEATS:-3}" 2>&1 \
+    | grep -v "^I1\|^W1" | tail -60 | tee "$OUT/bench_gpu.log"
+fi
 echo "gpu_check done"

@@ -16,7 +16,8 @@ def model_markdown(m: dict) -> str:
     """Per-budget table of one model's configurations, then its goal ratios."""
     lines = [f"### {m['name']}", "", m["description"] + ".", "", f"**{m['quality_note']}.**", "",
              f"Prompt {m['prompt_tokens']} tokens, {m['new_tokens']} greedy tokens per round; medians of "
-             f"alternating rounds, [min-max] spread.", ""]
+             f"alternating rounds, [min-max] spread. Floors: bytes touched per token / "
+             f"{m['floor_bandwidth_gbps']:.1f} GB/s.", ""]
     if "designed_mean_active" in m:
         lines += [f"Activity: designed {m['designed_mean_active']:.1%} of neurons per token, hottest 20% carry "
                   f"{m['designed_hot20_share']:.1%}; measured from the predictors on fresh tokens "
@@ -40,14 +41,18 @@ def model_markdown(m: dict) -> str:
                 f"{_f(comp / ffn_all if comp is not None else 1.0, '{:.1%}')} | {c['bytes_per_token'] / 1e6:.1f} | "
                 f"{c['floor_ms']:.2f} | {c['achieved_over_floor']:.0%} |")
     s = m["summary"]
-    lines += ["", "| budget | hybrid / dense | ideal (bytes ratio) | share of ideal | hybrid / offload | "
+    lines += ["", "Ratios are medians of same-round ratios (configurations measured seconds apart).", "",
+              "| budget | hybrid / dense | ideal (bytes ratio) | share of ideal | hybrid / offload | "
               "hybrid achieved/floor | dense achieved/floor |", "|---|---|---|---|---|---|---|"]
     for g in s["per_budget"]:
         lines.append(f"| {g['fraction']:.0%} | {g['hybrid_over_dense']:.2f}x | {g['ideal_ratio']:.2f}x | "
                      f"{g['share_of_ideal']:.0%} | {g['hybrid_over_offload']:.2f}x | "
                      f"{g['hybrid_achieved_over_floor']:.0%} | {g['dense_achieved_over_floor']:.0%} |")
-    lines += ["", f"Dense decode (median over all rounds) {_f(s['dense_decode_tok_s'])} tok/s; transformers eager "
-              f"{_f(s['transformers_decode_tok_s'])} tok/s; ours/transformers **{_f(s['dense_over_transformers'])}x**.", ""]
+    lines += ["", f"All budgets pooled: hybrid / dense **{s['hybrid_over_dense']:.2f}x** of an ideal "
+              f"{s['ideal_ratio']:.2f}x (**{s['share_of_ideal']:.0%}** of it); hybrid at "
+              f"**{s['hybrid_achieved_over_floor']:.0%}** of its floor (median over budgets). Dense decode "
+              f"{_f(s['dense_decode_tok_s'])} tok/s, transformers eager {_f(s['transformers_decode_tok_s'])} tok/s "
+              f"(medians over all rounds); ours / transformers **{_f(s['dense_over_transformers'])}x**.", ""]
     return "\n".join(lines)
 
 
@@ -56,8 +61,8 @@ def report_markdown(res: dict) -> str:
     bw = res["bandwidth"]
     head = [f"## `bin/bench` on {res['device']} ({res['backend']} backend)", "",
             f"Machine: {res['machine']}; jax {res['jax']}; torch {res.get('torch', 'n/a')}. "
-            f"Measured read bandwidth: host {bw['host_gbps']:.1f} GB/s, JAX device {bw['device_gbps']:.1f} GB/s; "
-            f"floors use {bw['used_gbps']:.1f} GB/s.", "",
+            f"Measured read bandwidth (best of the measurements before and after every budget): host "
+            f"{bw['host_gbps']:.1f} GB/s, JAX device {bw['device_gbps']:.1f} GB/s.", "",
             f"Reproduce: `{res['command']}`", ""]
     return "\n".join(head + [model_markdown(m) for m in res["models"]])
 

@@ -156,8 +156,11 @@ def roofline_row(s: Subject, name: str, res: dict, attend_len: int, bw: float) -
 
 
 def bench_subject(s: Subject, fractions: Sequence[float], *, repeats: int, new_tokens: int, max_seq_len: int,
-                  bandwidth: float, with_transformers: bool, log=print) -> dict:
-    """Every budget: build offload + hybrid, alternate all configurations `repeats` times."""
+                  measure_bandwidth: Callable[[], float], with_transformers: bool, log=print) -> dict:
+    """Every budget: build offload + hybrid, alternate all configurations `repeats` times.
+
+    `measure_bandwidth()` (bytes/s) runs before the first and after every budget; floors use the best."""
+    bandwidths = [measure_bandwidth()]
     prompt = s.prompt_ids
     attend_len = bucket(len(prompt) + new_tokens, max_seq_len)  # the span decode steps attend over
     log(f"[{s.name}] building the dense engine")
@@ -180,23 +183,40 @@ def bench_subject(s: Subject, fractions: Sequence[float], *, repeats: int, new_t
             for name in runs:
                 runs[name].append(run_transformers(hf, prompt, new_tokens) if name == "transformers"
                                   else run_engine(engines[name], prompt, new_tokens))
-        configs = {}
-        for name, rs in runs.items():
-            configs[name] = _summarize(rs)
-            roofline_row(s, name, configs[name], attend_len, bandwidth)
+        configs = {name: _summarize(rs) for name, rs in runs.items()}
         hot = sum(len(h) for h in b.hot_indices) / (s.cfg.num_layers * s.cfg.intermediate_size)
         rows.append({"fraction": f, "budget_bytes": b.budget_bytes, "offload_layers": b.offload_layers,
-                     "hot_fraction": hot, "placement_method": b.placement_method, "configs": configs})
+                     "hot_fraction": hot, "placement_method": b.placement_method, "configs": configs,
+                     "paired": paired_ratios(runs)})
         log("  " + ", ".join(f"{k} {v['decode_tok_s']:.2f} tok/s" for k, v in configs.items()))
         del engines
         gc.collect()
+        bandwidths.append(measure_bandwidth())  # again: a shared machine's bandwidth drifts
     del dense
     gc.collect()
+    bw = max(bandwidths)
+    for r in rows:  # floors from the best bandwidth the machine showed during this model's run
+        for name, c in r["configs"].items():
+            roofline_row(s, name, c, attend_len, bw)
     return {"name": s.name, "description": s.description, "quality_note": s.quality_note,
             "config": {"layers": s.cfg.num_layers, "hidden": s.cfg.hidden_size, "ffn": s.cfg.intermediate_size,
                        "heads": s.cfg.num_heads, "vocab": s.cfg.vocab_size, "ffn_kind": s.cfg.ffn_kind},
             "predictor_bytes": s.predictor_bytes, "prompt_tokens": len(prompt), "new_tokens": new_tokens,
-            "attend_len": attend_len, "budgets": rows, "summary": summarize_goals(rows), **s.extra}
+            "attend_len": attend_len, "bandwidth_gbps": [b / 1e9 for b in bandwidths], "floor_bandwidth_gbps": bw / 1e9,
+            "budgets": rows, "summary": summarize_goals(rows), **s.extra}
+
+
+PAIRS = (("hybrid", "dense"), ("hybrid", "offload"), ("dense", "transformers"))
+
+
+def paired_ratios(runs: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """Decode-speed ratios of configurations measured in the same round (seconds apart), per round:
+    robust to the slow drifts of a shared machine that move whole rounds up or down."""
+    out = {}
+    for a, b in PAIRS:
+        if a in runs and b in runs:
+            out[f"{a}_over_{b}"] = [ra["decode_tok_s"] / rb["decode_tok_s"] for ra, rb in zip(runs[a], runs[b])]
+    return out
 
 
 def _median_over(rows, cfg_name, key="decode_tok_s"):
@@ -205,21 +225,29 @@ def _median_over(rows, cfg_name, key="decode_tok_s"):
 
 
 def summarize_goals(rows: list[dict]) -> dict:
-    """The issue's goal ratios: sparse speedup vs its byte-ratio ideal, floors, dense vs transformers."""
-    dense = _median_over(rows, "dense")
-    tf = _median_over(rows, "transformers")
+    """The issue's goal ratios (medians of same-round ratios): sparse speedup vs its byte-ratio
+    ideal, achieved/floor, hybrid vs offload, dense vs transformers; per budget and over all."""
     per_budget = []
     for r in rows:
-        c = r["configs"]
-        h, d, o = c["hybrid"], c["dense"], c["offload"]
+        c, p = r["configs"], r["paired"]
+        h, d = c["hybrid"], c["dense"]
         ideal = d["bytes_per_token"] / h["bytes_per_token"]
-        speedup = h["decode_tok_s"] / d["decode_tok_s"]
+        speedup = float(np.median(p["hybrid_over_dense"]))
         per_budget.append({"fraction": r["fraction"], "hybrid_over_dense": speedup, "ideal_ratio": ideal,
-                           "share_of_ideal": speedup / ideal, "hybrid_over_offload": h["decode_tok_s"] / o["decode_tok_s"],
+                           "share_of_ideal": speedup / ideal,
+                           "hybrid_over_offload": float(np.median(p["hybrid_over_offload"])),
                            "hybrid_achieved_over_floor": h["achieved_over_floor"],
                            "dense_achieved_over_floor": d["achieved_over_floor"]})
-    return {"dense_decode_tok_s": dense, "transformers_decode_tok_s": tf,
-            "dense_over_transformers": dense / tf if (dense and tf) else None, "per_budget": per_budget}
+    pooled = {k: float(np.median([v for r in rows for v in r["paired"].get(k, [])]))
+              for k in rows[0]["paired"]}
+    ideal = float(np.median([g["ideal_ratio"] for g in per_budget]))
+    return {"dense_decode_tok_s": _median_over(rows, "dense"),
+            "transformers_decode_tok_s": _median_over(rows, "transformers"),
+            "dense_over_transformers": pooled.get("dense_over_transformers"),
+            "hybrid_over_dense": pooled["hybrid_over_dense"], "ideal_ratio": ideal,
+            "share_of_ideal": pooled["hybrid_over_dense"] / ideal,
+            "hybrid_achieved_over_floor": float(np.median([g["hybrid_achieved_over_floor"] for g in per_budget])),
+            "per_budget": per_budget}
 
 
 def collect_residuals(params: ModelParams, cfg: ModelConfig, tokens: np.ndarray) -> list[np.ndarray]:

@@ -88,8 +88,10 @@ def test_bandwidth_measurements_are_plausible():
 
 def test_bench_subject_end_to_end(tmp_path):
     s = synthetic_subject(2, 257, 64, prompt_len=8, calib_tokens=128, shape=SMALL, log=lambda *_: None)
-    m = suite.bench_subject(s, [0.3, 1.0], repeats=2, new_tokens=4, max_seq_len=64, bandwidth=1e10,
-                            with_transformers=True, log=lambda *_: None)
+    bws = iter([1e10, 2e10, 1.5e10])
+    m = suite.bench_subject(s, [0.3, 1.0], repeats=2, new_tokens=4, max_seq_len=64,
+                            measure_bandwidth=lambda: next(bws), with_transformers=True, log=lambda *_: None)
+    assert m["floor_bandwidth_gbps"] == 20.0  # the best measurement of the run
     assert [r["fraction"] for r in m["budgets"]] == [0.3, 1.0]
     for r in m["budgets"]:
         assert set(r["configs"]) == {"dense", "offload", "hybrid", "transformers"}
@@ -103,8 +105,13 @@ def test_bench_subject_end_to_end(tmp_path):
     assert full["offload_layers"] == 2 and full["hot_fraction"] == 1.0  # 100%: everything fits
     assert m["budgets"][0]["hot_fraction"] < 0.5
     assert m["summary"]["dense_over_transformers"] > 0
+    for r in m["budgets"]:  # same-round ratios, one per round
+        assert len(r["paired"]["hybrid_over_dense"]) == 2
+        h, d = r["configs"]["hybrid"]["decode_tok_s_all"], r["configs"]["dense"]["decode_tok_s_all"]
+        np.testing.assert_allclose(r["paired"]["hybrid_over_dense"], np.divide(h, d))
+        assert r["configs"]["dense"]["floor_ms"] == pytest.approx(r["configs"]["dense"]["bytes_per_token"] / 2e10 * 1e3)
     res = {"backend": "cpu", "device": "cpu", "machine": "test", "jax": jax.__version__, "command": "bin/bench",
-           "bandwidth": {"host_gbps": 10.0, "device_gbps": 10.0, "used_gbps": 10.0}, "models": [m]}
+           "bandwidth": {"host_gbps": 10.0, "device_gbps": 10.0}, "models": [m]}
     md = report.report_markdown({**res, "models": [{k: v for k, v in m.items() if "rates_for_plot" not in k}]})
     assert "| 30% | hybrid sparse (predicted)" in md and "SYNTHETIC" in md
     report.plot_throughput(m, str(tmp_path / "t.png"))
