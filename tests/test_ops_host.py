@@ -102,3 +102,16 @@ def test_callback_inside_jit(method, family, dtype, batch):
     # A count above the capacity (overflowed selection) uses the C entries that exist.
     want_all = H.host_sparse_ffn_ref(family, wg, wu, wd, x, idx, len(idx), bu)
     np.testing.assert_allclose(f(x, idx, np.int32(500)), want_all, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", R.FAMILIES)
+def test_serial_and_parallel_kernels_agree_bit_for_bit(family, monkeypatch):
+    """Small calls run the single-threaded build of the same kernels: same work split, same bits."""
+    wg, wu, wd, bu, x, idx, count = _case(family, 256, 64, 45, 2, 7, np.float32)
+    monkeypatch.setattr(H, "SERIAL_MAX_BYTES", 1 << 30)
+    serial = H.host_sparse_ffn(family, wg, wu, wd, x, idx, count, bu)
+    monkeypatch.setattr(H, "SERIAL_MAX_BYTES", 0)
+    parallel = H.host_sparse_ffn(family, wg, wu, wd, x, idx, count, bu)
+    np.testing.assert_array_equal(serial, parallel)
+    np.testing.assert_allclose(serial, H.host_sparse_ffn_ref(family, wg, wu, wd, x, idx, count, bu),
+                               rtol=RTOL, atol=ATOL)
