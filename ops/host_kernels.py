@@ -22,6 +22,8 @@ call jax (deadlock): it only touches numpy arrays and numba.
 """
 from __future__ import annotations
 
+import ctypes
+
 import ml_dtypes
 import numba
 import numpy as np
@@ -247,11 +249,24 @@ def _expect(ok, msg):
         raise ValueError(msg)
 
 
+def _writable_alias(a: np.ndarray) -> np.ndarray:
+    """A writeable array over a read-only array's memory, without copying.
+
+    numba compiles read-only arrays (numpy views of JAX CPU buffers, the engine's hot rows) into
+    slower code: 2.4 vs 1.9 ms for a 7B layer's 900 active rows. The kernels never write to
+    weights, and the caller keeps `a` (which owns the memory) alive for the call.
+    """
+    buf = (ctypes.c_char * a.nbytes).from_address(a.ctypes.data)
+    return np.frombuffer(buf, dtype=a.dtype).reshape(a.shape)
+
+
 def _raw(w):
     """Weights as numba-friendly contiguous arrays: bf16 becomes its uint16 bit pattern."""
     if w is None:
         return None
     w = np.ascontiguousarray(w)
+    if not w.flags.writeable and w.size:
+        w = _writable_alias(w)
     if w.dtype == BF16:
         return w.view(np.uint16)
     if w.dtype != np.float32:

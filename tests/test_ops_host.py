@@ -115,3 +115,16 @@ def test_serial_and_parallel_kernels_agree_bit_for_bit(family, monkeypatch):
     np.testing.assert_array_equal(serial, parallel)
     np.testing.assert_allclose(serial, H.host_sparse_ffn_ref(family, wg, wu, wd, x, idx, count, bu),
                                rtol=RTOL, atol=ATOL)
+
+
+def test_read_only_weights_are_used_in_place_and_left_untouched():
+    """Numpy views of JAX CPU buffers are read-only; the kernels alias them (no copy) and never write."""
+    wg, wu, wd, bu, x, idx, count = _case("reglu", 256, 64, 45, 2, 9, np.float32)
+    dev = [np.asarray(jnp.asarray(w)) for w in (wg, wu, wd)]
+    assert not dev[0].flags.writeable
+    before = [w.copy() for w in dev]
+    y = H.host_sparse_ffn("reglu", *dev, x, idx, count)
+    np.testing.assert_allclose(y, H.host_sparse_ffn_ref("reglu", wg, wu, wd, x, idx, count), rtol=RTOL, atol=ATOL)
+    for w, b in zip(dev, before):
+        np.testing.assert_array_equal(w, b)
+    assert H._raw(dev[0]).ctypes.data == dev[0].ctypes.data  # an alias, not a copy
