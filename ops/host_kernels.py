@@ -356,13 +356,16 @@ def host_sparse_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, ou
 
 # ---------------------------------------------------------------- calling from jit
 def host_ffn_callback(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, *,
-                      method="auto"):
+                      method="auto", after=None):
     """Inside jit: cold FFN part on the host (numba) for x [d]/[B, d], idx [C], count scalar.
 
     The weights are host numpy arrays captured by the callback (never passed through XLA).
     ``method``: "buffer" (buffer_callback, zero-copy, CPU backend only), "pure"
     (pure_callback) or "auto" (buffer when available and the default backend is CPU; on GPU
     buffer_callback hands over device buffers, which numpy cannot read).
+    ``after``: an array the callback waits for (an input it ignores). XLA:CPU runs independent
+    ops at once; two numba callbacks of one layer running together oversubscribe the cores
+    (each brings its own thread team), so the engine orders its CPU callbacks with this.
     """
     check_family(family, w_gate)
     host = [None if a is None else np.ascontiguousarray(a) for a in (w_gate, w_up, w_down_t, b_up)]
@@ -371,6 +374,7 @@ def host_ffn_callback(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, 
     idx = jnp.asarray(idx).astype(jnp.int32)
     count = jnp.asarray(count).astype(jnp.int32)
     out_shape = jax.ShapeDtypeStruct(x.shape[:-1] + (d,), jnp.float32)
+    deps = () if after is None else (after,)
     if method == "auto":
         method = "buffer" if _buffer_callback is not None and jax.default_backend() == "cpu" else "pure"
 
@@ -385,17 +389,17 @@ def host_ffn_callback(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, 
             raise ValueError("method='buffer' needs the CPU backend (on GPU its buffers live on "
                              "the device and numpy cannot read them); use 'pure'")
 
-        def cb(ctx, out, xb, idxb, countb):
+        def cb(ctx, out, xb, idxb, countb, *_after):
             del ctx
             o = np.asarray(out)
             # numba writes the result straight into XLA's output buffer (no copy back).
             compute(np.asarray(xb), np.asarray(idxb), np.asarray(countb), out=o.reshape(-1, d))
 
-        return _buffer_callback(cb, out_shape)(x, idx, count)
+        return _buffer_callback(cb, out_shape)(x, idx, count, *deps)
     if method == "pure":
-        def cb(xa, idxa, counta):
+        def cb(xa, idxa, counta, *_after):
             return np.asarray(compute(np.asarray(xa), np.asarray(idxa), np.asarray(counta)),
                               np.float32)
 
-        return jax.pure_callback(cb, out_shape, x, idx, count, vmap_method="sequential")
+        return jax.pure_callback(cb, out_shape, x, idx, count, *deps, vmap_method="sequential")
     raise ValueError(f"unknown callback method {method!r}")

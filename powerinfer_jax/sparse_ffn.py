@@ -134,10 +134,13 @@ class HybridRuntime:
                                      interpret=jax.default_backend() != "gpu")
         return sparse_ffn_xla(self.cfg.ffn_kind, hot.w_gate, hot.w_up, hot.w_down_t, x, idx, valid, hot.b_up)
 
-    def _host(self, i: int, x, idx, count):
+    def _host(self, i: int, x, idx, count, after=None):
         c = self.cold[i]
+        # With the numba device kernel both parts are CPU callbacks: run them one after the other
+        # (`after`), since together they oversubscribe the cores (profile_decode, 2 layers: 4.8 -> 4.1 ms a layer).
+        after = after if self.device_kernel == "numba" else None
         return host_ffn_callback(self.cfg.ffn_kind, c["w_gate"], c["w_up"], c["w_down_t"], x, idx, count,
-                                 c["b_up"], method=self.callback_method)
+                                 c["b_up"], method=self.callback_method, after=after)
 
     def ffn_fn(self, i: int, p: HybridFFN, x_norm: jax.Array, x_resid: jax.Array):
         """The model's FFN hook: returns (output [B, T, d], per-layer counters)."""
@@ -152,7 +155,7 @@ class HybridRuntime:
             if plan.n_hot:
                 y = y + dense_ffn(p.hot, family, x)  # p.hot carries no down bias: added once below
             if plan.n_cold:
-                y = y + self._host(i, x, jnp.arange(plan.n_cold, dtype=jnp.int32), jnp.int32(plan.n_cold))
+                y = y + self._host(i, x, jnp.arange(plan.n_cold, dtype=jnp.int32), jnp.int32(plan.n_cold), after=y)
             if T == 1:
                 aux = {"ffn_computed": B * (plan.n_hot + plan.n_cold), "ffn_hot": B * plan.n_hot,
                        "ffn_total": B * (plan.n_hot + plan.n_cold), "ffn_overflow": jnp.int32(0)}
@@ -180,7 +183,7 @@ class HybridRuntime:
                     idx, _, count = compact_mask(cold_mask, plan.cold_capacity)
                     cold_done = jnp.minimum(count, plan.cold_capacity)
                     overflow += count - cold_done
-                y = y + self._host(i, x, idx, cold_done)
+                y = y + self._host(i, x, idx, cold_done, after=y)
                 computed += cold_done
             computed += hot_done
             aux = {"ffn_computed": computed, "ffn_hot": hot_done, "ffn_total": plan.n_hot + plan.n_cold,
