@@ -14,7 +14,7 @@ import numpy as np
 
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.model import FFNFn, KVCache, forward, init_cache
-from powerinfer_jax.params import ModelParams
+from powerinfer_jax.params import ModelParams, fuse_qkv
 from powerinfer_jax.sampling import SamplingParams, sample
 from powerinfer_jax.tokenizer import Tokenizer
 
@@ -64,7 +64,7 @@ class Engine:
         model_dir: str | None = None,
     ):
         self.cfg = cfg
-        self.params = params
+        self.params = fuse_qkv(params)
         self.tokenizer = tokenizer
         self.model_dir = model_dir
         self.max_seq_len = min(max_seq_len or 2048, cfg.max_position_embeddings)

@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.loading import _spec
-from powerinfer_jax.params import ModelParams
+from powerinfer_jax.params import ModelParams, unfuse_qkv
 
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -66,7 +66,7 @@ def llama_hf_config(cfg: ModelConfig) -> dict:
 def save_hf_checkpoint(params: ModelParams, cfg: ModelConfig, out_dir: str, dtype: str = "bfloat16") -> None:
     """Writes `config.json` and `model.safetensors` for a LLaMA-family model."""
     os.makedirs(out_dir, exist_ok=True)
-    flat = flatten_params(params)
+    flat = flatten_params(unfuse_qkv(params, cfg))  # an engine's params carry q/k/v fused
     np_dtype = NUMPY_DTYPES[dtype]
     tensors = {}
     for hf_name, (ours, transpose, _) in _spec(cfg).items():
@@ -92,7 +92,7 @@ def to_transformers(params: ModelParams, cfg: ModelConfig):
     hf_cfg = llama_hf_config(cfg)
     with torch.device("meta"):  # no random init of weights that are replaced right away
         model = LlamaForCausalLM(LlamaConfig(**hf_cfg))
-    flat = flatten_params(params)
+    flat = flatten_params(unfuse_qkv(params, cfg))
     state = {}
     for hf_name, (ours, transpose, _) in _spec(cfg).items():
         arr = flat[ours]

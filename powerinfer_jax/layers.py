@@ -89,9 +89,15 @@ def attention(
     """
     B, T, _ = x.shape
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = linear(x, p.wq, p.bq).reshape(B, T, hq, hd)
-    k = linear(x, p.wk, p.bk).reshape(B, T, hkv, hd)
-    v = linear(x, p.wv, p.bv).reshape(B, T, hkv, hd)
+    if p.wqkv is not None:  # the engine's fused layout (params.fuse_qkv)
+        qkv = linear(x, p.wqkv, p.bqkv)
+        q = qkv[..., : hq * hd].reshape(B, T, hq, hd)
+        k = qkv[..., hq * hd : (hq + hkv) * hd].reshape(B, T, hkv, hd)
+        v = qkv[..., (hq + hkv) * hd :].reshape(B, T, hkv, hd)
+    else:
+        q = linear(x, p.wq, p.bq).reshape(B, T, hq, hd)
+        k = linear(x, p.wk, p.bk).reshape(B, T, hkv, hd)
+        v = linear(x, p.wv, p.bv).reshape(B, T, hkv, hd)
     if cfg.family == "llama":
         inv_freq = rope_inv_freq(cfg)
         q = apply_rope(q, positions, inv_freq)
