@@ -4,6 +4,7 @@ synthetic LLaMA-7B-shaped model (benchmarks/synthetic.py)."""
 from __future__ import annotations
 
 import gc
+import os
 
 import jax
 import numpy as np
@@ -15,6 +16,14 @@ from offline.bundle import load_bundle
 from powerinfer_jax.config import load_config
 from powerinfer_jax.loading import load_params
 from powerinfer_jax.tokenizer import Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _shown(path: str) -> str:
+    """A path relative to the repository when it is inside it (reports stay machine-independent)."""
+    rel = os.path.relpath(os.path.abspath(path), REPO)
+    return path if rel.startswith("..") else rel
 
 
 def bundled_subject(bundle_path: str, prompt_len: int, corpus: str | None = None) -> Subject:
@@ -35,7 +44,7 @@ def bundled_subject(bundle_path: str, prompt_len: int, corpus: str | None = None
 
     rates = b.counts / max(b.tokens, 1)
     return Subject(
-        name="bundled", description=f"{b.model_dir} (bundle {bundle_path})", cfg=cfg, host_params=host,
+        name="bundled", description=f"{_shown(b.model_dir)} (bundle {_shown(bundle_path)})", cfg=cfg, host_params=host,
         predictors=[jax.tree.map(np.asarray, p) for p in preds.params], thresholds=list(preds.thresholds),
         predicted_ratio=[lp.metrics.get("ratio") or 1.5 for lp in preds.layers], rates=rates,
         prompt_ids=prompt, hf_model=hf_model,
