@@ -74,12 +74,10 @@ def main(argv):
         return jnp.zeros_like(x_norm) + 0.0 * n.astype(jnp.float32), {}
 
     no_ffn_layers = [dataclasses.replace(lp, ffn=jnp.zeros((1,), jnp.float32)) for lp in hybrid.params.layers]
-    pred_layers = [dataclasses.replace(lp, ffn=lp.ffn) for lp in hybrid.params.layers]
     engines = {
         "no_ffn": Engine(cfg, dataclasses.replace(hybrid.params, layers=no_ffn_layers), max_seq_len=ctx,
                          ffn_fn=zeros_ffn),
-        "predictor": Engine(cfg, dataclasses.replace(hybrid.params, layers=pred_layers), max_seq_len=ctx,
-                            ffn_fn=predictor_ffn),
+        "predictor": Engine(cfg, hybrid.params, max_seq_len=ctx, ffn_fn=predictor_ffn),
         "hybrid": hybrid,
         "dense": dense,
     }

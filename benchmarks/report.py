@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 LABELS = {"dense": "dense, all on device", "offload": "dense layer offload (-ngl)",
           "hybrid": "hybrid sparse (predicted)", "transformers": "transformers eager (torch)"}
@@ -91,31 +90,6 @@ def plot_throughput(m: dict, path: str, title_suffix: str = "") -> None:
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_frequencies(rates: np.ndarray, path: str, title: str, designed: np.ndarray | None = None) -> None:
-    """PNG: each layer's sorted activation-frequency curve (log scale), designed curve dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for l, row in enumerate(np.asarray(rates)):
-        f = np.sort(row)[::-1]
-        ax.plot(np.arange(1, len(f) + 1) / len(f), np.maximum(f, 1e-5), lw=1.2, label=f"layer {l}")
-    if designed is not None:
-        f = np.sort(np.asarray(designed)[0])[::-1]
-        ax.plot(np.arange(1, len(f) + 1) / len(f), f, "k--", lw=1.5, label="designed power law")
-    ax.set_yscale("log")
-    ax.set_xlabel("neuron rank (fraction of layer, hottest first)")
-    ax.set_ylabel("activation frequency (share of tokens)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -63,8 +63,11 @@ def summarize(counts: np.ndarray, tokens: int) -> dict:
     return {"tokens": tokens, "layers": layers, "mean": mean}
 
 
-def plot_frequency_curves(counts: np.ndarray, tokens: int, path: str, title: str = "") -> None:
-    """PNG of each layer's sorted activation-frequency curve (log scale): the power law."""
+def plot_frequency_curves(counts: np.ndarray, tokens: int, path: str, title: str = "",
+                          designed: np.ndarray | None = None) -> None:
+    """PNG of each layer's sorted activation-frequency curve (log scale): the power law.
+
+    `designed` (rates [n_ff], e.g. a synthetic model's target law) is drawn dashed for comparison."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,6 +77,9 @@ def plot_frequency_curves(counts: np.ndarray, tokens: int, path: str, title: str
     for l, row in enumerate(counts):
         freq = np.sort(row)[::-1] / tokens
         ax.plot(np.arange(1, len(freq) + 1) / len(freq), np.maximum(freq, 1e-6), label=f"layer {l}", lw=1.2)
+    if designed is not None:
+        f = np.sort(np.asarray(designed))[::-1]
+        ax.plot(np.arange(1, len(f) + 1) / len(f), f, "k--", lw=1.5, label="designed")
     ax.set_yscale("log")
     ax.set_xlabel("neuron rank (fraction of layer, hottest first)")
     ax.set_ylabel("activation frequency (share of tokens)")

@@ -37,7 +37,7 @@ import numpy as np
 
 from offline import bundle as bundle_lib
 from offline.pipeline import DEFAULT_CORPUS, HOLDOUT_FRACTION, REPO
-from offline.predictors import jsonable
+from offline.predictors import jsonable, metrics_from_counts
 from offline.profiler import make_windows
 from offline.train_model import split_corpus
 
@@ -212,18 +212,6 @@ def _counts_fn():
         return jnp.stack(true_n), jnp.stack(pred_n), jnp.stack(tp)
 
     return counts
-
-
-def metrics_from_counts(tp: int, positives: int, predicted: int, total: int) -> dict:
-    """`offline.predictors.mask_metrics` from counts: recall, precision, true/pred fractions, ratio."""
-    total = max(int(total), 1)
-    true_frac, pred_frac = positives / total, predicted / total
-    if positives:
-        ratio = pred_frac / true_frac
-    else:
-        ratio = 0.0 if predicted == 0 else float("inf")
-    return {"recall": tp / positives if positives else 1.0, "precision": tp / predicted if predicted else 1.0,
-            "true_frac": true_frac, "pred_frac": pred_frac, "ratio": ratio}
 
 
 def layer_metrics(params, cfg, tokens: np.ndarray, valid: np.ndarray, predictors=None,

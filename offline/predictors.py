@@ -251,24 +251,24 @@ def calibrate_threshold(logits: np.ndarray, labels: np.ndarray, target_recall: f
     return float(np.partition(pos, pos.size - k)[pos.size - k])
 
 
+def metrics_from_counts(tp: int, positives: int, predicted: int, total: int) -> dict:
+    """Recall, precision, true/predicted active fractions and their ratio from mask counts."""
+    total = max(int(total), 1)
+    true_frac, pred_frac = positives / total, predicted / total
+    if positives:
+        ratio = pred_frac / true_frac
+    else:
+        ratio = 0.0 if predicted == 0 else float("inf")
+    return {"recall": tp / positives if positives else 1.0, "precision": tp / predicted if predicted else 1.0,
+            "true_frac": true_frac, "pred_frac": pred_frac, "ratio": ratio}
+
+
 def mask_metrics(logits: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
     """Recall, precision, true/predicted active fractions and their ratio at a threshold."""
     labels = np.asarray(labels, bool)
     pred = np.asarray(logits, np.float32) >= np.float32(threshold)
-    tp = int(np.count_nonzero(pred & labels))
-    p, n_pred, total = int(np.count_nonzero(labels)), int(np.count_nonzero(pred)), max(labels.size, 1)
-    true_frac, pred_frac = p / total, n_pred / total
-    if p:
-        ratio = pred_frac / true_frac
-    else:
-        ratio = 0.0 if n_pred == 0 else float("inf")
-    return {
-        "recall": tp / p if p else 1.0,
-        "precision": tp / n_pred if n_pred else 1.0,
-        "true_frac": true_frac,
-        "pred_frac": pred_frac,
-        "ratio": ratio,
-    }
+    return metrics_from_counts(int(np.count_nonzero(pred & labels)), int(np.count_nonzero(labels)),
+                               int(np.count_nonzero(pred)), labels.size)
 
 
 def _meets(m: dict, s: TrainSettings) -> bool:

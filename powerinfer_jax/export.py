@@ -63,14 +63,20 @@ def llama_hf_config(cfg: ModelConfig) -> dict:
     return out
 
 
+def hf_layout_arrays(params: ModelParams, cfg: ModelConfig):
+    """(HF tensor name, our array, whether HF stores it transposed) for every tensor."""
+    flat = flatten_params(unfuse_qkv(params, cfg))  # an engine's params carry q/k/v fused
+    for hf_name, (ours, transpose, _) in _spec(cfg).items():
+        yield hf_name, flat[ours], transpose
+
+
 def save_hf_checkpoint(params: ModelParams, cfg: ModelConfig, out_dir: str, dtype: str = "bfloat16") -> None:
     """Writes `config.json` and `model.safetensors` for a LLaMA-family model."""
     os.makedirs(out_dir, exist_ok=True)
-    flat = flatten_params(unfuse_qkv(params, cfg))  # an engine's params carry q/k/v fused
     np_dtype = NUMPY_DTYPES[dtype]
     tensors = {}
-    for hf_name, (ours, transpose, _) in _spec(cfg).items():
-        arr = flat[ours].astype(np.float32)
+    for hf_name, arr, transpose in hf_layout_arrays(params, cfg):
+        arr = arr.astype(np.float32)
         tensors[hf_name] = np.ascontiguousarray(arr.T if transpose else arr).astype(np_dtype)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     hf_cfg = llama_hf_config(cfg)
@@ -92,10 +98,8 @@ def to_transformers(params: ModelParams, cfg: ModelConfig):
     hf_cfg = llama_hf_config(cfg)
     with torch.device("meta"):  # no random init of weights that are replaced right away
         model = LlamaForCausalLM(LlamaConfig(**hf_cfg))
-    flat = flatten_params(unfuse_qkv(params, cfg))
     state = {}
-    for hf_name, (ours, transpose, _) in _spec(cfg).items():
-        arr = flat[ours]
+    for hf_name, arr, transpose in hf_layout_arrays(params, cfg):
         if arr.dtype != np.float32:
             arr = arr.astype(np.float32)
         t = torch.from_numpy(arr)

@@ -13,6 +13,7 @@ import pytest
 from benchmarks import report, roofline, suite, synthetic
 from benchmarks.subjects import synthetic_subject
 from offline import memory
+from offline.activation_stats import plot_frequency_curves
 from powerinfer_jax.engine import Engine
 from powerinfer_jax.params import param_bytes
 
@@ -115,7 +116,7 @@ def test_bench_subject_end_to_end(tmp_path):
     md = report.report_markdown({**res, "models": [{k: v for k, v in m.items() if "rates_for_plot" not in k}]})
     assert "| 30% | hybrid sparse (predicted)" in md and "SYNTHETIC" in md
     report.plot_throughput(m, str(tmp_path / "t.png"))
-    report.plot_frequencies(m["rates_for_plot"], str(tmp_path / "f.png"), "t", m["designed_rates_for_plot"])
+    plot_frequency_curves(m["rates_for_plot"], 1, str(tmp_path / "f.png"), "t", designed=m["designed_rates_for_plot"][0])
     assert (tmp_path / "t.png").stat().st_size > 1000 and (tmp_path / "f.png").stat().st_size > 1000
 
 
