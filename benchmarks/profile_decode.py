@@ -27,7 +27,8 @@ flags.DEFINE_integer("layers", 4, "Layers of the synthetic model.")
 flags.DEFINE_float("budget", 0.3, "Device budget (fraction of FFN bytes) of the hybrid engine.")
 flags.DEFINE_integer("new_tokens", 12, "Greedy tokens per round.")
 flags.DEFINE_integer("repeats", 5, "Alternating rounds.")
-flags.DEFINE_string("out", None, "JSON path (default benchmarks/results/profile_decode_<backend>_<model>.json).")
+flags.DEFINE_enum("format", "bfloat16", ["float32", "bfloat16", "float16", "int8", "int4"], "Weight format of both engines.")
+flags.DEFINE_string("out", None, "JSON path (default benchmarks/results/profile_decode_<backend>_<model>_<format>.json).")
 
 
 def main(argv):
@@ -52,9 +53,10 @@ def main(argv):
                             os.path.join(REPO, "data", "tinyshakespeare.txt"))
     cfg = s.cfg
     ctx = 256
-    b = suite.plan_budget(s, FLAGS.budget, ctx)
-    hybrid = suite.build_engines(s, b, ctx)["hybrid"]
-    dense = Engine(cfg, suite.device_params(s.host_params), max_seq_len=ctx)
+    fmt = FLAGS.format
+    b = suite.plan_budget(s, FLAGS.budget, ctx, fmt)
+    hybrid = suite.build_engines(s, b, ctx, fmt)["hybrid"]
+    dense = Engine(cfg, suite.device_params(s.host_params, fmt), max_seq_len=ctx)
     plans = hybrid.runtime.plans
 
     def zeros_ffn(i, p, x_norm, x_resid):
@@ -95,8 +97,9 @@ def main(argv):
     ms = {k: float(np.median(v)) for k, v in runs.items()}
     bw = max(roofline.host_read_bandwidth(), roofline.device_read_bandwidth())
     attend = 64
-    base = roofline.decode_bytes(cfg, "float32", ffn_neurons_per_token=0, attend_len=attend)
-    nb = memory.neuron_bytes(cfg, "float32")
+    table = s.host_in(fmt).embed.fmt
+    base = roofline.decode_bytes(cfg, fmt, ffn_neurons_per_token=0, attend_len=attend, table_dtype=table)
+    nb = memory.neuron_bytes(cfg, fmt)
     ffn_bytes = float(np.median(computed)) * nb
     parts = {
         "attention, head, norms, sampling (no_ffn)": (ms["no_ffn"], base),
@@ -105,7 +108,7 @@ def main(argv):
         "whole hybrid step": (ms["hybrid"], base + s.predictor_bytes + ffn_bytes),
         "whole dense step": (ms["dense"], base + cfg.num_layers * cfg.intermediate_size * nb),
     }
-    print(f"{s.name}: backend {jax.default_backend()}; read bandwidth {bw / 1e9:.1f} GB/s; budget {FLAGS.budget:.0%}; "
+    print(f"{s.name} ({fmt}): backend {jax.default_backend()}; read bandwidth {bw / 1e9:.1f} GB/s; budget {FLAGS.budget:.0%}; "
           f"{float(np.median(computed)):.0f} FFN neurons computed per token\n")
     print("| part | ms/token | MB read | GB/s reached | floor ms | achieved/floor |\n|---|---|---|---|---|---|")
     rows = []
@@ -115,7 +118,7 @@ def main(argv):
               f"{floor / max(t, 1e-9):.0%} |")
         rows.append({"part": name, "ms": t, "bytes": nbytes, "floor_ms": floor})
     out = FLAGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"profile_decode_{jax.default_backend()}_{FLAGS.model}.json")
+                                    f"profile_decode_{jax.default_backend()}_{FLAGS.model}_{fmt}.json")
     with open(out, "w") as f:
         json.dump({"model": s.name, "backend": jax.default_backend(), "bandwidth_gbps": bw / 1e9, "budget": FLAGS.budget,
                    "ms_all": runs, "parts": rows, "ffn_computed_per_token": computed}, f, indent=2)

@@ -60,11 +60,15 @@ def device_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
 
 
 def decode_bytes(cfg: ModelConfig, dtype: str, *, ffn_neurons_per_token: float, predictor_bytes: int = 0,
-                 attend_len: int = 0, ffn_index: bool = False) -> int:
+                 attend_len: int = 0, ffn_index: bool = False, table_dtype: str | None = None,
+                 kv_dtype: str = "float32") -> int:
     """Bytes read per decode token: attention, norms, head, one embedding row, KV cache over
-    `attend_len` slots, predictors, and `ffn_neurons_per_token` FFN neurons (all layers together)."""
-    groups = dict(memory.fixed_groups(cfg, dtype, 0, max_context=attend_len))
-    embed_row = (cfg.word_embed_proj_dim or cfg.hidden_size) * memory.DTYPE_BYTES[dtype]
+    `attend_len` slots, predictors, and `ffn_neurons_per_token` FFN neurons (all layers together).
+    `dtype`: the matrices' format (float, int8, int4); `table_dtype`: the embedding table's."""
+    groups = dict(memory.fixed_groups(cfg, dtype, 0, max_context=attend_len, table_dtype=table_dtype,
+                                      kv_dtype=kv_dtype))
+    embed_row = memory.matrix_bytes(table_dtype or (dtype if dtype in memory.DTYPE_BYTES else "float32"), 1,
+                                    cfg.word_embed_proj_dim or cfg.hidden_size)
     head = groups["output_head"] if not cfg.tie_word_embeddings else groups["embeddings"]
     total = groups["attention"] + groups["norms"] + head + embed_row + groups["kv_cache"] + predictor_bytes
     if ffn_index:  # sparse paths read each layer's int32 hot/cold id maps

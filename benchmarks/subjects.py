@@ -14,7 +14,7 @@ from benchmarks.suite import Subject, collect_residuals, device_params
 from offline.activation_stats import summarize
 from offline.bundle import load_bundle
 from powerinfer_jax.config import load_config
-from powerinfer_jax.loading import load_params
+from powerinfer_jax.loading import load_params, matrix_format
 from powerinfer_jax.tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ def bundled_subject(bundle_path: str, prompt_len: int, corpus: str | None = None
         predictors=[jax.tree.map(np.asarray, p) for p in preds.params], thresholds=list(preds.thresholds),
         predicted_ratio=[lp.metrics.get("ratio") or 1.5 for lp in preds.layers], rates=rates,
         prompt_ids=prompt, hf_model=hf_model,
-        quality_note="real model: quality in bin/eval",
+        quality_note="real model: quality in bin/eval", stored_format=matrix_format(b.model_dir, cfg),
         extra={"activity": summarize(b.counts, b.tokens)["mean"], "rates_for_plot": rates})
 
 

@@ -23,11 +23,12 @@ from offline.bundle import PlacementSettings, solve_placement
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.engine import Engine, bucket
 from powerinfer_jax.hybrid import build_hybrid_engine, offload_hot_indices, predicted_capacities
+from powerinfer_jax.loading import engine_params, to_device
 from powerinfer_jax.model import forward
 from powerinfer_jax.params import ModelParams
 from powerinfer_jax.sparse_ffn import PredictorParams
 
-DTYPE = "float32"  # what every configuration computes and stores here (bf16 dots are slow on XLA:CPU)
+DTYPE = "float32"  # the default weight format of the budget suite (--dtype/--quantize choose another)
 CONFIGS = ("dense", "offload", "hybrid", "transformers")
 
 
@@ -38,7 +39,7 @@ class Subject:
     name: str
     description: str
     cfg: ModelConfig
-    host_params: ModelParams  # numpy float32
+    host_params: ModelParams  # numpy float arrays (our layout), or host Weights of one format
     predictors: list[PredictorParams]
     thresholds: list[float]
     predicted_ratio: list[float]  # predicted-active / truly-active neurons, per layer (for capacities)
@@ -46,7 +47,17 @@ class Subject:
     prompt_ids: list[int]
     hf_model: Callable[[], object] | None = None  # builds the transformers model, or None
     quality_note: str = ""
+    stored_format: str = "float32"  # the checkpoint's precision ("auto" resolves to it)
     extra: dict = dataclasses.field(default_factory=dict)
+    formats: dict = dataclasses.field(default_factory=dict, repr=False)  # host_in's cache
+
+    def host_in(self, fmt: str) -> ModelParams:
+        """The host parameters as aligned Weights of matrix format `fmt` (converted once, cached)."""
+        cache = self.formats
+        if fmt not in cache:
+            quantize = fmt if fmt in ("int8", "int4") else None
+            cache[fmt] = engine_params(self.host_params, dtype="auto" if quantize else fmt, quantize=quantize)
+        return cache[fmt]
 
     @property
     def predictor_bytes(self) -> int:
@@ -54,9 +65,10 @@ class Subject:
         return int(sum(np.asarray(p.fc1).size + np.asarray(p.fc2).size for p in self.predictors) * 4)
 
 
-def device_params(host: ModelParams) -> ModelParams:
-    """Host numpy parameters -> JAX device arrays (float32)."""
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), host)
+def device_params(host: ModelParams, fmt: str = DTYPE) -> ModelParams:
+    """Host numpy parameters -> JAX device arrays in the engine's form (matrices as Weights of `fmt`)."""
+    return to_device(engine_params(host, dtype="auto" if fmt in ("int8", "int4") else fmt,
+                                   quantize=fmt if fmt in ("int8", "int4") else None))
 
 
 @dataclasses.dataclass
@@ -70,29 +82,30 @@ class Budget:
     placement_method: str
 
 
-def plan_budget(s: Subject, fraction: float, max_seq_len: int) -> Budget:
+def plan_budget(s: Subject, fraction: float, max_seq_len: int, fmt: str = DTYPE) -> Budget:
     """The MILP placement for the hybrid engine and llama.cpp's `-ngl` layer count at one budget."""
     cfg = s.cfg
-    ffn_total = memory.ffn_total_bytes(cfg, DTYPE)
-    fixed_pred = sum(v for _, v in memory.fixed_groups(cfg, DTYPE, s.predictor_bytes, max_seq_len))
-    fixed_dense = sum(v for _, v in memory.fixed_groups(cfg, DTYPE, 0, max_seq_len))
+    ffn_total = memory.ffn_total_bytes(cfg, fmt)
+    fixed_pred = sum(v for _, v in memory.fixed_groups(cfg, fmt, s.predictor_bytes, max_seq_len))
+    fixed_dense = sum(v for _, v in memory.fixed_groups(cfg, fmt, 0, max_seq_len))
     budget = fixed_pred + int(fraction * ffn_total)
     per_layer = ffn_total // cfg.num_layers
     offload = int(min(cfg.num_layers, max(0, budget - fixed_dense) // per_layer))
     tokens = 1_000_000  # rates are given; the solver wants counts
-    ps = PlacementSettings(budget_bytes=budget, dtype=DTYPE, max_context=max_seq_len, batch=64,
+    ps = PlacementSettings(budget_bytes=budget, dtype=fmt, max_context=max_seq_len, batch=64,
                            reserve_predictors=True)
     p, _ = solve_placement(cfg, np.round(s.rates * tokens), tokens, s.predictor_bytes, ps)
     return Budget(fraction, budget, [np.asarray(h, np.int32) for h in p.hot_indices], offload, p.method)
 
 
-def build_engines(s: Subject, b: Budget, max_seq_len: int) -> dict[str, Engine]:
+def build_engines(s: Subject, b: Budget, max_seq_len: int, fmt: str = DTYPE) -> dict[str, Engine]:
     """The offload and hybrid engines for one budget."""
     cfg = s.cfg
-    offload = build_hybrid_engine(cfg, s.host_params, mode="dense", hot_indices=offload_hot_indices(cfg, b.offload_layers),
-                                  dtype=DTYPE, max_seq_len=max_seq_len)
+    host = s.host_in(fmt)
+    offload = build_hybrid_engine(cfg, host, mode="dense", hot_indices=offload_hot_indices(cfg, b.offload_layers),
+                                  max_seq_len=max_seq_len)
     caps = predicted_capacities(s.rates, b.hot_indices, s.predicted_ratio)
-    hybrid = build_hybrid_engine(cfg, s.host_params, mode="predicted", hot_indices=b.hot_indices, dtype=DTYPE,
+    hybrid = build_hybrid_engine(cfg, host, mode="predicted", hot_indices=b.hot_indices,
                                  predictors=s.predictors, thresholds=s.thresholds, capacities=caps,
                                  max_seq_len=max_seq_len)
     return {"offload": offload, "hybrid": hybrid}
@@ -139,15 +152,17 @@ def _summarize(runs: list[dict]) -> dict:
     return out
 
 
-def roofline_row(s: Subject, name: str, res: dict, attend_len: int, bw: float) -> None:
+def roofline_row(s: Subject, name: str, res: dict, attend_len: int, bw: float, fmt: str = DTYPE) -> None:
     """Adds bytes touched per token, the time floor and achieved/floor to a config's result."""
     cfg = s.cfg
+    table = s.host_in(fmt).embed.fmt
     if name == "hybrid":
-        nbytes = roofline.decode_bytes(cfg, DTYPE, ffn_neurons_per_token=res["ffn_computed_per_token"],
-                                       predictor_bytes=s.predictor_bytes, attend_len=attend_len, ffn_index=True)
+        nbytes = roofline.decode_bytes(cfg, fmt, ffn_neurons_per_token=res["ffn_computed_per_token"],
+                                       predictor_bytes=s.predictor_bytes, attend_len=attend_len, ffn_index=True,
+                                       table_dtype=table)
     else:
-        nbytes = roofline.decode_bytes(cfg, DTYPE, ffn_neurons_per_token=cfg.num_layers * cfg.intermediate_size,
-                                       attend_len=attend_len)
+        nbytes = roofline.decode_bytes(cfg, fmt, ffn_neurons_per_token=cfg.num_layers * cfg.intermediate_size,
+                                       attend_len=attend_len, table_dtype=table)
     floor_s = nbytes / bw
     res["bytes_per_token"] = nbytes
     res["floor_ms"] = 1000 * floor_s
@@ -156,7 +171,7 @@ def roofline_row(s: Subject, name: str, res: dict, attend_len: int, bw: float) -
 
 
 def bench_subject(s: Subject, fractions: Sequence[float], *, repeats: int, new_tokens: int, max_seq_len: int,
-                  measure_bandwidth: Callable[[], float], with_transformers: bool, log=print) -> dict:
+                  measure_bandwidth: Callable[[], float], with_transformers: bool, log=print, fmt: str = DTYPE) -> dict:
     """Every budget: build offload + hybrid, alternate all configurations `repeats` times.
 
     `measure_bandwidth()` (bytes/s) runs before the first and after every budget; floors use the best."""
@@ -164,18 +179,18 @@ def bench_subject(s: Subject, fractions: Sequence[float], *, repeats: int, new_t
     prompt = s.prompt_ids
     attend_len = bucket(len(prompt) + new_tokens, max_seq_len)  # the span decode steps attend over
     log(f"[{s.name}] building the dense engine")
-    dense = Engine(s.cfg, device_params(s.host_params), max_seq_len=max_seq_len)
+    dense = Engine(s.cfg, to_device(s.host_in(fmt)), max_seq_len=max_seq_len)
     hf = s.hf_model() if (with_transformers and s.hf_model is not None) else None
     run_engine(dense, prompt, new_tokens)  # compile
     if hf is not None:
         run_transformers(hf, prompt, 4)  # allocator warm-up
     rows = []
     for f in fractions:
-        b = plan_budget(s, f, max_seq_len)
+        b = plan_budget(s, f, max_seq_len, fmt)
         log(f"[{s.name}] budget {f:.0%} of FFN bytes ({b.budget_bytes / 2**20:.1f} MiB): hybrid hot "
             f"{sum(len(h) for h in b.hot_indices) / (s.cfg.num_layers * s.cfg.intermediate_size):.1%}, "
             f"offload {b.offload_layers}/{s.cfg.num_layers} layers")
-        engines = {"dense": dense, **build_engines(s, b, max_seq_len)}
+        engines = {"dense": dense, **build_engines(s, b, max_seq_len, fmt)}
         for e in engines.values():
             run_engine(e, prompt, new_tokens)  # compile every bucket before timing
         runs: dict[str, list[dict]] = {k: [] for k in CONFIGS if k in engines or (k == "transformers" and hf)}
@@ -197,8 +212,8 @@ def bench_subject(s: Subject, fractions: Sequence[float], *, repeats: int, new_t
     bw = max(bandwidths)
     for r in rows:  # floors from the best bandwidth the machine showed during this model's run
         for name, c in r["configs"].items():
-            roofline_row(s, name, c, attend_len, bw)
-    return {"name": s.name, "description": s.description, "quality_note": s.quality_note,
+            roofline_row(s, name, c, attend_len, bw, fmt)
+    return {"name": s.name, "description": s.description, "quality_note": s.quality_note, "weight_format": fmt,
             "config": {"layers": s.cfg.num_layers, "hidden": s.cfg.hidden_size, "ffn": s.cfg.intermediate_size,
                        "heads": s.cfg.num_heads, "vocab": s.cfg.vocab_size, "ffn_kind": s.cfg.ffn_kind},
             "predictor_bytes": s.predictor_bytes, "prompt_tokens": len(prompt), "new_tokens": new_tokens,

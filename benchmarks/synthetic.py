@@ -93,19 +93,24 @@ def build_synthetic(cfg: ModelConfig, predictor_rank: int = 1024, seed: int = 0,
     def normal(shape, std):
         return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
 
-    def no_write_to_bias_feature(w: np.ndarray) -> np.ndarray:
-        w[..., 0] = 0.0  # outputs never touch residual dim 0, so it stays exactly BIAS_FEATURE
+    def no_write_to_bias_feature(w: np.ndarray, rows: bool) -> np.ndarray:
+        # Outputs never touch residual dim 0, so it stays exactly BIAS_FEATURE: row 0 of a row
+        # matrix [d, in] (o_proj), column 0 of the transposed down matrix [n_ff, d].
+        if rows:
+            w[0] = 0.0
+        else:
+            w[..., 0] = 0.0
         return w
 
     layers, preds = [], []
     base = power_law_rates(n, **rate_kw)
     rates = np.stack([base[rng.permutation(n)] for _ in range(L)])  # hot neurons scattered over ids
     for _ in range(L):
-        attn = AttentionParams(wq=normal((d, q_out), d ** -0.5), wk=normal((d, kv_out), d ** -0.5),
-                               wv=normal((d, kv_out), d ** -0.5),
-                               wo=no_write_to_bias_feature(normal((q_out, d), 0.5 * q_out ** -0.5)))
+        attn = AttentionParams(wq=normal((q_out, d), d ** -0.5), wk=normal((kv_out, d), d ** -0.5),
+                               wv=normal((kv_out, d), d ** -0.5),
+                               wo=no_write_to_bias_feature(normal((d, q_out), 0.5 * q_out ** -0.5), rows=True))
         ffn = FFNParams(w_up=normal((n, d), d ** -0.5), w_gate=normal((n, d), d ** -0.5),
-                        w_down_t=no_write_to_bias_feature(normal((n, d), 0.5 * n ** -0.5)))
+                        w_down_t=no_write_to_bias_feature(normal((n, d), 0.5 * n ** -0.5), rows=False))
         ones = np.ones(d, np.float32)
         layers.append(LayerParams(NormParams(ones), attn, NormParams(ones.copy()), ffn))
         fc1 = normal((d, predictor_rank), d ** -0.5)
@@ -117,7 +122,7 @@ def build_synthetic(cfg: ModelConfig, predictor_rank: int = 1024, seed: int = 0,
     embed = normal((cfg.vocab_size, d), 1.0)
     embed[:, 0] = BIAS_FEATURE
     params = ModelParams(embed=embed, layers=layers, final_norm=NormParams(np.ones(d, np.float32)),
-                         lm_head=normal((d, cfg.vocab_size), d ** -0.5))
+                         lm_head=normal((cfg.vocab_size, d), d ** -0.5))
     return SyntheticModel(cfg, params, preds, rates, predictor_rank)
 
 

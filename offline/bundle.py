@@ -112,6 +112,20 @@ def write_placement(bundle_dir: str, p, plan, ps: PlacementSettings, make_curren
     return name
 
 
+def write_engine_weights(bundle_dir: str, model_dir: str, dtype: str = "auto", quantize: str | None = None) -> str:
+    """Writes the model's weights in the engine's layout and chosen format into the bundle
+    (transposed down matrix, fused q/k/v, quantized if asked): done once, mapped by every load."""
+    from powerinfer_jax.config import load_config
+    from powerinfer_jax.loading import engine_weights_name, load_params, matrix_format, save_engine_weights
+
+    cfg = load_config(model_dir)
+    path = os.path.join(bundle_dir, engine_weights_name(matrix_format(model_dir, cfg, dtype, quantize)))
+    params = load_params(model_dir, cfg, dtype=dtype, quantize=quantize, on_host=True)
+    save_engine_weights(params, path, source={"model_sha256": model_hashes(model_dir), "dtype": dtype,
+                                              "quantize": quantize})
+    return path
+
+
 @dataclasses.dataclass
 class Bundle:
     """A loaded prepared bundle."""

@@ -290,8 +290,11 @@ def run_plan(s: EvalSettings) -> list[tuple[str, float | None]]:
 
 
 def evaluate(bundle: str | None = None, model: str | None = None, text_path: str | None = None,
-             settings: EvalSettings = EvalSettings(), progress: bool = True, log=None) -> dict:
-    """Runs every perplexity run and the per-layer metrics; returns the JSON-safe result (see module doc)."""
+             settings: EvalSettings = EvalSettings(), progress: bool = True, log=None,
+             precision: dict | None = None) -> dict:
+    """Runs every perplexity run and the per-layer metrics; returns the JSON-safe result (see module doc).
+
+    `precision`: `pij.load` keyword arguments (dtype, quantize, kv_dtype) every engine is loaded with."""
     import jax
 
     import powerinfer_jax as pij
@@ -306,7 +309,8 @@ def evaluate(bundle: str | None = None, model: str | None = None, text_path: str
                         + "; run bin/prepare and pass the bundle with --bundle")
     if any(m != "dense" for m in s.modes):
         check_sparse_model(src.model_dir)
-    dense = pij.load(src.path, max_seq_len=s.window)
+    precision = dict(precision or {})
+    dense = pij.load(src.path, max_seq_len=s.window, **precision)
     cfg = dense.cfg
     if s.window > cfg.max_position_embeddings:
         raise EvalError(f"window {s.window} exceeds the model's context of {cfg.max_position_embeddings}")
@@ -344,7 +348,7 @@ def evaluate(bundle: str | None = None, model: str | None = None, text_path: str
             if bar is not None:
                 bar.set_postfix_str(f"{mode} {label}" if mode == "predicted" else mode)
             engine = dense if mode == "dense" else pij.load(src.path, sparsity=mode, threshold=thr,
-                                                            max_seq_len=s.window)
+                                                            max_seq_len=s.window, **precision)
             r = _perplexity_run(engine, ids, s.window, bos, bar)
             del engine
             r.update(mode=mode, threshold=label, threshold_value=thr)  # value None: calibrated or n/a
@@ -375,6 +379,8 @@ def evaluate(bundle: str | None = None, model: str | None = None, text_path: str
         "windows": int(len(tokens)),
         "window": s.window,
         "max_tokens": s.max_tokens,
+        "precision": {"dtype": precision.get("dtype", "auto"), "quantize": precision.get("quantize"),
+                      "kv_dtype": precision.get("kv_dtype", "float32")},
         "bos": bos,
         "modes": list(s.modes),
         "thresholds": list(s.thresholds),

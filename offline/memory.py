@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 
+from ops.quant import FORMATS, format_bytes_per_row
 from powerinfer_jax.config import ModelConfig
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # vectors and KV-cache element sizes
+
+
+def matrix_bytes(fmt: str, rows: int, cols: int) -> int:
+    """Bytes of a [rows, cols] row matrix stored in `fmt` (a float dtype, int8 or int4), scales included."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return rows * format_bytes_per_row(fmt, cols)
 
 
 class BudgetTooSmallError(ValueError):
@@ -40,11 +48,11 @@ def parse_bytes(value: int | float | str | None) -> int | None:
 
 
 def neuron_bytes(cfg: ModelConfig, dtype: str) -> int:
-    """Device bytes of one FFN neuron: its gate/up rows and its row of the transposed down matrix."""
-    b = DTYPE_BYTES[dtype]
+    """Device bytes of one FFN neuron: its gate/up rows and its row of the transposed down matrix
+    (in weight format `dtype`, scales included), plus its float32 fc1 bias entry (OPT)."""
     rows = 3 if cfg.has_gate else 2
-    bias = 1 if cfg.family == "opt" else 0  # fc1 bias entry
-    return (rows * cfg.hidden_size + bias) * b
+    bias = 4 if cfg.family == "opt" else 0
+    return rows * matrix_bytes(dtype, 1, cfg.hidden_size) + bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,27 +80,34 @@ class DevicePlan:
 
 
 def fixed_groups(cfg: ModelConfig, dtype: str, predictor_bytes: int, max_context: int, batch: int = 1,
-                 kv_dtype: str = "float32") -> tuple[tuple[str, int], ...]:
-    """(group, bytes) for everything but FFN neurons, in placement priority order."""
-    b = DTYPE_BYTES[dtype]
+                 kv_dtype: str = "float32", table_dtype: str | None = None) -> tuple[tuple[str, int], ...]:
+    """(group, bytes) for everything but FFN neurons, in placement priority order.
+
+    `dtype`: the matrices' format (float dtype, int8 or int4); `table_dtype`: the embedding
+    tables' (never quantized; default `dtype` for float formats, float32 -- an upper bound -- for
+    int8/int4). Norms and biases are float32."""
+    if table_dtype is None:
+        table_dtype = dtype if dtype in DTYPE_BYTES else "float32"
     d, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
     e = cfg.word_embed_proj_dim or d
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    embed = V * e
+    embed = matrix_bytes(table_dtype, V, e)
     if cfg.family == "opt":
-        embed += (cfg.max_position_embeddings + 2) * d + (2 * e * d if e != d else 0)
-    attn = d * q_out + 2 * d * kv_out + q_out * d
+        embed += matrix_bytes(table_dtype, cfg.max_position_embeddings + 2, d)
+        if e != d:
+            embed += matrix_bytes(dtype, d, e) + matrix_bytes(dtype, e, d)
+    attn = matrix_bytes(dtype, q_out + 2 * kv_out, d) + matrix_bytes(dtype, d, q_out)
     if cfg.attention_bias:
-        attn += q_out + 2 * kv_out + d
+        attn += 4 * (q_out + 2 * kv_out + d)
     norm_vecs = 2 if cfg.family == "opt" else 1  # LayerNorm has a bias
     norms = (2 * L + (1 if cfg.final_layer_norm or cfg.family == "llama" else 0)) * d * norm_vecs
     if cfg.family == "opt":
         norms += L * d  # fc2 bias: added once per layer, kept with the always-on vectors
-    head = 0 if cfg.tie_word_embeddings else e * V
+    head = 0 if cfg.tie_word_embeddings else matrix_bytes(dtype, V, e)
     kv = 2 * L * batch * max_context * cfg.num_kv_heads * cfg.head_dim * DTYPE_BYTES[kv_dtype]
     index = L * cfg.intermediate_size * 4  # int32 hot/cold neuron-id maps, one entry per neuron
-    return (("embeddings", embed * b), ("attention", L * attn * b), ("norms", norms * b),
-            ("output_head", head * b), ("predictors", int(predictor_bytes)), ("kv_cache", kv),
+    return (("embeddings", embed), ("attention", L * attn), ("norms", norms * 4),
+            ("output_head", head), ("predictors", int(predictor_bytes)), ("kv_cache", kv),
             ("ffn_index", index))
 
 

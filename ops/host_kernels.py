@@ -1,13 +1,35 @@
-"""Host (CPU, numpy/numba) kernels for the cold neurons, and a way to call them from jit.
+"""Host (CPU, numpy/numba) kernels: sparse FFN rows and dense mat-vecs in every weight format.
 
-``idx`` here indexes the rows of the host-resident (cold) matrices and only ``idx[:count]``
-is used. Storage may be float32 or bfloat16 (``ml_dtypes``); arithmetic is float32.
+A weight argument is an ``ops.quant.Weight`` (numpy-backed) of any format (float32, bfloat16,
+float16, int8, int4), or a plain numpy float32 / bfloat16 / float16 array. The kernels read the
+stored bytes (at memory bandwidth: a mat-vec is memory-bound) and widen them to float32 in
+registers; arithmetic is float32. ``idx`` indexes weight rows and only ``idx[:count]`` is used.
 
-The numba kernels are deterministic: the gate/up mat-vec gives each output element to one
-thread, and the down axpy sums fixed row chunks into private partials that are added in chunk
+The numba kernels are deterministic: the gate/up and mat-vec kernels give each output element to
+one thread, and the down axpy sums fixed row chunks into private partials that are added in chunk
 order; no thread ever adds into another's output (the reference engine's unsynchronised
 per-thread adds made greedy runs differ). Dots are vectorised (reassociation fixed at compile
 time), so results are bit-identical from run to run whatever the thread count.
+
+Read streams: a kernel pass reads several rows at once (mat-vec: eight page-sized streams; down
+axpy: eight rows; gate/up: the gate and up rows of two neurons). One row at a time read at ~20 GB/s
+here, several concurrent streams at ~30 (the hardware prefetchers follow a stream only within its
+4 KiB page). Software prefetching did not help these streaming loops; it does help int4 (below).
+
+Measured on this 2-core VM (benchmarks/bench_formats.py, LLaMA-7B shapes, one token): float32 reads
+at ~85% of the streaming bandwidth, bfloat16/float16 at ~70-80%, int8 at ~60-75% (widening an int8
+costs a convert and an FMA port slot per element; with LLVM's 256-bit vectors two cores are then
+close to compute-bound), int4 at ~33%: unpacking nibbles runs at ~15 G values/s a core, so int4 is
+compute-bound and has its own mat-vec (one row at a time, next row prefetched, scales converted
+once per row, the -8 offset taken out of the inner loop).
+
+int4 (Q4_0) rows are read in their packed order: byte j of a row holds column ``32*(j//16) + j%16``
+(low nibble) and that column + 16 (high nibble). The kernels permute x into that order once per
+call instead of unpacking nibbles to their columns (a shuffle per element), and the down kernel
+accumulates in packed order and permutes its sums back at the end.
+
+f16 -> f32 uses the CPU's conversion instruction where LLVM has one (F16C, ARMv8; exact for every
+value, NaN stays NaN) and an exact integer trick elsewhere (``ops.quant.f16_bits_to_f32_trick``).
 
 Threads: with numba's default OpenMP layer, workers spin-wait; on a shared 2-core machine that
 stalled each parallel region to a scheduler tick (LLaMA-7B layer 16-24 ms instead of 5-6 ms).
@@ -23,16 +45,22 @@ call jax (deadlock): it only touches numpy arrays and numba.
 from __future__ import annotations
 
 import ctypes
+import platform
+from types import FunctionType
+from typing import NamedTuple
 
+import llvmlite.binding as llvm_binding
 import ml_dtypes
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 import jax
 import jax.numpy as jnp
 
+from ops.quant import FORMATS, GROUP, Weight, check_format, dequantize, f16_bits_to_f32_trick
 from ops.reference import check_family
 
 try:
@@ -42,12 +70,17 @@ except ImportError:  # older jax
 
 _COL_BLOCK = 256  # output columns per thread task in the down kernel's final sum
 _FAMILY_CODE = {"reglu": 0, "drelu": 1, "relu": 2}  # _h_kernel also has 3: plain mat-vec
+_F32, _BF16, _F16, _I8, _I4 = range(5)  # format codes: FORMATS.index(fmt)
 BF16 = np.dtype(ml_dtypes.bfloat16)
+_DATA_DTYPE = {_F32: np.dtype(np.float32), _BF16: np.dtype(np.uint16), _F16: np.dtype(np.uint16),
+               _I8: np.dtype(np.int8), _I4: np.dtype(np.uint8)}
 
 
 # ---------------------------------------------------------------- numpy references
 def _np_f32(a):
-    return None if a is None else np.asarray(a).astype(np.float32)
+    if a is None:
+        return None
+    return dequantize(a) if isinstance(a, Weight) else np.asarray(a).astype(np.float32)
 
 
 def _numpy_h(family, w_gate, w_up, x2, rows, b_up=None):
@@ -61,175 +94,680 @@ def _numpy_h(family, w_gate, w_up, x2, rows, b_up=None):
 
 
 def host_h_ref(family, w_gate, w_up, x, idx, count, b_up=None):
-    """numpy reference of the cold activations ``h [B, count]`` (``W[idx] @ x`` style)."""
+    """numpy reference of the cold activations ``h [B, count]`` (weights dequantized to f32)."""
     check_family(family, w_gate)
     sel = np.asarray(idx)[: int(count)]
-    return _numpy_h(family, w_gate, w_up, np.atleast_2d(_np_f32(x)), sel, b_up)
+    return _numpy_h(family, _np_f32(w_gate), _np_f32(w_up), np.atleast_2d(_np_f32(x)), sel, b_up)
 
 
 def host_sparse_ffn_ref(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None):
     """numpy reference of the cold FFN part: [d] or [B, d] (no down bias)."""
     h = host_h_ref(family, w_gate, w_up, x, idx, count, b_up)
-    y = h @ _np_f32(np.asarray(w_down_t)[np.asarray(idx)[: int(count)]])
+    y = h @ _np_f32(w_down_t)[np.asarray(idx)[: int(count)]]
     return y[0] if np.ndim(x) == 1 else y
 
 
-# ---------------------------------------------------------------- numba kernels
-def _as_f32(src, tmp):
-    """Stub: ``src`` (1-D f32, or bf16 bits as uint16) as a float32 array (numba only)."""
-    raise NotImplementedError
+# ---------------------------------------------------------------- widening stored elements
+def _has_hw_f16() -> bool:
+    """Whether LLVM lowers f16 -> f32 to one instruction here (x86 F16C, ARMv8). A fixed numba
+    target (NUMBA_CPU_NAME/FEATURES, for portable caches) may lack it: use the integer trick."""
+    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
+        return False
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return bool(llvm_binding.get_host_cpu_features().get("f16c", False))
+    return machine in ("aarch64", "arm64")
 
 
-@overload(_as_f32)
-def _as_f32_impl(src, tmp):
-    if src.dtype == types.uint16:
-        def impl(src, tmp):  # bf16 -> f32 is a 16-bit left shift of the bit pattern
-            for k in range(src.shape[0]):
-                tmp[k] = np.uint32(src[k]) << np.uint32(16)
-            return tmp[: src.shape[0]].view(np.float32)
-        return impl
-    return lambda src, tmp: src
+_HW_F16 = _has_hw_f16()
+
+
+@intrinsic
+def _f16_bits_to_f32_hw(typingctx, h):
+    """f16 bits -> f32 by the CPU's conversion instruction (vcvtph2ps, vectorised by LLVM)."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@njit(inline="always")
+def _f16(h):
+    """f16 bits -> f32, exact for every non-NaN value (NaN stays NaN; the instruction quiets a
+    signalling NaN's payload). The instruction is 4x the integer trick's throughput (22 vs 5.5
+    G/s a core), which made float16 mat-vecs compute-bound."""
+    if _HW_F16:
+        return _f16_bits_to_f32_hw(h)
+    return f16_bits_to_f32_trick(h)
+
+
+@njit(inline="always")
+def _bf16(h):
+    return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)  # bf16 is f32's top half
+
+
+@njit(inline="always")
+def _f32(v):
+    return v
+
+
+@njit(inline="always")
+def _i8(q):
+    return np.float32(q)
+
+
+@njit(inline="always")
+def _lo(v):
+    # the uint8 cast keeps the conversion 32-bit wide (numba promotes v & 15 to int64, whose
+    # conversion vectorises at half the width): 1.9x on the int4 dot
+    return np.float32(np.uint8(v & np.uint8(15))) - np.float32(8.0)
+
+
+@njit(inline="always")
+def _hi(v):
+    return np.float32(np.uint8(v >> np.uint8(4))) - np.float32(8.0)
 
 
 # Dot products may be reassociated (vectorised) and contracted to FMAs, but no NaN/Inf
 # assumptions are made. Reassociation is fixed at compile time, so results stay bit-identical
 # from run to run; the work split below is fixed too, so they do not depend on the thread count.
 _FASTMATH = {"reassoc", "contract"}
-_H_CHUNKS = 64  # row chunks of the gate/up kernel (one scratch buffer each)
+
+
+def _elementwise_ops(cvt):
+    """Row primitives for a format whose element k is ``cvt(row[k])`` (times a row scale)."""
+    @njit(fastmath=_FASTMATH, inline="always")
+    def dot4(a, b, c, d, xb):
+        s0 = np.float32(0.0)
+        s1 = np.float32(0.0)
+        s2 = np.float32(0.0)
+        s3 = np.float32(0.0)
+        for k in range(xb.shape[0]):  # 1-D rows and x (not x[b, k]) vectorise best
+            xk = xb[k]
+            s0 += cvt(a[k]) * xk
+            s1 += cvt(b[k]) * xk
+            s2 += cvt(c[k]) * xk
+            s3 += cvt(d[k]) * xk
+        return s0, s1, s2, s3
+
+    @njit(fastmath=_FASTMATH, inline="always")
+    def dot8(p0, p1, p2, p3, p4, p5, p6, p7, xa, xb):
+        """Eight concurrent streams: even ones against xa, odd ones against xb."""
+        t0 = np.float32(0.0)
+        t1 = np.float32(0.0)
+        t2 = np.float32(0.0)
+        t3 = np.float32(0.0)
+        t4 = np.float32(0.0)
+        t5 = np.float32(0.0)
+        t6 = np.float32(0.0)
+        t7 = np.float32(0.0)
+        for k in range(xa.shape[0]):
+            u, v = xa[k], xb[k]
+            t0 += cvt(p0[k]) * u
+            t1 += cvt(p1[k]) * v
+            t2 += cvt(p2[k]) * u
+            t3 += cvt(p3[k]) * v
+            t4 += cvt(p4[k]) * u
+            t5 += cvt(p5[k]) * v
+            t6 += cvt(p6[k]) * u
+            t7 += cvt(p7[k]) * v
+        return t0, t1, t2, t3, t4, t5, t6, t7
+
+    @njit(fastmath=_FASTMATH, inline="always")
+    def axpy8(acc, coef, w, rows):
+        """acc += sum_i coef[i] * w[rows[i]] over eight rows (eight read streams)."""
+        p0, p1, p2, p3 = w[rows[0]], w[rows[1]], w[rows[2]], w[rows[3]]
+        p4, p5, p6, p7 = w[rows[4]], w[rows[5]], w[rows[6]], w[rows[7]]
+        c0, c1, c2, c3 = coef[0], coef[1], coef[2], coef[3]
+        c4, c5, c6, c7 = coef[4], coef[5], coef[6], coef[7]
+        for k in range(acc.shape[0]):
+            acc[k] += (c0 * cvt(p0[k]) + c1 * cvt(p1[k]) + c2 * cvt(p2[k]) + c3 * cvt(p3[k])
+                       + c4 * cvt(p4[k]) + c5 * cvt(p5[k]) + c6 * cvt(p6[k]) + c7 * cvt(p7[k]))
+
+    @njit(fastmath=_FASTMATH, inline="always")
+    def widen(a, m, out):
+        for k in range(out.shape[0]):
+            out[k] = cvt(a[k]) * m
+
+    return dot4, dot8, axpy8, widen
+
+
+_f32_dot4, _f32_dot8, _f32_axpy8, _f32_widen = _elementwise_ops(_f32)
+_bf16_dot4, _bf16_dot8, _bf16_axpy8, _bf16_widen = _elementwise_ops(_bf16)
+_f16_dot4, _f16_dot8, _f16_axpy8, _f16_widen = _elementwise_ops(_f16)
+_i8_dot4, _i8_dot8, _i8_axpy8, _i8_widen = _elementwise_ops(_i8)
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _q4_dot4(a, sa, b, sb, c, sc, d, sd, xb):
+    """int4 rows (packed) against xb in packed order: xb[j] meets low nibbles, xb[half + j] high.
+    A group's scale is one value for 16 consecutive bytes, which LLVM broadcasts per vector."""
+    half = a.shape[0]
+    # two views, not xb[half + j]: numba's negative-index wraparound on `half + j` turned the
+    # loads into gathers (3x slower)
+    x_lo, x_hi = xb[:half], xb[half:]
+    s0 = np.float32(0.0)
+    s1 = np.float32(0.0)
+    s2 = np.float32(0.0)
+    s3 = np.float32(0.0)
+    for j in range(half):
+        g = j >> 4
+        xl = x_lo[j]
+        xh = x_hi[j]
+        v = a[j]
+        s0 += _f16(sa[g]) * (_lo(v) * xl + _hi(v) * xh)
+        v = b[j]
+        s1 += _f16(sb[g]) * (_lo(v) * xl + _hi(v) * xh)
+        v = c[j]
+        s2 += _f16(sc[g]) * (_lo(v) * xl + _hi(v) * xh)
+        v = d[j]
+        s3 += _f16(sd[g]) * (_lo(v) * xl + _hi(v) * xh)
+    return s0, s1, s2, s3
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _q4_expand_scales(sa, m, out):
+    """out[j] = m * (scale of byte j's group), j < K/2: one f32 per packed byte.
+
+    Loops that store (axpy, widen) cannot load ``scale[j >> 4]`` per element: LLVM has no runtime
+    alias check for that index, so it left them scalar (1 GB/s). A splat per group is vectorised,
+    and then every load of the main loop is affine."""
+    for g in range(sa.shape[0]):
+        v = m * _f16(sa[g])
+        for t in range(GROUP // 2):
+            out[g * (GROUP // 2) + t] = v
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _q4_axpy4(acc, a0, a, sa, a1, b, sb, a2, c, sc, a3, d, sd, cf):
+    """acc (packed order) += sum_i a_i * row_i for four int4 rows; ``cf [4, K/2]`` f32 scratch
+    for their per-byte coefficients a_i * d_i."""
+    half = a.shape[0]
+    _q4_expand_scales(sa, a0, cf[0])
+    _q4_expand_scales(sb, a1, cf[1])
+    _q4_expand_scales(sc, a2, cf[2])
+    _q4_expand_scales(sd, a3, cf[3])
+    e0, e1, e2, e3 = cf[0], cf[1], cf[2], cf[3]
+    acc_lo, acc_hi = acc[:half], acc[half:]
+    for j in range(half):
+        acc_lo[j] += e0[j] * _lo(a[j]) + e1[j] * _lo(b[j]) + e2[j] * _lo(c[j]) + e3[j] * _lo(d[j])
+    for j in range(half):
+        acc_hi[j] += e0[j] * _hi(a[j]) + e1[j] * _hi(b[j]) + e2[j] * _hi(c[j]) + e3[j] * _hi(d[j])
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _q4_widen(a, sa, out):
+    """The row as f32 in packed order; ``out``'s high half first holds the expanded scales."""
+    half = a.shape[0]
+    out_lo, out_hi = out[:half], out[half:]
+    _q4_expand_scales(sa, np.float32(1.0), out_hi)
+    for j in range(half):
+        out_lo[j] = out_hi[j] * _lo(a[j])
+    for j in range(half):
+        out_hi[j] = out_hi[j] * _hi(a[j])
+
+
+# Format dispatch. The stubs run only inside numba; each overload is chosen by the stored dtype
+# at compile time, and bf16/f16 (both uint16 bits) by the format code, outside the loops.
+# ``sa`` is the row's scale row: [1] f32 for int8, [K/32] f16 bits for int4, [0] otherwise.
+def _dot4(code, a, sa, b, sb, c, sc, d, sd, xb):
+    """Stub: the dots of four stored rows with xb (in the format's kernel order)."""
+    raise NotImplementedError
+
+
+@overload(_dot4)
+def _dot4_impl(code, a, sa, b, sb, c, sc, d, sd, xb):
+    dt = a.dtype
+    if dt == types.float32:
+        return lambda code, a, sa, b, sb, c, sc, d, sd, xb: _f32_dot4(a, b, c, d, xb)
+    if dt == types.uint16:
+        def impl(code, a, sa, b, sb, c, sc, d, sd, xb):
+            if code == _BF16:
+                return _bf16_dot4(a, b, c, d, xb)
+            return _f16_dot4(a, b, c, d, xb)
+        return impl
+    if dt == types.int8:
+        def impl(code, a, sa, b, sb, c, sc, d, sd, xb):  # the row scale once, after the sum
+            s0, s1, s2, s3 = _i8_dot4(a, b, c, d, xb)
+            return s0 * sa[0], s1 * sb[0], s2 * sc[0], s3 * sd[0]
+        return impl
+    if dt == types.uint8:
+        return lambda code, a, sa, b, sb, c, sc, d, sd, xb: _q4_dot4(a, sa, b, sb, c, sc, d, sd, xb)
+    return None
+
+
+def _dot8(code, p0, p1, p2, p3, p4, p5, p6, p7, xa, xb):
+    """Stub: eight stored row segments against xa (even) and xb (odd), without row scales
+    (elementwise formats only)."""
+    raise NotImplementedError
+
+
+@overload(_dot8)
+def _dot8_impl(code, p0, p1, p2, p3, p4, p5, p6, p7, xa, xb):
+    dt = p0.dtype
+    if dt == types.float32:
+        def impl(code, p0, p1, p2, p3, p4, p5, p6, p7, xa, xb):
+            return _f32_dot8(p0, p1, p2, p3, p4, p5, p6, p7, xa, xb)
+        return impl
+    if dt == types.uint16:
+        def impl(code, p0, p1, p2, p3, p4, p5, p6, p7, xa, xb):
+            if code == _BF16:
+                return _bf16_dot8(p0, p1, p2, p3, p4, p5, p6, p7, xa, xb)
+            return _f16_dot8(p0, p1, p2, p3, p4, p5, p6, p7, xa, xb)
+        return impl
+    if dt == types.int8:
+        def impl(code, p0, p1, p2, p3, p4, p5, p6, p7, xa, xb):
+            return _i8_dot8(p0, p1, p2, p3, p4, p5, p6, p7, xa, xb)
+        return impl
+    return None
+
+
+def _row_scale(s, r):
+    """Stub: the scale of row r (int8) or 1."""
+    raise NotImplementedError
+
+
+@overload(_row_scale)
+def _row_scale_impl(s, r):
+    return lambda s, r: s[r, 0] if s.shape[1] else np.float32(1.0)
+
+
+def _axpy8(code, acc, coef, w, s, rows, cf):
+    """Stub: acc += sum_i coef[i] * row rows[i] of (w, s), eight rows (acc in the format's kernel
+    order; ``coef`` may be scaled in place; ``cf``: int4's [4, K/2] f32 scratch)."""
+    raise NotImplementedError
+
+
+@overload(_axpy8)
+def _axpy8_impl(code, acc, coef, w, s, rows, cf):
+    dt = w.dtype
+    if dt == types.float32:
+        def impl(code, acc, coef, w, s, rows, cf):
+            _f32_axpy8(acc, coef, w, rows)
+        return impl
+    if dt == types.uint16:
+        def impl(code, acc, coef, w, s, rows, cf):
+            if code == _BF16:
+                _bf16_axpy8(acc, coef, w, rows)
+            else:
+                _f16_axpy8(acc, coef, w, rows)
+        return impl
+    if dt == types.int8:
+        def impl(code, acc, coef, w, s, rows, cf):
+            for i in range(8):  # the row scales go into the coefficients
+                coef[i] *= s[rows[i], 0]
+            _i8_axpy8(acc, coef, w, rows)
+        return impl
+    if dt == types.uint8:
+        def impl(code, acc, coef, w, s, rows, cf):  # compute-bound: two passes of four rows
+            for i in range(0, 8, 4):
+                r0, r1, r2, r3 = rows[i], rows[i + 1], rows[i + 2], rows[i + 3]
+                _q4_axpy4(acc, coef[i], w[r0], s[r0], coef[i + 1], w[r1], s[r1],
+                          coef[i + 2], w[r2], s[r2], coef[i + 3], w[r3], s[r3], cf)
+        return impl
+    return None
+
+
+def _widen(code, a, sa, out):
+    """Stub: out[:] = the stored row as float32 (in the format's kernel order)."""
+    raise NotImplementedError
+
+
+@overload(_widen)
+def _widen_impl(code, a, sa, out):
+    dt = a.dtype
+    if dt == types.float32:
+        return lambda code, a, sa, out: _f32_widen(a, np.float32(1.0), out)
+    if dt == types.uint16:
+        def impl(code, a, sa, out):
+            if code == _BF16:
+                _bf16_widen(a, np.float32(1.0), out)
+            else:
+                _f16_widen(a, np.float32(1.0), out)
+        return impl
+    if dt == types.int8:
+        return lambda code, a, sa, out: _i8_widen(a, sa[0], out)
+    if dt == types.uint8:
+        return lambda code, a, sa, out: _q4_widen(a, sa, out)
+    return None
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i):
+    """Ask the CPU to start loading the cache line of the flat array ``arr`` at index ``i`` (a
+    hint: never faults, whatever the address)."""
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [ptr.type],
+                                              ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]))
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])  # read, keep in all cache levels, data
+        return context.get_dummy_value()
+    return types.void(arr, types.intp), codegen
+
+
+@njit(inline="always")
+def _prefetch_rows(w, r0, r1):
+    """Prefetch rows r0..r1-1 of the C-contiguous 2-D ``w``, one hint per 64-byte line."""
+    if r1 > r0:
+        flat = w.reshape(-1)
+        step = max(1, 64 // w.itemsize)
+        for i in range(r0 * w.shape[1], r1 * w.shape[1], step):
+            _prefetch(flat, i)
+
+
+@njit(inline="always")
+def _natural_col(k, half):
+    """Column of packed-order position k of an int4 row (low nibbles first, then high)."""
+    j = k - half if k >= half else k
+    return (j >> 4) * GROUP + (GROUP // 2 if k >= half else 0) + (j & 15)
+
+
+# ---------------------------------------------------------------- numba kernels
+_H_CHUNKS = 64  # row chunks of the gate/up kernel
+_MV_CHUNKS = 64  # row chunks of the dense mat-vec
 _DOWN_PARTIAL_BYTES = 1 << 22  # cap on the down kernel's per-chunk partial sums
 
 
-@njit(fastmath=_FASTMATH, inline="always")
-def _dot(row, xb):
-    """f32 dot of ``row`` with the 1-D ``xb`` (vectorised: 2.3x the strict-order loop at 7B
-    sizes; a 1-D row of x, not x[b, k] indexing, which cost another 1.4x)."""
-    s = np.float32(0.0)
-    for k in range(row.shape[0]):
-        s += row[k] * xb[k]
-    return s
-
-
-@njit(fastmath=_FASTMATH, inline="always")
-def _dot2(a, c, xb):
-    """(a . xb, c . xb) in one pass: two read streams at once, which a single-stream dot
-    cannot match on rows that start on cold pages (24 vs 14 GB/s for 900 random 7B rows)."""
-    s = np.float32(0.0)
-    t = np.float32(0.0)
-    for k in range(a.shape[0]):
-        s += a[k] * xb[k]
-        t += c[k] * xb[k]
-    return s, t
-
-
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _h_kernel(code, wg, wu, bu, has_bias, x, idx, count, out, scratch):
+def _h_kernel(family, code, wg, sg, wu, su, bu, has_bias, x, idx, count, out):
     """out[b, i] = h of neuron idx[i] for token b, i < count.
 
-    code: 0 reglu, 1 drelu, 2 relu (+ bias), 3 plain mat-vec ``wu[idx] @ x`` (wg unused).
+    family: 0 reglu, 1 drelu, 2 relu (+ bias), 3 plain mat-vec ``wu[idx] @ x`` (wg unused).
     One kernel for all of them keeps numba's (slow, parallel) compilations to one per dtype.
-    Each output element is computed by one thread; a neuron's gate and up rows are read in
-    the same pass. ``scratch [_H_CHUNKS, 2, d or 1]`` uint32: bf16 -> f32 rows (allocated by the
-    caller: 128 allocations inside made a small call 50 us instead of a few).
+    Each output element is computed by one thread. Gated families read two neurons a pass
+    (gate and up rows of each: four streams); the others four rows. A chunk's odd tail computes
+    its last neuron again in the spare slots (same code, same value).
     """
-    d = wu.shape[1]
     zero = np.float32(0.0)
     step = (count + _H_CHUNKS - 1) // _H_CHUNKS
     for c in prange(_H_CHUNKS):
-        wide_u = scratch[c, 0]
-        wide_g = scratch[c, 1]
         lo, hi = c * step, min(count, (c + 1) * step)
-        if code < 2:  # gated: the branch sits outside the row loop so LLVM vectorises _dot2
-            for i in range(lo, hi):
-                r = idx[i]
-                urow = _as_f32(wu[r], wide_u)
-                grow = _as_f32(wg[r], wide_g)
+        if family < 2:  # gated: the branch sits outside the row loop so LLVM vectorises the dots
+            for i in range(lo, hi, 2):
+                i1 = min(i + 1, hi - 1)
+                r0, r1 = idx[i], idx[i1]
                 for b in range(x.shape[0]):
-                    g, u = _dot2(grow, urow, x[b])
-                    out[b, i] = max(g, zero) * (u if code == 0 else max(u, zero))
+                    g0, u0, g1, u1 = _dot4(code, wg[r0], sg[r0], wu[r0], su[r0],
+                                           wg[r1], sg[r1], wu[r1], su[r1], x[b])
+                    out[b, i] = max(g0, zero) * (u0 if family == 0 else max(u0, zero))
+                    out[b, i1] = max(g1, zero) * (u1 if family == 0 else max(u1, zero))
         else:
-            for i in range(lo, hi):
-                r = idx[i]
-                urow = _as_f32(wu[r], wide_u)
+            for i in range(lo, hi, 4):
+                i1, i2, i3 = min(i + 1, hi - 1), min(i + 2, hi - 1), min(i + 3, hi - 1)
+                r0, r1, r2, r3 = idx[i], idx[i1], idx[i2], idx[i3]
                 for b in range(x.shape[0]):
-                    u = _dot(urow, x[b])
-                    if code == 2:
+                    u0, u1, u2, u3 = _dot4(code, wu[r0], su[r0], wu[r1], su[r1],
+                                           wu[r2], su[r2], wu[r3], su[r3], x[b])
+                    if family == 2:
                         if has_bias:
-                            u += bu[r]
-                        u = max(u, zero)
-                    out[b, i] = u
+                            u0 += bu[r0]
+                            u1 += bu[r1]
+                            u2 += bu[r2]
+                            u3 += bu[r3]
+                        u0, u1, u2, u3 = max(u0, zero), max(u1, zero), max(u2, zero), max(u3, zero)
+                    out[b, i] = u0
+                    out[b, i1] = u1
+                    out[b, i2] = u2
+                    out[b, i3] = u3
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _down_kernel(wd, idx, count, h, out, parts, scratch, sels):
+def _matvec_kernel(code, w, s, x, out):
+    """out[b, r] = row r . x[b] for every row (elementwise formats): each row read once for all
+    tokens. A pass reads eight streams of about a page or more each: four rows split in halves
+    when rows are 8 KiB or more, else eight rows (the hardware prefetchers follow a stream only
+    within its 4 KiB page: int8's 4 KiB rows read at 25-28 GB/s eight at a time, 23-24 four at a
+    time; bf16's halves measured 24-30 vs 24-26 GB/s, within this VM's noise). Chunks hold whole
+    passes, from the shapes only, so the split never depends on the thread count; a short last
+    pass repeats its last row."""
+    rows, k = w.shape
+    halves = k % 2 == 0 and k * w.itemsize >= 8192
+    per = 4 if halves else 8
+    passes = (rows + per - 1) // per
+    step = per * ((passes + _MV_CHUNKS - 1) // _MV_CHUNKS)
+    h = k // 2 if halves else k
+    for c in prange(_MV_CHUNKS):
+        for r in range(c * step, min(rows, (c + 1) * step), per):
+            last = rows - 1
+            r0, r1, r2, r3 = r, min(r + 1, last), min(r + 2, last), min(r + 3, last)
+            r4, r5, r6, r7 = min(r + 4, last), min(r + 5, last), min(r + 6, last), min(r + 7, last)
+            for b in range(x.shape[0]):
+                xb = x[b]
+                if halves:
+                    t = _dot8(code, w[r0][:h], w[r0][h:], w[r1][:h], w[r1][h:],
+                              w[r2][:h], w[r2][h:], w[r3][:h], w[r3][h:], xb[:h], xb[h:])
+                    out[b, r0] = (t[0] + t[1]) * _row_scale(s, r0)
+                    out[b, r1] = (t[2] + t[3]) * _row_scale(s, r1)
+                    out[b, r2] = (t[4] + t[5]) * _row_scale(s, r2)
+                    out[b, r3] = (t[6] + t[7]) * _row_scale(s, r3)
+                else:
+                    t = _dot8(code, w[r0], w[r1], w[r2], w[r3], w[r4], w[r5], w[r6], w[r7], xb, xb)
+                    out[b, r0] = t[0] * _row_scale(s, r0)
+                    out[b, r1] = t[1] * _row_scale(s, r1)
+                    out[b, r2] = t[2] * _row_scale(s, r2)
+                    out[b, r3] = t[3] * _row_scale(s, r3)
+                    out[b, r4] = t[4] * _row_scale(s, r4)
+                    out[b, r5] = t[5] * _row_scale(s, r5)
+                    out[b, r6] = t[6] * _row_scale(s, r6)
+                    out[b, r7] = t[7] * _row_scale(s, r7)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _matvec_q4_kernel(w, s, x, xsum, out, scratch):
+    """int4 mat-vec: out[b, r] = row r . x[b] (x in packed order, ``xsum [B, K/32]`` its group sums).
+
+    Unpacking nibbles makes int4 compute-bound (~15 G values/s a core with 256-bit vectors), so
+    each pass does the least work per value: one row at a time, its group scales converted once
+    into ``scratch [chunks, K/32]``, and the -8 offset taken out of the loop (sum_g d_g sum q x
+    minus 8 sum_g d_g xsum_g). The next row is prefetched: the hardware prefetchers alone left
+    this slow loop waiting at the start of every 2 KiB row (2.7x slower).
+    """
+    rows, half = w.shape
+    step = (rows + _MV_CHUNKS - 1) // _MV_CHUNKS
+    eight = np.float32(8.0)
+    for c in prange(_MV_CHUNKS):
+        dt = scratch[c]
+        end = min(rows, (c + 1) * step)
+        for r in range(c * step, end):
+            if r + 1 < end:
+                _prefetch_rows(w, r + 1, r + 2)
+                _prefetch_rows(s, r + 1, r + 2)
+            sr = s[r]
+            for g in range(sr.shape[0]):
+                dt[g] = _f16(sr[g])
+            a = w[r]
+            for b in range(x.shape[0]):
+                xb, xs = x[b], xsum[b]
+                x_lo, x_hi = xb[:half], xb[half:]
+                corr = np.float32(0.0)
+                for g in range(sr.shape[0]):
+                    corr += dt[g] * xs[g]
+                acc = np.float32(0.0)
+                for j in range(half):
+                    v = a[j]
+                    acc += dt[j >> 4] * (np.float32(np.uint8(v & np.uint8(15))) * x_lo[j]
+                                         + np.float32(np.uint8(v >> np.uint8(4))) * x_hi[j])
+                out[b, r] = acc - eight * corr
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _down_kernel(code, wd, sd, idx, count, h, skip_zero, out, parts, sels, coefs, scratch):
     """out[b, :] = sum_{i<count} h[b, i] * wd[idx[i], :].
 
     The rows are split into a fixed number of chunks (from the shapes only); each chunk sums
-    its whole rows into its own partial, four live rows per pass (four read streams: 1.7x one
-    row at a time), and the partials are then added in chunk order. No thread adds into
-    another's memory (the reference engine's unsynchronised adds made greedy runs differ), and
-    the result does not depend on the thread count. Rows whose h is zero for every token (ReLU
-    zeros of predicted-active neurons) are skipped: their bytes are never read.
-    Caller-allocated: ``parts [chunks, B, d]`` zeros, ``scratch [chunks, 4, d or 1]`` uint32 (bf16
-    rows), ``sels [chunks, 4]`` int64.
+    its whole rows into its own partial, eight live rows per pass (concurrent read streams:
+    four were 1.7x one row at a time, eight another 5-10%), and the partials are then added in
+    chunk order. No thread adds into another's memory (the reference engine's unsynchronised
+    adds made greedy runs differ), and the result does not depend on the thread count. With
+    ``skip_zero``, rows whose h is zero for every token (ReLU zeros of predicted-active neurons)
+    are skipped: their bytes are never read. A pass with fewer than eight live rows repeats its
+    last row with coefficient 0.
+    Caller-allocated: ``parts [chunks, B, d]`` zeros, ``sels [chunks, 2, 8]`` int64 (positions,
+    rows), ``coefs [chunks, 8]`` f32, ``scratch [chunks, 4, K/2 or 0]`` f32 (int4).
     """
-    d = wd.shape[1]
     n_tok = h.shape[0]
     n_chunks = parts.shape[0]
+    d = parts.shape[2]
+    zero = np.float32(0.0)
     step = (count + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
-        wide = scratch[c]
-        sel = sels[c]
+        sel, rows, coef = sels[c, 0], sels[c, 1], coefs[c]
         acc = parts[c]
         i = c * step
         end = min(count, (c + 1) * step)
         while i < end:
             m = 0
-            while i < end and m < 4:  # the next (up to) four live rows of this chunk
-                live = False
+            while i < end and m < 8:  # the next (up to) eight live rows of this chunk
+                live = not skip_zero
                 for b in range(n_tok):
                     live = live or h[b, i] != 0
                 if live:
                     sel[m] = i
                     m += 1
                 i += 1
-            if m == 4:
-                r0 = _as_f32(wd[idx[sel[0]]], wide[0])
-                r1 = _as_f32(wd[idx[sel[1]]], wide[1])
-                r2 = _as_f32(wd[idx[sel[2]]], wide[2])
-                r3 = _as_f32(wd[idx[sel[3]]], wide[3])
-                for b in range(n_tok):
-                    a0, a1, a2, a3 = h[b, sel[0]], h[b, sel[1]], h[b, sel[2]], h[b, sel[3]]
-                    ab = acc[b]  # 1-D views vectorise; acc[b, k] indexing did not as well
-                    for k in range(d):
-                        ab[k] += a0 * r0[k] + a1 * r1[k] + a2 * r2[k] + a3 * r3[k]
-            else:
-                for j in range(m):
-                    row = _as_f32(wd[idx[sel[j]]], wide[j])
-                    for b in range(n_tok):
-                        a = h[b, sel[j]]
-                        ab = acc[b]
-                        for k in range(d):
-                            ab[k] += a * row[k]
+            if m == 0:
+                break
+            for j in range(8):
+                rows[j] = idx[sel[min(j, m - 1)]]
+            for b in range(n_tok):
+                for j in range(8):
+                    coef[j] = h[b, sel[j]] if j < m else zero
+                # acc[b]: 1-D views vectorise; acc[b, k] indexing did not as well
+                _axpy8(code, acc[b], coef, wd, sd, rows, scratch[c])
     n_blk = (d + _COL_BLOCK - 1) // _COL_BLOCK
+    half = d // 2
     for blk in prange(n_blk):
         for b in range(n_tok):
             for k in range(blk * _COL_BLOCK, min(d, (blk + 1) * _COL_BLOCK)):
                 s = np.float32(0.0)
                 for c in range(n_chunks):
                     s += parts[c, b, k]
-                out[b, k] = s
+                out[b, k if code != _I4 else _natural_col(k, half)] = s
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _widen_kernel(code, w, s, idx, lo, out):
+    """out[i] = row idx[lo + i] as float32 in the format's kernel order (BLAS blocks)."""
+    for i in prange(out.shape[0]):
+        r = idx[lo + i]
+        _widen(code, w[r], s[r], out[i])
+
+
+def _serial_twin(kernel):
+    """``kernel`` compiled without threads, from a copy of its Python function under its own name:
+    numba's on-disk cache keys on name, signature and bytecode, not on ``parallel``, so a twin of
+    the same function loaded the other's machine code (the parallel mat-vec ran on one thread)."""
+    f = kernel.py_func
+    twin = FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__doc__ = f.__doc__
+    return njit(fastmath=_FASTMATH, cache=True)(twin)
 
 
 # The same kernels compiled without threads, for small work: waking the parallel workers costs
 # ~70 us per region (3 regions a call), 12x the whole call for a 384-wide layer's 120 rows.
 # Identical results: the work split is fixed, only who runs the chunks changes.
-_h_kernel_serial = njit(fastmath=_FASTMATH, cache=True)(_h_kernel.py_func)
-_down_kernel_serial = njit(fastmath=_FASTMATH, cache=True)(_down_kernel.py_func)
+_h_kernel_serial = _serial_twin(_h_kernel)
+_down_kernel_serial = _serial_twin(_down_kernel)
+_matvec_kernel_serial = _serial_twin(_matvec_kernel)
+_matvec_q4_kernel_serial = _serial_twin(_matvec_q4_kernel)
 SERIAL_MAX_BYTES = 1 << 21  # weight bytes a call reads below which it runs on one thread
 
 
-def _serial(count, w) -> bool:
-    return count * w.shape[1] * w.itemsize <= SERIAL_MAX_BYTES
+# ---------------------------------------------------------------- argument handling
+class _KW(NamedTuple):
+    """A weight as the kernels take it: format code, contiguous data, 2-D per-row scales."""
+    code: int
+    data: np.ndarray   # [R, K] (int4: [R, K//2] uint8)
+    scale: np.ndarray  # [R, 1] f32 (int8) | [R, K//32] uint16 (int4) | [R, 0] f32 (float formats)
+    cols: int          # logical K
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def row_bytes(self) -> int:
+        return self.data.shape[1] * self.data.itemsize + self.scale.shape[1] * self.scale.itemsize
+
+
+def _writable_alias(a: np.ndarray) -> np.ndarray:
+    """A writeable array over a read-only array's memory, without copying.
+
+    numba compiles read-only arrays (numpy views of JAX CPU buffers, the engine's hot rows) into
+    slower code: 2.4 vs 1.9 ms for a 7B layer's 900 active rows. The kernels never write to
+    weights, and the caller keeps `a` (which owns the memory) alive for the call.
+    """
+    buf = (ctypes.c_char * a.nbytes).from_address(a.ctypes.data)
+    return np.frombuffer(buf, dtype=a.dtype).reshape(a.shape)
+
+
+def _contig(a) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return _writable_alias(a) if not a.flags.writeable and a.size else a
+
+
+def _kernel_weight(w) -> _KW:
+    """Validate a weight argument (Weight or float array) and put it in kernel form."""
+    if isinstance(w, Weight):
+        check_format(w.fmt, w.cols)
+        code, cols = FORMATS.index(w.fmt), int(w.cols)
+        data = np.asarray(w.data)
+        if code in (_BF16, _F16) and data.dtype in (BF16, np.dtype(np.float16)):
+            data = data.view(np.uint16)  # a float Weight holding the float array, not its bits
+    else:
+        data = np.asarray(w)
+        if data.ndim != 2:
+            raise ValueError(f"a weight is a 2-D row matrix, got shape {data.shape}")
+        kinds = {np.dtype(np.float32): _F32, BF16: _BF16, np.dtype(np.float16): _F16}
+        if data.dtype not in kinds:
+            raise TypeError(f"host kernels take float32, bfloat16 or float16 arrays or an "
+                            f"ops.quant.Weight, got {data.dtype}")
+        code, cols = kinds[data.dtype], data.shape[1]
+        data = data.view(np.uint16) if code != _F32 else data
+    want_cols = cols // 2 if code == _I4 else cols
+    if data.dtype != _DATA_DTYPE[code] or data.ndim != 2 or data.shape[1] != want_cols:
+        raise ValueError(f"{FORMATS[code]} weight of {cols} columns needs data "
+                         f"{_DATA_DTYPE[code]} [rows, {want_cols}], got {data.dtype} {data.shape}")
+    rows = data.shape[0]
+    if code == _I8:
+        scale = np.asarray(w.scale)
+        if scale.dtype != np.float32 or scale.shape != (rows,):
+            raise ValueError(f"int8 scale must be float32 [{rows}], got {scale.dtype} {scale.shape}")
+        scale = _contig(scale).reshape(rows, 1)
+    elif code == _I4:
+        scale = np.asarray(w.scale)
+        if scale.dtype != np.uint16 or scale.shape != (rows, cols // GROUP):
+            raise ValueError(f"int4 scale must be uint16 (f16 bits) [{rows}, {cols // GROUP}], "
+                             f"got {scale.dtype} {scale.shape}")
+        scale = _contig(scale)
+    else:
+        scale = np.empty((rows, 0), np.float32)
+    return _KW(code, _contig(data), scale, cols)
+
+
+def _kernel_x(kw: _KW, x) -> np.ndarray:
+    """x [B, K] as contiguous f32 in the weight's kernel order (int4: packed, see module doc)."""
+    x2 = _arg(np.atleast_2d(x), np.float32)
+    _expect(x2.ndim == 2 and x2.shape[1] == kw.cols,
+            f"x has {x2.shape[-1]} features, the weight {kw.cols} columns")
+    if kw.code != _I4:
+        return x2
+    b, k = x2.shape
+    return np.ascontiguousarray(x2.reshape(b, k // GROUP, 2, GROUP // 2).transpose(0, 2, 1, 3).reshape(b, k))
+
+
+def _natural_order(code: int, y: np.ndarray) -> np.ndarray:
+    """Inverse of _kernel_x's permutation for sums accumulated in an int4 row's packed order."""
+    if code != _I4:
+        return y
+    b, k = y.shape
+    return y.reshape(b, 2, k // GROUP, GROUP // 2).transpose(0, 2, 1, 3).reshape(b, k)
+
+
+def _serial(count, kw: _KW) -> bool:
+    return count * kw.row_bytes <= SERIAL_MAX_BYTES
 
 
 def _arg(a, dtype):
@@ -253,134 +791,203 @@ def _expect(ok, msg):
         raise ValueError(msg)
 
 
-def _writable_alias(a: np.ndarray) -> np.ndarray:
-    """A writeable array over a read-only array's memory, without copying.
-
-    numba compiles read-only arrays (numpy views of JAX CPU buffers, the engine's hot rows) into
-    slower code: 2.4 vs 1.9 ms for a 7B layer's 900 active rows. The kernels never write to
-    weights, and the caller keeps `a` (which owns the memory) alive for the call.
-    """
-    buf = (ctypes.c_char * a.nbytes).from_address(a.ctypes.data)
-    return np.frombuffer(buf, dtype=a.dtype).reshape(a.shape)
-
-
-def _raw(w):
-    """Weights as numba-friendly contiguous arrays: bf16 becomes its uint16 bit pattern."""
-    if w is None:
-        return None
-    w = np.ascontiguousarray(w)
-    if not w.flags.writeable and w.size:
-        w = _writable_alias(w)
-    if w.dtype == BF16:
-        return w.view(np.uint16)
-    if w.dtype != np.float32:
-        raise TypeError(f"host kernels take float32 or bfloat16 storage, got {w.dtype}")
-    return w
+def _out(out, shape):
+    """A caller's output buffer (written in place by numba) or a new one."""
+    if out is None:
+        return np.empty(shape, np.float32)
+    _expect(out.dtype == np.float32 and out.flags.c_contiguous and out.flags.writeable,
+            "out must be a writeable C-contiguous float32 array")
+    _expect(out.size == int(np.prod(shape)), f"out has shape {out.shape}, expected {shape}")
+    return out.reshape(shape)
 
 
-def _h_scratch(w):
-    return np.empty((_H_CHUNKS, 2, w.shape[1] if w.dtype == np.uint16 else 1), np.uint32)
-
-
-def _down_buffers(wd, n_tok):
-    d = wd.shape[1]
-    n_chunks = max(1, min(16, _DOWN_PARTIAL_BYTES // (4 * n_tok * d)))
-    return (np.zeros((n_chunks, n_tok, d), np.float32),
-            np.empty((n_chunks, 4, d if wd.dtype == np.uint16 else 1), np.uint32),
-            np.empty((n_chunks, 4), np.int64))
-
-
+# ---------------------------------------------------------------- public kernels
 def host_gather_matvec(w, idx, count, x):
     """numba ``w[idx[:count]] @ x``: [B, count] f32 (each row read once for all tokens)."""
-    x2 = _arg(np.atleast_2d(x), np.float32)
-    wr = _raw(w)
-    idx, count = _rows(idx, count, wr.shape[0])
-    _expect(x2.shape[1] == wr.shape[1], "x and w disagree on d")
+    kw = _kernel_weight(w)
+    x2 = _kernel_x(kw, x)
+    idx, count = _rows(idx, count, kw.rows)
     out = np.empty((x2.shape[0], count), np.float32)
-    _h_kernel(3, wr, wr, np.zeros(1, np.float32), False, x2, idx, count, out, _h_scratch(wr))
+    kernel = _h_kernel_serial if _serial(count, kw) else _h_kernel
+    kernel(3, kw.code, kw.data, kw.scale, kw.data, kw.scale, np.zeros(1, np.float32), False,
+           x2, idx, count, out)
     return out
+
+
+def _gate_up(family, w_gate, w_up) -> tuple[_KW, _KW]:
+    check_family(family, w_gate)
+    ku = _kernel_weight(w_up)
+    kg = ku if w_gate is None else _kernel_weight(w_gate)
+    _expect(kg.code == ku.code and kg.data.shape == ku.data.shape,
+            f"gate and up must share format and shape: {FORMATS[kg.code]} {kg.data.shape} vs "
+            f"{FORMATS[ku.code]} {ku.data.shape}")
+    return kg, ku
 
 
 def host_sparse_h(family, w_gate, w_up, x, idx, count, b_up=None, out=None):
-    """numba fused cold activations ``h [B, count]`` (f32, from f32 or bf16 storage)."""
-    check_family(family, w_gate)
-    x2 = _arg(np.atleast_2d(x), np.float32)
-    wu = _raw(w_up)
-    idx, count = _rows(idx, count, wu.shape[0])
-    if out is None:
-        out = np.empty((x2.shape[0], count), np.float32)
-    wg = wu if w_gate is None else _raw(w_gate)
+    """numba fused cold activations ``h [B, count]`` (f32, from any stored format)."""
+    kg, ku = _gate_up(family, w_gate, w_up)
+    x2 = _kernel_x(ku, x)
+    idx, count = _rows(idx, count, ku.rows)
+    out = _out(out, (x2.shape[0], count))
     has_bias = b_up is not None
     bu = _arg(b_up, np.float32) if has_bias else np.zeros(1, np.float32)
-    _expect(x2.shape[1] == wu.shape[1] and wg.shape == wu.shape, "weights and x disagree")
-    _expect(out.shape == (x2.shape[0], count) and (not has_bias or bu.shape[0] >= wu.shape[0]),
-            "bad out or b_up shape")
-    kernel = _h_kernel_serial if _serial(2 * count, wu) else _h_kernel
-    kernel(_FAMILY_CODE[family], wg, wu, bu, has_bias, x2, idx, count, out, _h_scratch(wu))
+    _expect(not has_bias or bu.shape[0] >= ku.rows, "b_up has fewer entries than w_up rows")
+    kernel = _h_kernel_serial if _serial(2 * count, ku) else _h_kernel
+    kernel(_FAMILY_CODE[family], ku.code, kg.data, kg.scale, ku.data, ku.scale, bu, has_bias,
+           x2, idx, count, out)
     return out
 
 
-def host_axpy_down(w_down_t, idx, count, h, out=None):
-    """numba deterministic ``h @ w_down_t[idx[:count]]``: [B, d] f32."""
+def _down_buffers(kw: _KW, n_tok):
+    d = kw.cols
+    n_chunks = max(1, min(16, _DOWN_PARTIAL_BYTES // (4 * n_tok * d)))
+    return (np.zeros((n_chunks, n_tok, d), np.float32), np.empty((n_chunks, 2, 8), np.int64),
+            np.empty((n_chunks, 8), np.float32),
+            np.empty((n_chunks, 4, d // 2 if kw.code == _I4 else 0), np.float32))
+
+
+def host_axpy_down(w_down_t, idx, count, h, out=None, skip_zero_rows=True):
+    """numba deterministic ``h @ w_down_t[idx[:count]]``: [B, d] f32.
+
+    ``skip_zero_rows``: rows whose h is 0 for every token are not read (sparse FFN); a dense
+    FFN passes False (every row read; nothing to test per row)."""
+    kw = _kernel_weight(w_down_t)
     h2 = _arg(np.atleast_2d(h), np.float32)
-    wd = _raw(w_down_t)
-    idx, count = _rows(idx, count, wd.shape[0])
-    if out is None:
-        out = np.empty((h2.shape[0], wd.shape[1]), np.float32)
-    _expect(h2.shape[1] >= count and out.shape == (h2.shape[0], wd.shape[1]), "bad h or out shape")
-    (_down_kernel_serial if _serial(count, wd) else _down_kernel)(wd, idx, count, h2, out,
-                                                                  *_down_buffers(wd, h2.shape[0]))
+    idx, count = _rows(idx, count, kw.rows)
+    out = _out(out, (h2.shape[0], kw.cols))
+    _expect(h2.shape[1] >= count, f"h has {h2.shape[1]} columns, count is {count}")
+    kernel = _down_kernel_serial if _serial(count, kw) else _down_kernel
+    kernel(kw.code, kw.data, kw.scale, idx, count, h2, bool(skip_zero_rows), out,
+           *_down_buffers(kw, h2.shape[0]))
     return out
 
 
-# From this many tokens (prompts) the host part is compute-bound: BLAS GEMMs beat the mat-vec
+# From this many tokens (prompts) the work is compute-bound: BLAS GEMMs beat the mat-vec
 # kernels (2.4x on a 32-token prompt of a 7B-shaped layer).
 BLAS_MIN_TOKENS = 8
+BLAS_BLOCK_ROWS = 512  # rows widened to f32 at a time for BLAS (bounded scratch; 256 was 10% slower)
 
 
-def _blas_ffn(family, w_gate, w_up, w_down_t, x2, idx, count, b_up, out):
-    """float32 storage, many tokens: GEMMs over the selected rows (all rows: no gather copy)."""
-    rows = slice(None) if count == w_up.shape[0] and np.array_equal(idx[:count], np.arange(count)) \
-        else idx[:count]
-    y = _numpy_h(family, w_gate, w_up, x2, rows, b_up) @ w_down_t[rows]
-    if out is None:
-        return y
-    out[...] = y
-    return out
+def _f32_rows(kw: _KW, idx, i0, i1, scratch):
+    """Rows idx[i0:i1] as f32 [n, K] in kernel order: a view when they are contiguous f32 rows,
+    else widened (or gathered) into the flat f32 ``scratch``."""
+    n = i1 - i0
+    if kw.code == _F32 and n and idx[i1 - 1] - idx[i0] == n - 1 and \
+            np.array_equal(idx[i0:i1], np.arange(idx[i0], idx[i0] + n)):
+        return kw.data[idx[i0]: idx[i0] + n]
+    block = scratch[: n * kw.cols].reshape(n, kw.cols)
+    _widen_kernel(kw.code, kw.data, kw.scale, idx, i0, block)
+    return block
+
+
+def _all_rows(n):
+    return np.arange(n, dtype=np.int32)
+
+
+def host_matmul_blocked(w, x, out=None):
+    """``x [B, K] @ dequantize(w).T`` -> [B, R] f32 through BLAS, ``BLAS_BLOCK_ROWS`` rows widened
+    at a time (for prompts: the f32 matrix is never materialised)."""
+    kw = _kernel_weight(w)
+    xk = _kernel_x(kw, x)
+    y = _out(out, (xk.shape[0], kw.rows))
+    idx = _all_rows(kw.rows)
+    scratch = np.empty(min(BLAS_BLOCK_ROWS, kw.rows) * kw.cols, np.float32)
+    for r0 in range(0, kw.rows, BLAS_BLOCK_ROWS):
+        r1 = min(kw.rows, r0 + BLAS_BLOCK_ROWS)
+        y[:, r0:r1] = xk @ _f32_rows(kw, idx, r0, r1, scratch).T
+    if out is not None:
+        return out
+    return y[0] if np.ndim(x) == 1 else y
+
+
+def host_matvec(w, x, out=None):
+    """``x [B, K] @ dequantize(w).T`` -> [B, R] f32 (x [K] -> [R]): every row read once for all
+    tokens, at memory bandwidth in any format; BLAS blocks from ``BLAS_MIN_TOKENS`` tokens."""
+    kw = _kernel_weight(w)
+    xk = _kernel_x(kw, x)
+    if xk.shape[0] >= BLAS_MIN_TOKENS:
+        return host_matmul_blocked(w, x, out=out)
+    y = _out(out, (xk.shape[0], kw.rows))
+    serial = _serial(kw.rows, kw)
+    if kw.code == _I4:
+        half, groups = kw.cols // 2, kw.cols // GROUP
+        xsum = (xk[:, :half] + xk[:, half:]).reshape(xk.shape[0], groups, GROUP // 2).sum(-1, dtype=np.float32)
+        kernel = _matvec_q4_kernel_serial if serial else _matvec_q4_kernel
+        kernel(kw.data, kw.scale, xk, xsum, y, np.empty((_MV_CHUNKS, groups), np.float32))
+    else:
+        kernel = _matvec_kernel_serial if serial else _matvec_kernel
+        kernel(kw.code, kw.data, kw.scale, xk, y)
+    if out is not None:
+        return out
+    return y[0] if np.ndim(x) == 1 else y
+
+
+def _blas_ffn(family, kg, ku, kd, x2, idx, count, bu, out):
+    """Many tokens: GEMMs over blocks of the selected rows, each widened to f32 (or, for
+    contiguous f32 rows, used in place), so temporaries stay ``BLAS_BLOCK_ROWS`` rows."""
+    xk = _kernel_x(ku, x2)
+    y = np.zeros((x2.shape[0], kd.cols), np.float32)  # in w_down_t's kernel order
+    scratch = np.empty(BLAS_BLOCK_ROWS * max(ku.cols, kd.cols), np.float32)  # one block at a time
+    for i0 in range(0, count, BLAS_BLOCK_ROWS):
+        i1 = min(count, i0 + BLAS_BLOCK_ROWS)
+        u = xk @ _f32_rows(ku, idx, i0, i1, scratch).T
+        if family == "relu":
+            h = np.maximum(u + bu[idx[i0:i1]], 0) if bu is not None else np.maximum(u, 0)
+        else:
+            g = np.maximum(xk @ _f32_rows(kg, idx, i0, i1, scratch).T, 0)
+            h = g * (u if family == "reglu" else np.maximum(u, 0))
+        y += h @ _f32_rows(kd, idx, i0, i1, scratch)
+    out[...] = _natural_order(kd.code, y)
 
 
 def host_sparse_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, out=None):
-    """Cold FFN part over rows idx[:count] (no down bias): [d] or [B, d] f32.
+    """Cold FFN part over rows idx[:count] (no down bias): [d] or [B, d] f32, any format.
 
-    numba kernels for decode-sized batches; BLAS GEMMs for prompts of float32 weights."""
+    numba kernels for decode-sized batches; blocked BLAS GEMMs for prompts."""
     x2 = np.atleast_2d(x)
-    if x2.shape[0] >= BLAS_MIN_TOKENS and all(w is None or np.asarray(w).dtype == np.float32
-                                                for w in (w_gate, w_up, w_down_t)):
-        check_family(family, w_gate)
-        idx, count = _rows(idx, count, np.asarray(w_up).shape[0])
-        y = _blas_ffn(family, w_gate, w_up, w_down_t, _arg(x2, np.float32), idx, count, b_up, out)
-        return y[0] if np.ndim(x) == 1 else y
-    h = host_sparse_h(family, w_gate, w_up, x, idx, count, b_up)
-    y = host_axpy_down(w_down_t, idx, count, h, out=out)
+    if x2.shape[0] >= BLAS_MIN_TOKENS:
+        kg, ku = _gate_up(family, w_gate, w_up)
+        kd = _kernel_weight(w_down_t)
+        _expect(kd.rows == ku.rows, "w_down_t and w_up disagree on the number of neurons")
+        idx, count = _rows(idx, count, ku.rows)
+        bu = None if b_up is None else _arg(b_up, np.float32)
+        y = _out(out, (x2.shape[0], kd.cols))
+        _blas_ffn(family, kg, ku, kd, _arg(x2, np.float32), idx, count, bu, y)
+    else:
+        h = host_sparse_h(family, w_gate, w_up, x, idx, count, b_up)
+        y = host_axpy_down(w_down_t, idx, count, h, out=out)
+    if out is not None:
+        return out
     return y[0] if np.ndim(x) == 1 else y
 
 
 # ---------------------------------------------------------------- calling from jit
+def _host_array(a):
+    """A weight (array or Weight) as contiguous numpy, captured by a host callback."""
+    if a is None:
+        return None
+    if isinstance(a, Weight):
+        return Weight(np.ascontiguousarray(a.data),
+                      None if a.scale is None else np.ascontiguousarray(a.scale), a.fmt, a.cols)
+    return np.ascontiguousarray(a)
+
+
 def host_ffn_callback(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, *,
                       method="auto", after=None):
     """Inside jit: cold FFN part on the host (numba) for x [d]/[B, d], idx [C], count scalar.
 
-    The weights are host numpy arrays captured by the callback (never passed through XLA).
-    ``method``: "buffer" (buffer_callback, zero-copy, CPU backend only), "pure"
-    (pure_callback) or "auto" (buffer when available and the default backend is CPU; on GPU
-    buffer_callback hands over device buffers, which numpy cannot read).
+    The weights are host numpy arrays or numpy-backed Weights captured by the callback (never
+    passed through XLA). ``method``: "buffer" (buffer_callback, zero-copy, CPU backend only),
+    "pure" (pure_callback) or "auto" (buffer when available and the default backend is CPU; on
+    GPU buffer_callback hands over device buffers, which numpy cannot read).
     ``after``: an array the callback waits for (an input it ignores). XLA:CPU runs independent
     ops at once; two numba callbacks of one layer running together oversubscribe the cores
     (each brings its own thread team), so the engine orders its CPU callbacks with this.
     """
     check_family(family, w_gate)
-    host = [None if a is None else np.ascontiguousarray(a) for a in (w_gate, w_up, w_down_t, b_up)]
-    d = host[2].shape[1]
+    host = [_host_array(a) for a in (w_gate, w_up, w_down_t, b_up)]
+    d = host[2].cols if isinstance(host[2], Weight) else host[2].shape[1]
     x = jnp.asarray(x).astype(jnp.float32)
     idx = jnp.asarray(idx).astype(jnp.int32)
     count = jnp.asarray(count).astype(jnp.int32)

@@ -19,6 +19,10 @@ Measured on an H100 (jax 0.11.2, LLaMA-7B layer f32, 1101 of 11008 active, devic
 layer inside a jitted loop): dense XLA 184 us, XLA gather 31-33 us, these kernels 32-33 us
 (h ~25 us vs XLA's ~20 us; down ~14 us vs XLA's ~19 us thanks to skipping zero h).
 ``interpret=True`` runs the same kernels on CPU (slow; for tests only).
+
+Weights may be plain float arrays or ``ops.quant.Weight`` in any format: a gathered block is
+widened in registers (bf16/f16), or dequantized there from its stored int8 bytes and row scale,
+or from int4 nibbles and their group's f16 scale, so a block costs the stored bytes only.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ops.quant import GROUP, Weight
 from ops.reference import activation, check_family
 
 try:  # jax >= 0.4.31 exposes the Triton-specific API here (0.10/0.11 included).
@@ -91,20 +96,45 @@ def _pad_to(a, size: int):
     return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, size - a.shape[-1])])
 
 
-def _gather_block(w_ref, idx, cols, mask):
-    """Rows w[idx, cols] as f32 [BLOCK_C, BLOCK_D]; masked lanes read nothing and give 0."""
+def _parts(w) -> tuple[str, tuple]:
+    """(format, the arrays a kernel reads) of a weight: float data in its own dtype (bits
+    reinterpreted, free), integer data plus scales (int4's f16 scale bits as float16)."""
+    if not isinstance(w, Weight):
+        return "float", (w,)
+    if w.fmt in ("bfloat16", "float16"):
+        return "float", (lax.bitcast_convert_type(w.data, jnp.dtype(w.fmt)),)
+    if w.fmt == "float32":
+        return "float", (w.data,)
+    scale = w.scale if w.fmt == "int8" else lax.bitcast_convert_type(w.scale, jnp.float16)
+    return w.fmt, (w.data, scale)
+
+
+def _gather_block(w, fmt, idx, cols, mask):
+    """Rows w[idx, cols] as f32 [BLOCK_C, BLOCK_D] from refs ``w`` (see ``_parts``), dequantized
+    in registers; masked lanes read nothing and give 0."""
     shape = (idx.shape[0], cols.shape[0])
     ri = jnp.broadcast_to(idx[:, None], shape)
     ci = jnp.broadcast_to(cols[None, :], shape)
-    return _load(w_ref.at[ri, ci], mask=mask, other=0).astype(jnp.float32)
+    if fmt == "float":
+        return _load(w[0].at[ri, ci], mask=mask, other=0).astype(jnp.float32)
+    if fmt == "int8":  # q * row scale
+        q = _load(w[0].at[ri, ci], mask=mask, other=0).astype(jnp.float32)
+        return q * _load(w[1].at[ri], mask=mask, other=0).astype(jnp.float32)
+    # int4 (Q4_0): column c lives in byte (c // 32) * 16 + c % 16, low nibble for c % 32 < 16
+    byte = _load(w[0].at[ri, (ci // GROUP) * (GROUP // 2) + ci % (GROUP // 2)], mask=mask, other=0)
+    shift = ((ci % GROUP) // (GROUP // 2)) * 4
+    q = ((byte.astype(jnp.int32) >> shift) & 15).astype(jnp.float32) - 8.0
+    d = _load(w[1].at[ri, ci // GROUP], mask=mask, other=0).astype(jnp.float32)
+    return jnp.where(mask, q * d, 0.0)
 
 
-def _h_kernel(idx_ref, valid_ref, x_ref, *refs, family, d, n_tok, block_d, blocks_per_split,
+def _h_kernel(idx_ref, valid_ref, x_ref, *refs, family, fmt, n_parts, d, n_tok, block_d, blocks_per_split,
               split_d, has_gate, has_bias):
+    refs = list(refs)
+    wg_ref = None
     if has_gate:
-        wg_ref, wu_ref, *refs = refs
-    else:
-        wg_ref, (wu_ref, *refs) = None, refs
+        wg_ref, refs = tuple(refs[:n_parts]), refs[n_parts:]
+    wu_ref, refs = tuple(refs[:n_parts]), refs[n_parts:]
     bu_ref = refs.pop(0) if has_bias and split_d == 1 else None
     (out_ref,) = refs
     idx = idx_ref[...]
@@ -116,8 +146,8 @@ def _h_kernel(idx_ref, valid_ref, x_ref, *refs, family, d, n_tok, block_d, block
         cols = d0 + j * block_d + lax.iota(jnp.int32, block_d)
         cmask = cols < d
         m2 = valid[:, None] & cmask[None, :]
-        wu = _gather_block(wu_ref, idx, cols, m2)
-        wg = _gather_block(wg_ref, idx, cols, m2) if has_gate else None
+        wu = _gather_block(wu_ref, fmt, idx, cols, m2)
+        wg = _gather_block(wg_ref, fmt, idx, cols, m2) if has_gate else None
         accs_u, accs_g = carry
         new_u, new_g = [], []
         for b in range(n_tok):  # rows are loaded once and reused by every token
@@ -162,12 +192,14 @@ def sparse_h_pallas(family, w_gate, w_up, x, idx, valid, b_up=None, *, block_c=8
     idx_p = _pad_to(idx.astype(jnp.int32), cap_p)
     valid_p = _pad_to(valid.astype(jnp.int32), cap_p)
     has_gate, has_bias = w_gate is not None, b_up is not None
+    fmt, up_parts = _parts(w_up)
+    gate_parts = _parts(w_gate)[1] if has_gate else ()
     n_dblk = _cdiv(d, block_d)
     if split_d is None:
         split_d = _cdiv(_TARGET_PROGRAMS, cap_p // block_c)
     split_d = max(1, min(split_d, n_dblk))
     per = _cdiv(n_dblk, split_d)
-    weights = ([w_gate] if has_gate else []) + [w_up] + ([b_up] if has_bias and split_d == 1 else [])
+    weights = list(gate_parts) + list(up_parts) + ([b_up] if has_bias and split_d == 1 else [])
     blk = pl.BlockSpec((block_c,), lambda i, s: (i,))
     full = pl.BlockSpec()  # whole array: rows are gathered by pointer, not tiled
     if split_d == 1:
@@ -175,7 +207,8 @@ def sparse_h_pallas(family, w_gate, w_up, x, idx, valid, b_up=None, *, block_c=8
         out_shape = (n_tok, cap_p)
     else:
         out_spec, out_shape = full, (split_d, 1 + has_gate, n_tok, cap_p)
-    kernel = functools.partial(_h_kernel, family=family, d=d, n_tok=n_tok, block_d=block_d,
+    kernel = functools.partial(_h_kernel, family=family, fmt=fmt, n_parts=len(up_parts), d=d, n_tok=n_tok,
+                               block_d=block_d,
                                blocks_per_split=per, split_d=split_d, has_gate=has_gate,
                                has_bias=has_bias)
     out = pl.pallas_call(
@@ -198,8 +231,8 @@ def sparse_h_pallas(family, w_gate, w_up, x, idx, valid, b_up=None, *, block_c=8
     return h[0] if squeeze else h
 
 
-def _axpy_kernel(idx_ref, valid_ref, h_ref, w_ref, out_ref, *, d, n_tok, block_c, block_d,
-                 blocks_per_split):
+def _axpy_kernel(idx_ref, valid_ref, h_ref, *refs, fmt, d, n_tok, block_c, block_d, blocks_per_split):
+    *w_ref, out_ref = refs
     cols = pl.program_id(0) * block_d + lax.iota(jnp.int32, block_d)
     cmask = cols < d
     split = pl.program_id(1)
@@ -213,7 +246,7 @@ def _axpy_kernel(idx_ref, valid_ref, h_ref, w_ref, out_ref, *, d, n_tok, block_c
         live = hs[0] != 0
         for hb in hs[1:]:
             live = live | (hb != 0)
-        rows = _gather_block(w_ref, idx, cols, live[:, None] & cmask[None, :])
+        rows = _gather_block(w_ref, fmt, idx, cols, live[:, None] & cmask[None, :])
         return tuple(accs[b] + jnp.sum(hs[b][:, None] * rows, axis=0) for b in range(n_tok))
 
     init = tuple(jnp.zeros((block_d,), jnp.float32) for _ in range(n_tok))
@@ -229,7 +262,8 @@ def axpy_down_pallas(w_down_t, idx, valid, h, *, block_c=32, block_d=128, split=
     squeeze = h.ndim == 1
     h2 = (h[None] if squeeze else h).astype(jnp.float32)
     n_tok, cap = h2.shape
-    d = w_down_t.shape[1]
+    fmt, w_parts = _parts(w_down_t)
+    d = w_down_t.cols if isinstance(w_down_t, Weight) else w_down_t.shape[1]
     n_col = _cdiv(d, block_d)
     n_blk = _cdiv(cap, block_c)
     if split is None:  # about _TARGET_PROGRAMS programs, at most one per index block
@@ -240,19 +274,19 @@ def axpy_down_pallas(w_down_t, idx, valid, h, *, block_c=32, block_d=128, split=
     idx_p = _pad_to(idx.astype(jnp.int32), cap_p)
     valid_p = _pad_to(valid.astype(jnp.int32), cap_p)
     h_p = _pad_to(h2, cap_p)
-    kernel = functools.partial(_axpy_kernel, d=d, n_tok=n_tok, block_c=block_c, block_d=block_d,
+    kernel = functools.partial(_axpy_kernel, fmt=fmt, d=d, n_tok=n_tok, block_c=block_c, block_d=block_d,
                                blocks_per_split=per)
     full = pl.BlockSpec()
     parts = pl.pallas_call(
         kernel,
         grid=(n_col, split),
-        in_specs=[full] * 4,
+        in_specs=[full] * (3 + len(w_parts)),
         out_specs=full,
         out_shape=jax.ShapeDtypeStruct((split, n_tok, d), jnp.float32),
         compiler_params=triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="sparse_axpy_down",
-    )(idx_p, valid_p, h_p, w_down_t)
+    )(idx_p, valid_p, h_p, *w_parts)
     y = jnp.sum(parts, axis=0)  # fixed-order reduction of the split partials
     return y[0] if squeeze else y
 

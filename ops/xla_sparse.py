@@ -24,11 +24,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ops.quant import Weight, dequantize_rows_jnp
 from ops.reference import activation, check_family, rows_dot
 
 
 def gather_rows(w, idx):
-    """Rows ``w[idx]`` as float32 ([C, d], or [C] for a vector); idx must be in bounds."""
+    """Rows ``w[idx]`` as float32 ([C, d], or [C] for a vector); idx must be in bounds. A
+    ``Weight`` is gathered in its stored format and dequantized after the gather."""
+    if isinstance(w, Weight):
+        return dequantize_rows_jnp(w, idx)
     return jnp.asarray(w).at[idx].get(mode="promise_in_bounds").astype(jnp.float32)
 
 

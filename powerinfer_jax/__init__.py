@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from powerinfer_jax.config import ModelConfig, UnsupportedModelError, load_config
 from powerinfer_jax.engine import Engine, GenerationResult
-from powerinfer_jax.loading import CheckpointError, load_params
+from powerinfer_jax.loading import CheckpointError, check_choices, load_model_params, load_params
 from powerinfer_jax.sampling import SamplingParams
 
 __all__ = [
@@ -44,8 +44,10 @@ def default_model_dir() -> str:
 
 def load(
     model_dir: str | os.PathLike | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     max_seq_len: int | None = None,
+    quantize: str | None = None,
+    kv_dtype: str = "float32",
     sparsity: str | None = None,
     device_memory_budget: int | str | None = None,
     threshold: float | None = None,
@@ -56,6 +58,11 @@ def load(
 ) -> Engine:
     """Loads an HF model folder or a prepared bundle (from bin/prepare) into an Engine.
 
+    dtype: weight storage; "auto" keeps the checkpoint's precision (bf16/f16/f32), or
+      "float32"/"bfloat16"/"float16" converts. Compute is float32 whatever the storage.
+    quantize: None, "int8" (one scale per row) or "int4" (groups of 32, f16 scales) for every
+      matrix but the embedding table; FFN matrices are quantized per neuron row.
+    kv_dtype: KV-cache precision ("float32", "bfloat16" or "float16").
     sparsity: None/"dense" (reference), "oracle" (true ReLU mask drives the sparse path) or
       "predicted" (the bundle's predictors pick neurons; PowerInfer's mode).
     device_memory_budget: bytes or "1.5GiB"-style string; hot neurons go to the device by a
@@ -66,6 +73,7 @@ def load(
     """
     from powerinfer_jax.tokenizer import Tokenizer
 
+    check_choices(dtype, quantize)
     path = str(model_dir) if model_dir is not None else default_model_dir()
     bundle = None
     from offline import bundle as bundle_lib
@@ -79,11 +87,13 @@ def load(
         tokenizer = Tokenizer(path, cfg.bos_token_id, cfg.eos_token_ids)
     hybrid = sparsity not in (None, "dense") or device_memory_budget is not None or offload_layers is not None
     if not hybrid:
-        params = load_params(path, cfg, dtype=dtype)
-        return Engine(cfg, params, tokenizer, max_seq_len=max_seq_len, model_dir=path)
+        params = load_model_params(path, cfg, dtype=dtype, quantize=quantize,
+                                   bundle_dir=bundle.path if bundle is not None else None)
+        return Engine(cfg, params, tokenizer, max_seq_len=max_seq_len, model_dir=path, kv_dtype=kv_dtype)
     from powerinfer_jax import hybrid as hybrid_lib
 
     return hybrid_lib.load_hybrid(
-        cfg, path, bundle, tokenizer, mode=sparsity or "dense", dtype=dtype, max_seq_len=max_seq_len,
+        cfg, path, bundle, tokenizer, mode=sparsity or "dense", dtype=dtype, quantize=quantize, kv_dtype=kv_dtype,
+        max_seq_len=max_seq_len,
         budget=device_memory_budget, threshold=threshold, offload_layers=offload_layers,
         placement_batch=placement_batch, min_hot=min_hot_per_split_layer, device_kernel=device_kernel)

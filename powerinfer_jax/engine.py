@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from powerinfer_jax.config import ModelConfig
-from powerinfer_jax.model import FFNFn, KVCache, forward, init_cache
+from powerinfer_jax.model import KV_DTYPES, FFNFn, KVCache, forward, init_cache
 from powerinfer_jax.params import ModelParams, fuse_qkv
 from powerinfer_jax.sampling import SamplingParams, sample
 from powerinfer_jax.tokenizer import Tokenizer
@@ -62,7 +62,11 @@ class Engine:
         max_seq_len: int | None = None,
         ffn_fn: FFNFn | None = None,
         model_dir: str | None = None,
+        kv_dtype: str = "float32",
     ):
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unsupported kv_dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+        self.kv_dtype = kv_dtype
         self.cfg = cfg
         self.params = fuse_qkv(params)
         self.tokenizer = tokenizer
@@ -140,7 +144,7 @@ class Engine:
         ids = self._check_ids(token_ids)
         if len(ids) > self.max_seq_len:
             raise ValueError(f"sequence of {len(ids)} tokens exceeds the context of {self.max_seq_len}")
-        cache = init_cache(self.cfg, 1, self.max_seq_len)
+        cache = init_cache(self.cfg, 1, self.max_seq_len, self.kv_dtype)
         out = []
         for t, tok in enumerate(ids):
             attend = bucket(t + 1, self.max_seq_len)
@@ -205,7 +209,7 @@ class Engine:
         tokens = np.zeros((B, T), np.int32)
         for b, r in enumerate(rows):
             tokens[b, : len(r)] = r
-        cache = init_cache(self.cfg, B, self.max_seq_len)
+        cache = init_cache(self.cfg, B, self.max_seq_len, self.kv_dtype)
         key = jax.random.PRNGKey(seed)
         eos = set(self._eos_ids()) if stop_at_eos else set()
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ops.linear import linear, linear_t
 from powerinfer_jax.params import FFNParams
 
 f32 = jnp.float32
 
 
-def _rows_dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., d] against neuron rows w [n, d] -> [..., n]."""
-    return jax.lax.dot_general(x, w.astype(f32), (((x.ndim - 1,), (1,)), ((), ())))
+def _rows_dot(x: jax.Array, w) -> jax.Array:
+    """x [..., d] against neuron rows w [n, d] -> [..., n] (any storage format)."""
+    return linear(x, w)
 
 
 def ffn_activation(p: FFNParams, kind: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -44,7 +45,7 @@ def ffn_activation(p: FFNParams, kind: str, x: jax.Array) -> tuple[jax.Array, ja
 
 def ffn_output(p: FFNParams, h: jax.Array) -> jax.Array:
     """Down projection: sum_i h_i * w_down_t[i] (+ bias)."""
-    y = h @ p.w_down_t.astype(f32)
+    y = linear_t(h, p.w_down_t)
     return y if p.b_down is None else y + p.b_down.astype(f32)
 
 

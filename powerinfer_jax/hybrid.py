@@ -12,9 +12,10 @@ import numpy as np
 
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.engine import Engine
-from powerinfer_jax.loading import DTYPES
+from ops.quant import Weight
+from powerinfer_jax.loading import to_device
 from powerinfer_jax.params import LayerParams, ModelParams, param_bytes
-from powerinfer_jax.sparse_ffn import HybridFFN, HybridRuntime, LayerPlan, PredictorParams, split_ffn
+from powerinfer_jax.sparse_ffn import HybridRuntime, LayerPlan, PredictorParams, split_ffn
 
 
 def offload_hot_indices(cfg: ModelConfig, offload_layers: int) -> list[np.ndarray]:
@@ -31,9 +32,9 @@ class HybridEngine(Engine):
     """An Engine whose FFNs are split between device (hot rows) and host (cold rows)."""
 
     def __init__(self, cfg, params, runtime: HybridRuntime, tokenizer=None, max_seq_len=None, model_dir=None,
-                 placement_info: dict | None = None):
+                 placement_info: dict | None = None, kv_dtype: str = "float32"):
         super().__init__(cfg, params, tokenizer, max_seq_len=max_seq_len, ffn_fn=runtime.ffn_fn,
-                         model_dir=model_dir)
+                         model_dir=model_dir, kv_dtype=kv_dtype)
         self.runtime = runtime
         self.mode = runtime.mode
         self.placement_info = placement_info or {}
@@ -42,9 +43,17 @@ class HybridEngine(Engine):
         self.stepwise_logits = runtime.mode != "dense"
 
     def memory_report(self) -> dict:
-        """Bytes on the device by group and on the host, as allocated."""
+        """Bytes by group: what the device holds (on the CPU backend, where both sides share one
+        memory, what a device would hold: the hot rows), what the host holds, and what is resident."""
         p = self.params
         layers = p.layers
+        kv = 2 * self.cfg.num_layers * self.max_seq_len * self.cfg.num_kv_heads * self.cfg.head_dim * \
+            np.dtype(self.kv_dtype).itemsize
+        hot_bytes, cold_bytes = 0, 0
+        for pl, lp in zip(self.runtime.plans, layers):
+            per_neuron = ffn_row_bytes(lp.ffn.shared if lp.ffn.shared is not None else lp.ffn.hot)
+            hot_bytes += pl.n_hot * per_neuron
+            cold_bytes += pl.n_cold * per_neuron
         dev = {
             "embeddings": param_bytes([p.embed, p.pos_embed, p.project_in, p.project_out]),
             "attention": param_bytes([lp.attn for lp in layers]),
@@ -52,15 +61,61 @@ class HybridEngine(Engine):
                                  + [lp.ffn.b_down for lp in layers]),
             "output_head": param_bytes(p.lm_head),
             "predictors": param_bytes([lp.ffn.predictor for lp in layers]),
-            "kv_cache": 2 * self.cfg.num_layers * self.max_seq_len * self.cfg.num_kv_heads * self.cfg.head_dim * 4,
+            "kv_cache": kv,
             "ffn_index": param_bytes([[lp.ffn.hot_ids, lp.ffn.cold_ids] for lp in layers]),
-            "ffn_hot": param_bytes([lp.ffn.hot for lp in layers]),
+            "ffn_hot": hot_bytes,
         }
-        host = {"ffn_cold": int(sum(a.nbytes for c in self.runtime.cold for a in c.values() if a is not None))}
         hot = [pl.n_hot for pl in self.runtime.plans]
-        return {"device": dev, "device_total": int(sum(dev.values())), "host": host,
-                "host_total": int(sum(host.values())), "hot_neurons_per_layer": hot,
-                "placement": self.placement_info}
+        resident = resident_bytes(p, self.runtime.host_ffn)
+        return {"device": dev, "device_total": int(sum(dev.values())), "host": {"ffn_cold": cold_bytes},
+                "host_total": cold_bytes, "hot_neurons_per_layer": hot, "placement": self.placement_info,
+                "shared_memory": layers[0].ffn.shared is not None if layers else False,
+                "resident": resident, "resident_total": int(sum(resident.values()))}
+
+
+def ffn_row_bytes(ffn) -> int:
+    """Bytes one neuron owns across its FFN matrices (its rows and their scales, its fc1 bias)."""
+    if ffn is None:
+        return 0
+    total = 0
+    for w in (ffn.w_gate, ffn.w_up, ffn.w_down_t, ffn.b_up):
+        if w is not None:
+            rows = w.data.shape[0] if isinstance(w, Weight) else w.shape[0]
+            total += param_bytes(w) // max(rows, 1)
+    return total
+
+
+def resident_bytes(params, host_ffn=()) -> dict:
+    """Bytes of memory the model's arrays occupy, by group, each buffer counted once (shared
+    storage and views are not double counted)."""
+    seen: set = set()
+
+    def count(tree) -> int:
+        total = 0
+        for a in jax.tree.leaves(tree):
+            key = _buffer_key(a)
+            if key not in seen:
+                seen.add(key)
+                total += a.size * a.dtype.itemsize
+        return total
+
+    layers = params.layers
+    return {"embeddings": count([params.embed, params.pos_embed, params.project_in, params.project_out]),
+            "attention": count([lp.attn for lp in layers]),
+            "norms": count([[lp.attn_norm, lp.ffn_norm] for lp in layers] + [params.final_norm]),
+            "output_head": count(params.lm_head),
+            "predictors": count([getattr(lp.ffn, "predictor", None) for lp in layers]),
+            "ffn": count([dataclasses.replace(lp.ffn, predictor=None) if hasattr(lp.ffn, "predictor") else lp.ffn
+                          for lp in layers] + list(host_ffn))}
+
+
+def _buffer_key(a):
+    try:
+        if isinstance(a, jax.Array):
+            return ("jax", a.unsafe_buffer_pointer(), a.size)
+        return ("np", np.asarray(a).ctypes.data, a.size)
+    except Exception:  # a pointer-less array: count it by identity
+        return ("id", id(a))
 
 
 def build_hybrid_engine(
@@ -69,7 +124,6 @@ def build_hybrid_engine(
     *,
     mode: str,
     hot_indices: Sequence[np.ndarray],
-    dtype: str = "float32",
     predictors: Sequence[PredictorParams] | None = None,
     thresholds: Sequence[float] | None = None,
     capacities: Sequence[tuple[int, int]] | None = None,
@@ -78,61 +132,70 @@ def build_hybrid_engine(
     model_dir: str | None = None,
     device_kernel: str = "auto",
     placement_info: dict | None = None,
+    kv_dtype: str = "float32",
 ) -> HybridEngine:
     """Moves the non-FFN weights and each layer's hot rows to the device; cold rows stay on the host.
 
-    `capacities[l] = (hot, cold)` bounds the active-set sizes per token (default: the
+    `host_params` holds numpy arrays/Weights in their stored format (`load_params(on_host=True)`).
+    On the CPU backend with the default numba kernel, FFN matrices are shared by both sides (no
+    copy). `capacities[l] = (hot, cold)` bounds the active-set sizes per token (default: the
     partition sizes, which never drop a neuron).
     """
     if mode == "predicted" and predictors is None:
         raise ValueError("sparsity='predicted' needs predictors: load a prepared bundle (bin/prepare)")
-    jdtype = DTYPES[dtype]
-    put = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dtype=jdtype), tree)  # noqa: E731
+    backend = jax.default_backend()
     if device_kernel == "auto":
-        device_kernel = "pallas" if jax.default_backend() == "gpu" else (
-            "numba" if jax.default_backend() == "cpu" else "xla")
-    if device_kernel == "numba" and jax.default_backend() != "cpu":
+        device_kernel = "pallas" if backend == "gpu" else ("numba" if backend == "cpu" else "xla")
+    if device_kernel not in DEVICE_KERNELS:
+        raise ValueError(f"unknown device_kernel {device_kernel!r}; choose one of auto, {', '.join(DEVICE_KERNELS)}")
+    if device_kernel == "numba" and backend != "cpu":
         raise ValueError("device_kernel='numba' reads device arrays from host memory: CPU backend only")
-    layers, cold, plans = [], [], []
+    shared = device_kernel == "numba"
+    layers, host_ffn, plans = [], [], []
     for l, lp in enumerate(host_params.layers):
         pred = None
         if mode == "predicted":
             pred = PredictorParams(fc1=jnp.asarray(predictors[l].fc1, jnp.float32),
                                    fc2=jnp.asarray(predictors[l].fc2, jnp.float32))
-        ffn, cold_rows = split_ffn(lp.ffn, hot_indices[l], pred, jdtype)
+        ffn = split_ffn(lp.ffn, hot_indices[l], pred, shared)
         n_hot = len(hot_indices[l])
         n_cold = cfg.intermediate_size - n_hot
         cap_hot, cap_cold = capacities[l] if capacities is not None else (n_hot, n_cold)
         thr = float(thresholds[l]) if thresholds is not None else 0.0
         plans.append(LayerPlan(n_hot, n_cold, max(min(cap_hot, n_hot), 0), max(min(cap_cold, n_cold), 0), thr))
-        layers.append(LayerParams(put(lp.attn_norm), put(lp.attn), put(lp.ffn_norm), ffn))
-        cold.append(cold_rows)
+        layers.append(LayerParams(to_device(lp.attn_norm), to_device(lp.attn), to_device(lp.ffn_norm), ffn))
+        host_ffn.append(None if shared else dataclasses.replace(lp.ffn, b_down=None))
     params = dataclasses.replace(
-        host_params, embed=put(host_params.embed), layers=layers, final_norm=put(host_params.final_norm),
-        lm_head=put(host_params.lm_head), pos_embed=put(host_params.pos_embed),
-        project_in=put(host_params.project_in), project_out=put(host_params.project_out))
-    runtime = HybridRuntime(cfg, mode, plans, cold, device_kernel=device_kernel)
-    if device_kernel == "numba":
-        runtime.hot_views = [
-            {} if lp.ffn.hot is None else {k: None if getattr(lp.ffn.hot, k) is None else np.asarray(getattr(lp.ffn.hot, k))
-                                           for k in ("w_gate", "w_up", "w_down_t", "b_up")}
-            for lp in layers]
+        host_params, embed=to_device(host_params.embed), layers=layers, final_norm=to_device(host_params.final_norm),
+        lm_head=to_device(host_params.lm_head), pos_embed=to_device(host_params.pos_embed),
+        project_in=to_device(host_params.project_in), project_out=to_device(host_params.project_out))
+    runtime = HybridRuntime(cfg, mode, plans, host_ffn, device_kernel=device_kernel)
     return HybridEngine(cfg, params, runtime, tokenizer, max_seq_len=max_seq_len, model_dir=model_dir,
-                        placement_info=placement_info)
+                        placement_info=placement_info, kv_dtype=kv_dtype)
+
+
+DEVICE_KERNELS = ("numba", "xla", "pallas")
+
+
+def _ffn_format(params: ModelParams) -> str:
+    w = params.layers[0].ffn.w_up if params.layers else None
+    return w.fmt if isinstance(w, Weight) else "float32"
 
 
 def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: str, dtype: str,
-                max_seq_len: int | None, budget, threshold: float | None, offload_layers: int | None,
+                quantize: str | None, kv_dtype: str, max_seq_len: int | None, budget, threshold: float | None, offload_layers: int | None,
                 placement_batch: int, min_hot: int, device_kernel: str) -> HybridEngine:
     """`pij.load` for sparse modes, budgets and the offload baseline (see its docstring)."""
     from offline import memory
-    from powerinfer_jax.loading import load_params
+    from powerinfer_jax.loading import load_model_params
 
     if mode == "predicted" and (bundle is None or bundle.predictors is None):
         raise ValueError("sparsity='predicted' needs a prepared bundle with predictors: run bin/prepare on "
                          f"{model_dir} and load the bundle folder")
     max_seq_len = min(max_seq_len or 2048, cfg.max_position_embeddings)
-    host = load_params(model_dir, cfg, dtype=dtype, on_host=True)
+    host = load_model_params(model_dir, cfg, dtype=dtype, quantize=quantize, on_host=True,
+                             bundle_dir=bundle.path if bundle is not None else None)
+    fmt = _ffn_format(host)
     preds = bundle.predictors if bundle is not None else None
     info: dict = {}
     n = cfg.intermediate_size
@@ -148,7 +211,7 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
                              f"{model_dir} and load the bundle folder")
         from offline.bundle import PlacementSettings, solve_placement
 
-        ps = PlacementSettings(budget_bytes=memory.parse_bytes(budget), dtype=dtype, max_context=max_seq_len,
+        ps = PlacementSettings(budget_bytes=memory.parse_bytes(budget), dtype=fmt, max_context=max_seq_len,
                                batch=placement_batch, min_hot_per_split_layer=min_hot,
                                reserve_predictors=mode == "predicted")
         stored = bundle.stored_placement(ps)
@@ -177,10 +240,10 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
             # size that layer's lists to its partitions, so no active neuron is dropped.
             ratios = [r if threshold >= t else float(n) for r, t in zip(ratios, preds.thresholds)]
         capacities = predicted_capacities(bundle.counts / max(bundle.tokens, 1), hot, ratios)
-    return build_hybrid_engine(cfg, host, mode=mode, hot_indices=hot, dtype=dtype, predictors=pred_params,
+    return build_hybrid_engine(cfg, host, mode=mode, hot_indices=hot, predictors=pred_params,
                                thresholds=thresholds, capacities=capacities, tokenizer=tokenizer,
                                max_seq_len=max_seq_len, model_dir=model_dir, device_kernel=device_kernel,
-                               placement_info=info)
+                               placement_info=info, kv_dtype=kv_dtype)
 
 
 def predicted_capacities(rates: np.ndarray, hot: Sequence[np.ndarray], ratios: Sequence[float],

@@ -1,7 +1,8 @@
 """Pure functions for the non-FFN blocks: norms, rotary embeddings, attention with a KV cache.
 
-Everything computes in float32: weights stored in bfloat16 are widened at use, because
-XLA:CPU bf16 dots are several times slower than f32 ones (see FIELD-NOTES.md).
+Everything computes in float32; projections go through `ops.linear.linear`, which reads each
+weight in its stored format (bf16/f16/int8/int4 through host kernels on the CPU backend, where
+XLA would convert the whole weight before every dot).
 """
 
 from __future__ import annotations
@@ -11,16 +12,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ops.linear import linear
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.params import AttentionParams, NormParams
 
 f32 = jnp.float32
-
-
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """x @ w (+ b) in float32; w is stored `[in, out]`."""
-    y = x @ w.astype(f32)
-    return y if b is None else y + b.astype(f32)
 
 
 def rms_norm(x: jax.Array, p: NormParams, eps: float) -> jax.Array:

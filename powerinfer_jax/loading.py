@@ -2,23 +2,34 @@
 
 One name table per family maps each HF tensor to a slot in our tree, with the transpose
 our layout needs and the shape it must have. Every missing, unexpected or mis-shaped
-tensor is reported by name, all at once.
+tensor is reported by name, all at once, from the headers, before any weight is read.
+
+Precision comes from the checkpoint: `dtype="auto"` keeps every matrix in its stored format
+(bf16, f16 or f32; `ops.quant.Weight`), `quantize="int8"|"int4"` quantizes the matrices per row
+as they are read. Files are mapped, not read (`tensor_file`): a matrix kept as stored is a view
+of the mapping (no copy at all when 64-byte aligned); one that is transposed (the FFN down
+projection), fused (q/k/v), quantized, converted or realigned gets one new buffer and its source
+pages are released. Vectors (norms, biases) become float32.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
 
-import jax.numpy as jnp
+import jax
 import numpy as np
-from safetensors import safe_open
 
+from ops.quant import Weight, dequantize, storage_format, to_weight
+from powerinfer_jax import tensor_file
 from powerinfer_jax.config import ModelConfig
-from powerinfer_jax.params import AttentionParams, FFNParams, LayerParams, ModelParams, NormParams
+from powerinfer_jax.params import AttentionParams, FFNParams, LayerParams, ModelParams, NormParams, fuse_qkv
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Weight storage choices: "auto" keeps the checkpoint's precision; the others convert.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = (None, "int8", "int4")
+# Row tables read one row per token (a gather, not a mat-vec): kept in stored precision, never quantized.
+_ROW_TABLES = ("embed", "pos_embed")
 # Buffers some checkpoints carry that are recomputed here.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -28,7 +39,9 @@ class CheckpointError(ValueError):
 
 
 def _spec(cfg: ModelConfig) -> dict[str, tuple[str, bool, tuple[int, ...]]]:
-    """HF tensor name -> (our flat name, transpose?, shape in our layout)."""
+    """HF tensor name -> (our flat name, transpose?, shape in our layout).
+
+    Our layout is HF's (`[out, in]` rows) except the FFN down projection, stored transposed."""
     d, n, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     spec: dict[str, tuple[str, bool, tuple[int, ...]]] = {}
@@ -36,16 +49,16 @@ def _spec(cfg: ModelConfig) -> dict[str, tuple[str, bool, tuple[int, ...]]]:
         spec["model.embed_tokens.weight"] = ("embed", False, (V, d))
         spec["model.norm.weight"] = ("final_norm.scale", False, (d,))
         if not cfg.tie_word_embeddings:
-            spec["lm_head.weight"] = ("lm_head", True, (d, V))
+            spec["lm_head.weight"] = ("lm_head", False, (V, d))
         for i in range(cfg.num_layers):
             hf, us = f"model.layers.{i}.", f"layers.{i}."
             spec[hf + "input_layernorm.weight"] = (us + "attn_norm.scale", False, (d,))
             spec[hf + "post_attention_layernorm.weight"] = (us + "ffn_norm.scale", False, (d,))
             for proj, ours, out in (("q", "q", q_out), ("k", "k", kv_out), ("v", "v", kv_out)):
-                spec[hf + f"self_attn.{proj}_proj.weight"] = (us + f"attn.w{ours}", True, (d, out))
+                spec[hf + f"self_attn.{proj}_proj.weight"] = (us + f"attn.w{ours}", False, (out, d))
                 if cfg.attention_bias:
                     spec[hf + f"self_attn.{proj}_proj.bias"] = (us + f"attn.b{ours}", False, (out,))
-            spec[hf + "self_attn.o_proj.weight"] = (us + "attn.wo", True, (q_out, d))
+            spec[hf + "self_attn.o_proj.weight"] = (us + "attn.wo", False, (d, q_out))
             if cfg.attention_bias:
                 spec[hf + "self_attn.o_proj.bias"] = (us + "attn.bo", False, (d,))
             spec[hf + "mlp.gate_proj.weight"] = (us + "ffn.w_gate", False, (n, d))
@@ -57,17 +70,17 @@ def _spec(cfg: ModelConfig) -> dict[str, tuple[str, bool, tuple[int, ...]]]:
     spec[pre + "embed_tokens.weight"] = ("embed", False, (V, e))
     spec[pre + "embed_positions.weight"] = ("pos_embed", False, (cfg.max_position_embeddings + 2, d))
     if e != d:
-        spec[pre + "project_in.weight"] = ("project_in", True, (e, d))
-        spec[pre + "project_out.weight"] = ("project_out", True, (d, e))
+        spec[pre + "project_in.weight"] = ("project_in", False, (d, e))
+        spec[pre + "project_out.weight"] = ("project_out", False, (e, d))
     if cfg.final_layer_norm:
         spec[pre + "final_layer_norm.weight"] = ("final_norm.scale", False, (d,))
         spec[pre + "final_layer_norm.bias"] = ("final_norm.bias", False, (d,))
     if not cfg.tie_word_embeddings:
-        spec["lm_head.weight"] = ("lm_head", True, (e, V))
+        spec["lm_head.weight"] = ("lm_head", False, (V, e))
     for i in range(cfg.num_layers):
         hf, us = f"{pre}layers.{i}.", f"layers.{i}."
         for proj, ours in (("q", "q"), ("k", "k"), ("v", "v"), ("out", "o")):
-            spec[hf + f"self_attn.{proj}_proj.weight"] = (us + f"attn.w{ours}", True, (d, d))
+            spec[hf + f"self_attn.{proj}_proj.weight"] = (us + f"attn.w{ours}", False, (d, d))
             spec[hf + f"self_attn.{proj}_proj.bias"] = (us + f"attn.b{ours}", False, (d,))
         for ln, ours in (("self_attn_layer_norm", "attn_norm"), ("final_layer_norm", "ffn_norm")):
             spec[hf + f"{ln}.weight"] = (us + f"{ours}.scale", False, (d,))
@@ -109,70 +122,99 @@ def safetensors_files(model_dir: str) -> list[str]:
     )
 
 
-def iter_tensors(model_dir: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (name, numpy array) for every tensor of the checkpoint, shard by shard."""
-    for path in safetensors_files(model_dir):
-        _check_not_truncated(path)
-        try:
-            with safe_open(path, framework="numpy") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(f"cannot read {path}: {err}") from err
+def open_checkpoint(model_dir: str) -> list[tensor_file.MappedSafetensors]:
+    """Every safetensors file of the checkpoint, mapped (headers checked, no tensor read)."""
+    try:
+        return [tensor_file.MappedSafetensors(p) for p in safetensors_files(model_dir)]
+    except tensor_file.TensorFileError as err:
+        raise CheckpointError(str(err)) from err
 
 
-def _check_not_truncated(path: str) -> None:
-    """Fails clearly when the file is shorter than its header says (an interrupted download)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
-        header_len = int.from_bytes(head, "little")
-        if header_len > size - 8:
-            raise CheckpointError(f"{path} is truncated or not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError as err:
-            raise CheckpointError(f"{path} is truncated or corrupt: unreadable header ({err})") from err
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        raise CheckpointError(
-            f"{path} is truncated: its header needs {8 + header_len + end} bytes, the file has {size}"
-        )
-
-
-def load_params(model_dir: str, cfg: ModelConfig, dtype: str = "float32", on_host: bool = False) -> ModelParams:
-    """Loads and checks every tensor of an HF checkpoint into our parameter tree.
-
-    `on_host=True` keeps numpy arrays (the hybrid engine then moves only what the placement
-    puts on the device); otherwise every array goes to the default JAX device.
-    """
+def check_choices(dtype: str, quantize: str | None) -> None:
+    """Fails with one line naming what is supported."""
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    jdtype = DTYPES[dtype]
-    convert = (lambda a: np.ascontiguousarray(a).astype(jdtype)) if on_host else (
-        lambda a: jnp.asarray(np.ascontiguousarray(a), dtype=jdtype))
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unsupported quantize {quantize!r}; choose one of None, int8, int4")
+
+
+def _transposed(a: np.ndarray) -> np.ndarray:
+    """A new aligned buffer holding a.T (2-byte types copied as integers: numpy's fast path)."""
+    src = a.view(np.uint16) if a.dtype.itemsize == 2 else a
+    out = tensor_file.aligned_empty(src.shape[::-1], src.dtype)
+    out[...] = src.T
+    return out.view(a.dtype)
+
+
+_QUANT_BLOCK_BYTES = 8 << 20  # source bytes quantized at a time: bounds the float32 temporaries of a load
+
+
+def _matrix(a: np.ndarray, transpose: bool, dtype: str, quantize: str | None, name: str) -> Weight:
+    """One checkpoint matrix in the engine's layout and format (a view of `a` when nothing changes)."""
+    if transpose:
+        a = _transposed(a)
+    fmt = quantize if quantize and name.split(".")[-1] not in _ROW_TABLES else (
+        storage_format(a.dtype) if dtype == "auto" else dtype)
+    try:
+        if fmt in ("int8", "int4"):
+            return _quantized(a, fmt)
+        return _aligned_weight(to_weight(a, fmt))
+    except ValueError as err:
+        raise CheckpointError(f"cannot store {name} {tuple(a.shape)} as {fmt}: {err}") from err
+
+
+def _quantized(a: np.ndarray, fmt: str) -> Weight:
+    """`a` quantized block of rows by block into aligned buffers (no whole-matrix float32 copy)."""
+    step = max(1, _QUANT_BLOCK_BYTES // max(1, a.shape[1] * a.dtype.itemsize))
+    first = to_weight(a[:step], fmt)
+    data = tensor_file.aligned_empty((a.shape[0],) + first.data.shape[1:], first.data.dtype)
+    scale = tensor_file.aligned_empty((a.shape[0],) + first.scale.shape[1:], first.scale.dtype)
+    data[:step], scale[:step] = first.data, first.scale
+    for r0 in range(step, a.shape[0], step):
+        blk = to_weight(a[r0:r0 + step], fmt)
+        data[r0:r0 + step], scale[r0:r0 + step] = blk.data, blk.scale
+    return Weight(data, scale, fmt, first.cols)
+
+
+def _aligned_weight(w: Weight) -> Weight:
+    """`w` with buffers JAX can alias (copies only what is misaligned)."""
+    scale = None if w.scale is None else tensor_file.aligned(w.scale)
+    return Weight(tensor_file.aligned(w.data), scale, w.fmt, w.cols)
+
+
+def _shares(w: Weight, src: np.ndarray) -> bool:
+    return np.shares_memory(w.data, src)
+
+
+def load_params(model_dir: str, cfg: ModelConfig, dtype: str = "auto", quantize: str | None = None,
+                on_host: bool = False) -> ModelParams:
+    """Loads and checks every tensor of an HF checkpoint into our parameter tree.
+
+    Matrices become `Weight`s in the stored precision (`dtype="auto"`), a chosen float format, or
+    int8/int4 (`quantize`); q/k/v are fused. `on_host=True` keeps numpy arrays (the hybrid engine
+    then decides what goes where); otherwise every array goes to the default JAX device
+    (zero-copy on the CPU backend).
+    """
+    check_choices(dtype, quantize)
+    files = open_checkpoint(model_dir)
     spec = _spec(cfg)
-    flat: dict[str, jnp.ndarray] = {}
+    where: dict[str, tuple[tensor_file.MappedSafetensors, str]] = {}
     unexpected, bad_shape = [], []
-    for raw_name, array in iter_tensors(model_dir):
-        name = _normalise_name(raw_name, cfg)
-        if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-            continue
-        if name not in spec:
-            unexpected.append(raw_name)
-            continue
-        ours, transpose, shape = spec[name]
-        if transpose:
-            array = array.T
-        if tuple(array.shape) != shape:
-            bad_shape.append(f"{raw_name}: expected {shape[::-1] if transpose else shape}, got {array.T.shape if transpose else array.shape}")
-            continue
-        flat[ours] = convert(array)
-    missing = [hf for hf, (ours, _, _) in spec.items() if ours not in flat]
+    for f in files:
+        for raw_name in f.keys():
+            name = _normalise_name(raw_name, cfg)
+            if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                continue
+            if name not in spec:
+                unexpected.append(raw_name)
+                continue
+            _, transpose, shape = spec[name]
+            got = f.shape(raw_name)
+            if (got[::-1] if transpose else got) != shape:
+                bad_shape.append(f"{raw_name}: expected {shape[::-1] if transpose else shape}, got {got}")
+                continue
+            where[name] = (f, raw_name)
+    missing = [hf for hf in spec if hf not in where]
     problems = []
     if missing:
         problems.append(f"missing tensors: {', '.join(missing)}")
@@ -182,10 +224,92 @@ def load_params(model_dir: str, cfg: ModelConfig, dtype: str = "float32", on_hos
         problems.append(f"wrong shapes: {'; '.join(bad_shape)}")
     if problems:
         raise CheckpointError(f"checkpoint in {model_dir} does not match its config: " + " | ".join(problems))
-    return _build_tree(flat, cfg)
+
+    flat: dict = {}
+    sources: dict[str, list[tuple[tensor_file.MappedSafetensors, str]]] = {}
+    for hf_name, (ours, transpose, _) in spec.items():
+        f, raw = where[hf_name]
+        try:
+            src = f.view(raw)
+        except tensor_file.TensorFileError as err:
+            raise CheckpointError(str(err)) from err
+        if src.ndim == 1:
+            flat[ours] = tensor_file.aligned(np.array(src, np.float32))
+            continue
+        w = _matrix(src, transpose, dtype, quantize, ours)
+        flat[ours] = w
+        if _shares(w, src):
+            sources[ours] = [(f, raw)]  # still mapped: released only if transformed later (fusing)
+        else:
+            f.release(raw)  # a new buffer holds it: drop the source pages now (peak RSS ~ 1x)
+    for i in range(cfg.num_layers):  # fuse q/k/v into one row matrix, then drop the sources
+        p = f"layers.{i}.attn."
+        flat[p + "wqkv"] = _fused_rows([flat.pop(p + k) for k in ("wq", "wk", "wv")])
+        if p + "bq" in flat:
+            flat[p + "bqkv"] = tensor_file.aligned(np.concatenate([flat.pop(p + k) for k in ("bq", "bk", "bv")]))
+        for k in ("wq", "wk", "wv"):
+            for f, raw in sources.pop(p + k, []):
+                f.release(raw)
+    for f in files:
+        f.close()
+    _return_freed_memory()
+    tree = _build_tree(flat, cfg)
+    return tree if on_host else to_device(tree)
 
 
-def _build_tree(flat: dict[str, jnp.ndarray], cfg: ModelConfig) -> ModelParams:
+def _fused_rows(ws: list[Weight]) -> Weight:
+    """Row matrices stacked into one new aligned buffer (no intermediate copy)."""
+    def cat(parts):
+        out = tensor_file.aligned_empty((sum(p.shape[0] for p in parts),) + parts[0].shape[1:], parts[0].dtype)
+        return np.concatenate(parts, axis=0, out=out)
+
+    if len({(w.fmt, w.cols) for w in ws}) != 1:
+        raise CheckpointError(f"cannot fuse q/k/v stored as {[w.fmt for w in ws]}")
+    return Weight(cat([w.data for w in ws]), None if ws[0].scale is None else cat([w.scale for w in ws]),
+                  ws[0].fmt, ws[0].cols)
+
+
+def _return_freed_memory() -> None:
+    """Gives the load's freed temporaries back to the OS (glibc keeps freed heap pages otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def engine_params(params: ModelParams, dtype: str = "auto", quantize: str | None = None) -> ModelParams:
+    """An in-memory parameter tree of plain arrays (our layout) in the engine's form: matrices as
+    aligned host `Weight`s of the chosen format, vectors float32, q/k/v fused (benchmarks, tests)."""
+    check_choices(dtype, quantize)
+    flat = {}
+    for name, leaf in _flat_leaves(fuse_qkv(params)):
+        a = (leaf.data if leaf.fmt == "float32" else dequantize(leaf)) if isinstance(leaf, Weight) else np.asarray(leaf)
+        flat[name] = tensor_file.aligned(a.astype(np.float32)) if a.ndim == 1 else \
+            _matrix(a, False, dtype, quantize, name)
+    return _build_tree(flat, _tree_config(params))
+
+
+def _flat_leaves(tree):
+    is_weight = lambda a: isinstance(a, Weight)  # noqa: E731
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_weight)[0]:
+        yield ".".join(str(getattr(k, "name", getattr(k, "idx", getattr(k, "key", k)))) for k in keypath), leaf
+
+
+class _tree_config:
+    """The little of a config `_build_tree` needs, read off a tree."""
+
+    def __init__(self, params: ModelParams):
+        self.num_layers = len(params.layers)
+
+
+def to_device(tree):
+    """Host arrays of a pytree as JAX arrays on the default device (zero-copy on the CPU backend)."""
+    return jax.tree.map(tensor_file.to_jax, tree)
+
+
+def _build_tree(flat: dict, cfg: ModelConfig) -> ModelParams:
     get = flat.get
 
     def norm(prefix: str) -> NormParams:
@@ -195,7 +319,7 @@ def _build_tree(flat: dict[str, jnp.ndarray], cfg: ModelConfig) -> ModelParams:
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         attn = AttentionParams(
-            **{k: get(p + "attn." + k) for k in ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo")}
+            **{k: get(p + "attn." + k) for k in ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "wqkv", "bqkv")}
         )
         ffn = FFNParams(**{k: get(p + "ffn." + k) for k in ("w_up", "w_down_t", "w_gate", "b_up", "b_down")})
         layers.append(LayerParams(norm(p + "attn_norm"), attn, norm(p + "ffn_norm"), ffn))
@@ -208,3 +332,79 @@ def _build_tree(flat: dict[str, jnp.ndarray], cfg: ModelConfig) -> ModelParams:
         project_in=get("project_in"),
         project_out=get("project_out"),
     )
+
+
+# ---- engine-layout weight files (written once into a prepared bundle, mapped from there) ----
+ENGINE_FORMAT_VERSION = 1
+
+
+def matrix_format(model_dir: str, cfg: ModelConfig, dtype: str = "auto", quantize: str | None = None) -> str:
+    """The format the model's matrices get for these choices ("auto": the first FFN matrix's stored dtype)."""
+    check_choices(dtype, quantize)
+    if quantize:
+        return quantize
+    if dtype != "auto":
+        return dtype
+    probe = {v[0]: k for k, v in _spec(cfg).items()}["layers.0.ffn.w_up"]
+    for f in open_checkpoint(model_dir):
+        for raw in f.keys():
+            if _normalise_name(raw, cfg) == probe:
+                fmt = storage_format(f.dtype(raw))
+                f.close()
+                return fmt
+        f.close()
+    raise CheckpointError(f"{model_dir}: no {probe} in the checkpoint")
+
+
+def engine_weights_name(fmt: str) -> str:
+    """File name of the engine-layout weights in matrix format `fmt` (inside a prepared bundle)."""
+    return f"weights_{fmt}.safetensors"
+
+
+def load_model_params(model_dir: str, cfg: ModelConfig, dtype: str = "auto", quantize: str | None = None,
+                      on_host: bool = False, bundle_dir: str | None = None) -> ModelParams:
+    """The parameter tree for these precision choices: mapped from the bundle's engine-layout file
+    when `bin/prepare` wrote one for this format (no transform at load), else built from the checkpoint."""
+    if bundle_dir is not None:
+        path = os.path.join(bundle_dir, engine_weights_name(matrix_format(model_dir, cfg, dtype, quantize)))
+        if os.path.isfile(path):
+            return load_engine_weights(path, cfg, on_host=on_host)
+    return load_params(model_dir, cfg, dtype=dtype, quantize=quantize, on_host=on_host)
+
+
+def save_engine_weights(params: ModelParams, path: str, source: dict | None = None) -> None:
+    """Writes a host parameter tree in the engine's layout (fused q/k/v, transposed down matrix,
+    stored or quantized formats), 64-byte aligned, so a later load maps it with no transform."""
+    tensors, formats = {}, {}
+    for name, leaf in _flat_leaves(params):
+        if isinstance(leaf, Weight):
+            tensors[name + ".data"] = np.asarray(leaf.data)
+            if leaf.scale is not None:
+                tensors[name + ".scale"] = np.asarray(leaf.scale)
+            formats[name] = [leaf.fmt, leaf.cols]
+        else:
+            tensors[name] = np.asarray(leaf)
+    meta = {"powerinfer_jax_engine_weights": str(ENGINE_FORMAT_VERSION), "formats": json.dumps(formats),
+            "source": json.dumps(source or {})}
+    tensor_file.save_aligned(tensors, path, metadata=meta)
+
+
+def load_engine_weights(path: str, cfg: ModelConfig, on_host: bool = False) -> ModelParams:
+    """Maps an engine-layout weights file (`save_engine_weights`): every array a view of the file."""
+    f = tensor_file.MappedSafetensors(path)
+    if f.metadata.get("powerinfer_jax_engine_weights") != str(ENGINE_FORMAT_VERSION):
+        raise CheckpointError(f"{path} is not an engine weights file of format {ENGINE_FORMAT_VERSION}; "
+                              "re-run bin/prepare")
+    formats = json.loads(f.metadata["formats"])
+    flat: dict = {}
+    for name in f.keys():
+        if name.rsplit(".", 1)[-1] in ("data", "scale") and name.rsplit(".", 1)[0] in formats:
+            continue
+        flat[name] = f.view(name)
+    for name, (fmt, cols) in formats.items():
+        scale = f.view(name + ".scale") if name + ".scale" in f.entries else None
+        flat[name] = Weight(f.view(name + ".data"), scale, fmt, int(cols))
+    f.close()
+    # Our flat names use the tree's field names: norms end in ".scale"/".bias", which _build_tree reads.
+    tree = _build_tree(flat, cfg)
+    return tree if on_host else to_device(tree)

@@ -14,6 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ops.linear import linear, take_rows
 from powerinfer_jax import layers
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.ffn import dense_ffn, ffn_activation, ffn_output
@@ -26,7 +27,8 @@ OPT_POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer key/value caches, each [batch, max_len, n_kv_heads, head_dim]."""
+    """Per-layer key/value caches, each [batch, max_len, n_kv_heads, head_dim] (float32 or bfloat16:
+    attention widens what it reads to float32)."""
 
     k: list[jax.Array]
     v: list[jax.Array]
@@ -37,8 +39,13 @@ class KVCache:
         return self.k[0].shape[1]
 
 
+KV_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=f32) -> KVCache:
-    """A zeroed KV cache for `batch` sequences of up to `max_len` tokens."""
+    """A zeroed KV cache for `batch` sequences of up to `max_len` tokens (`dtype`: a jnp dtype or a
+    name in KV_DTYPES)."""
+    dtype = KV_DTYPES[dtype] if isinstance(dtype, str) else dtype
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return KVCache(
         k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
@@ -53,11 +60,11 @@ FFNFn = Callable[[int, FFNParams, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 def embed(params: ModelParams, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """Token (and, for OPT, learned position) embeddings -> [B, T, d] float32."""
-    x = params.embed[tokens].astype(f32)
+    x = take_rows(params.embed, tokens)
     if params.project_in is not None:
-        x = x @ params.project_in.astype(f32)
+        x = linear(x, params.project_in)
     if params.pos_embed is not None:
-        x = x + params.pos_embed[positions + OPT_POSITION_OFFSET].astype(f32)
+        x = x + take_rows(params.pos_embed, positions + OPT_POSITION_OFFSET)
     return x
 
 
@@ -66,10 +73,8 @@ def lm_head(params: ModelParams, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     if params.final_norm is not None:
         x = layers.norm(x, params.final_norm, cfg)
     if params.project_out is not None:
-        x = x @ params.project_out.astype(f32)
-    if params.lm_head is None:
-        return jax.lax.dot_general(x, params.embed.astype(f32), (((x.ndim - 1,), (1,)), ((), ())))
-    return x @ params.lm_head.astype(f32)
+        x = linear(x, params.project_out)
+    return linear(x, params.embed if params.lm_head is None else params.lm_head)
 
 
 def forward(

@@ -1,11 +1,13 @@
 """Parameter pytrees: registered dataclasses of arrays, one per block.
 
-Layout choices (all in "rows are neurons" form so the sparse engine can gather rows):
-  * attention projections are stored `[in, out]` so the forward is `x @ w`;
-  * FFN gate/up (OPT: fc1) are `[n_ff, d]`, exactly HF's `weight` layout;
-  * the FFN down projection (OPT: fc2) is stored *transposed*, `w_down_t [n_ff, d]`, so
-    neuron i owns row i of every FFN matrix, as PowerInfer does.
-Optional tensors (biases, OPT's projections) are `None`, which is an empty pytree.
+Layout: every matrix is a row matrix `[out, in]`, exactly HF's `weight` layout, so a checkpoint
+maps into the tree without a transpose or a copy, and a mat-vec reads row r for output r
+(`ops.linear.linear`). The one exception is the FFN down projection (OPT: fc2), stored
+*transposed*, `w_down_t [n_ff, d]`, so neuron i owns row i of every FFN matrix, as PowerInfer
+does (`ops.linear.linear_t` reads it in axpy form).
+A matrix is a plain float array (training, tests) or an `ops.quant.Weight` (the engine: the
+checkpoint's stored precision, or int8/int4, with its scales). Vectors (norms, biases) are
+float32 arrays. Optional tensors (biases, OPT's projections) are `None`, an empty pytree.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from ops.quant import Weight
 from powerinfer_jax.config import ModelConfig
 
 
@@ -30,17 +34,17 @@ class NormParams:
 
 @_pytree
 class AttentionParams:
-    wq: jax.Array | None  # [d, n_heads * head_dim]   (None once fused into wqkv)
-    wk: jax.Array | None  # [d, n_kv_heads * head_dim]
-    wv: jax.Array | None  # [d, n_kv_heads * head_dim]
-    wo: jax.Array  # [n_heads * head_dim, d]
+    wq: jax.Array | None  # [n_heads * head_dim, d]   (None once fused into wqkv)
+    wk: jax.Array | None  # [n_kv_heads * head_dim, d]
+    wv: jax.Array | None  # [n_kv_heads * head_dim, d]
+    wo: jax.Array  # [d, n_heads * head_dim]
     bq: jax.Array | None = None
     bk: jax.Array | None = None
     bv: jax.Array | None = None
     bo: jax.Array | None = None
     # The engine's layout: q, k and v projections side by side, one mat-vec instead of three
     # (1.2x faster on XLA:CPU for 4096-wide layers: 6.2 vs 7.4 ms). See `fuse_qkv`.
-    wqkv: jax.Array | None = None  # [d, (n_heads + 2 * n_kv_heads) * head_dim]
+    wqkv: jax.Array | None = None  # [(n_heads + 2 * n_kv_heads) * head_dim, d]
     bqkv: jax.Array | None = None
 
 
@@ -68,10 +72,10 @@ class ModelParams:
     embed: jax.Array  # [vocab, e]  (e = word_embed_proj_dim for OPT, else d)
     layers: list[LayerParams]
     final_norm: NormParams | None
-    lm_head: jax.Array | None = None  # [e, vocab]; None when tied to `embed`
+    lm_head: jax.Array | None = None  # [vocab, e]; None when tied to `embed`
     pos_embed: jax.Array | None = None  # [max_pos + 2, d]  OPT learned positions
-    project_in: jax.Array | None = None  # [e, d]  OPT-350m style
-    project_out: jax.Array | None = None  # [d, e]
+    project_in: jax.Array | None = None  # [d, e]  OPT-350m style
+    project_out: jax.Array | None = None  # [e, d]
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> ModelParams:
@@ -91,39 +95,56 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
         LayerParams(
             attn_norm=NormParams(ones()),
             attn=AttentionParams(
-                wq=normal((d, cfg.num_heads * hd)),
-                wk=normal((d, cfg.num_kv_heads * hd)),
-                wv=normal((d, cfg.num_kv_heads * hd)),
-                wo=normal((cfg.num_heads * hd, d), out_std),
+                wq=normal((cfg.num_heads * hd, d)),
+                wk=normal((cfg.num_kv_heads * hd, d)),
+                wv=normal((cfg.num_kv_heads * hd, d)),
+                wo=normal((d, cfg.num_heads * hd), out_std),
             ),
             ffn_norm=NormParams(ones()),
             ffn=FFNParams(w_up=normal((n, d)), w_down_t=normal((n, d), out_std), w_gate=normal((n, d))),
         )
         for _ in range(cfg.num_layers)
     ]
-    lm_head = None if cfg.tie_word_embeddings else normal((d, cfg.vocab_size))
+    lm_head = None if cfg.tie_word_embeddings else normal((cfg.vocab_size, d))
     return ModelParams(embed=normal((cfg.vocab_size, d)), layers=layers, final_norm=NormParams(ones()), lm_head=lm_head)
 
 
-def cast_params(params: ModelParams, dtype) -> ModelParams:
-    """Casts every floating array of a parameter pytree to `dtype`."""
-    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
-
-
 def param_bytes(tree) -> int:
-    """Total bytes of all arrays in a pytree."""
+    """Total bytes of all arrays in a pytree (a Weight counts its data and scales)."""
     return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree)))
 
 
+def concat_rows(*ws):
+    """Row matrices stacked along their rows (Weights of one format, or plain arrays)."""
+    if ws[0] is None:
+        return None
+    if isinstance(ws[0], Weight):
+        if len({w.fmt for w in ws}) != 1:
+            raise ValueError(f"cannot fuse weights of formats {[w.fmt for w in ws]}")
+        cat = np.concatenate if isinstance(ws[0].data, np.ndarray) else jnp.concatenate
+        scale = None if ws[0].scale is None else cat([w.scale for w in ws], axis=0)
+        return Weight(cat([w.data for w in ws], axis=0), scale, ws[0].fmt, ws[0].cols)
+    cat = np.concatenate if isinstance(ws[0], np.ndarray) else jnp.concatenate
+    return cat(ws, axis=0)
+
+
+def _split_rows(w, bounds):
+    if w is None:
+        return (None,) * (len(bounds) - 1)
+    if isinstance(w, Weight):
+        return tuple(Weight(w.data[a:b], None if w.scale is None else w.scale[a:b], w.fmt, w.cols)
+                     for a, b in zip(bounds[:-1], bounds[1:]))
+    return tuple(w[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
+
+
 def fuse_qkv(params: ModelParams) -> ModelParams:
-    """The same model with each layer's q/k/v projections (and biases) concatenated into
-    `wqkv`/`bqkv`; the separate arrays are dropped. Idempotent."""
+    """The same model with each layer's q/k/v projections (and biases) stacked into
+    `wqkv`/`bqkv` (one mat-vec instead of three); the separate arrays are dropped. Idempotent."""
     layers = []
     for lp in params.layers:
         a = lp.attn
         if a.wq is not None:
-            cat = lambda *xs: None if xs[0] is None else jnp.concatenate(xs, axis=-1)  # noqa: E731
-            a = dataclasses.replace(a, wqkv=cat(a.wq, a.wk, a.wv), bqkv=cat(a.bq, a.bk, a.bv),
+            a = dataclasses.replace(a, wqkv=concat_rows(a.wq, a.wk, a.wv), bqkv=concat_rows(a.bq, a.bk, a.bv),
                                     wq=None, wk=None, wv=None, bq=None, bk=None, bv=None)
         layers.append(dataclasses.replace(lp, attn=a))
     return dataclasses.replace(params, layers=layers)
@@ -132,13 +153,12 @@ def fuse_qkv(params: ModelParams) -> ModelParams:
 def unfuse_qkv(params: ModelParams, cfg: ModelConfig) -> ModelParams:
     """Inverse of `fuse_qkv` (checkpoint export needs the separate q/k/v tensors)."""
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    bounds = (0, q, q + kv, q + 2 * kv)
     layers = []
     for lp in params.layers:
         a = lp.attn
         if a.wqkv is not None:
-            split = lambda t: (None, None, None) if t is None else (  # noqa: E731
-                t[..., :q], t[..., q : q + kv], t[..., q + kv :])
-            (wq, wk, wv), (bq, bk, bv) = split(a.wqkv), split(a.bqkv)
+            (wq, wk, wv), (bq, bk, bv) = _split_rows(a.wqkv, bounds), _split_rows(a.bqkv, bounds)
             a = dataclasses.replace(a, wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv, wqkv=None, bqkv=None)
         layers.append(dataclasses.replace(lp, attn=a))
     return dataclasses.replace(params, layers=layers)

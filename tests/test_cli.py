@@ -40,3 +40,37 @@ def test_generate_streams_text_from_the_default_model():
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ROMEO:") and len(out.stdout) > len("ROMEO:") + 5
     assert "decode" in out.stderr and "tok/s" in out.stderr
+
+
+@pytest.mark.parametrize("args", [["--quantize", "int4"], ["--dtype", "float32", "--kv_dtype", "bfloat16"]])
+def test_generate_precision_flags(args):
+    out = _run("bin/generate", "--prompt", "ROMEO:", "--max_new_tokens", "8", "--temperature", "0", *args)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ROMEO:") and "tok/s" in out.stderr
+
+
+def test_prepare_writes_engine_weights_that_loads_map(tmp_path):
+    """bin/prepare --quantize stores the quantized engine-layout weights once; a load of the bundle
+    in that format maps them and gives the same logits as quantizing at load."""
+    import json
+
+    import numpy as np
+
+    sys.path.insert(0, REPO)
+    import powerinfer_jax as pij
+
+    bundle = str(tmp_path / "b")
+    out = _run("bin/prepare", "--out", bundle, "--quantize", "int8", "--max_tokens", "4000", "--max_samples", "2000",
+               timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    path = os.path.join(bundle, "weights_int8.safetensors")
+    assert os.path.isfile(path)
+    ids = [1, 40, 41, 42, 43]
+    mapped = pij.load(bundle, quantize="int8")
+    np.testing.assert_array_equal(mapped.logits(ids), pij.load(quantize="int8").logits(ids))
+    from test_precision import _mapped_file_of
+
+    ptr = mapped.params.layers[0].ffn.w_down_t.data.unsafe_buffer_pointer()
+    assert _mapped_file_of(ptr) == os.path.realpath(path)
+    with open(os.path.join(bundle, "manifest.json")) as f:
+        assert json.load(f)["model"]["sha256"]

@@ -83,9 +83,9 @@ def test_generate_prints_text(dense):
     assert len(res.text.strip()) > 10
 
 
-def _budget(cfg, fraction, pred_bytes, ctx):
-    fixed = sum(v for _, v in memory.fixed_groups(cfg, "float32", pred_bytes, ctx))
-    return fixed + int(fraction * memory.ffn_total_bytes(cfg, "float32"))
+def _budget(cfg, fraction, pred_bytes, ctx, fmt="bfloat16"):  # the bundled checkpoint's stored precision
+    fixed = sum(v for _, v in memory.fixed_groups(cfg, fmt, pred_bytes, ctx))
+    return fixed + int(fraction * memory.ffn_total_bytes(cfg, fmt))
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])

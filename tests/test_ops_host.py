@@ -74,8 +74,8 @@ def test_deterministic_and_empty():
 def test_rejects_bad_inputs():
     """numba does no bounds checks, so the wrappers must refuse what would read out of bounds."""
     x = np.ones(8, np.float32)
-    with pytest.raises(TypeError):
-        H.host_gather_matvec(np.ones((4, 8), np.float16), np.zeros(2, np.int32), 2, x)
+    with pytest.raises(TypeError):  # float32/bfloat16/float16 arrays or an ops.quant.Weight
+        H.host_gather_matvec(np.ones((4, 8), np.float64), np.zeros(2, np.int32), 2, x)
     w = np.ones((4, 8), np.float32)
     with pytest.raises(IndexError):
         H.host_gather_matvec(w, np.array([1, 4], np.int32), 2, x)
@@ -127,4 +127,4 @@ def test_read_only_weights_are_used_in_place_and_left_untouched():
     np.testing.assert_allclose(y, H.host_sparse_ffn_ref("reglu", wg, wu, wd, x, idx, count), rtol=RTOL, atol=ATOL)
     for w, b in zip(dev, before):
         np.testing.assert_array_equal(w, b)
-    assert H._raw(dev[0]).ctypes.data == dev[0].ctypes.data  # an alias, not a copy
+    assert H._kernel_weight(dev[0]).data.ctypes.data == dev[0].ctypes.data  # an alias, not a copy

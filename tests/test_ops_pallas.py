@@ -98,3 +98,42 @@ def test_pallas_on_gpu_matches_ref(family, d, n, cap, count, batch, dtype, atol)
     with jax.default_matmul_precision("highest"):  # the jnp reference, not TF32
         want = R.sparse_ffn_ref(family, wg, wu, wd, x, idx, valid, bu)
     np.testing.assert_allclose(y, want, rtol=RTOL, atol=atol)
+
+
+def _weights_in(fmt, wg, wu, wd):
+    """Stored-format Weights of the f32 test matrices and the float32 matrices they hold."""
+    from ops.quant import dequantize, to_weight
+
+    ws = [None if w is None else to_weight(w, fmt) for w in (wg, wu, wd)]
+    return ws, [None if w is None else dequantize(w) for w in ws]
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "float16", "int8", "int4"])
+@pytest.mark.parametrize("family,batch,split_d", [("reglu", None, 1), ("relu", 2, 2), ("drelu", None, 3)])
+def test_pallas_reads_stored_formats(fmt, family, batch, split_d):
+    """Widening and dequantization in registers match dequantize-then-f32 (f32 rounding only)."""
+    wg, wu, wd, bu, x, idx, valid = _case(family, 192, 40, 29, batch, 5)
+    (qg, qu, qd), (fg, fu, fd) = _weights_in(fmt, wg, wu, wd)
+    y = P.sparse_ffn_pallas(family, qg, qu, qd, x, idx, valid, bu, interpret=True,
+                            h_kwargs=dict(block_c=16, block_d=64, split_d=split_d),
+                            down_kwargs=dict(block_c=8, block_d=64, split=2))
+    want = R.sparse_ffn_ref(family, fg, fu, fd, x, idx, valid, bu)
+    np.testing.assert_allclose(y, want, rtol=RTOL, atol=ATOL * np.abs(want).max())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_pallas_quantized_lowers_for_cuda(fmt):
+    from ops.quant import GROUP, Weight
+
+    n, d, cap = 11008, 4096, 1024
+    sds = jax.ShapeDtypeStruct
+    if fmt == "int8":
+        w = Weight(sds((n, d), jnp.int8), sds((n,), jnp.float32), fmt, d)
+    else:
+        w = Weight(sds((n, d // 2), jnp.uint8), sds((n, d // GROUP), jnp.uint16), fmt, d)
+
+    def f(wg, wu, wd, x, idx, valid):
+        return P.sparse_ffn_pallas("reglu", wg, wu, wd, x, idx, valid)
+
+    text = _export_cuda(f, w, w, w, sds((d,), jnp.float32), sds((cap,), jnp.int32), sds((cap,), jnp.bool_))
+    assert sum(text.count(t) for t in P.TRITON_CUSTOM_CALL_TARGETS) == 2

@@ -1,0 +1,157 @@
+"""Every weight-reading projection of the model, in every stored format, on every backend.
+
+Weights are row matrices ``w [R, K]`` (HF's ``weight`` layout: row r produces output r), either
+plain float arrays (training, tests) or ``ops.quant.Weight`` (the engine: stored precision or
+int8/int4). Two products cover the model:
+  * ``linear(x, w)``    = x @ w.T   (q/k/v/o, lm_head, gate/up, OPT projections)
+  * ``linear_t(h, w)``  = h @ w     (the transposed down projection ``w_down_t [n_ff, d]``)
+Activations and accumulation are float32 whatever the storage.
+
+Per backend:
+  * float32 storage, any backend: XLA dots (XLA:CPU reads f32 at bandwidth).
+  * CPU backend, half or integer storage: XLA:CPU would convert the whole weight to f32 before
+    every dot (a materialised f32 copy per call: 10x slower than f32, FIELD-NOTES section 4), so
+    the numba kernels of ``ops.host_kernels`` read the stored bytes through ``buffer_callback``
+    (zero-copy: the weight is an operand, the kernel writes XLA's output buffer). Prompts
+    (>= ``BLAS_MIN_TOKENS`` rows) go through blocked dequantize + BLAS inside the same callback.
+  * GPU: the weight is dequantized inside the jitted function, where XLA fuses the convert into
+    the dot's operand read (bf16/f16 natively; int8/int4 unpacked in registers).
+The plain references beside them are ``linear_ref``/``linear_t_ref`` (dequantize, then f32 math).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ops.quant import Weight, dequantize, dequantize_jnp, dequantize_rows_jnp
+
+try:
+    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
+except ImportError:  # older jax: no zero-copy callback, the XLA path is used
+    _buffer_callback = None
+
+f32 = jnp.float32
+# False sends every format through the XLA path (what runs on a GPU): tests use it to check that
+# path, and its CUDA lowering, on a CPU-only machine.
+USE_HOST_KERNELS = True
+
+
+def _uses_host_kernel(w) -> bool:
+    return (USE_HOST_KERNELS and isinstance(w, Weight) and w.fmt != "float32" and _buffer_callback is not None
+            and jax.default_backend() == "cpu")
+
+
+def _dense(w) -> jax.Array:
+    """A plain array or a float32 Weight's data as f32; other Weights dequantized (XLA path)."""
+    if isinstance(w, Weight):
+        return w.data if w.fmt == "float32" else dequantize_jnp(w)
+    return jnp.asarray(w).astype(f32)
+
+
+def _rows_dot(x2: jax.Array, w: jax.Array) -> jax.Array:
+    # One token: `w @ x`, not `x @ w.T` (XLA:CPU materialises the transpose for the latter:
+    # 180 ms vs 9.5 ms on a 7B up-projection; ops.reference.rows_dot).
+    if x2.shape[0] == 1:
+        return (w @ x2[0])[None]
+    return x2 @ w.T
+
+
+def _host_weight(w: Weight, data, scale) -> Weight:
+    """The operand buffers of a callback as a numpy-backed Weight of the same format."""
+    return Weight(np.asarray(data), None if scale is None else np.asarray(scale), w.fmt, w.cols)
+
+
+def _callback(kernel, w: Weight, x2: jax.Array, out_cols: int) -> jax.Array:
+    """Runs ``kernel(host_weight, x [N, ·], out [N, out_cols])`` on the host, zero-copy."""
+    operands = (x2, w.data) + (() if w.scale is None else (w.scale,))
+
+    def cb(ctx, out, xb, data, *scale):
+        del ctx
+        kernel(_host_weight(w, data, scale[0] if scale else None), np.asarray(xb), np.asarray(out))
+
+    shape = jax.ShapeDtypeStruct((x2.shape[0], out_cols), f32)
+    return _buffer_callback(cb, shape)(*operands)
+
+
+def _host_linear(hw: Weight, x: np.ndarray, out: np.ndarray) -> None:
+    from ops.host_kernels import host_matvec
+
+    host_matvec(hw, x, out=out)
+
+
+_BLOCK_ROWS = 512  # rows dequantized at a time for a prompt's BLAS products (bounded scratch)
+
+
+@functools.lru_cache(maxsize=16)
+def _all_rows(n: int) -> np.ndarray:
+    a = np.arange(n, dtype=np.int32)
+    a.flags.writeable = False
+    return a
+
+
+def slice_rows(w: Weight, r0: int, r1: int) -> Weight:
+    """Rows r0:r1 of a Weight (views: per-row scales slice with their rows)."""
+    return Weight(w.data[r0:r1], None if w.scale is None else w.scale[r0:r1], w.fmt, w.cols)
+
+
+def _host_linear_t(hw: Weight, h: np.ndarray, out: np.ndarray) -> None:
+    from ops.host_kernels import BLAS_MIN_TOKENS, host_axpy_down
+
+    rows = hw.data.shape[0]
+    if h.shape[0] < BLAS_MIN_TOKENS:
+        host_axpy_down(hw, _all_rows(rows), rows, h, out=out, skip_zero_rows=False)
+        return
+    out[...] = 0.0
+    for r0 in range(0, rows, _BLOCK_ROWS):  # prompts: f32 blocks through BLAS, never the whole matrix
+        r1 = min(rows, r0 + _BLOCK_ROWS)
+        out += h[:, r0:r1] @ dequantize(slice_rows(hw, r0, r1))
+
+
+def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
+    """x [..., K] @ w.T (+ b) in float32; ``w [R, K]`` a float array or a ``Weight``."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K).astype(f32)
+    if _uses_host_kernel(w):
+        y = _callback(_host_linear, w, x2, w.rows)
+    else:
+        y = _rows_dot(x2, _dense(w))
+    y = y.reshape(lead + (y.shape[-1],))
+    return y if b is None else y + b.astype(f32)
+
+
+def linear_t(h: jax.Array, w) -> jax.Array:
+    """h [..., R] @ w in float32 (``w [R, K]``: the transposed down projection's axpy form)."""
+    lead, R = h.shape[:-1], h.shape[-1]
+    h2 = h.reshape(-1, R).astype(f32)
+    if _uses_host_kernel(w):
+        y = _callback(_host_linear_t, w, h2, w.cols)
+    else:
+        y = h2 @ _dense(w)  # `h @ rows`, not `rows.T @ h` (3 ms vs 20 ms on XLA:CPU)
+    return y.reshape(lead + (y.shape[-1],))
+
+
+def take_rows(w, ids: jax.Array) -> jax.Array:
+    """Rows ``w[ids]`` as float32 (embedding lookups), for any storage."""
+    flat = ids.reshape(-1)
+    if isinstance(w, Weight):
+        rows = dequantize_rows_jnp(w, flat)
+    else:
+        rows = jnp.asarray(w)[flat].astype(f32)
+    return rows.reshape(ids.shape + (rows.shape[-1],))
+
+
+def linear_ref(x, w, b=None) -> np.ndarray:
+    """numpy reference of ``linear``: dequantize, then float32 math."""
+    dense = dequantize(w) if isinstance(w, Weight) else np.asarray(w, np.float32)
+    y = np.asarray(x, np.float32) @ dense.T
+    return y if b is None else y + np.asarray(b, np.float32)
+
+
+def linear_t_ref(h, w) -> np.ndarray:
+    """numpy reference of ``linear_t``."""
+    dense = dequantize(w) if isinstance(w, Weight) else np.asarray(w, np.float32)
+    return np.asarray(h, np.float32) @ dense

@@ -1,0 +1,203 @@
+"""Safetensors files mapped into memory: zero-copy views, page release, aligned writing.
+
+Why not `safetensors.safe_open`: its numpy backend copies every tensor out of the file (and reads
+bf16 only when `ml_dtypes` happens to be imported). Here a file is mapped copy-on-write
+(`mmap.ACCESS_COPY`: private, never written back), each tensor is a numpy view of the mapping,
+and on the CPU backend a 64-byte-aligned view becomes a JAX array through DLPack without a copy
+(JAX aliases host buffers only at 64-byte alignment and only from writable arrays, which a
+copy-on-write mapping gives without touching the file). A tensor that has to be transformed
+(transposed, fused, quantized, or copied for alignment) gets its own buffer and its source
+pages are released with `madvise(MADV_DONTNEED)`, so a load holds one resident copy of each
+weight: peak RSS stays near the size of the weights, not twice it.
+
+`save_aligned` writes standard safetensors files whose tensors start at 64-byte offsets
+(tensors whose size is a multiple of 64 bytes first, the header padded), so our own files
+(engine-layout weights, the synthetic benchmark checkpoint) always load without copies.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+
+ALIGN = 64  # bytes: what JAX's CPU client needs to alias a host buffer
+DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
+          "F64": np.dtype(np.float64), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+          "I16": np.dtype(np.int16), "U16": np.dtype(np.uint16), "I32": np.dtype(np.int32),
+          "I64": np.dtype(np.int64), "BOOL": np.dtype(np.bool_)}
+_NAMES = {v: k for k, v in DTYPES.items()}
+_PAGE = mmap.PAGESIZE
+
+
+class TensorFileError(ValueError):
+    """A safetensors file that is truncated, corrupt, or uses an unsupported dtype."""
+
+
+def read_header(path: str) -> tuple[int, dict]:
+    """(data start offset, header dict) of a safetensors file; fails clearly on truncation."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise TensorFileError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            raise TensorFileError(f"{path} is truncated or not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as err:
+            raise TensorFileError(f"{path} is truncated or corrupt: unreadable header ({err})") from err
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise TensorFileError(f"{path} is truncated: its header needs {8 + header_len + end} bytes, the file has {size}")
+    return 8 + header_len, header
+
+
+class MappedSafetensors:
+    """One safetensors file mapped copy-on-write; tensors are numpy views of the mapping."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.data_start, header = read_header(path)
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries = header
+        self._file = open(path, "rb")
+        size = os.path.getsize(path)
+        # An empty mapping is not allowed; a file with no tensors needs none.
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape from the header (no data read)."""
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        """numpy dtype from the header (no data read)."""
+        code = self.entries[name]["dtype"]
+        if code not in DTYPES:
+            raise TensorFileError(f"{self.path}: tensor {name} has unsupported dtype {code}")
+        return DTYPES[code]
+
+    def view(self, name: str) -> np.ndarray:
+        """The tensor as a writable numpy view of the copy-on-write mapping (no copy)."""
+        e = self.entries[name]
+        start, end = e["data_offsets"]
+        dt = self.dtype(name)
+        shape = tuple(e["shape"])
+        count = int(np.prod(shape, dtype=np.int64))
+        if (end - start) != count * dt.itemsize:
+            raise TensorFileError(f"{self.path}: tensor {name} has {end - start} bytes, its shape needs "
+                                  f"{count * dt.itemsize}")
+        return np.frombuffer(self._map, dtype=dt, count=count, offset=self.data_start + start).reshape(shape)
+
+    def release(self, name: str) -> None:
+        """Drops the tensor's pages from memory (re-read from the file if touched again)."""
+        if self._map is None:
+            return
+        start, end = self.entries[name]["data_offsets"]
+        lo = -(-(self.data_start + start) // _PAGE) * _PAGE  # whole pages inside the tensor only
+        hi = (self.data_start + end) // _PAGE * _PAGE
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def close(self) -> None:
+        """Closes the file; views handed out keep the mapping alive until they are freed."""
+        self._file.close()
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts at a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % ALIGN
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
+def is_aligned(a: np.ndarray) -> bool:
+    """Whether JAX's CPU client can alias `a` (64-byte aligned, C-contiguous, writable)."""
+    return a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % ALIGN == 0
+
+
+def aligned(a: np.ndarray) -> np.ndarray:
+    """`a` itself when JAX can alias it, else an aligned copy."""
+    if is_aligned(a):
+        return a
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+def _dlpack_dtype(a: np.ndarray) -> np.ndarray:
+    # DLPack has no ml_dtypes types: bfloat16 travels as its bits (the Weight format records it).
+    return a.view(np.uint16) if a.dtype == DTYPES["BF16"] else a
+
+
+def to_jax(a, device=None) -> jax.Array:
+    """A host array as a JAX array: zero-copy on the CPU backend (aligned, via DLPack), a
+    transfer elsewhere. bfloat16 host arrays arrive as uint16 bits on the CPU backend."""
+    if isinstance(a, jax.Array) or a is None:
+        return a
+    a = np.asarray(a)
+    if (device or jax.devices()[0]).platform != "cpu" or a.size == 0:
+        return jax.device_put(a, device)
+    return jax.dlpack.from_dlpack(_dlpack_dtype(aligned(a)))
+
+
+def save_aligned(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Writes a safetensors file whose tensors start at 64-byte offsets where their sizes allow
+    (those whose size is a multiple of 64 bytes go first), streaming each array (no concatenated copy)."""
+    names = sorted(tensors, key=lambda k: (np.asarray(tensors[k]).nbytes % ALIGN != 0, k))
+    header: dict = {"__metadata__": dict(metadata or {})} if metadata else {}
+    offset = 0
+    for k in names:
+        a = np.asarray(tensors[k])
+        if a.dtype not in _NAMES:
+            raise TensorFileError(f"cannot store dtype {a.dtype} (tensor {k})")
+        header[k] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-(8 + len(raw))) % ALIGN)
+    tmp = path + ".partial"
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for k in names:
+            a = np.ascontiguousarray(tensors[k])
+            f.write(memoryview(a.reshape(-1).view(np.uint8)))
+    os.replace(tmp, path)  # never leave a half-written file under the real name
+
+
+def write_streaming(path: str, specs: list[tuple[str, np.dtype, tuple[int, ...]]], produce,
+                    metadata: dict[str, str] | None = None, progress=None) -> None:
+    """Writes a safetensors file tensor by tensor without holding them all: `specs` lists
+    (name, dtype, shape) in file order and `produce(name)` returns each array when its turn comes
+    (the file can be larger than memory). Tensors start at 64-byte offsets where sizes allow."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dt, shape in specs:
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+        header[name] = {"dtype": _NAMES[np.dtype(dt)], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-(8 + len(raw))) % ALIGN)
+    tmp = path + ".partial"
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, dt, shape in specs:
+            a = np.ascontiguousarray(produce(name))
+            if a.dtype != np.dtype(dt) or a.shape != tuple(shape):
+                raise TensorFileError(f"{name}: produced {a.dtype}{a.shape}, declared {np.dtype(dt)}{tuple(shape)}")
+            f.write(memoryview(a.reshape(-1).view(np.uint8)))
+            if progress is not None:
+                progress(name, a.nbytes)
+    os.replace(tmp, path)
