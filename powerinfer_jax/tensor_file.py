@@ -155,25 +155,12 @@ def to_jax(a, device=None) -> jax.Array:
 def save_aligned(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:
     """Writes a safetensors file whose tensors start at 64-byte offsets where their sizes allow
     (those whose size is a multiple of 64 bytes go first), streaming each array (no concatenated copy)."""
-    names = sorted(tensors, key=lambda k: (np.asarray(tensors[k]).nbytes % ALIGN != 0, k))
-    header: dict = {"__metadata__": dict(metadata or {})} if metadata else {}
-    offset = 0
+    arrays = {k: np.asarray(v) for k, v in tensors.items()}
+    names = sorted(arrays, key=lambda k: (arrays[k].nbytes % ALIGN != 0, k))
     for k in names:
-        a = np.asarray(tensors[k])
-        if a.dtype not in _NAMES:
-            raise TensorFileError(f"cannot store dtype {a.dtype} (tensor {k})")
-        header[k] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * ((-(8 + len(raw))) % ALIGN)
-    tmp = path + ".partial"
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for k in names:
-            a = np.ascontiguousarray(tensors[k])
-            f.write(memoryview(a.reshape(-1).view(np.uint8)))
-    os.replace(tmp, path)  # never leave a half-written file under the real name
+        if arrays[k].dtype not in _NAMES:
+            raise TensorFileError(f"cannot store dtype {arrays[k].dtype} (tensor {k})")
+    write_streaming(path, [(k, arrays[k].dtype, arrays[k].shape) for k in names], arrays.__getitem__, metadata)
 
 
 def write_streaming(path: str, specs: list[tuple[str, np.dtype, tuple[int, ...]]], produce,
