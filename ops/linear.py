@@ -40,7 +40,8 @@ f32 = jnp.float32
 USE_HOST_KERNELS = True
 
 
-def _uses_host_kernel(w) -> bool:
+def uses_host_kernel(w) -> bool:
+    """Whether `w` is read by the numba host kernels here (a half/int Weight on the CPU backend)."""
     return (USE_HOST_KERNELS and isinstance(w, Weight) and w.fmt != "float32" and _buffer_callback is not None
             and jax.default_backend() == "cpu")
 
@@ -115,7 +116,7 @@ def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
     """x [..., K] @ w.T (+ b) in float32; ``w [R, K]`` a float array or a ``Weight``."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K).astype(f32)
-    if _uses_host_kernel(w):
+    if uses_host_kernel(w):
         y = _callback(_host_linear, w, x2, w.rows)
     else:
         y = _rows_dot(x2, _dense(w))
@@ -127,7 +128,7 @@ def linear_t(h: jax.Array, w) -> jax.Array:
     """h [..., R] @ w in float32 (``w [R, K]``: the transposed down projection's axpy form)."""
     lead, R = h.shape[:-1], h.shape[-1]
     h2 = h.reshape(-1, R).astype(f32)
-    if _uses_host_kernel(w):
+    if uses_host_kernel(w):
         y = _callback(_host_linear_t, w, h2, w.cols)
     else:
         y = h2 @ _dense(w)  # `h @ rows`, not `rows.T @ h` (3 ms vs 20 ms on XLA:CPU)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ops.linear import linear, linear_t
+from ops.host_kernels import BLAS_MIN_TOKENS
+from ops.linear import linear, linear_t, uses_host_kernel
+from powerinfer_jax.config import SPARSE_FFN_KINDS
 from powerinfer_jax.params import FFNParams
 
 f32 = jnp.float32
@@ -51,5 +53,12 @@ def ffn_output(p: FFNParams, h: jax.Array) -> jax.Array:
 
 def dense_ffn(p: FFNParams, kind: str, x: jax.Array) -> jax.Array:
     """Dense FFN: every neuron computed."""
+    if kind in SPARSE_FFN_KINDS and uses_host_kernel(p.w_up) and x.size // x.shape[-1] < BLAS_MIN_TOKENS:
+        # Decode on the CPU backend: gate and up rows read in one pass by the host kernel.
+        from ops.cpu_sparse import dense_h_rows
+
+        lead = x.shape[:-1]
+        h = dense_h_rows(kind, p.w_gate, p.w_up, p.b_up, x.reshape(-1, x.shape[-1]))
+        return ffn_output(p, h.reshape(lead + (h.shape[-1],)))
     h, _ = ffn_activation(p, kind, x)
     return ffn_output(p, h)
