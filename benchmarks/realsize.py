@@ -22,7 +22,10 @@ import time
 import ml_dtypes
 import numpy as np
 
+from powerinfer_jax.tensor_file import MappedSafetensors, save_aligned
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREDICTORS = "predictors.safetensors"  # fc1 [L, d, r], fc2 [L, r, n_ff], rates [L, n_ff]
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -87,7 +90,7 @@ def write_checkpoint(out_dir: str, layers: int = 32, vocab: int = 32000, seed: i
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(c, f, indent=2)
         log(f"[realsize] checkpoint {os.path.getsize(ckpt) / 1e9:.2f} GB in {time.time() - t0:.0f} s")
-    if not os.path.isfile(os.path.join(out_dir, "predictors.npz")):
+    if not os.path.isfile(os.path.join(out_dir, PREDICTORS)):
         # In its own process, like every measurement: the caller never holds the 13.5 GB model.
         cmd = [sys.executable, "-m", "benchmarks.realsize", "--calibrate", "--ckpt", out_dir, "--seed", str(seed),
                "--predictor_rank", str(predictor_rank), "--calib_tokens", str(calib_tokens),
@@ -125,7 +128,8 @@ def _calibrate(out_dir: str, seed: int, rank: int, calib_tokens: int, log, **rat
     model = synthetic.SyntheticModel(cfg, None, [synthetic.PredictorParams(a, b) for a, b in zip(fc1s, fc2s)],
                                      rates, rank)
     synthetic.calibrate_predictors(model, samples)
-    np.savez(os.path.join(out_dir, "predictors.npz"), fc1=np.stack(fc1s), fc2=np.stack(fc2s), rates=rates)
+    save_aligned({"fc1": np.stack(fc1s), "fc2": np.stack(fc2s), "rates": rates.astype(np.float32)},
+                 os.path.join(out_dir, PREDICTORS))  # mapped by each run: no copy of the 2 GB
     log("[realsize] predictors calibrated")
 
 
@@ -153,8 +157,8 @@ def run_config(ckpt_dir: str, kind: str, quantize: str | None, budget_fraction: 
     if kind == "dense":
         eng = pij.load(ckpt_dir, quantize=quantize, max_seq_len=max_seq_len)
     else:
-        z = np.load(os.path.join(ckpt_dir, "predictors.npz"))
-        fc1, fc2, rates = z["fc1"], z["fc2"], z["rates"]  # each z[...] reads the whole array again: once
+        z = MappedSafetensors(os.path.join(ckpt_dir, PREDICTORS))
+        fc1, fc2, rates = z.view("fc1"), z.view("fc2"), z.view("rates")
         preds = [PredictorParams(fc1=fc1[l], fc2=fc2[l]) for l in range(cfg.num_layers)]
         host = load_params(ckpt_dir, cfg, quantize=quantize, on_host=True)
         fmt = host.layers[0].ffn.w_up.fmt
@@ -269,8 +273,8 @@ def with_floors(ckpt_dir: str, rows: list[dict], bandwidth: float) -> list[dict]
     from powerinfer_jax.config import load_config
 
     cfg = load_config(ckpt_dir)
-    z = np.load(os.path.join(ckpt_dir, "predictors.npz"))
-    pred_bytes = int(z["fc1"].nbytes + z["fc2"].nbytes)
+    z = MappedSafetensors(os.path.join(ckpt_dir, PREDICTORS))
+    pred_bytes = int(z.view("fc1").nbytes + z.view("fc2").nbytes)
     for r in rows:
         if "error" in r:
             continue

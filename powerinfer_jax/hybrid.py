@@ -14,6 +14,7 @@ from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.engine import Engine
 from ops.quant import Weight
 from powerinfer_jax.loading import to_device
+from powerinfer_jax.tensor_file import to_jax
 from powerinfer_jax.params import LayerParams, ModelParams, param_bytes
 from powerinfer_jax.sparse_ffn import HybridRuntime, LayerPlan, PredictorParams, split_ffn
 
@@ -155,8 +156,7 @@ def build_hybrid_engine(
     for l, lp in enumerate(host_params.layers):
         pred = None
         if mode == "predicted":
-            pred = PredictorParams(fc1=jnp.asarray(predictors[l].fc1, jnp.float32),
-                                   fc2=jnp.asarray(predictors[l].fc2, jnp.float32))
+            pred = PredictorParams(fc1=_f32_array(predictors[l].fc1), fc2=_f32_array(predictors[l].fc2))
         ffn = split_ffn(lp.ffn, hot_indices[l], pred, shared)
         n_hot = len(hot_indices[l])
         n_cold = cfg.intermediate_size - n_hot
@@ -175,6 +175,13 @@ def build_hybrid_engine(
 
 
 DEVICE_KERNELS = ("numba", "xla", "pallas")
+
+
+def _f32_array(a) -> jax.Array:
+    """A predictor matrix as a float32 device array; a float32 host array is not copied (CPU backend)."""
+    if isinstance(a, np.ndarray):
+        return to_jax(np.asarray(a, np.float32))
+    return jnp.asarray(a, jnp.float32)
 
 
 def _ffn_format(params: ModelParams) -> str:
