@@ -5,7 +5,9 @@
 #      (benchmarks/bench_ops.py: dense XLA, XLA gather, Pallas Triton; LLaMA-7B layer at 10%);
 #   3. the engine end to end on the bundled model: dense on the device, dense layer offload and
 #      hybrid predicted at the same budget (benchmarks/bench_engine.py);
-#   4. the full suite, bin/bench (both models, budgets 10-100%, roofline, plots) -> bench_gpu.*.
+#   4. the full suite, bin/bench (both models, budgets 10-100%, roofline, plots) -> bench_gpu.*;
+#   5. every weight format side by side (f32, bf16, f16, int8, int4; dense and hybrid) on the 4-layer
+#      LLaMA-7B cut: native bf16/f16 dots, dequantize-in-jit, the dequantizing Pallas kernels -> bench_formats_gpu.*.
 # Every step has its own time limit and the script goes on past a failure, so one run gives
 # everything it can.
 set -uo pipefail
@@ -27,5 +29,9 @@ timeout "${ENGINE_TIMEOUT:-180}" python3 benchmarks/bench_engine.py \
 if [ "${SKIP_SUITE:-0}" != 1 ]; then
   timeout "${SUITE_TIMEOUT:-420}" bin/bench --out_dir "$OUT" --tag gpu --repeats "${SUITE_REPEATS:-3}" 2>&1 \
     | grep -v "^I1\|^W1" | tail -60 | tee "$OUT/bench_gpu.log"
+fi
+if [ "${SKIP_FORMATS:-0}" != 1 ]; then
+  timeout "${FORMATS_TIMEOUT:-300}" bin/bench --suites formats --out_dir "$OUT" --tag gpu --repeats 3 2>&1 \
+    | grep -v "^I1\|^W1" | tail -40 | tee "$OUT/bench_formats_gpu.log"
 fi
 echo "gpu_check done"

@@ -111,11 +111,11 @@ def resident_bytes(params, host_ffn=()) -> dict:
 
 
 def _buffer_key(a):
+    """(address, bytes): a JAX array and a numpy view of the same memory count once."""
     try:
-        if isinstance(a, jax.Array):
-            return ("jax", a.unsafe_buffer_pointer(), a.size)
-        return ("np", np.asarray(a).ctypes.data, a.size)
-    except Exception:  # a pointer-less array: count it by identity
+        ptr = a.unsafe_buffer_pointer() if isinstance(a, jax.Array) else np.asarray(a).ctypes.data
+        return (ptr, a.size * a.dtype.itemsize)
+    except Exception:  # a pointer-less array (e.g. sharded): count it by identity
         return ("id", id(a))
 
 
