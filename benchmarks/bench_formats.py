@@ -13,7 +13,7 @@ Cases alternate within each round and medians are reported. Every call reads a d
 its matrix (each format's copies total ``--pool_mib``) so the weights come from DRAM, not from a
 large last-level cache (this VM shows ~45 GB/s on 96 MiB working sets, ~30 GB/s beyond ~180 MiB).
 
-  python benchmarks/bench_formats.py            # table + results/bench_formats_cpu.json
+  python benchmarks/bench_formats.py            # table + results/host_kernels_formats_cpu.json
 
 Run nothing else heavy beside it (2 cores): it needs ~4 GiB of RAM and about 2 minutes.
 """
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--activity", type=float, default=0.10, help="fraction of neurons in the sparse path")
     p.add_argument("--rotate", type=int, default=8, help="distinct active sets of the sparse path")
     p.add_argument("--formats", default=",".join(Q.FORMATS))
-    p.add_argument("--out", default=str(RESULTS / "bench_formats_cpu.json"))
+    p.add_argument("--out", default=str(RESULTS / "host_kernels_formats_cpu.json"))
     return p.parse_args(argv)
 
 
