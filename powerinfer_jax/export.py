@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
 from ops.quant import Weight, dequantize
 from powerinfer_jax.config import ModelConfig
-from powerinfer_jax.loading import _spec
+from powerinfer_jax.loading import _spec, flat_leaves
 from powerinfer_jax.params import ModelParams, unfuse_qkv
 
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -24,16 +23,8 @@ NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16"
 
 def flatten_params(params: ModelParams) -> dict[str, np.ndarray]:
     """Our flat names ("layers.3.ffn.w_up", ...) -> numpy arrays (Weights dequantized to float32)."""
-    flat = {}
-    is_weight = lambda a: isinstance(a, Weight)  # noqa: E731
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight)[0]:
-        if isinstance(leaf, Weight):
-            leaf = dequantize(jax.tree.map(np.asarray, leaf))
-        parts = []
-        for k in path:
-            parts.append(str(getattr(k, "name", getattr(k, "idx", getattr(k, "key", k)))))
-        flat[".".join(parts)] = np.asarray(leaf)
-    return flat
+    return {name: dequantize(leaf) if isinstance(leaf, Weight) else np.asarray(leaf)
+            for name, leaf in flat_leaves(params)}
 
 
 def llama_hf_config(cfg: ModelConfig) -> dict:

@@ -284,14 +284,15 @@ def engine_params(params: ModelParams, dtype: str = "auto", quantize: str | None
     aligned host `Weight`s of the chosen format, vectors float32, q/k/v fused (benchmarks, tests)."""
     check_choices(dtype, quantize)
     flat = {}
-    for name, leaf in _flat_leaves(fuse_qkv(params)):
+    for name, leaf in flat_leaves(fuse_qkv(params)):
         a = (leaf.data if leaf.fmt == "float32" else dequantize(leaf)) if isinstance(leaf, Weight) else np.asarray(leaf)
         flat[name] = tensor_file.aligned(a.astype(np.float32)) if a.ndim == 1 else \
             _matrix(a, False, dtype, quantize, name)
     return _build_tree(flat, _tree_config(params))
 
 
-def _flat_leaves(tree):
+def flat_leaves(tree):
+    """(flat name like "layers.3.ffn.w_up", leaf) pairs; a Weight is one leaf."""
     is_weight = lambda a: isinstance(a, Weight)  # noqa: E731
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_weight)[0]:
         yield ".".join(str(getattr(k, "name", getattr(k, "idx", getattr(k, "key", k)))) for k in keypath), leaf
@@ -376,7 +377,7 @@ def save_engine_weights(params: ModelParams, path: str, source: dict | None = No
     """Writes a host parameter tree in the engine's layout (fused q/k/v, transposed down matrix,
     stored or quantized formats), 64-byte aligned, so a later load maps it with no transform."""
     tensors, formats = {}, {}
-    for name, leaf in _flat_leaves(params):
+    for name, leaf in flat_leaves(params):
         if isinstance(leaf, Weight):
             tensors[name + ".data"] = np.asarray(leaf.data)
             if leaf.scale is not None:
