@@ -16,7 +16,8 @@ from ops.quant import Weight
 from powerinfer_jax.loading import to_device
 from powerinfer_jax.tensor_file import to_jax
 from powerinfer_jax.params import LayerParams, ModelParams, param_bytes
-from powerinfer_jax.sparse_ffn import HybridRuntime, LayerPlan, PredictorParams, split_ffn
+from powerinfer_jax.sparse_ffn import (HybridRuntime, LayerPlan, PredictorParams, engine_predictor,
+                                       predictor_format, split_ffn)
 
 
 def offload_hot_indices(cfg: ModelConfig, offload_layers: int) -> list[np.ndarray]:
@@ -152,11 +153,15 @@ def build_hybrid_engine(
     if device_kernel == "numba" and backend != "cpu":
         raise ValueError("device_kernel='numba' reads device arrays from host memory: CPU backend only")
     shared = device_kernel == "numba"
+    pred_fmt = predictor_format(_ffn_format(host_params))
     layers, host_ffn, plans = [], [], []
     for l, lp in enumerate(host_params.layers):
         pred = None
         if mode == "predicted":
-            pred = PredictorParams(fc1=_f32_array(predictors[l].fc1), fc2=_f32_array(predictors[l].fc2))
+            if pred_fmt == "float32":
+                pred = PredictorParams(fc1=_f32_array(predictors[l].fc1), fc2=_f32_array(predictors[l].fc2))
+            else:  # read every token like the weights: in their precision, by the same kernels
+                pred = engine_predictor(predictors[l].fc1, predictors[l].fc2, pred_fmt)
         ffn = split_ffn(lp.ffn, hot_indices[l], pred, shared)
         n_hot = len(hot_indices[l])
         n_cold = cfg.intermediate_size - n_hot

@@ -32,7 +32,8 @@ import numpy as np
 from ops.cpu_sparse import sparse_ffn_rows
 from ops.host_kernels import host_ffn_callback
 from ops.linear import linear
-from ops.quant import Weight
+from ops.quant import Weight, to_weight
+from powerinfer_jax import tensor_file
 from ops.select import compact_mask
 from ops.xla_sparse import sparse_ffn_xla
 from powerinfer_jax.config import ModelConfig
@@ -47,7 +48,9 @@ MODES = ("dense", "oracle", "predicted")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PredictorParams:
-    """fc2(relu(fc1 x)), no biases: fc1 [d, r], fc2 [r, n_ff]."""
+    """fc2(relu(fc1 x)), no biases: fc1 [d, r], fc2 [r, n_ff] as float arrays (training, bundles); or,
+    in the engine, row `Weight`s fc1 [r, d] and fc2 [n_ff, r] (torch's layout) in a stored format,
+    read by the same kernels as the model's weights (`engine_predictor`)."""
 
     fc1: jax.Array
     fc2: jax.Array
@@ -55,7 +58,23 @@ class PredictorParams:
 
 def predict_logits(p: PredictorParams, x: jax.Array) -> jax.Array:
     """Per-neuron activation logits [..., n_ff] from the residual stream x [..., d]."""
+    if isinstance(p.fc1, Weight):
+        return linear(jax.nn.relu(linear(x, p.fc1)), p.fc2)
     return jax.nn.relu(x.astype(f32) @ p.fc1.astype(f32)) @ p.fc2.astype(f32)
+
+
+def predictor_format(weight_format: str) -> str:
+    """The format the engine stores predictors in: the model's weights' (they are read every token,
+    like the weights), but int8 for an int4 model (predictor errors decide which neurons run at all)."""
+    return "int8" if weight_format == "int4" else weight_format
+
+
+def engine_predictor(fc1, fc2, fmt: str) -> PredictorParams:
+    """Host predictor matrices (fc1 [d, r], fc2 [r, n_ff]) as device row Weights of `fmt`."""
+    def rows(a):
+        return jax.tree.map(to_jax, to_weight(tensor_file.aligned(np.ascontiguousarray(np.asarray(a, np.float32).T)), fmt))
+
+    return PredictorParams(fc1=rows(fc1), fc2=rows(fc2))
 
 
 @jax.tree_util.register_dataclass

@@ -292,3 +292,23 @@ def test_every_matrix_of_a_quantized_load_is_quantized(checkpoints):
     assert all(isinstance(m, Weight) and m.fmt == "int8" for m in mats if m is not None)
     assert isinstance(p.pos_embed, Weight) and p.pos_embed.fmt == "float32"
     assert jax.tree.leaves(p.layers[0].attn_norm)[0].dtype == np.float32
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
+def test_engine_predictors_match_their_dequantized_reference(fmt):
+    """Predictors stored like the weights (row Weights read by ops.linear) compute the reference
+    fc2(relu(fc1 x)) on their dequantized values within f32 rounding."""
+    from ops.quant import dequantize
+    from powerinfer_jax.sparse_ffn import PredictorParams, engine_predictor, predict_logits, predictor_format
+
+    assert predictor_format("int4") == "int8" and predictor_format("bfloat16") == "bfloat16"
+    rng = np.random.default_rng(0)
+    fc1 = rng.standard_normal((64, 40), dtype=np.float32) / 8
+    fc2 = rng.standard_normal((40, 256), dtype=np.float32) / 6
+    x = rng.standard_normal((1, 64), dtype=np.float32)
+    p = engine_predictor(fc1, fc2, fmt)
+    ref = PredictorParams(fc1=dequantize(p.fc1).T, fc2=dequantize(p.fc2).T)
+    got = np.asarray(jax.jit(predict_logits)(p, x))
+    want = np.asarray(predict_logits(ref, x))
+    assert _rel(got, want) <= 1e-5
+    assert _rel(got, np.asarray(predict_logits(PredictorParams(fc1, fc2), x))) <= 3e-2
