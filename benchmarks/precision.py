@@ -64,7 +64,8 @@ def bench_formats(s: Subject, formats: Sequence[str], *, fraction: float, repeat
         neurons = (np.median([x["ffn_computed_per_token"] for x in rs]) if kind == "hybrid"
                    else s.cfg.num_layers * s.cfg.intermediate_size)
         nbytes = roofline.decode_bytes(s.cfg, fmt, ffn_neurons_per_token=float(neurons), attend_len=attend_len,
-                                       predictor_bytes=s.predictor_bytes if kind == "hybrid" else 0,
+                                       predictor_bytes=roofline.predictor_bytes(s.predictor_shapes(), fmt)
+                                       if kind == "hybrid" else 0,
                                        ffn_index=kind == "hybrid", table_dtype=table)
         med = float(np.median(tok_s))
         rows.append({"format": fmt, "kind": kind, "decode_tok_s": med, "decode_tok_s_all": tok_s,

@@ -144,7 +144,7 @@ def run_config(ckpt_dir: str, kind: str, quantize: str | None, budget_fraction: 
     from powerinfer_jax.config import load_config
     from powerinfer_jax.hybrid import build_hybrid_engine, predicted_capacities
     from powerinfer_jax.loading import load_params
-    from powerinfer_jax.sparse_ffn import PredictorParams
+    from powerinfer_jax.sparse_ffn import PredictorParams, engine_predictor, predictor_format
 
     cfg = load_config(ckpt_dir)
     from ops.quant import to_weight  # runtimes up before the baseline: JAX's backend, numba's quantizers
@@ -159,8 +159,14 @@ def run_config(ckpt_dir: str, kind: str, quantize: str | None, budget_fraction: 
     else:
         z = MappedSafetensors(os.path.join(ckpt_dir, PREDICTORS))
         fc1, fc2, rates = z.view("fc1"), z.view("fc2"), z.view("rates")
-        preds = [PredictorParams(fc1=fc1[l], fc2=fc2[l]) for l in range(cfg.num_layers)]
         host = load_params(ckpt_dir, cfg, quantize=quantize, on_host=True)
+        pfmt = predictor_format(host.layers[0].ffn.w_up.fmt)
+        preds = []
+        for l in range(cfg.num_layers):  # converted layer by layer, the f32 source pages dropped as we go
+            preds.append(PredictorParams(fc1=fc1[l], fc2=fc2[l]) if pfmt == "float32"
+                         else engine_predictor(fc1[l], fc2[l], pfmt))
+            if pfmt != "float32":
+                z.release_view(fc1[l]), z.release_view(fc2[l])
         fmt = host.layers[0].ffn.w_up.fmt
         pred_bytes = int(fc1.nbytes + fc2.nbytes)
         fixed = sum(v for _, v in memory.fixed_groups(cfg, fmt, pred_bytes, max_seq_len))  # as the solver counts
@@ -274,7 +280,7 @@ def with_floors(ckpt_dir: str, rows: list[dict], bandwidth: float) -> list[dict]
 
     cfg = load_config(ckpt_dir)
     z = MappedSafetensors(os.path.join(ckpt_dir, PREDICTORS))
-    pred_bytes = int(z.view("fc1").nbytes + z.view("fc2").nbytes)
+    (n_layers, d, rank), n_ff = z.shape("fc1"), z.shape("fc2")[2]
     for r in rows:
         if "error" in r:
             continue
@@ -282,6 +288,7 @@ def with_floors(ckpt_dir: str, rows: list[dict], bandwidth: float) -> list[dict]
         hybrid = r["kind"] == "hybrid"
         neurons = r.get("ffn_computed_per_token", cfg.num_layers * cfg.intermediate_size) if hybrid else \
             cfg.num_layers * cfg.intermediate_size
+        pred_bytes = roofline.predictor_bytes([(d, rank, n_ff)] * n_layers, fmt)
         nbytes = roofline.decode_bytes(cfg, fmt, ffn_neurons_per_token=neurons, predictor_bytes=pred_bytes if hybrid else 0,
                                        attend_len=64, ffn_index=hybrid, table_dtype="bfloat16")
         r.update(bytes_per_token=nbytes, floor_ms=1000 * nbytes / bandwidth,

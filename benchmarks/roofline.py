@@ -59,6 +59,15 @@ def device_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
     return a.size * 4 / best
 
 
+def predictor_bytes(shapes, fmt: str) -> int:
+    """Bytes the engine reads per token for predictors of (d, rank, n_ff) shapes stored in `fmt`
+    (the engine stores them like the weights: `sparse_ffn.predictor_format`)."""
+    from powerinfer_jax.sparse_ffn import predictor_format
+
+    pf = "float32" if fmt == "float32" else predictor_format(fmt)
+    return int(sum(memory.matrix_bytes(pf, r, d) + memory.matrix_bytes(pf, n, r) for d, r, n in shapes))
+
+
 def decode_bytes(cfg: ModelConfig, dtype: str, *, ffn_neurons_per_token: float, predictor_bytes: int = 0,
                  attend_len: int = 0, ffn_index: bool = False, table_dtype: str | None = None,
                  kv_dtype: str = "float32") -> int:

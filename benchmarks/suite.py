@@ -59,6 +59,10 @@ class Subject:
             cache[fmt] = engine_params(self.host_params, dtype="auto" if quantize else fmt, quantize=quantize)
         return cache[fmt]
 
+    def predictor_shapes(self) -> list[tuple[int, int, int]]:
+        """(d, rank, n_ff) of each layer's predictor."""
+        return [tuple(np.asarray(p.fc1).shape) + (np.asarray(p.fc2).shape[1],) for p in self.predictors]
+
     @property
     def predictor_bytes(self) -> int:
         """Bytes of all predictors as the engine holds them (float32)."""
@@ -158,7 +162,8 @@ def roofline_row(s: Subject, name: str, res: dict, attend_len: int, bw: float, f
     table = s.host_in(fmt).embed.fmt
     if name == "hybrid":
         nbytes = roofline.decode_bytes(cfg, fmt, ffn_neurons_per_token=res["ffn_computed_per_token"],
-                                       predictor_bytes=s.predictor_bytes, attend_len=attend_len, ffn_index=True,
+                                       predictor_bytes=roofline.predictor_bytes(s.predictor_shapes(), fmt),
+                                       attend_len=attend_len, ffn_index=True,
                                        table_dtype=table)
     else:
         nbytes = roofline.decode_bytes(cfg, fmt, ffn_neurons_per_token=cfg.num_layers * cfg.intermediate_size,

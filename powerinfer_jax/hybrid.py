@@ -158,7 +158,9 @@ def build_hybrid_engine(
     for l, lp in enumerate(host_params.layers):
         pred = None
         if mode == "predicted":
-            if pred_fmt == "float32":
+            if isinstance(predictors[l].fc1, Weight):  # already in the engine's form
+                pred = predictors[l]
+            elif pred_fmt == "float32":
                 pred = PredictorParams(fc1=_f32_array(predictors[l].fc1), fc2=_f32_array(predictors[l].fc2))
             else:  # read every token like the weights: in their precision, by the same kernels
                 pred = engine_predictor(predictors[l].fc1, predictors[l].fc2, pred_fmt)

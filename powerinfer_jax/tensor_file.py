@@ -108,6 +108,19 @@ class MappedSafetensors:
         if hi > lo:
             self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
+    def release_view(self, view: np.ndarray) -> None:
+        """Drops the pages of a view of this mapping (e.g. one layer of a stacked tensor) once copied."""
+        if self._map is None:
+            return
+        import ctypes
+
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        start = view.ctypes.data - base
+        lo = -(-start // _PAGE) * _PAGE
+        hi = (start + view.nbytes) // _PAGE * _PAGE
+        if 0 <= lo < hi <= len(self._map):
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def close(self) -> None:
         """Closes the file; views handed out keep the mapping alive until they are freed."""
         self._file.close()
