@@ -28,6 +28,7 @@ __all__ = [
     "UnsupportedModelError",
     "default_model_dir",
     "load",
+    "load_params",
 ]
 
 # The small ReLU-LLaMA trained on Tiny Shakespeare that ships with the repo.

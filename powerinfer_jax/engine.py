@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from powerinfer_jax.config import ModelConfig
-from powerinfer_jax.model import KV_DTYPES, FFNFn, KVCache, forward, init_cache
+from powerinfer_jax.model import KV_DTYPES, FFNFn, forward, init_cache
 from powerinfer_jax.params import ModelParams, fuse_qkv
 from powerinfer_jax.sampling import SamplingParams, sample
 from powerinfer_jax.tokenizer import Tokenizer

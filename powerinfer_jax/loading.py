@@ -23,7 +23,8 @@ import numpy as np
 from ops.quant import Weight, dequantize, storage_format, to_weight
 from powerinfer_jax import tensor_file
 from powerinfer_jax.config import ModelConfig
-from powerinfer_jax.params import AttentionParams, FFNParams, LayerParams, ModelParams, NormParams, fuse_qkv
+from powerinfer_jax.params import (AttentionParams, FFNParams, LayerParams, ModelParams, NormParams, concat_rows,
+                                   fuse_qkv)
 
 # Weight storage choices: "auto" keeps the checkpoint's precision; the others convert.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -244,29 +245,20 @@ def load_params(model_dir: str, cfg: ModelConfig, dtype: str = "auto", quantize:
             f.release(raw)  # a new buffer holds it: drop the source pages now (peak RSS ~ 1x)
     for i in range(cfg.num_layers):  # fuse q/k/v into one row matrix, then drop the sources
         p = f"layers.{i}.attn."
-        flat[p + "wqkv"] = _fused_rows([flat.pop(p + k) for k in ("wq", "wk", "wv")])
+        try:  # one new aligned buffer, no intermediate copy
+            flat[p + "wqkv"] = concat_rows(*(flat.pop(p + k) for k in ("wq", "wk", "wv")))
+        except ValueError as err:
+            raise CheckpointError(f"cannot fuse layer {i}'s q/k/v: {err}") from err
         if p + "bq" in flat:
-            flat[p + "bqkv"] = tensor_file.aligned(np.concatenate([flat.pop(p + k) for k in ("bq", "bk", "bv")]))
+            flat[p + "bqkv"] = concat_rows(*(flat.pop(p + k) for k in ("bq", "bk", "bv")))
         for k in ("wq", "wk", "wv"):
             for f, raw in sources.pop(p + k, []):
                 f.release(raw)
     for f in files:
         f.close()
     _return_freed_memory()
-    tree = _build_tree(flat, cfg)
+    tree = _build_tree(flat, cfg.num_layers)
     return tree if on_host else to_device(tree)
-
-
-def _fused_rows(ws: list[Weight]) -> Weight:
-    """Row matrices stacked into one new aligned buffer (no intermediate copy)."""
-    def cat(parts):
-        out = tensor_file.aligned_empty((sum(p.shape[0] for p in parts),) + parts[0].shape[1:], parts[0].dtype)
-        return np.concatenate(parts, axis=0, out=out)
-
-    if len({(w.fmt, w.cols) for w in ws}) != 1:
-        raise CheckpointError(f"cannot fuse q/k/v stored as {[w.fmt for w in ws]}")
-    return Weight(cat([w.data for w in ws]), None if ws[0].scale is None else cat([w.scale for w in ws]),
-                  ws[0].fmt, ws[0].cols)
 
 
 def _return_freed_memory() -> None:
@@ -288,7 +280,7 @@ def engine_params(params: ModelParams, dtype: str = "auto", quantize: str | None
         a = (leaf.data if leaf.fmt == "float32" else dequantize(leaf)) if isinstance(leaf, Weight) else np.asarray(leaf)
         flat[name] = tensor_file.aligned(a.astype(np.float32)) if a.ndim == 1 else \
             _matrix(a, False, dtype, quantize, name)
-    return _build_tree(flat, _tree_config(params))
+    return _build_tree(flat, len(params.layers))
 
 
 def flat_leaves(tree):
@@ -298,26 +290,19 @@ def flat_leaves(tree):
         yield ".".join(str(getattr(k, "name", getattr(k, "idx", getattr(k, "key", k)))) for k in keypath), leaf
 
 
-class _tree_config:
-    """The little of a config `_build_tree` needs, read off a tree."""
-
-    def __init__(self, params: ModelParams):
-        self.num_layers = len(params.layers)
-
-
 def to_device(tree):
     """Host arrays of a pytree as JAX arrays on the default device (zero-copy on the CPU backend)."""
     return jax.tree.map(tensor_file.to_jax, tree)
 
 
-def _build_tree(flat: dict, cfg: ModelConfig) -> ModelParams:
+def _build_tree(flat: dict, num_layers: int) -> ModelParams:
     get = flat.get
 
     def norm(prefix: str) -> NormParams:
         return NormParams(scale=flat[prefix + ".scale"], bias=get(prefix + ".bias"))
 
     layers = []
-    for i in range(cfg.num_layers):
+    for i in range(num_layers):
         p = f"layers.{i}."
         attn = AttentionParams(
             **{k: get(p + "attn." + k) for k in ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "wqkv", "bqkv")}
@@ -407,5 +392,5 @@ def load_engine_weights(path: str, cfg: ModelConfig, on_host: bool = False) -> M
         flat[name] = Weight(f.view(name + ".data"), scale, fmt, int(cols))
     f.close()
     # Our flat names use the tree's field names: norms end in ".scale"/".bias", which _build_tree reads.
-    tree = _build_tree(flat, cfg)
+    tree = _build_tree(flat, cfg.num_layers)
     return tree if on_host else to_device(tree)

@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ops.linear import slice_rows
 from ops.quant import Weight
+from powerinfer_jax.tensor_file import aligned_empty
 from powerinfer_jax.config import ModelConfig
 
 
@@ -114,27 +116,33 @@ def param_bytes(tree) -> int:
     return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree)))
 
 
+def _cat(parts):
+    """Arrays stacked along axis 0; host arrays into one new 64-byte-aligned buffer (JAX can alias it)."""
+    if not isinstance(parts[0], np.ndarray):
+        return jnp.concatenate(parts, axis=0)
+    out = aligned_empty((sum(p.shape[0] for p in parts),) + parts[0].shape[1:], parts[0].dtype)
+    return np.concatenate(parts, axis=0, out=out)
+
+
 def concat_rows(*ws):
     """Row matrices stacked along their rows (Weights of one format, or plain arrays)."""
     if ws[0] is None:
         return None
     if isinstance(ws[0], Weight):
-        if len({w.fmt for w in ws}) != 1:
+        if len({(w.fmt, w.cols) for w in ws}) != 1:
             raise ValueError(f"cannot fuse weights of formats {[w.fmt for w in ws]}")
-        cat = np.concatenate if isinstance(ws[0].data, np.ndarray) else jnp.concatenate
-        scale = None if ws[0].scale is None else cat([w.scale for w in ws], axis=0)
-        return Weight(cat([w.data for w in ws], axis=0), scale, ws[0].fmt, ws[0].cols)
-    cat = np.concatenate if isinstance(ws[0], np.ndarray) else jnp.concatenate
-    return cat(ws, axis=0)
+        scale = None if ws[0].scale is None else _cat([w.scale for w in ws])
+        return Weight(_cat([w.data for w in ws]), scale, ws[0].fmt, ws[0].cols)
+    return _cat(list(ws))
 
 
 def _split_rows(w, bounds):
     if w is None:
         return (None,) * (len(bounds) - 1)
+    pairs = zip(bounds[:-1], bounds[1:])
     if isinstance(w, Weight):
-        return tuple(Weight(w.data[a:b], None if w.scale is None else w.scale[a:b], w.fmt, w.cols)
-                     for a, b in zip(bounds[:-1], bounds[1:]))
-    return tuple(w[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
+        return tuple(slice_rows(w, a, b) for a, b in pairs)
+    return tuple(w[a:b] for a, b in pairs)
 
 
 def fuse_qkv(params: ModelParams) -> ModelParams:
