@@ -35,8 +35,8 @@ def main(argv):
     import numpy as np
 
     import powerinfer_jax as pij
-    from offline import bundle as bundle_lib
-    from offline import memory
+    from powerinfer_jax import bundle as bundle_lib
+    from powerinfer_jax import memory
 
     b = bundle_lib.load_bundle(FLAGS.bundle)
     cfg = pij.load_config(b.model_dir)

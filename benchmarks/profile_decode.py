@@ -41,7 +41,7 @@ def main(argv):
     import powerinfer_jax  # noqa: F401
     from benchmarks import roofline, suite
     from benchmarks.subjects import bundled_subject, synthetic_subject
-    from offline import memory
+    from powerinfer_jax import memory
     from ops.select import compact_mask
     from powerinfer_jax.engine import Engine
     from powerinfer_jax.sparse_ffn import predict_logits

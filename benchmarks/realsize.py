@@ -139,7 +139,7 @@ def run_config(ckpt_dir: str, kind: str, quantize: str | None, budget_fraction: 
     import jax
 
     import powerinfer_jax as pij
-    from offline import memory
+    from powerinfer_jax import memory
     from offline.bundle import PlacementSettings, solve_placement
     from powerinfer_jax.config import load_config
     from powerinfer_jax.hybrid import build_hybrid_engine, predicted_capacities

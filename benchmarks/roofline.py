@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numba
 import numpy as np
 
-from offline import memory
+from powerinfer_jax import memory
 from powerinfer_jax.config import ModelConfig
 
 

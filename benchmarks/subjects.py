@@ -12,7 +12,7 @@ import numpy as np
 from benchmarks import synthetic
 from benchmarks.suite import Subject, collect_residuals, device_params
 from offline.activation_stats import summarize
-from offline.bundle import load_bundle
+from powerinfer_jax.bundle import load_bundle
 from powerinfer_jax.config import load_config
 from powerinfer_jax.loading import load_params, matrix_format
 from powerinfer_jax.tokenizer import Tokenizer

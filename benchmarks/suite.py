@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import roofline
-from offline import memory
+from powerinfer_jax import memory
 from offline.bundle import PlacementSettings, solve_placement
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.engine import Engine, bucket

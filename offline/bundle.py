@@ -1,12 +1,8 @@
-"""The prepared bundle: everything the hybrid engine needs beside the HF weights.
+"""Writing the prepared bundle (`bin/prepare`): everything the hybrid engine needs beside the HF
+weights. Its layout and the reader are in `powerinfer_jax/bundle.py`; this module profiles,
+trains, solves placements and writes them (full sha256 of the model's files, plus the cheap
+fingerprints the engine checks on every load).
 
-    prepared/
-      manifest.json          format version, model reference + sha256 of its files, corpus hash,
-                             dtype, max context, settings, tool versions, current placement name
-      profile/               profiler output (counts.npy, summary.json, samples/, plot)
-      predictors/            per-layer predictors (orbax arrays + predictors.json)
-      placements/<name>.json one per budget: hot neuron ids per layer (Placement.to_json) and
-                             the device memory plan that produced it
 `prepare` re-uses the profile and the predictors when the model, corpus and their settings are
 unchanged, so another budget only re-solves the placement.
 """
@@ -22,34 +18,11 @@ from importlib import metadata
 
 import numpy as np
 
-from offline import memory, profiler
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-class BundleError(ValueError):
-    """A prepared folder that is missing pieces or does not match its model."""
-
-
-def is_bundle(path: str) -> bool:
-    """Whether `path` is a prepared-bundle folder."""
-    return os.path.isfile(os.path.join(path, MANIFEST))
-
-
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_hashes(model_dir: str) -> dict[str, str]:
-    """sha256 of config.json and every safetensors file of a model folder."""
-    names = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors") or f == "config.json")
-    return {n: sha256_file(os.path.join(model_dir, n)) for n in names}
+from offline import profiler
+from powerinfer_jax import memory
+# The reader side of a bundle lives in the library (the engine loads bundles); this module writes them.
+from powerinfer_jax.bundle import (FORMAT_VERSION, MANIFEST, PlacementSettings, is_bundle, model_fingerprints,
+                                   model_hashes, placement_name)
 
 
 def tool_versions() -> dict[str, str]:
@@ -61,26 +34,6 @@ def tool_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
-
-
-@dataclasses.dataclass(frozen=True)
-class PlacementSettings:
-    """How the device budget is turned into a placement."""
-
-    budget_bytes: int
-    dtype: str = "float32"
-    max_context: int = 1024
-    batch: int = 64
-    min_hot_per_split_layer: int = 0
-    time_limit_s: float = 30.0
-    reserve_predictors: bool = True  # False for dense/oracle runs, which hold no predictors
-
-
-def placement_name(ps: PlacementSettings) -> str:
-    """File stem naming a placement by its budget and settings."""
-    pred = "" if ps.reserve_predictors else "_nopred"
-    return (f"budget_{ps.budget_bytes}_{ps.dtype}_ctx{ps.max_context}_b{ps.batch}_m{ps.min_hot_per_split_layer}"
-            f"{pred}")
 
 
 def solve_placement(cfg, counts: np.ndarray, tokens: int, predictor_bytes: int, ps: PlacementSettings):
@@ -124,68 +77,6 @@ def write_engine_weights(bundle_dir: str, model_dir: str, dtype: str = "auto", q
     save_engine_weights(params, path, source={"model_sha256": model_hashes(model_dir), "dtype": dtype,
                                               "quantize": quantize})
     return path
-
-
-@dataclasses.dataclass
-class Bundle:
-    """A loaded prepared bundle."""
-
-    path: str
-    manifest: dict
-    counts: np.ndarray
-    tokens: int
-    predictors: object | None  # offline.predictors.Predictors
-
-    @property
-    def model_dir(self) -> str:
-        """The HF model folder the bundle was prepared from."""
-        return self.manifest["model"]["path"]
-
-    def stored_placement(self, ps: PlacementSettings) -> dict | None:
-        """The placement solved earlier for exactly these settings, if the bundle has it."""
-        path = os.path.join(self.path, "placements", placement_name(ps) + ".json")
-        if not os.path.isfile(path):
-            return None
-        with open(path) as f:
-            return json.load(f)
-
-    def placement(self, name: str | None = None) -> dict:
-        """A stored placement record (the current one by default)."""
-        name = name or self.manifest.get("current_placement")
-        if not name:
-            raise BundleError(f"{self.path} has no placement yet; run bin/prepare with --budget")
-        with open(os.path.join(self.path, "placements", name + ".json")) as f:
-            return json.load(f)
-
-
-def load_bundle(path: str, check_model: bool = True) -> Bundle:
-    """Reads a bundle; fails clearly when its manifest does not match the model it references."""
-    from offline import predictors as predictors_lib
-
-    if not is_bundle(path):
-        raise BundleError(f"{path} is not a prepared bundle (no {MANIFEST}); create one with bin/prepare")
-    with open(os.path.join(path, MANIFEST)) as f:
-        manifest = json.load(f)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
-                          "re-run bin/prepare")
-    model_dir = manifest["model"]["path"]
-    if not os.path.isabs(model_dir):  # stored relative to the bundle so bundles can move with their model
-        model_dir = os.path.normpath(os.path.join(path, model_dir))
-        manifest["model"]["path"] = model_dir
-    if check_model:
-        if not os.path.isdir(model_dir):
-            raise BundleError(f"{path}: its model folder {model_dir} is missing")
-        now = model_hashes(model_dir)
-        if now != manifest["model"]["sha256"]:
-            changed = sorted(set(now) ^ set(manifest["model"]["sha256"]) |
-                             {k for k in now if manifest["model"]["sha256"].get(k) != now[k]})
-            raise BundleError(f"{path}: the bundle does not match its model {model_dir} (changed files: "
-                              f"{', '.join(changed)}); re-run bin/prepare")
-    counts, tokens = profiler.load_counts(os.path.join(path, "profile"))
-    preds_dir = os.path.join(path, "predictors")
-    preds = predictors_lib.load_predictors(preds_dir) if os.path.isdir(preds_dir) else None
-    return Bundle(path, manifest, counts, tokens, preds)
 
 
 def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: PlacementSettings | None,
@@ -240,6 +131,7 @@ def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: Placemen
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"path": os.path.relpath(os.path.abspath(model_dir), os.path.abspath(out_dir)), "sha256": hashes,
+                  "fingerprint": model_fingerprints(model_dir),
                   "architecture": cfg.architecture, "ffn_kind": cfg.ffn_kind},
         "corpus": {"paths": [os.path.abspath(p) for p in corpus] if corpus else ["<default training split>"],
                    "sha256": corpus_hash},

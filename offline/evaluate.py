@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from offline import bundle as bundle_lib
+from powerinfer_jax.bundle import MANIFEST, is_bundle, load_bundle
 from offline.pipeline import DEFAULT_CORPUS, HOLDOUT_FRACTION, REPO
 from offline.predictors import jsonable, metrics_from_counts
 from offline.profiler import make_windows
@@ -116,7 +117,7 @@ class Source:
 
     path: str  # what pij.load gets (the bundle folder when there is one)
     model_dir: str
-    bundle: object | None  # offline.bundle.Bundle
+    bundle: object | None  # powerinfer_jax.bundle.Bundle
 
     @property
     def predictors(self):
@@ -133,15 +134,15 @@ def open_source(bundle: str | None = None, model: str | None = None) -> Source:
         path = str(bundle if bundle is not None else DEFAULT_BUNDLE)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"bundle folder not found: {path}")
-        if not bundle_lib.is_bundle(path):
-            raise EvalError(f"{path} is not a prepared bundle (no {bundle_lib.MANIFEST}): create one with "
+        if not is_bundle(path):
+            raise EvalError(f"{path} is not a prepared bundle (no {MANIFEST}): create one with "
                             "bin/prepare, or pass a plain model folder with --model (dense and oracle only)")
     else:
         path = str(model)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model folder not found: {path}")
-    if bundle_lib.is_bundle(path):
-        b = bundle_lib.load_bundle(path)  # BundleError (a ValueError) when its model changed or is missing
+    if is_bundle(path):
+        b = load_bundle(path)  # BundleError (a ValueError) when its model changed or is missing
         load_config(b.model_dir)
         return Source(path, b.model_dir, b)
     load_config(path)  # clear errors for a folder that is not an HF model

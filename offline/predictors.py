@@ -120,10 +120,6 @@ __all__ = [
     "train_layer",
 ]
 
-FORMAT = "powerinfer-jax-predictors"
-FORMAT_VERSION = 1
-_JSON = "predictors.json"
-_ARRAYS = "arrays"
 _EVAL_CHUNK = 2048  # held-out rows per jitted logits call (fixed shape: one compile per rank)
 _log = logging.getLogger(__name__)
 
@@ -135,6 +131,10 @@ class ProfileError(ValueError):
 # The runtime owns the predictor's definition (the engine applies it inside the decode step);
 # training here produces exactly that pytree.
 from powerinfer_jax.sparse_ffn import PredictorParams, predict_logits  # noqa: E402
+# Reading predictors is the library's job (the engine loads them from bundles); training writes them.
+from powerinfer_jax.predictor_store import (FORMAT, FORMAT_VERSION, LayerPredictor, Predictors,  # noqa: E402,F401
+                                            load_predictors)
+from powerinfer_jax.predictor_store import ARRAYS as _ARRAYS, META_JSON as _JSON  # noqa: E402
 
 
 def predict_mask(p: PredictorParams, x: jax.Array, threshold) -> jax.Array:
@@ -165,75 +165,6 @@ class TrainSettings:
     budget_fraction: float = 0.10  # of the model's parameters; <= 0 disables the budget
     dtype: str = "float32"  # storage dtype of the saved weights: float32 | bfloat16 | float16
     seed: int = 0
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class LayerPredictor:
-    """One trained layer: weights, rank, calibrated threshold and held-out metrics."""
-
-    layer: int
-    rank: int
-    threshold: float
-    params: PredictorParams
-    metrics: dict  # JSON-safe: recall, precision, true_frac, pred_frac, ratio, attempts, ...
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Predictors:
-    """All layers' predictors plus what they were trained for."""
-
-    layers: tuple[LayerPredictor, ...]
-    hidden_size: int
-    intermediate_size: int
-    dtype: str = "float32"
-    model_params: int | None = None
-    settings: dict | None = None
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    @property
-    def params(self) -> list[PredictorParams]:
-        """Per-layer weight pytrees (pass to a jitted step)."""
-        return [lp.params for lp in self.layers]
-
-    @property
-    def thresholds(self) -> np.ndarray:
-        """Per-layer thresholds, float32 [L]."""
-        return np.asarray([lp.threshold for lp in self.layers], np.float32)
-
-    @property
-    def ranks(self) -> list[int]:
-        """Per-layer predictor widths r."""
-        return [lp.rank for lp in self.layers]
-
-    @property
-    def num_params(self) -> int:
-        """Total predictor parameters."""
-        return sum(r * (self.hidden_size + self.intermediate_size) for r in self.ranks)
-
-    @property
-    def nbytes(self) -> int:
-        """Total bytes of the stored weights."""
-        return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self.params)))
-
-    def totals(self) -> dict:
-        """Totals for reports: parameters, bytes, share of the model, budget."""
-        frac = self.num_params / self.model_params if self.model_params else None
-        budget = (self.settings or {}).get("budget_fraction")
-        return {
-            "num_layers": len(self),
-            "ranks": self.ranks,
-            "predictor_params": self.num_params,
-            "predictor_bytes": self.nbytes,
-            "model_params": self.model_params,
-            "fraction_of_model": frac,
-            "budget_fraction": budget,
-            "within_budget": None if frac is None or not budget or budget <= 0 else frac <= budget + 1e-12,
-            "mean_recall": _mean(lp.metrics.get("recall") for lp in self.layers),
-            "mean_ratio": _mean(lp.metrics.get("ratio") for lp in self.layers),
-            "layers_meeting_target": sum(bool(lp.metrics.get("meets_target")) for lp in self.layers),
-        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,37 +551,6 @@ def save_predictors(preds: Predictors, out_dir: str) -> str:
     return out_dir
 
 
-def load_predictors(out_dir: str) -> Predictors:
-    """Reads a folder written by save_predictors."""
-    import orbax.checkpoint as ocp
-
-    out_dir = os.path.abspath(out_dir)
-    path = os.path.join(out_dir, _JSON)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {_JSON} in {out_dir}: not a predictors folder (see bin/train_predictors)")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}, "
-                         f"this code reads {FORMAT!r} version {FORMAT_VERSION}")
-    d, n_ff, dt = meta["hidden_size"], meta["intermediate_size"], jnp.dtype(meta["dtype"])
-    # Name the target device: orbax refuses to restore onto another topology (a CPU-saved bundle
-    # loaded on a GPU machine) unless the target tree carries the sharding to restore to.
-    where = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = {f"layer_{e['layer']:03d}": {"fc1": jax.ShapeDtypeStruct((d, e["rank"]), dt, sharding=where),
-                                          "fc2": jax.ShapeDtypeStruct((e["rank"], n_ff), dt, sharding=where)}
-                for e in meta["layers"]}
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(os.path.join(out_dir, _ARRAYS), abstract)
-    layers = []
-    for e in meta["layers"]:
-        t = tree[f"layer_{e['layer']:03d}"]
-        layers.append(LayerPredictor(layer=int(e["layer"]), rank=int(e["rank"]), threshold=float(e["threshold"]),
-                                     params=PredictorParams(fc1=t["fc1"], fc2=t["fc2"]), metrics=e["metrics"]))
-    return Predictors(layers=tuple(layers), hidden_size=d, intermediate_size=n_ff, dtype=meta["dtype"],
-                      model_params=meta.get("model_params"), settings=meta.get("settings"))
-
-
 _EXPORT_NAME = re.compile(r"activation_\d+\.safetensors")
 
 
@@ -701,11 +601,6 @@ def model_param_count(model_dir: str) -> int:
 
 def _finite(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
-
-
-def _mean(vals) -> float | None:
-    vals = [v for v in vals if v is not None]
-    return float(np.mean(vals)) if vals else None
 
 
 def jsonable(obj: Any) -> Any:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from offline import activation_stats
+from powerinfer_jax.bundle import load_counts  # noqa: F401  (the library reads profiles; re-exported here)
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.model import forward
 from powerinfer_jax.params import ModelParams
@@ -144,9 +145,3 @@ def load_samples(profile_dir: str, layer: int, n_ff: int) -> tuple[np.ndarray, n
     m = np.load(os.path.join(profile_dir, "samples", f"mask_{layer:03d}.npy"), mmap_mode="r")
     return np.asarray(x, np.float32), np.unpackbits(m, axis=1, count=n_ff).astype(bool)
 
-
-def load_counts(profile_dir: str) -> tuple[np.ndarray, int]:
-    """(firing counts [L, n_ff], profiled tokens) from a profile folder."""
-    with open(os.path.join(profile_dir, "summary.json")) as f:
-        tokens = json.load(f)["tokens"]
-    return np.load(os.path.join(profile_dir, "counts.npy")), int(tokens)

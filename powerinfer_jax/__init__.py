@@ -56,6 +56,7 @@ def load(
     placement_batch: int = 64,
     min_hot_per_split_layer: int = 0,
     device_kernel: str = "auto",
+    verify_bundle: str = "fast",
 ) -> Engine:
     """Loads an HF model folder or a prepared bundle (from bin/prepare) into an Engine.
 
@@ -71,16 +72,18 @@ def load(
     threshold: overrides the predictors' calibrated per-layer thresholds.
     offload_layers: llama.cpp-style baseline: the last N layers on the device, the other
       layers' dense FFNs on the host (ignores the budget).
+    verify_bundle: how a bundle is checked against its model's files: "fast" (size and sampled
+      blocks, milliseconds), "full" (sha256 of every byte, as bin/prepare records) or "none".
     """
     from powerinfer_jax.tokenizer import Tokenizer
 
     check_choices(dtype, quantize)
     path = str(model_dir) if model_dir is not None else default_model_dir()
     bundle = None
-    from offline import bundle as bundle_lib
+    from powerinfer_jax import bundle as bundle_lib
 
     if bundle_lib.is_bundle(path):
-        bundle = bundle_lib.load_bundle(path)
+        bundle = bundle_lib.load_bundle(path, verify=verify_bundle)
         path = bundle.model_dir
     cfg = load_config(path)
     tokenizer = None

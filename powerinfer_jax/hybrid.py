@@ -200,7 +200,7 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
                 quantize: str | None, kv_dtype: str, max_seq_len: int | None, budget, threshold: float | None, offload_layers: int | None,
                 placement_batch: int, min_hot: int, device_kernel: str) -> HybridEngine:
     """`pij.load` for sparse modes, budgets and the offload baseline (see its docstring)."""
-    from offline import memory
+    from powerinfer_jax import memory
     from powerinfer_jax.loading import load_model_params
 
     if mode == "predicted" and (bundle is None or bundle.predictors is None):
@@ -223,27 +223,25 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
         if bundle is None:
             raise ValueError("device_memory_budget needs activation statistics: run bin/prepare on "
                              f"{model_dir} and load the bundle folder")
-        from offline.bundle import PlacementSettings, solve_placement
+        from powerinfer_jax.bundle import PlacementSettings
 
         ps = PlacementSettings(budget_bytes=memory.parse_bytes(budget), dtype=fmt, max_context=max_seq_len,
                                batch=placement_batch, min_hot_per_split_layer=min_hot,
                                reserve_predictors=mode == "predicted")
         stored = bundle.stored_placement(ps)
-        if stored is not None:  # solved before for exactly these settings: no MILP at load time
+        if stored is not None:  # solved by bin/prepare for exactly these settings: no MILP at load time
             hot = [np.asarray(h, np.int32) for h in stored["placement"]["hot_indices"]]
             info = {"kind": "milp (stored)", "budget": ps.budget_bytes, "device_plan": stored["device_plan"],
                     "status": stored["placement"].get("status")}
         else:
-            from offline.bundle import write_placement
+            # Solved here, in memory: loading never writes into a bundle (`bin/prepare --budget`
+            # stores a placement). The solver is the offline pipeline's, imported only now.
+            from offline.bundle import solve_placement
 
             p, plan = solve_placement(cfg, bundle.counts, bundle.tokens, preds.nbytes if preds else 0, ps)
             hot = [np.asarray(h) for h in p.hot_indices]
             info = {"kind": "milp", "budget": ps.budget_bytes, "device_plan": plan.as_dict(), "status": p.status,
                     "objective_share": p.objective / max(p.total_mass, 1e-30), "solve_time_s": p.solve_time_s}
-            try:  # keep it, so the next load with these settings needs no solver
-                write_placement(bundle.path, p, plan, ps)
-            except OSError:
-                pass
     thresholds = capacities = pred_params = None
     if mode == "predicted":
         pred_params = preds.params

@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks import report, roofline, suite, synthetic
 from benchmarks.subjects import synthetic_subject
-from offline import memory
+from powerinfer_jax import memory
 from offline.activation_stats import plot_frequency_curves
 from powerinfer_jax.engine import Engine
 from powerinfer_jax.params import param_bytes

@@ -11,7 +11,9 @@ import pytest
 
 import powerinfer_jax as pij
 from hf_models import make_llama
-from offline import bundle, memory, predictors, profiler
+from offline import bundle, predictors, profiler
+from powerinfer_jax.bundle import BundleError, load_bundle
+from powerinfer_jax import memory
 from offline.train_model import train_tokenizer
 from offline.pipeline import DEFAULT_CORPUS
 
@@ -52,7 +54,7 @@ def test_prepare_writes_a_complete_bundle(prepared, tiny):
     assert manifest["format_version"] == bundle.FORMAT_VERSION
     assert set(manifest["model"]["sha256"]) == {"config.json", "model.safetensors"}
     assert manifest["tools"]["jax"] and manifest["predictor_bytes"] > 0
-    b = bundle.load_bundle(out)
+    b = load_bundle(out)
     assert b.counts.shape == (2, 256) and b.tokens > 0
     assert len(b.predictors) == 2
     assert os.path.isfile(os.path.join(out, "profile", "frequency_curves.png"))
@@ -69,7 +71,7 @@ def test_new_budget_only_resolves_placement(prepared, tiny):
     m2 = bundle.prepare(model_dir, [corpus], out, bundle.PlacementSettings(budget_bytes=budget, batch=16),
                         PROFILE, PRED, log=logs.append)
     assert "profile: up to date, re-used" in logs and "predictors: up to date, re-used" in logs
-    rec = bundle.load_bundle(out).placement()
+    rec = load_bundle(out).placement()
     hot = sum(len(h) for h in rec["placement"]["hot_indices"])
     assert 0 < hot < 2 * 256
     assert rec["device_plan"]["ffn_budget"] >= hot * memory.neuron_bytes(cfg, "float32")
@@ -81,7 +83,7 @@ def test_predicted_engine_respects_the_budget(prepared, fraction):
     out, manifest, _ = prepared
     from powerinfer_jax.config import load_config
 
-    cfg = load_config(bundle.load_bundle(out).model_dir)
+    cfg = load_config(load_bundle(out).model_dir)
     budget = _budget(cfg, fraction, manifest["predictor_bytes"])
     eng = pij.load(out, sparsity="predicted", device_memory_budget=budget, max_seq_len=64)
     rep = eng.memory_report()
@@ -100,7 +102,9 @@ def test_budget_too_small_is_explained(prepared):
         pij.load(out, sparsity="predicted", device_memory_budget="10KB", max_seq_len=64)
 
 
-def test_bundle_not_matching_its_model(tmp_path, prepared, tiny):
+@pytest.mark.parametrize("old_manifest", [False, True])
+def test_bundle_not_matching_its_model(tmp_path, prepared, tiny, old_manifest):
+    """Caught by the fingerprint, and by the full hash for a manifest written before fingerprints."""
     import shutil
 
     out, _, _ = prepared
@@ -111,11 +115,13 @@ def test_bundle_not_matching_its_model(tmp_path, prepared, tiny):
     shutil.copytree(out, copy_bundle)
     manifest = json.loads((copy_bundle / "manifest.json").read_text())
     manifest["model"]["path"] = str(copy_model)
+    assert set(manifest["model"].pop("fingerprint") if old_manifest else manifest["model"]["fingerprint"]) == \
+        {"config.json", "model.safetensors"}
     (copy_bundle / "manifest.json").write_text(json.dumps(manifest))
     with open(copy_model / "model.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\x00\x01\x02\x03")
-    with pytest.raises(bundle.BundleError, match="does not match its model"):
+    with pytest.raises(BundleError, match="does not match its model"):
         pij.load(str(copy_bundle))
 
 
@@ -154,3 +160,72 @@ def test_parse_bytes():
     assert memory.parse_bytes(1234) == 1234
     with pytest.raises(ValueError, match="cannot parse a byte size"):
         memory.parse_bytes("lots")
+
+
+def test_fingerprint_samples_blocks_and_full_verification_reads_all(tmp_path):
+    """The cheap check sees the header, the ends and sampled blocks; a byte between them needs
+    verify="full" (documented in powerinfer_jax/bundle.py)."""
+    from powerinfer_jax.bundle import file_fingerprint, sha256_file
+
+    path = tmp_path / "w.safetensors"
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes())
+    path.write_bytes(bytes(data))
+    fp, full = file_fingerprint(str(path)), sha256_file(str(path))
+    for offset, seen_by_fingerprint in ((10, True), ((8 << 20) - 5, True), ((3 << 20) + 100, False)):
+        changed = bytearray(data)
+        changed[offset] ^= 0xFF
+        path.write_bytes(bytes(changed))
+        assert (file_fingerprint(str(path)) != fp) == seen_by_fingerprint
+        assert sha256_file(str(path)) != full
+    path.write_bytes(bytes(data[:-1]))  # truncated by one byte
+    assert file_fingerprint(str(path)) != fp
+
+
+def test_loading_at_a_new_budget_solves_in_memory_and_writes_nothing(prepared):
+    """A budget without a stored placement is solved at load; the bundle folder is left as it was
+    (bin/prepare --budget is what stores placements)."""
+    out, _, _ = prepared
+    cfg = pij.load_config(load_bundle(out).model_dir)
+
+    def snapshot():
+        return sorted((os.path.relpath(os.path.join(d, f), out), os.stat(os.path.join(d, f)).st_mtime_ns)
+                      for d, _, files in os.walk(out) for f in files)
+
+    before = snapshot()
+    budget = _budget(cfg, 0.37, load_bundle(out).predictors.nbytes)
+    eng = pij.load(out, sparsity="predicted", device_memory_budget=budget, max_seq_len=64)
+    assert eng.placement_info["kind"] == "milp"
+    assert snapshot() == before
+
+
+def test_the_library_imports_the_offline_pipeline_only_to_solve_a_placement():
+    """No import cycle: powerinfer_jax never imports offline/ at module level; the one lazy import is
+    the MILP solver, for a budget whose placement the bundle does not store."""
+    import ast
+    import pathlib
+
+    class Imports(ast.NodeVisitor):
+        def __init__(self, name):
+            self.name, self.stack, self.found = name, [], set()
+
+        def visit_FunctionDef(self, node):
+            self.stack.append(node.name)
+            self.generic_visit(node)
+            self.stack.pop()
+
+        def visit_Import(self, node):
+            for a in node.names:
+                if a.name.split(".")[0] == "offline":
+                    self.found.add((self.name, self.stack[-1] if self.stack else None, a.name))
+
+        def visit_ImportFrom(self, node):
+            if (node.module or "").split(".")[0] == "offline":
+                for a in node.names:
+                    self.found.add((self.name, self.stack[-1] if self.stack else None, f"{node.module}.{a.name}"))
+
+    found = set()
+    for path in sorted(pathlib.Path(pij.__file__).parent.glob("*.py")):
+        v = Imports(path.name)
+        v.visit(ast.parse(path.read_text()))
+        found |= v.found
+    assert found == {("hybrid.py", "load_hybrid", "offline.bundle.solve_placement")}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import powerinfer_jax as pij
-from offline import memory
+from powerinfer_jax import memory
 from offline.default_model_card import EVAL_WINDOW, SLICE_WINDOWS
 from offline.pipeline import DEFAULT_CORPUS, HOLDOUT_FRACTION
 from powerinfer_jax.metrics import perplexity
@@ -102,7 +102,7 @@ def test_oracle_equals_dense_on_the_bundled_model(dense, heldout, fraction):
 def test_predicted_perplexity_within_two_percent(dense, heldout):
     windows = 2
     ref = perplexity(dense, heldout, window=EVAL_WINDOW, bos=dense.tokenizer.bos_token_id, max_windows=windows)
-    from offline import bundle
+    from powerinfer_jax import bundle
 
     pred_bytes = bundle.load_bundle(BUNDLE).predictors.nbytes
     eng = pij.load(BUNDLE, sparsity="predicted", max_seq_len=EVAL_WINDOW,

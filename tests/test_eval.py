@@ -129,7 +129,7 @@ def test_layer_counts_match_mask_metrics():
     import jax.numpy as jnp
 
     import powerinfer_jax as pij
-    from offline.bundle import load_bundle
+    from powerinfer_jax.bundle import load_bundle
     from offline.profiler import _profile_batch
     from powerinfer_jax.sparse_ffn import predict_logits
 

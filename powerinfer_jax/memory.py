@@ -12,6 +12,7 @@ import dataclasses
 
 from ops.quant import FORMATS, format_bytes_per_row
 from powerinfer_jax.config import ModelConfig
+from powerinfer_jax.errors import PowerInferError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # vectors and KV-cache element sizes
 
@@ -23,7 +24,7 @@ def matrix_bytes(fmt: str, rows: int, cols: int) -> int:
     return rows * format_bytes_per_row(fmt, cols)
 
 
-class BudgetTooSmallError(ValueError):
+class BudgetTooSmallError(PowerInferError):
     """The device budget cannot even hold the parts that must live on the device."""
 
 

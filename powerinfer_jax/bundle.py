@@ -1,0 +1,180 @@
+"""Reading a prepared bundle: the library's side of what `bin/prepare` (offline/bundle.py) writes.
+
+    prepared/
+      manifest.json          format version, model reference (relative path, sha256 and a cheap
+                             fingerprint of its files), corpus hash, settings, tool versions,
+                             the current placement's name
+      profile/               profiler output (counts.npy, summary.json, samples/, plot)
+      predictors/            per-layer predictors (orbax arrays + predictors.json)
+      placements/<name>.json one per budget: hot neuron ids per layer and the device memory plan
+      weights_<fmt>.safetensors  optional: the weights in the engine's layout and format
+
+Loading never writes into a bundle. A bundle is checked against its model by a fingerprint of
+each file (size and a few sampled blocks: milliseconds at any size); `verify="full"` compares
+sha256 of every byte instead (what `bin/prepare` records; seconds per GB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from powerinfer_jax.errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VERIFY_MODES = ("fast", "full", "none")
+_SAMPLE_BLOCKS = 8  # blocks of _SAMPLE_BYTES spread over the file, plus its first and last MiB
+_SAMPLE_BYTES = 1 << 16
+_EDGE_BYTES = 1 << 20
+
+
+def is_bundle(path: str) -> bool:
+    """Whether `path` is a prepared-bundle folder."""
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str) -> str:
+    """Hex sha256 of a file's size, first and last MiB (the safetensors header is at the start)
+    and a few blocks spread between: catches a replaced, re-saved, truncated or re-quantized file
+    without reading it all."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        offsets = [0, max(0, size - _EDGE_BYTES)] + [size * (i + 1) // (_SAMPLE_BLOCKS + 1)
+                                                      for i in range(_SAMPLE_BLOCKS)]
+        for i, off in enumerate(offsets):
+            f.seek(off)
+            h.update(f.read(_EDGE_BYTES if i < 2 else _SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def _model_files(model_dir: str) -> list[str]:
+    return sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors") or f == "config.json")
+
+
+def model_hashes(model_dir: str) -> dict[str, str]:
+    """sha256 of config.json and every safetensors file of a model folder."""
+    return {n: sha256_file(os.path.join(model_dir, n)) for n in _model_files(model_dir)}
+
+
+def model_fingerprints(model_dir: str) -> dict[str, str]:
+    """`file_fingerprint` of config.json and every safetensors file of a model folder."""
+    return {n: file_fingerprint(os.path.join(model_dir, n)) for n in _model_files(model_dir)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementSettings:
+    """How the device budget is turned into a placement."""
+
+    budget_bytes: int
+    dtype: str = "float32"
+    max_context: int = 1024
+    batch: int = 64
+    min_hot_per_split_layer: int = 0
+    time_limit_s: float = 30.0
+    reserve_predictors: bool = True  # False for dense/oracle runs, which hold no predictors
+
+
+def placement_name(ps: PlacementSettings) -> str:
+    """File stem naming a placement by its budget and settings."""
+    pred = "" if ps.reserve_predictors else "_nopred"
+    return (f"budget_{ps.budget_bytes}_{ps.dtype}_ctx{ps.max_context}_b{ps.batch}_m{ps.min_hot_per_split_layer}"
+            f"{pred}")
+
+
+def load_counts(profile_dir: str) -> tuple[np.ndarray, int]:
+    """(firing counts [L, n_ff], profiled tokens) from a profile folder."""
+    with open(os.path.join(profile_dir, "summary.json")) as f:
+        tokens = json.load(f)["tokens"]
+    return np.load(os.path.join(profile_dir, "counts.npy")), int(tokens)
+
+
+@dataclasses.dataclass
+class Bundle:
+    """A loaded prepared bundle."""
+
+    path: str
+    manifest: dict
+    counts: np.ndarray
+    tokens: int
+    predictors: object | None  # powerinfer_jax.predictor_store.Predictors
+
+    @property
+    def model_dir(self) -> str:
+        """The HF model folder the bundle was prepared from."""
+        return self.manifest["model"]["path"]
+
+    def stored_placement(self, ps: PlacementSettings) -> dict | None:
+        """The placement solved earlier for exactly these settings, if the bundle has it."""
+        path = os.path.join(self.path, "placements", placement_name(ps) + ".json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def placement(self, name: str | None = None) -> dict:
+        """A stored placement record (the current one by default)."""
+        name = name or self.manifest.get("current_placement")
+        if not name:
+            raise BundleError(f"{self.path} has no placement yet; run bin/prepare with --budget")
+        with open(os.path.join(self.path, "placements", name + ".json")) as f:
+            return json.load(f)
+
+
+def verify_model(path: str, manifest: dict, model_dir: str, verify: str = "fast") -> None:
+    """Raises BundleError when the model folder's files differ from what the manifest recorded.
+
+    "fast" compares fingerprints (full sha256 for a bundle written before fingerprints were
+    recorded); "full" compares sha256 of every byte; "none" only checks the folder exists."""
+    if verify not in VERIFY_MODES:
+        raise BundleError(f"unknown bundle verification {verify!r}; choose one of {', '.join(VERIFY_MODES)}")
+    if not os.path.isdir(model_dir):
+        raise BundleError(f"{path}: its model folder {model_dir} is missing")
+    if verify == "none":
+        return
+    recorded = manifest["model"].get("fingerprint") if verify == "fast" else None
+    if recorded is not None:
+        now = model_fingerprints(model_dir)
+    else:
+        recorded, now = manifest["model"]["sha256"], model_hashes(model_dir)
+    if now != recorded:
+        changed = sorted(set(now) ^ set(recorded) | {k for k in now if recorded.get(k) != now[k]})
+        raise BundleError(f"{path}: the bundle does not match its model {model_dir} (changed files: "
+                          f"{', '.join(changed)}); re-run bin/prepare")
+
+
+def load_bundle(path: str, verify: str = "fast") -> Bundle:
+    """Reads a bundle (manifest, profile counts, predictors); fails clearly when its manifest does
+    not match the model it references (`verify`: "fast", "full" or "none", see `verify_model`)."""
+    from powerinfer_jax.predictor_store import load_predictors
+
+    if not is_bundle(path):
+        raise BundleError(f"{path} is not a prepared bundle (no {MANIFEST}); create one with bin/prepare")
+    with open(os.path.join(path, MANIFEST)) as f:
+        manifest = json.load(f)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
+                          "re-run bin/prepare")
+    model_dir = manifest["model"]["path"]
+    if not os.path.isabs(model_dir):  # stored relative to the bundle so bundles can move with their model
+        model_dir = os.path.normpath(os.path.join(path, model_dir))
+        manifest["model"]["path"] = model_dir
+    verify_model(path, manifest, model_dir, verify)
+    counts, tokens = load_counts(os.path.join(path, "profile"))
+    preds_dir = os.path.join(path, "predictors")
+    preds = load_predictors(preds_dir) if os.path.isdir(preds_dir) else None
+    return Bundle(path, manifest, counts, tokens, preds)
