@@ -16,11 +16,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from powerinfer_jax.config import ModelConfig, UnsupportedModelError, load_config
 from powerinfer_jax.engine import Engine, GenerationResult
-from powerinfer_jax.loading import CheckpointError, check_choices, load_model_params, load_params
+from powerinfer_jax import checks
+from powerinfer_jax.errors import (ArgumentError, BundleError, CheckpointError, NonFiniteError, PathNotFoundError,
+                                   PowerInferError)
+from powerinfer_jax.loading import check_finite_weights, load_model_params, load_params
 from powerinfer_jax.sampling import SamplingParams
 
 __all__ = [
+    "ArgumentError",
+    "BundleError",
     "CheckpointError",
+    "NonFiniteError",
+    "PathNotFoundError",
+    "PowerInferError",
     "Engine",
     "GenerationResult",
     "ModelConfig",
@@ -57,6 +65,7 @@ def load(
     min_hot_per_split_layer: int = 0,
     device_kernel: str = "auto",
     verify_bundle: str = "fast",
+    check_finite: bool | str = "auto",
 ) -> Engine:
     """Loads an HF model folder or a prepared bundle (from bin/prepare) into an Engine.
 
@@ -74,10 +83,15 @@ def load(
       layers' dense FFNs on the host (ignores the budget).
     verify_bundle: how a bundle is checked against its model's files: "fast" (size and sampled
       blocks, milliseconds), "full" (sha256 of every byte, as bin/prepare records) or "none".
+    check_finite: scan the weights for NaN/Inf before loading them: True, False, or "auto" (weight
+      files up to `loading.FINITE_SCAN_AUTO_BYTES`, 2 GiB). Each generated token's logits are checked anyway.
+    Bad arguments or files raise a `PowerInferError` subclass (see `powerinfer_jax.errors`).
     """
     from powerinfer_jax.tokenizer import Tokenizer
 
-    check_choices(dtype, quantize)
+    checks.load_arguments(model_dir, dtype, max_seq_len, quantize, kv_dtype, sparsity, device_memory_budget,
+                          threshold, offload_layers, placement_batch, min_hot_per_split_layer, device_kernel,
+                          verify_bundle, check_finite)
     path = str(model_dir) if model_dir is not None else default_model_dir()
     bundle = None
     from powerinfer_jax import bundle as bundle_lib
@@ -86,6 +100,8 @@ def load(
         bundle = bundle_lib.load_bundle(path, verify=verify_bundle)
         path = bundle.model_dir
     cfg = load_config(path)
+    checks.hybrid_arguments(cfg, bundle, sparsity, device_memory_budget, offload_layers)
+    check_finite_weights(path, cfg, check_finite, dtype, quantize, bundle.path if bundle is not None else None)
     tokenizer = None
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         tokenizer = Tokenizer(path, cfg.bos_token_id, cfg.eos_token_ids)

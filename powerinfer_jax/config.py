@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any
 
+from powerinfer_jax.errors import CheckpointError, PathNotFoundError, UnsupportedModelError
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "OPTForCausalLM")
 
 # FFN kinds. The sparse engine needs a ReLU in the FFN; "swiglu" runs dense only.
@@ -26,10 +28,6 @@ SPARSE_FFN_KINDS = ("reglu", "drelu", "relu")
 # `"hidden_act": "drelu"` or keeps `"hidden_act": "relu"` and adds
 # `"powerinfer_ffn": "drelu"` (the latter still loads in transformers' LlamaForCausalLM).
 DRELU_CONFIG_KEY = "powerinfer_ffn"
-
-
-class UnsupportedModelError(ValueError):
-    """Raised for an architecture, activation or option this engine does not run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +77,57 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
-        """Builds a config from the parsed contents of an HF `config.json`."""
+        """Builds a config from the parsed contents of an HF `config.json`.
+
+        A missing key, a value of the wrong type or out of range is a `CheckpointError` naming it
+        (`UnsupportedModelError` for a well-formed option we do not run)."""
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"config.json must hold a JSON object, got {type(raw).__name__}")
+        try:
+            cfg = cls._from_hf_dict(raw)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
+            if isinstance(err, (UnsupportedModelError, CheckpointError)):
+                raise
+            detail = f"has no {err}" if isinstance(err, KeyError) else f"has a bad value ({err})"
+            raise CheckpointError(f"config.json {detail}; restore it from the model's source") from None
+        cfg._check()
+        return cfg
+
+    def _check(self) -> None:
+        """Values that would divide by zero, index out of range, or make shapes contradict."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if v < 1 or v > 1 << 31:
+                raise CheckpointError(f"config.json: {name} must be in [1, 2**31], got {v}")
+        if self.num_heads % self.num_kv_heads:
+            raise CheckpointError(f"config.json: num_attention_heads ({self.num_heads}) must be a multiple of "
+                                  f"num_key_value_heads ({self.num_kv_heads})")
+        if self.family == "opt" and self.hidden_size % self.num_heads:
+            raise CheckpointError(f"config.json: hidden_size ({self.hidden_size}) must be a multiple of "
+                                  f"num_attention_heads ({self.num_heads})")
+        if self.family == "llama" and self.head_dim % 2:
+            raise CheckpointError(f"config.json: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        for name in ("norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not (0 < v < float("inf")):
+                raise CheckpointError(f"config.json: {name} must be a positive finite number, got {v}")
+        if self.word_embed_proj_dim is not None and not 1 <= self.word_embed_proj_dim <= 1 << 31:
+            raise CheckpointError(f"config.json: word_embed_proj_dim must be >= 1, got {self.word_embed_proj_dim}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise CheckpointError(f"config.json: sliding_window must be >= 1, got {self.sliding_window}")
+        for name, ids in (("bos_token_id", [] if self.bos_token_id is None else [self.bos_token_id]),
+                          ("eos_token_id", list(self.eos_token_ids)),
+                          ("pad_token_id", [] if self.pad_token_id is None else [self.pad_token_id])):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad and name != "pad_token_id":  # some checkpoints carry pad = -1; padding never reaches the model
+                raise CheckpointError(f"config.json: {name} {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+
+    @classmethod
+    def _from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
         archs = raw.get("architectures") or []
+        if not isinstance(archs, list):
+            raise CheckpointError(f"config.json: architectures must be a list, got {archs!r:.60}")
         arch = archs[0] if archs else _arch_from_model_type(raw.get("model_type"))
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
@@ -88,18 +135,20 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        eos_ids = tuple(_int(raw, "eos_token_id", e) for e in eos) if isinstance(eos, list) else (
+            () if eos is None else (_int(raw, "eos_token_id"),))
+        dtype = raw.get("torch_dtype") or raw.get("dtype")
         common = dict(
             architecture=arch,
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=int(raw["hidden_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
-            num_heads=int(raw["num_attention_heads"]),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            bos_token_id=raw.get("bos_token_id"),
+            vocab_size=_int(raw, "vocab_size"),
+            hidden_size=_int(raw, "hidden_size"),
+            num_layers=_int(raw, "num_hidden_layers"),
+            num_heads=_int(raw, "num_attention_heads"),
+            max_position_embeddings=_int(raw, "max_position_embeddings", raw.get("max_position_embeddings", 2048)),
+            bos_token_id=None if raw.get("bos_token_id") is None else _int(raw, "bos_token_id"),
             eos_token_ids=eos_ids,
-            pad_token_id=raw.get("pad_token_id"),
-            torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+            pad_token_id=None if raw.get("pad_token_id") is None else _int(raw, "pad_token_id"),
+            torch_dtype=dtype if isinstance(dtype, str) else None,
         )
         if arch == "OPTForCausalLM":
             return cls._opt(raw, common)
@@ -128,6 +177,8 @@ class ModelConfig:
         rope_params = dict(raw.get("rope_parameters") or {})
         rope_theta = float(rope_params.pop("rope_theta", raw.get("rope_theta", 10000.0)))
         scaling = raw.get("rope_scaling") or rope_params or None
+        if scaling is not None and not isinstance(scaling, dict):
+            raise CheckpointError(f"config.json: rope_scaling must be an object or null, got {scaling!r:.60}")
         if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
             scaling = None
         if scaling is not None:
@@ -136,6 +187,14 @@ class ModelConfig:
                 raise UnsupportedModelError(
                     f"unsupported rope_scaling type {kind!r}; supported: llama3, linear, default"
                 )
+            needs = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                       "original_max_position_embeddings")}.get(kind, ())
+            for key in needs:  # positive numbers the rotary frequencies divide by
+                if not 0 < _float(scaling, key) < float("inf"):
+                    raise CheckpointError(f"config.json: rope_scaling {key} must be a positive number, "
+                                          f"got {scaling[key]!r:.60}")
+            if kind == "llama3" and scaling["low_freq_factor"] == scaling["high_freq_factor"]:
+                raise CheckpointError("config.json: rope_scaling low_freq_factor equals high_freq_factor")
             scaling = tuple(sorted((k, v) for k, v in scaling.items() if not isinstance(v, (list, dict))))
         heads = common["num_heads"]
         head_dim = raw.get("head_dim") or common["hidden_size"] // heads
@@ -143,15 +202,15 @@ class ModelConfig:
         return cls(
             family="llama",
             ffn_kind=ffn_kind,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            intermediate_size=_int(raw, "intermediate_size"),
+            num_kv_heads=_int(raw, "num_key_value_heads", raw.get("num_key_value_heads") or heads),
+            head_dim=_int(raw, "head_dim", head_dim),
+            norm_eps=_float(raw, "rms_norm_eps", raw.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", False)),
-            sliding_window=int(window) if window else None,
+            sliding_window=_int(raw, "sliding_window", window) if window else None,
             **common,
         )
 
@@ -170,17 +229,38 @@ class ModelConfig:
         return cls(
             family="opt",
             ffn_kind="relu",
-            intermediate_size=int(raw["ffn_dim"]),
+            intermediate_size=_int(raw, "ffn_dim"),
             num_kv_heads=heads,
             head_dim=common["hidden_size"] // heads,
             norm_eps=1e-5,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
             attention_bias=True,
             pre_layer_norm=pre_ln,
-            word_embed_proj_dim=int(proj),
+            word_embed_proj_dim=_int(raw, "word_embed_proj_dim", proj),
             final_layer_norm=pre_ln and not raw.get("_remove_final_layer_norm", False),
             **common,
         )
+
+
+_MISSING = object()
+
+
+def _int(raw: dict, key: str, value=_MISSING) -> int:
+    """raw[key] (or `value`) as an int: a JSON integer (or an integral float), never a bool or string."""
+    v = raw[key] if value is _MISSING else value
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2**63:
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise CheckpointError(f"config.json: {key} must be an integer, got {v!r:.60}")
+    return v
+
+
+def _float(raw: dict, key: str, value=_MISSING) -> float:
+    """raw[key] (or `value`) as a float: a JSON number, never a bool or string."""
+    v = raw[key] if value is _MISSING else value
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise CheckpointError(f"config.json: {key} must be a number, got {v!r:.60}")
+    return float(v)
 
 
 def _arch_from_model_type(model_type: str | None) -> str | None:
@@ -193,9 +273,18 @@ def load_config(model_dir: str | os.PathLike) -> ModelConfig:
     """Reads `config.json` from an HF model folder."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model folder not found: {model_dir}")
+        raise PathNotFoundError(f"model folder not found: {model_dir}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config.json in {model_dir}: not a Hugging Face model folder")
-    with open(path) as f:
-        raw = json.load(f)
-    return ModelConfig.from_hf_dict(raw)
+        raise PathNotFoundError(f"no config.json in {model_dir}: not a Hugging Face model folder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
+        msg = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is not valid JSON ({msg}); restore it from the model's source") from None
+    try:
+        return ModelConfig.from_hf_dict(raw)
+    except CheckpointError as err:
+        if str(err).startswith("config.json"):  # name the file the user has to fix
+            raise CheckpointError(path + str(err)[len("config.json"):]) from None
+        raise

@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from powerinfer_jax import checks
 from powerinfer_jax.config import ModelConfig
+from powerinfer_jax.errors import ArgumentError, CheckpointError, NonFiniteError
 from powerinfer_jax.model import KV_DTYPES, FFNFn, forward, init_cache
 from powerinfer_jax.params import ModelParams, fuse_qkv
 from powerinfer_jax.sampling import SamplingParams, sample
@@ -31,6 +33,18 @@ def _ffn_totals(aux: list[dict]) -> jax.Array:
     if not aux or not aux[0]:
         return jnp.zeros((0,), jnp.int32)
     return jnp.stack([sum(jnp.asarray(a[k], jnp.int32) for a in aux) for k in FFN_COUNTERS])
+
+
+def _finite_or_flag(tokens: jax.Array, logits: jax.Array) -> jax.Array:
+    """The sampled tokens, or -1 in a row whose logits hold a NaN/Inf: one compare per logit inside jit,
+    and the host already fetches the tokens each step, so the check adds no transfer."""
+    return jnp.where(jnp.all(jnp.isfinite(logits), axis=-1), tokens, -1)
+
+
+def _nonfinite_error(where: str, stopped: str = "generation stopped") -> NonFiniteError:
+    return NonFiniteError(f"the model produced NaN/Inf logits {where}, so {stopped} instead of returning garbage: "
+                          "its weights or config are broken (pij.load(..., check_finite=True) scans the weights and "
+                          "names the tensor)")
 
 
 def bucket(n: int, limit: int) -> int:
@@ -64,8 +78,9 @@ class Engine:
         model_dir: str | None = None,
         kv_dtype: str = "float32",
     ):
-        if kv_dtype not in KV_DTYPES:
-            raise ValueError(f"unsupported kv_dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+        checks.choice("kv_dtype", kv_dtype, KV_DTYPES)
+        if max_seq_len is not None:
+            checks.integer("max_seq_len", max_seq_len, lo=1)
         self.kv_dtype = kv_dtype
         self.cfg = cfg
         self.params = fuse_qkv(params)
@@ -108,12 +123,13 @@ class Engine:
         logits, cache, _ = forward(
             params, cfg, tokens, positions, cache, attend_len, ffn_fn=ffn_fn, logits_at=lengths - 1
         )
-        return sample(logits[:, 0], key, sampling), cache
+        return _finite_or_flag(sample(logits[:, 0], key, sampling), logits[:, 0]), cache
 
     @staticmethod
     def _decode_impl(params, token, pos, cache, key, *, cfg, ffn_fn, attend_len, sampling):
         logits, cache, extras = forward(params, cfg, token[:, None], pos[:, None], cache, attend_len, ffn_fn=ffn_fn)
-        return sample(logits[:, 0], key, sampling), cache, _ffn_totals(extras["ffn_aux"])
+        return (_finite_or_flag(sample(logits[:, 0], key, sampling), logits[:, 0]), cache,
+                _ffn_totals(extras["ffn_aux"]))
 
     def _call(self, name: str, fn, args: tuple, static: dict, stats: dict):
         """Runs `fn`, compiling ahead of time once per shape bucket so timings exclude compiles."""
@@ -131,19 +147,24 @@ class Engine:
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Float32 logits [T, vocab] of a causal forward over a 1-D token sequence."""
         ids = self._check_ids(token_ids)
+        if len(ids) > self.cfg.max_position_embeddings:
+            raise ArgumentError(f"sequence of {len(ids)} tokens exceeds the model's {self.cfg.max_position_embeddings} "
+                                "positions: score it in windows")
         if self.stepwise_logits:
             return self.logits_stepwise(ids)
         T = len(ids)
         padded = np.zeros((1, bucket(T, max(T, self.max_seq_len))), np.int32)
         padded[0, :T] = ids
-        out = self._full(self.params, jnp.asarray(padded))
-        return np.asarray(out[0, :T], dtype=np.float32)
+        out = np.asarray(self._full(self.params, jnp.asarray(padded))[0, :T], dtype=np.float32)
+        self._check_finite_logits(out)
+        return out
 
     def logits_stepwise(self, token_ids: Sequence[int], stats: dict | None = None) -> np.ndarray:
         """Logits [T, vocab] computed one decode step per token (the path generation uses)."""
         ids = self._check_ids(token_ids)
         if len(ids) > self.max_seq_len:
-            raise ValueError(f"sequence of {len(ids)} tokens exceeds the context of {self.max_seq_len}")
+            raise ArgumentError(f"sequence of {len(ids)} tokens exceeds the context of {self.max_seq_len}: score it "
+                                "in windows or load with a larger max_seq_len")
         cache = init_cache(self.cfg, 1, self.max_seq_len, self.kv_dtype)
         out = []
         for t, tok in enumerate(ids):
@@ -153,14 +174,29 @@ class Engine:
             out.append(np.asarray(logits[0], np.float32))
             if stats is not None:
                 self._accumulate_ffn_stats(aux, stats)
-        return np.stack(out)
+        out = np.stack(out)
+        self._check_finite_logits(out)
+        return out
+
+    @staticmethod
+    def _check_finite_logits(out: np.ndarray) -> None:
+        bad = ~np.isfinite(out).all(axis=-1)
+        if bad.any():
+            raise _nonfinite_error(f"at position {int(np.argmax(bad))}", "scoring stopped")
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """A text prompt through the tokenizer, or token ids as they are."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer.json: pass token ids, not text")
-            return self.tokenizer.encode(prompt)
+                raise ArgumentError("this model has no tokenizer.json: pass token ids, not text")
+            ids = self.tokenizer.encode(prompt)
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise CheckpointError(f"{self.tokenizer.path} gave token id {bad[0]}, outside the model's vocabulary "
+                                      f"[0, {self.cfg.vocab_size}): the tokenizer does not belong to this model")
+            if not ids:
+                raise ArgumentError("empty prompt: the text gave no tokens (and the model adds no BOS)")
+            return ids
         return self._check_ids(prompt)
 
     def generate(
@@ -173,11 +209,19 @@ class Engine:
         seed: int = 0,
         stop_at_eos: bool = True,
         on_token: Callable[[int, str], None] | None = None,
+        truncate_prompt: bool = False,
     ) -> GenerationResult:
-        """Generates up to `max_new_tokens` after `prompt`; `on_token(id, new_text)` streams."""
+        """Generates up to `max_new_tokens` after `prompt`; `on_token(id, new_text)` streams.
+
+        A prompt that does not fit the context with `max_new_tokens` is refused (`ArgumentError`), or
+        with `truncate_prompt=True` cut to its last tokens (BOS kept); `stats["prompt_truncated"]` then
+        says how many tokens were dropped."""
+        if not isinstance(prompt, str):
+            prompt = self._check_ids(prompt, "prompt")
+        self._check_generation_args(max_new_tokens, seed, stop_at_eos, on_token, truncate_prompt)
         prompt_ids = self.encode(prompt)
         out = self.generate_batch([prompt_ids], max_new_tokens, temperature, top_p, top_k, seed,
-                                  stop_at_eos, on_token)
+                                  stop_at_eos, on_token, truncate_prompt)
         return out[0]
 
     def generate_batch(
@@ -190,21 +234,18 @@ class Engine:
         seed: int = 0,
         stop_at_eos: bool = True,
         on_token: Callable[[int, str], None] | None = None,
+        truncate_prompt: bool = False,
     ) -> list[GenerationResult]:
         """Generates for a batch of token-id prompts (lengths may differ); streams row 0."""
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        rows = [self._check_ids(p) for p in prompts]
+        self._check_generation_args(max_new_tokens, seed, stop_at_eos, on_token, truncate_prompt)
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__") or not len(prompts):
+            raise ArgumentError(f"prompts must be a non-empty list of token-id sequences, got {type(prompts).__name__}")
+        rows = [self._check_ids(p, "prompt") for p in prompts]
+        rows, dropped = self._fit_context(rows, max_new_tokens, truncate_prompt)
         B = len(rows)
         lengths = np.array([len(r) for r in rows], np.int32)
-        total = int(lengths.max()) + max_new_tokens
-        if total > self.max_seq_len:
-            raise ValueError(
-                f"prompt ({lengths.max()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                f"context of {self.max_seq_len} tokens"
-            )
-        stats: dict = {"compile_s": 0.0}
+        stats: dict = {"compile_s": 0.0, "prompt_truncated": dropped}
         T = bucket(int(lengths.max()), self.max_seq_len)
         tokens = np.zeros((B, T), np.int32)
         for b, r in enumerate(rows):
@@ -218,6 +259,8 @@ class Engine:
         nxt, cache = self._call("prefill", self._prefill, args, {"attend_len": T, "sampling": sampling}, stats)
         nxt = np.asarray(nxt)
         prefill_s = time.perf_counter() - t0 - stats["compile_s"]
+        if (nxt < 0).any():
+            raise _nonfinite_error("on the prompt")
 
         generated = [[int(t)] for t in nxt]
         done = np.array([int(t) in eos for t in nxt])
@@ -231,6 +274,8 @@ class Engine:
             nxt, cache, aux = self._call("decode", self._decode, args, {"attend_len": attend, "sampling": sampling},
                                          stats)
             nxt = np.asarray(nxt)
+            if (nxt[~done] < 0).any():
+                raise _nonfinite_error(f"at generated token {steps + 1}")
             self._accumulate_ffn_stats(aux, stats)
             steps += 1
             pos += 1
@@ -282,11 +327,40 @@ class Engine:
         on_token(ids[-1], text[len(streamed):])
         return text
 
-    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
-        ids = [int(t) for t in np.asarray(token_ids).reshape(-1)]
-        if not ids:
-            raise ValueError("empty prompt: give at least one token")
-        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}")
-        return ids
+    def _check_ids(self, token_ids: Sequence[int], name: str = "token_ids") -> list[int]:
+        return checks.token_ids(name, token_ids, self.cfg.vocab_size)
+
+    @staticmethod
+    def _check_generation_args(max_new_tokens, seed, stop_at_eos, on_token, truncate_prompt) -> None:
+        """Types and ranges of generate's arguments, before any work (sampling ones: SamplingParams)."""
+        checks.integer("max_new_tokens", max_new_tokens, lo=1)
+        checks.integer("seed", seed, lo=-(2**63), hi=2**63 - 1)  # what jax.random.PRNGKey takes
+        checks.boolean("stop_at_eos", stop_at_eos)
+        checks.boolean("truncate_prompt", truncate_prompt)
+        if on_token is not None and not callable(on_token):
+            raise ArgumentError(f"on_token must be callable or None, got {type(on_token).__name__}")
+
+    def _fit_context(self, rows: list[list[int]], max_new_tokens: int, truncate: bool) -> tuple[list[list[int]], int]:
+        """Prompts that fit the context with max_new_tokens: refused in one line, or (truncate) cut to
+        their last tokens with a leading BOS kept. Returns (rows, tokens dropped in total)."""
+        room = self.max_seq_len - max_new_tokens
+        longest = max(len(r) for r in rows)
+        if longest <= room:
+            return rows, 0
+        if not truncate or room < 1:
+            fix = (f"lower max_new_tokens below {self.max_seq_len}" if room < 1 else
+                   f"shorten the prompt, lower max_new_tokens, raise max_seq_len (the model allows "
+                   f"{self.cfg.max_position_embeddings}), or pass truncate_prompt=True (--truncate_prompt) to keep "
+                   f"its last {room} tokens")
+            raise ArgumentError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                                f"of {self.max_seq_len} tokens: {fix}")
+        bos = self.tokenizer.bos_token_id if self.tokenizer is not None else self.cfg.bos_token_id
+        out, dropped = [], 0
+        for r in rows:
+            if len(r) > room:
+                keep_bos = bos is not None and r[0] == bos and room >= 2
+                cut = [r[0]] + r[len(r) - room + 1:] if keep_bos else r[len(r) - room:]
+                dropped += len(r) - len(cut)
+                r = cut
+            out.append(r)
+        return out, dropped

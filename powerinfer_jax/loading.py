@@ -23,6 +23,7 @@ import numpy as np
 from ops.quant import Weight, dequantize, storage_format, to_weight
 from powerinfer_jax import tensor_file
 from powerinfer_jax.config import ModelConfig
+from powerinfer_jax.errors import CheckpointError, NonFiniteError  # CheckpointError: importable from here
 from powerinfer_jax.params import (AttentionParams, FFNParams, LayerParams, ModelParams, NormParams, concat_rows,
                                    fuse_qkv)
 
@@ -33,10 +34,6 @@ QUANTIZATIONS = (None, "int8", "int4")
 _ROW_TABLES = ("embed", "pos_embed")
 # Buffers some checkpoints carry that are recomputed here.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: missing, truncated, or not matching its config."""
 
 
 def _spec(cfg: ModelConfig) -> dict[str, tuple[str, bool, tuple[int, ...]]]:
@@ -107,9 +104,15 @@ def safetensors_files(model_dir: str) -> list[str]:
     """The checkpoint's safetensors files: the single file or every shard of the index."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+            if not all(isinstance(x, str) and x and os.path.basename(x) == x for x in files):
+                raise ValueError("shard names must be plain file names")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+            raise CheckpointError(f"{index} is corrupt ({type(err).__name__}: {str(err)[:80]}); restore it "
+                                  "from the model's source") from None
         missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
         if missing:
             raise CheckpointError(f"shards listed in {index} are missing: {', '.join(missing)}")
@@ -335,9 +338,11 @@ def matrix_format(model_dir: str, cfg: ModelConfig, dtype: str = "auto", quantiz
     for f in open_checkpoint(model_dir):
         for raw in f.keys():
             if _normalise_name(raw, cfg) == probe:
-                fmt = storage_format(f.dtype(raw))
                 f.close()
-                return fmt
+                try:
+                    return storage_format(f.dtype(raw))
+                except ValueError as err:
+                    raise CheckpointError(f"{model_dir}: {probe}: {err}") from None
         f.close()
     raise CheckpointError(f"{model_dir}: no {probe} in the checkpoint")
 
@@ -347,15 +352,87 @@ def engine_weights_name(fmt: str) -> str:
     return f"weights_{fmt}.safetensors"
 
 
+def _engine_file(model_dir: str, cfg: ModelConfig, dtype: str, quantize: str | None, bundle_dir: str | None):
+    """The bundle's engine-layout weights file for this format, if `bin/prepare` wrote one."""
+    if bundle_dir is None:
+        return None
+    path = os.path.join(bundle_dir, engine_weights_name(matrix_format(model_dir, cfg, dtype, quantize)))
+    return path if os.path.isfile(path) else None
+
+
+def weight_files(model_dir: str, cfg: ModelConfig, dtype: str = "auto", quantize: str | None = None,
+                 bundle_dir: str | None = None) -> list[str]:
+    """The safetensors files `load_model_params` reads for these choices."""
+    engine_file = _engine_file(model_dir, cfg, dtype, quantize, bundle_dir)
+    return [engine_file] if engine_file else safetensors_files(model_dir)
+
+
 def load_model_params(model_dir: str, cfg: ModelConfig, dtype: str = "auto", quantize: str | None = None,
                       on_host: bool = False, bundle_dir: str | None = None) -> ModelParams:
     """The parameter tree for these precision choices: mapped from the bundle's engine-layout file
     when `bin/prepare` wrote one for this format (no transform at load), else built from the checkpoint."""
-    if bundle_dir is not None:
-        path = os.path.join(bundle_dir, engine_weights_name(matrix_format(model_dir, cfg, dtype, quantize)))
-        if os.path.isfile(path):
-            return load_engine_weights(path, cfg, on_host=on_host)
+    engine_file = _engine_file(model_dir, cfg, dtype, quantize, bundle_dir)
+    if engine_file:
+        return load_engine_weights(engine_file, cfg, on_host=on_host)
     return load_params(model_dir, cfg, dtype=dtype, quantize=quantize, on_host=on_host)
+
+
+# ---- the load-time scan for NaN/Inf ----
+# `check_finite="auto"` scans weight files up to this size. Measured on this 2-core machine (see
+# WORKSPACE.md, Reliability): the scan reads ~5 GB/s once the pages are cached, so 2 GiB adds about
+# half a second to a load that maps them anyway; larger models opt in with check_finite=True.
+FINITE_SCAN_AUTO_BYTES = 2 << 30
+_SCAN_BLOCK = 1 << 22  # elements tested at a time: bounds the boolean temporaries
+# Float formats as (unsigned view, exponent mask): all exponent bits set means Inf or NaN.
+_EXPONENT_MASKS = {np.dtype(np.float32): (np.uint32, 0x7F800000), np.dtype(np.float64): (np.uint64, 0x7FF0000000000000),
+                   np.dtype(np.float16): (np.uint16, 0x7C00), tensor_file.DTYPES["BF16"]: (np.uint16, 0x7F80)}
+
+
+def first_nonfinite(a: np.ndarray) -> int | None:
+    """Flat index of the first NaN/Inf in a float array (any of f32/f64/f16/bf16), else None."""
+    if a.dtype not in _EXPONENT_MASKS:
+        return None
+    utype, mask = _EXPONENT_MASKS[a.dtype]
+    bits, mask = np.ascontiguousarray(a).reshape(-1).view(utype), utype(mask)
+    for s in range(0, bits.size, _SCAN_BLOCK):
+        hit = (bits[s:s + _SCAN_BLOCK] & mask) == mask
+        if hit.any():
+            return s + int(np.argmax(hit))
+    return None
+
+
+def scan_finite(paths: list[str]) -> None:
+    """Fails with a `NonFiniteError` naming the first tensor of these safetensors files that holds a
+    NaN or Inf (pages are released as they are scanned, so memory stays flat)."""
+    for path in paths:
+        f = tensor_file.MappedSafetensors(path)
+        try:
+            for name in f.keys():
+                if f.dtype(name) not in _EXPONENT_MASKS:
+                    continue
+                v = f.view(name)
+                bad = first_nonfinite(v)
+                f.release(name)
+                if bad is not None:
+                    value = v.reshape(-1)[bad]
+                    raise NonFiniteError(
+                        f"{path}: tensor {name} holds {value} at flat index {bad}: the checkpoint is corrupt; "
+                        "re-download or re-export it (check_finite=False / --nocheck_finite runs it anyway)")
+        finally:
+            f.close()
+
+
+def check_finite_weights(model_dir: str, cfg: ModelConfig, check_finite: bool | str = "auto", dtype: str = "auto",
+                         quantize: str | None = None, bundle_dir: str | None = None) -> bool:
+    """Scans the weight files a load will read for NaN/Inf: always (True), never (False), or "auto"
+    (files up to FINITE_SCAN_AUTO_BYTES in total). Returns whether it scanned."""
+    if check_finite is False:
+        return False
+    paths = weight_files(model_dir, cfg, dtype, quantize, bundle_dir)
+    if check_finite == "auto" and sum(os.path.getsize(p) for p in paths) > FINITE_SCAN_AUTO_BYTES:
+        return False
+    scan_finite(paths)
+    return True
 
 
 def save_engine_weights(params: ModelParams, path: str, source: dict | None = None) -> None:
@@ -375,22 +452,59 @@ def save_engine_weights(params: ModelParams, path: str, source: dict | None = No
     tensor_file.save_aligned(tensors, path, metadata=meta)
 
 
+def _check_engine_tensors(flat: dict, cfg: ModelConfig, path: str) -> None:
+    """Every tensor the config needs, in the engine layout's shape and a consistent format (a bundle's
+    weights file from another model, or edited, would otherwise run into shape errors inside jit)."""
+    from ops.quant import FORMATS, format_bytes_per_row
+
+    want = {ours: shape for ours, _, shape in _spec(cfg).values()}
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}.attn."
+        rows = [want.pop(p + k) for k in ("wq", "wk", "wv")]
+        want[p + "wqkv"] = (sum(r[0] for r in rows), rows[0][1])
+        if p + "bq" in want:
+            want[p + "bqkv"] = (sum(want.pop(p + k)[0] for k in ("bq", "bk", "bv")),)
+    problems = sorted(set(want) ^ set(flat))
+    for name in set(want) & set(flat):
+        leaf, shape = flat[name], want[name]
+        if isinstance(leaf, Weight):
+            try:
+                ok = (len(shape) == 2 and leaf.fmt in FORMATS and leaf.shape == shape and
+                      leaf.nbytes == shape[0] * format_bytes_per_row(leaf.fmt, shape[1]))
+            except ValueError:  # int4 columns that do not fill whole groups
+                ok = False
+        else:
+            ok = tuple(leaf.shape) == shape and leaf.dtype == np.float32
+        if not ok:
+            problems.append(name)
+    if problems:
+        raise CheckpointError(f"{path} does not match the model's config (missing, extra or mis-shaped: "
+                              f"{', '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}); re-run bin/prepare")
+
+
 def load_engine_weights(path: str, cfg: ModelConfig, on_host: bool = False) -> ModelParams:
     """Maps an engine-layout weights file (`save_engine_weights`): every array a view of the file."""
     f = tensor_file.MappedSafetensors(path)
     if f.metadata.get("powerinfer_jax_engine_weights") != str(ENGINE_FORMAT_VERSION):
         raise CheckpointError(f"{path} is not an engine weights file of format {ENGINE_FORMAT_VERSION}; "
                               "re-run bin/prepare")
-    formats = json.loads(f.metadata["formats"])
-    flat: dict = {}
-    for name in f.keys():
-        if name.rsplit(".", 1)[-1] in ("data", "scale") and name.rsplit(".", 1)[0] in formats:
-            continue
-        flat[name] = f.view(name)
-    for name, (fmt, cols) in formats.items():
-        scale = f.view(name + ".scale") if name + ".scale" in f.entries else None
-        flat[name] = Weight(f.view(name + ".data"), scale, fmt, int(cols))
-    f.close()
+    try:
+        formats = json.loads(f.metadata["formats"])
+        flat: dict = {}
+        for name in f.keys():
+            if name.rsplit(".", 1)[-1] in ("data", "scale") and name.rsplit(".", 1)[0] in formats:
+                continue
+            flat[name] = f.view(name)
+        for name, (fmt, cols) in formats.items():
+            scale = f.view(name + ".scale") if name + ".scale" in f.entries else None
+            flat[name] = Weight(f.view(name + ".data"), scale, fmt, int(cols))
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is corrupt ({type(err).__name__}: {str(err)[:80]}); re-run bin/prepare") from None
+    finally:
+        f.close()
+    _check_engine_tensors(flat, cfg, path)
     # Our flat names use the tree's field names: norms end in ".scale"/".bias", which _build_tree reads.
     tree = _build_tree(flat, cfg.num_layers)
     return tree if on_host else to_device(tree)

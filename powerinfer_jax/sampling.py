@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from powerinfer_jax import checks
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -17,19 +19,23 @@ class SamplingParams:
     top_p: float = 1.0  # 1 means no nucleus cut
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        # Plain Python values: the dataclass is a static jit argument (hashed, compared).
+        object.__setattr__(self, "temperature", checks.real("temperature", self.temperature, lo=0.0))
+        object.__setattr__(self, "top_k", checks.integer("top_k", self.top_k, lo=0))
+        top_p = checks.real("top_p", self.top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise checks.ArgumentError(f"top_p must be in (0, 1], got {top_p}")
+        object.__setattr__(self, "top_p", top_p)
 
 
 def sample(logits: jax.Array, key: jax.Array, sp: SamplingParams) -> jax.Array:
     """Picks one token per row of logits [B, V] -> int32 [B]."""
     if sp.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sp.temperature
+    # Shifted so the best logit is 0 before dividing: a tiny temperature then sends the others to -inf
+    # (greedy) instead of every positive logit to +inf (a tie among them).
+    logits = logits.astype(jnp.float32)
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / sp.temperature
     if sp.top_k > 0:
         kth = jax.lax.top_k(logits, min(sp.top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)

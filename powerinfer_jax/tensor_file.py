@@ -18,12 +18,15 @@ weight: peak RSS stays near the size of the weights, not twice it.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 
 import jax
 import ml_dtypes
 import numpy as np
+
+from powerinfer_jax.errors import TensorFileError  # importable from here, its old home
 
 ALIGN = 64  # bytes: what JAX's CPU client needs to alias a host buffer
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -32,10 +35,7 @@ DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.d
           "I64": np.dtype(np.int64), "BOOL": np.dtype(np.bool_)}
 _NAMES = {v: k for k, v in DTYPES.items()}
 _PAGE = mmap.PAGESIZE
-
-
-class TensorFileError(ValueError):
-    """A safetensors file that is truncated, corrupt, or uses an unsupported dtype."""
+_MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
 
 
 def read_header(path: str) -> tuple[int, dict]:
@@ -46,16 +46,46 @@ def read_header(path: str) -> tuple[int, dict]:
         if len(head) < 8:
             raise TensorFileError(f"{path} is truncated or not a safetensors file ({size} bytes)")
         header_len = int.from_bytes(head, "little")
-        if header_len > size - 8:
+        if header_len > min(size - 8, _MAX_HEADER):
             raise TensorFileError(f"{path} is truncated or not a safetensors file (bad header length)")
         try:
             header = json.loads(f.read(header_len))
-        except ValueError as err:
-            raise TensorFileError(f"{path} is truncated or corrupt: unreadable header ({err})") from err
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, deep nesting
+            raise TensorFileError(f"{path} is truncated or corrupt: unreadable header "
+                                  f"({str(err).splitlines()[0][:100] if str(err) else type(err).__name__})") from None
+    _check_header(path, header)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
         raise TensorFileError(f"{path} is truncated: its header needs {8 + header_len + end} bytes, the file has {size}")
     return 8 + header_len, header
+
+
+def _check_header(path: str, header) -> None:
+    """Every entry well-formed: a known dtype, a shape of non-negative ints, offsets that fit the shape."""
+    if not isinstance(header, dict):
+        raise TensorFileError(f"{path} is corrupt: its header is not a JSON object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise TensorFileError(f"{path} is corrupt: __metadata__ must map names to strings")
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        bad = None
+        if not isinstance(e, dict):
+            bad = "an entry that is not an object"
+        elif e.get("dtype") not in DTYPES:
+            bad = f"unsupported dtype {e.get('dtype')!r:.30}"
+        elif not (isinstance(e.get("shape"), list) and all(type(d) is int and 0 <= d < 2**48 for d in e["shape"])):
+            bad = f"bad shape {e.get('shape')!r:.60}"
+        elif not (isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+                  and all(type(o) is int for o in e["data_offsets"]) and 0 <= e["data_offsets"][0] <= e["data_offsets"][1]):
+            bad = f"bad data_offsets {e.get('data_offsets')!r:.60}"
+        else:
+            need = math.prod(e["shape"]) * DTYPES[e["dtype"]].itemsize
+            if e["data_offsets"][1] - e["data_offsets"][0] != need:
+                bad = f"{e['data_offsets'][1] - e['data_offsets'][0]} bytes where its shape needs {need}"
+        if bad is not None:
+            raise TensorFileError(f"{path} is corrupt: tensor {name!r:.80} has {bad}; re-download or re-export it")
 
 
 class MappedSafetensors:

@@ -8,6 +8,8 @@ from typing import Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from powerinfer_jax.errors import CheckpointError, PathNotFoundError
+
 
 class Tokenizer:
     """Encodes prompts (adding BOS as the checkpoint expects) and decodes token ids."""
@@ -15,15 +17,23 @@ class Tokenizer:
     def __init__(self, model_dir: str, bos_token_id: int | None = None, eos_token_ids: Sequence[int] = ()):
         path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no tokenizer.json in {model_dir}; pass token ids instead of text")
-        self._tok = _HFTokenizer.from_file(path)
+            raise PathNotFoundError(f"no tokenizer.json in {model_dir}; pass token ids instead of text")
+        try:
+            self._tok = _HFTokenizer.from_file(path)
+        except BaseException as err:  # noqa: BLE001  (the Rust side raises Exception or a PanicException)
+            _reraise_interrupts(err)
+            raise CheckpointError(f"{path} is unreadable ({_first_line(err)}); restore it from the model's "
+                                  "source") from None
         extra = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
         gen = _read_json(os.path.join(model_dir, "generation_config.json"))
-        self.bos_token_id = gen.get("bos_token_id", bos_token_id)
+        self.bos_token_id = _token_id(gen, "bos_token_id", bos_token_id, model_dir)
         eos = gen.get("eos_token_id", list(eos_token_ids))
-        self.eos_token_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_token_ids = tuple(_token_id({"eos_token_id": e}, "eos_token_id", None, model_dir) for e in eos
+                                   if e is not None)
         # LLaMA and OPT tokenizers prepend BOS unless their config says otherwise.
         self.add_bos = bool(extra.get("add_bos_token", True)) and self.bos_token_id is not None
+        self.path = path
 
     @property
     def vocab_size(self) -> int:
@@ -32,18 +42,55 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Text -> ids, with exactly one leading BOS when the model expects one (and add_bos)."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except BaseException as err:  # noqa: BLE001  (a corrupt tokenizer.json can panic in Rust)
+            _reraise_interrupts(err)
+            raise CheckpointError(f"{self.path} failed to encode the text ({_first_line(err)}); the tokenizer "
+                                  "file is corrupt or not for this model") from None
         if add_bos and self.add_bos:
             ids = [self.bos_token_id] + ids
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text, special tokens dropped."""
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+        try:
+            return self._tok.decode(list(ids), skip_special_tokens=True)
+        except BaseException as err:  # noqa: BLE001
+            _reraise_interrupts(err)
+            raise CheckpointError(f"{self.path} failed to decode ids ({_first_line(err)}); the tokenizer "
+                                  "file is corrupt or not for this model") from None
+
+
+def _reraise_interrupts(err: BaseException) -> None:
+    """Ctrl-C and exits pass through; only the tokenizer's own failures become CheckpointErrors."""
+    if isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        raise err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0][:120] if text else type(err).__name__)
+
+
+def _token_id(src: dict, key: str, default, model_dir: str) -> int | None:
+    v = src.get(key, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise CheckpointError(f"{model_dir}: {key} must be a token id (an integer >= 0), got {v!r:.60}")
+    return v
 
 
 def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({_first_line(err)}); restore it from the model's "
+                              "source") from None
+    if not isinstance(out, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(out).__name__}")
+    return out
