@@ -41,6 +41,7 @@ from offline.pipeline import DEFAULT_CORPUS, HOLDOUT_FRACTION, REPO
 from offline.predictors import jsonable, metrics_from_counts
 from offline.profiler import make_windows
 from offline.train_model import split_corpus
+from powerinfer_jax.errors import PathNotFoundError, PowerInferError
 
 MODES = ("dense", "oracle", "predicted")
 MIN_TOKENS = 32  # fewer scored tokens make a perplexity that is mostly noise
@@ -49,7 +50,7 @@ DEFAULT_BUNDLE = REPO / "models" / "shakespeare-relu-llama-prepared"
 DEFAULT_OUT_DIR = REPO / "benchmarks" / "results" / "eval"
 
 
-class EvalError(ValueError):
+class EvalError(PowerInferError):
     """Bad evaluation input: unknown mode, bad threshold list, text too short, missing predictors..."""
 
 
@@ -133,14 +134,14 @@ def open_source(bundle: str | None = None, model: str | None = None) -> Source:
     if model is None:
         path = str(bundle if bundle is not None else DEFAULT_BUNDLE)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"bundle folder not found: {path}")
+            raise PathNotFoundError(f"bundle folder not found: {path}")
         if not is_bundle(path):
             raise EvalError(f"{path} is not a prepared bundle (no {MANIFEST}): create one with "
                             "bin/prepare, or pass a plain model folder with --model (dense and oracle only)")
     else:
         path = str(model)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"model folder not found: {path}")
+            raise PathNotFoundError(f"model folder not found: {path}")
     if is_bundle(path):
         b = load_bundle(path)  # BundleError (a ValueError) when its model changed or is missing
         load_config(b.model_dir)
@@ -156,9 +157,12 @@ def read_text(text_path: str | None) -> tuple[str, str]:
         _, heldout = split_corpus(text, HOLDOUT_FRACTION)
         return heldout, f"{_display(DEFAULT_CORPUS)} (held-out last {HOLDOUT_FRACTION:.0%})"
     if not os.path.isfile(text_path):
-        raise FileNotFoundError(f"text file not found: {text_path}")
-    with open(text_path, encoding="utf-8") as f:
-        text = f.read()
+        raise PathNotFoundError(f"text file not found: {text_path}")
+    try:
+        with open(text_path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise EvalError(f"the text file {text_path} is not UTF-8 (byte {err.start}); convert it to UTF-8") from None
     if not text.strip():
         raise EvalError(f"the text file is empty: {text_path}")
     return text, _display(text_path)

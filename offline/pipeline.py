@@ -9,6 +9,7 @@ import numpy as np
 
 from offline import profiler
 from powerinfer_jax.config import load_config
+from powerinfer_jax.errors import PathNotFoundError, UnsupportedModelError
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO / "data" / "tinyshakespeare.txt"
@@ -29,7 +30,7 @@ def corpus_text(paths: list[str] | None) -> str:
 def tokenize(engine, text: str) -> np.ndarray:
     """Token ids of a corpus (no BOS; windows add their own)."""
     if engine.tokenizer is None:
-        raise ValueError(f"{engine.model_dir} has no tokenizer.json: cannot tokenize a text corpus")
+        raise PathNotFoundError(f"{engine.model_dir} has no tokenizer.json: cannot tokenize a text corpus")
     ids = engine.tokenizer.encode(text, add_bos=False)
     return np.asarray(ids, np.int32)
 
@@ -38,7 +39,7 @@ def check_sparse_model(model_dir: str) -> None:
     """Fails clearly for models whose FFN has no ReLU (nothing to sparsify)."""
     cfg = load_config(model_dir)
     if not cfg.is_sparse_capable:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{model_dir}: FFN kind {cfg.ffn_kind!r} has no ReLU, so its neurons are never exactly inactive; "
             "supported families: LLaMA/Mistral with hidden_act 'relu' (ReGLU, e.g. ReluLLaMA, ProSparse) "
             "or dReLU (TurboSparse), and OPT (ReLU)")

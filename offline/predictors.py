@@ -84,7 +84,6 @@ import logging
 import math
 import os
 import re
-import struct
 import time
 from typing import Any, Sequence
 
@@ -95,6 +94,7 @@ import optax
 
 from offline.activation_stats import hot_share
 from offline.profiler import load_counts, load_samples
+from powerinfer_jax.errors import ArgumentError, PathNotFoundError, PowerInferError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -124,7 +124,7 @@ _EVAL_CHUNK = 2048  # held-out rows per jitted logits call (fixed shape: one com
 _log = logging.getLogger(__name__)
 
 
-class ProfileError(ValueError):
+class ProfileError(PowerInferError):
     """A profile folder that cannot train predictors (no samples, wrong shapes, too few rows)."""
 
 
@@ -411,7 +411,7 @@ def _dims(dims, profile_dir: str) -> tuple[int, int, int]:
 def check_profile(profile_dir: str, n_layers: int | None = None) -> None:
     """Raises a clear error when a profile folder is missing or has no predictor samples."""
     if not os.path.isdir(profile_dir):
-        raise FileNotFoundError(f"profile folder not found: {profile_dir} (run bin/profile first)")
+        raise PathNotFoundError(f"profile folder not found: {profile_dir} (run bin/profile first)")
     for name in ("summary.json", "counts.npy"):
         if not os.path.isfile(os.path.join(profile_dir, name)):
             raise ProfileError(f"{profile_dir} is not a profile folder: {name} is missing (run bin/profile)")
@@ -441,7 +441,7 @@ def train_all(profile_dir: str, dims=None, settings: TrainSettings = TrainSettin
     if s.budget_fraction and s.budget_fraction > 0 and model_params:
         budget = int(s.budget_fraction * model_params)
         if budget // n_layers < per_rank:
-            raise ValueError(
+            raise ArgumentError(
                 f"predictor budget too small: {s.budget_fraction:.1%} of {model_params:,} parameters is "
                 f"{budget:,}, less than one rank per layer ({n_layers} x {per_rank:,})")
 
@@ -559,12 +559,12 @@ def export_powerinfer(preds: Predictors, out_dir: str, dtype: str = "float32") -
     from safetensors.numpy import save_file
 
     if dtype not in ("float32", "float16"):
-        raise ValueError(f"export dtype must be float32 or float16 (PowerInfer's converter), got {dtype!r}")
+        raise ArgumentError(f"export dtype must be float32 or float16 (PowerInfer's converter), got {dtype!r}")
     os.makedirs(out_dir, exist_ok=True)
     # PowerInfer infers the layer count from the number of files in the folder: refuse strangers.
     others = [n for n in os.listdir(out_dir) if not _EXPORT_NAME.fullmatch(n)]
     if others:
-        raise ValueError(f"{out_dir} holds other files ({', '.join(sorted(others)[:5])}); PowerInfer counts the "
+        raise ArgumentError(f"{out_dir} holds other files ({', '.join(sorted(others)[:5])}); PowerInfer counts the "
                          "files of its predictor folder, so export into an empty folder")
     paths = []
     for lp in preds.layers:
@@ -583,15 +583,15 @@ def export_powerinfer(preds: Predictors, out_dir: str, dtype: str = "float32") -
 def model_param_count(model_dir: str) -> int:
     """Exact parameter count of an HF folder, from its safetensors headers (no tensor is read)."""
     if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model folder not found: {model_dir}")
+        raise PathNotFoundError(f"model folder not found: {model_dir}")
     files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors in {model_dir}: cannot count the model's parameters")
+        raise PathNotFoundError(f"no *.safetensors in {model_dir}: cannot count the model's parameters")
+    from powerinfer_jax.tensor_file import read_header
+
     total = 0
     for name in files:
-        with open(os.path.join(model_dir, name), "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
+        _, header = read_header(os.path.join(model_dir, name))  # checked: a corrupt header is one clear error
         total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     return int(total)
 

@@ -25,13 +25,14 @@ import numpy as np
 from offline import activation_stats
 from powerinfer_jax.bundle import load_counts  # noqa: F401  (the library reads profiles; re-exported here)
 from powerinfer_jax.config import ModelConfig
+from powerinfer_jax.errors import PathNotFoundError, PowerInferError, UnsupportedModelError
 from powerinfer_jax.model import forward
 from powerinfer_jax.params import ModelParams
 
 HIST_BINS = 64
 
 
-class CorpusError(ValueError):
+class CorpusError(PowerInferError):
     """An empty corpus, or one too short for what was asked."""
 
 
@@ -61,9 +62,12 @@ def read_corpus(paths: list[str]) -> str:
     texts = []
     for p in paths:
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"corpus file not found: {p}")
-        with open(p, encoding="utf-8") as f:
-            texts.append(f.read())
+            raise PathNotFoundError(f"corpus file not found: {p}")
+        try:
+            with open(p, encoding="utf-8") as f:
+                texts.append(f.read())
+        except UnicodeDecodeError as err:
+            raise CorpusError(f"corpus file {p} is not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
     text = "\n\n".join(texts)
     if not text.strip():
         raise CorpusError(f"the corpus is empty: {', '.join(paths)}")
@@ -84,7 +88,7 @@ def profile(params: ModelParams, cfg: ModelConfig, token_ids: np.ndarray, out_di
             s: ProfileSettings = ProfileSettings(), bos: int | None = None, progress=None) -> dict:
     """Profiles the model over `token_ids` and writes the output folder; returns the summary."""
     if not cfg.is_sparse_capable:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"cannot profile a {cfg.ffn_kind!r} FFN: activation sparsity needs a ReLU "
             "(supported: ReGLU / dReLU LLaMA-family, ReLU OPT)")
     if len(token_ids) < s.min_tokens:

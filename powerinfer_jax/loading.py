@@ -136,10 +136,10 @@ def open_checkpoint(model_dir: str) -> list[tensor_file.MappedSafetensors]:
 
 def check_choices(dtype: str, quantize: str | None) -> None:
     """Fails with one line naming what is supported."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"unsupported quantize {quantize!r}; choose one of None, int8, int4")
+    from powerinfer_jax import checks
+
+    checks.choice("dtype", dtype, DTYPES)
+    checks.choice("quantize", quantize, QUANTIZATIONS)
 
 
 def _transposed(a: np.ndarray) -> np.ndarray:
