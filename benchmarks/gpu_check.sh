@@ -7,7 +7,9 @@
 #      hybrid predicted at the same budget (benchmarks/bench_engine.py);
 #   4. the full suite, bin/bench (both models, budgets 10-100%, roofline, plots) -> bench_gpu.*;
 #   5. every weight format side by side (f32, bf16, f16, int8, int4; dense and hybrid) on the 4-layer
-#      LLaMA-7B cut: native bf16/f16 dots, dequantize-in-jit, the dequantizing Pallas kernels -> bench_formats_gpu.*.
+#      LLaMA-7B cut: native bf16/f16 dots, dequantize-in-jit, the dequantizing Pallas kernels -> bench_formats_gpu.*;
+#   6. one 7B layer's host time, device time and layer time with the host part overlapped or not, and
+#      the launch/collect trace (benchmarks/bench_hybrid_layer.py) -> hybrid_layer_gpu.json.
 # Every step has its own time limit and the script goes on past a failure, so one run gives
 # everything it can.
 set -uo pipefail
@@ -23,6 +25,8 @@ fi
 # The GPU-only kernel tests (skipped on CPU): the Pallas kernels compiled by Triton vs the reference.
 timeout "${TEST_TIMEOUT:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_ops_pallas.py 2>&1 \
   | tail -15 | tee "$OUT/pallas_tests_gpu.log"
+timeout "${LAYER_TIMEOUT:-120}" python3 benchmarks/bench_hybrid_layer.py --repeats 30 \
+  --out "$OUT/hybrid_layer_gpu.json" 2>&1 | grep -v "^I1\|^W1" | tail -12 | tee "$OUT/hybrid_layer_gpu.log"
 timeout "${ENGINE_TIMEOUT:-180}" python3 benchmarks/bench_engine.py \
   --bundle models/shakespeare-relu-llama-prepared --repeats 3 --out "$OUT/engine_gpu.json" 2>&1 \
   | grep -v "^I1\|^W1" | tail -40 | tee "$OUT/engine_gpu.log"

@@ -57,7 +57,6 @@ def main(argv):
     b = suite.plan_budget(s, FLAGS.budget, ctx, fmt)
     hybrid = suite.build_engines(s, b, ctx, fmt)["hybrid"]
     dense = Engine(cfg, suite.device_params(s.host_params, fmt), max_seq_len=ctx)
-    plans = hybrid.runtime.plans
 
     def zeros_ffn(i, p, x_norm, x_resid):
         return jnp.zeros_like(x_norm), {}
@@ -65,14 +64,14 @@ def main(argv):
     def predictor_ffn(i, p, x_norm, x_resid):
         """Only the predictor and the selection; the result feeds the output as 0 * count."""
         B, T, d = x_norm.shape
-        logits = predict_logits(p.predictor, x_resid.reshape(B * T, d))
-        hot = jnp.any(logits[:, p.hot_ids] >= plans[i].threshold, axis=0)
-        cold = jnp.any(logits[:, p.cold_ids] >= plans[i].threshold, axis=0)
+        plan = p.plan
+        active = jnp.any(predict_logits(p.predictor, x_resid.reshape(B * T, d)) >= plan.threshold, axis=0)
+        hot, cold = active[:plan.n_hot], active[plan.n_hot:]  # the predictor's outputs are in hot, cold order
         n = jnp.int32(0)  # uses the index lists themselves, so XLA cannot drop the compaction
-        if plans[i].n_hot:
-            n += compact_mask(hot, plans[i].hot_capacity)[0].sum()
-        if plans[i].n_cold:
-            n += compact_mask(cold, plans[i].cold_capacity)[0].sum()
+        if plan.n_hot:
+            n += compact_mask(hot, plan.hot_capacity)[0].sum()
+        if plan.n_cold:
+            n += compact_mask(cold, plan.cold_capacity)[0].sum()
         return jnp.zeros_like(x_norm) + 0.0 * n.astype(jnp.float32), {}
 
     no_ffn_layers = [dataclasses.replace(lp, ffn=jnp.zeros((1,), jnp.float32)) for lp in hybrid.params.layers]

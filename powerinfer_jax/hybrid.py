@@ -52,7 +52,8 @@ class HybridEngine(Engine):
         kv = 2 * self.cfg.num_layers * self.max_seq_len * self.cfg.num_kv_heads * self.cfg.head_dim * \
             np.dtype(self.kv_dtype).itemsize
         hot_bytes, cold_bytes = 0, 0
-        for pl, lp in zip(self.runtime.plans, layers):
+        for lp in layers:
+            pl = lp.ffn.plan
             per_neuron = ffn_row_bytes(lp.ffn.shared if lp.ffn.shared is not None else lp.ffn.hot)
             hot_bytes += pl.n_hot * per_neuron
             cold_bytes += pl.n_cold * per_neuron
@@ -67,8 +68,8 @@ class HybridEngine(Engine):
             "ffn_index": param_bytes([[lp.ffn.hot_ids, lp.ffn.cold_ids] for lp in layers]),
             "ffn_hot": hot_bytes,
         }
-        hot = [pl.n_hot for pl in self.runtime.plans]
-        resident = resident_bytes(p, self.runtime.host_ffn)
+        hot = [lp.ffn.plan.n_hot for lp in layers]
+        resident = resident_bytes(p, [lp.ffn.host.arrays() for lp in layers if lp.ffn.host is not None])
         return {"device": dev, "device_total": int(sum(dev.values())), "host": {"ffn_cold": cold_bytes},
                 "host_total": cold_bytes, "hot_neurons_per_layer": hot, "placement": self.placement_info,
                 "shared_memory": layers[0].ffn.shared is not None if layers else False,
@@ -135,13 +136,15 @@ def build_hybrid_engine(
     device_kernel: str = "auto",
     placement_info: dict | None = None,
     kv_dtype: str = "float32",
+    overlap: bool = True,
 ) -> HybridEngine:
     """Moves the non-FFN weights and each layer's hot rows to the device; cold rows stay on the host.
 
     `host_params` holds numpy arrays/Weights in their stored format (`load_params(on_host=True)`).
     On the CPU backend with the default numba kernel, FFN matrices are shared by both sides (no
     copy). `capacities[l] = (hot, cold)` bounds the active-set sizes per token (default: the
-    partition sizes, which never drop a neuron).
+    partition sizes, which never drop a neuron). `overlap` (accelerator layout): the host computes
+    a layer's cold neurons while the device computes its hot ones (False: one after the other).
     """
     if mode == "predicted" and predictors is None:
         raise ValueError("sparsity='predicted' needs predictors: load a prepared bundle (bin/prepare)")
@@ -154,7 +157,7 @@ def build_hybrid_engine(
         raise ValueError("device_kernel='numba' reads device arrays from host memory: CPU backend only")
     shared = device_kernel == "numba"
     pred_fmt = predictor_format(_ffn_format(host_params))
-    layers, host_ffn, plans = [], [], []
+    layers = []
     for l, lp in enumerate(host_params.layers):
         pred = None
         if mode == "predicted":
@@ -164,19 +167,18 @@ def build_hybrid_engine(
                 pred = PredictorParams(fc1=_f32_array(predictors[l].fc1), fc2=_f32_array(predictors[l].fc2))
             else:  # read every token like the weights: in their precision, by the same kernels
                 pred = engine_predictor(predictors[l].fc1, predictors[l].fc2, pred_fmt)
-        ffn = split_ffn(lp.ffn, hot_indices[l], pred, shared)
         n_hot = len(hot_indices[l])
         n_cold = cfg.intermediate_size - n_hot
         cap_hot, cap_cold = capacities[l] if capacities is not None else (n_hot, n_cold)
         thr = float(thresholds[l]) if thresholds is not None else 0.0
-        plans.append(LayerPlan(n_hot, n_cold, max(min(cap_hot, n_hot), 0), max(min(cap_cold, n_cold), 0), thr))
+        plan = LayerPlan(n_hot, n_cold, max(min(cap_hot, n_hot), 0), max(min(cap_cold, n_cold), 0), thr)
+        ffn = split_ffn(cfg.ffn_kind, lp.ffn, hot_indices[l], pred, shared, plan)
         layers.append(LayerParams(to_device(lp.attn_norm), to_device(lp.attn), to_device(lp.ffn_norm), ffn))
-        host_ffn.append(None if shared else dataclasses.replace(lp.ffn, b_down=None))
     params = dataclasses.replace(
         host_params, embed=to_device(host_params.embed), layers=layers, final_norm=to_device(host_params.final_norm),
         lm_head=to_device(host_params.lm_head), pos_embed=to_device(host_params.pos_embed),
         project_in=to_device(host_params.project_in), project_out=to_device(host_params.project_out))
-    runtime = HybridRuntime(cfg, mode, plans, host_ffn, device_kernel=device_kernel)
+    runtime = HybridRuntime(cfg, mode, device_kernel=device_kernel, overlap=overlap)
     return HybridEngine(cfg, params, runtime, tokenizer, max_seq_len=max_seq_len, model_dir=model_dir,
                         placement_info=placement_info, kv_dtype=kv_dtype)
 

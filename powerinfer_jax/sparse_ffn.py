@@ -1,12 +1,17 @@
 """The hybrid sparse FFN (PowerInfer's runtime half), beside the dense one in `ffn.py`.
 
 Per layer the neurons are split by the placement into *hot* (device) and *cold* (host) ids
-(`hot_ids`, `cold_ids`). Where the device and the host share one memory (the CPU backend) each
-FFN matrix is kept whole, once (`HybridFFN.shared`), and both parts run the numba kernels over
-it with their own neuron ids, as the reference engine does on the CPU. On an accelerator the hot
-rows are copied to the device as compact arrays (`HybridFFN.hot`); the cold part reads the whole
-host matrices (`HybridRuntime.host_ffn`) through a host callback. Partial outputs are summed on
-the device. Weights may be in any stored format (`ops.quant.Weight`).
+(`hot_ids`, `cold_ids`); the layer's predictor scores neurons in that order (its output rows are
+permuted at build time), so hot and cold scores are two slices, not gathers. Everything a layer
+needs is in its `HybridFFN` pytree: the arrays, its static `LayerPlan` (partition sizes,
+capacities, threshold) and, on an accelerator, its host handle (`ops.host_async.HostFFN`).
+
+Where the device and the host share one memory (the CPU backend) each FFN matrix is kept whole,
+once (`HybridFFN.shared`), and one numba call per layer computes the hot and the cold neurons
+together over it (the reference engine on the CPU). On an accelerator the hot rows are copied to
+the device as compact arrays (`HybridFFN.hot`); the cold part runs on the host *while* the device
+computes the hot part (`ops.host_async`: launch before the hot kernel, collect after it), and the
+partial sums meet on the device. Weights may be in any stored format (`ops.quant.Weight`).
 
 Which neurons are computed for a decode token:
   dense      all of them (device part dense over hot rows, host part dense over cold rows)
@@ -14,8 +19,10 @@ Which neurons are computed for a decode token:
              equals dense up to float rounding, which proves the sparse machinery exact
   predicted  those the layer's predictor scores >= threshold (PowerInfer's mode)
 Prompts (T > 1 tokens) always run the dense split, as PowerInfer does for large batches.
-Active sets are compacted into fixed-capacity index lists (static shapes); a token whose
-active count exceeds the capacity drops the overflow, and the engine reports it.
+Active sets are compacted into fixed-capacity index lists (static shapes); when more neurons are
+active than a list holds, the highest-scoring ones are kept and the overflow is reported.
+Counters are per decode step and mean the same at any batch size: neurons computed (the union over
+the batch's tokens), of them on the device, neurons in the layer, neurons dropped by overflow.
 Device kernels: "pallas" (GPU, Triton; dequantizes in registers), "xla" (gather + dequantize + dot), or
 "numba" (CPU backend only: the shared whole matrices read in place; the default there).
 """
@@ -23,13 +30,13 @@ Device kernels: "pallas" (GPU, Triton; dequantizes in registers), "xla" (gather 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ops.cpu_sparse import sparse_ffn_rows
+from ops import host_async
 from ops.host_kernels import host_ffn_callback
 from ops.linear import linear
 from ops.quant import Weight, to_weight
@@ -77,23 +84,6 @@ def engine_predictor(fc1, fc2, fmt: str) -> PredictorParams:
     return PredictorParams(fc1=rows(fc1), fc2=rows(fc2))
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class HybridFFN:
-    """Device-side state of one layer's hybrid FFN.
-
-    Either `shared` (CPU backend: the whole matrices, read in place by both parts with neuron ids)
-    or `hot` (an accelerator: compact copies of the hot rows on the device; the cold part reads the
-    runtime's host matrices) is set."""
-
-    shared: FFNParams | None  # whole FFN matrices (no b_down), CPU backend
-    hot: FFNParams | None  # compact hot rows [H, d]; None when shared or H == 0
-    hot_ids: jax.Array  # [H] int32 neuron ids of the hot rows
-    cold_ids: jax.Array  # [C] int32 neuron ids of the host rows
-    b_down: jax.Array | None  # OPT fc2 bias, added once on the device
-    predictor: PredictorParams | None
-
-
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
     """Static per-layer settings: partition sizes, capacities, predictor threshold."""
@@ -103,6 +93,25 @@ class LayerPlan:
     hot_capacity: int
     cold_capacity: int
     threshold: float = 0.0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class HybridFFN:
+    """One layer's hybrid FFN: arrays, plus its plan and host handle as static metadata.
+
+    Either `shared` (CPU backend: the whole matrices, read in place by one call for both parts
+    with neuron ids) or `hot` (an accelerator: compact copies of the hot rows on the device; the
+    cold part reads `host`, the layer's host matrices) is set."""
+
+    shared: FFNParams | None  # whole FFN matrices (no b_down), CPU backend
+    hot: FFNParams | None  # compact hot rows [H, d]; None when shared or H == 0
+    hot_ids: jax.Array  # [H] int32 neuron ids of the hot rows
+    cold_ids: jax.Array  # [C] int32 neuron ids of the host rows
+    b_down: jax.Array | None  # OPT fc2 bias, added once on the device
+    predictor: PredictorParams | None  # output rows in (hot_ids, cold_ids) order
+    plan: LayerPlan = dataclasses.field(metadata=dict(static=True))
+    host: host_async.HostFFN | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 def take_rows(w, ids: np.ndarray):
@@ -115,19 +124,37 @@ def take_rows(w, ids: np.ndarray):
     return np.ascontiguousarray(np.asarray(w)[ids])
 
 
-def split_ffn(ffn: FFNParams, hot_ids: np.ndarray, predictor: PredictorParams | None,
-              shared: bool) -> HybridFFN:
-    """One layer's device state from host FFN matrices: shared whole matrices, or hot-row copies."""
+def permute_outputs(p: PredictorParams | None, order: np.ndarray) -> PredictorParams | None:
+    """The predictor with its outputs in `order` (logit j scores neuron order[j]): a small copy of fc2."""
+    if p is None:
+        return None
+    if isinstance(p.fc2, Weight):  # engine form: fc2 rows [n_ff, r]
+        w = p.fc2
+        fc2 = Weight(jnp.take(w.data, order, axis=0), None if w.scale is None else jnp.take(w.scale, order, axis=0),
+                     w.fmt, w.cols)
+    else:  # training form: fc2 [r, n_ff]
+        fc2 = jnp.take(p.fc2, order, axis=1)
+    return PredictorParams(fc1=p.fc1, fc2=fc2)
+
+
+def split_ffn(family: str, ffn: FFNParams, hot_ids: np.ndarray, predictor: PredictorParams | None, shared: bool,
+              plan: LayerPlan) -> HybridFFN:
+    """One layer's state from host FFN matrices: shared whole matrices, or hot-row device copies
+    plus the cold part's host handle."""
     n = ffn.w_up.shape[0]
     hot_ids = np.asarray(hot_ids, np.int32)
     cold_ids = np.setdiff1d(np.arange(n, dtype=np.int32), hot_ids)
     put = lambda tree: None if tree is None else jax.tree.map(to_jax, tree)  # noqa: E731
     whole = dataclasses.replace(ffn, b_down=None)
-    hot = None
+    hot = host = None
     if not shared and len(hot_ids):
         hot = FFNParams(**{k: take_rows(getattr(ffn, k), hot_ids) for k in ("w_up", "w_down_t", "w_gate", "b_up")})
+    if not shared and len(cold_ids):
+        host = host_async.HostFFN(family, whole.w_gate, whole.w_up, whole.w_down_t, whole.b_up)
+    predictor = permute_outputs(predictor, np.concatenate([hot_ids, cold_ids]))
     return HybridFFN(shared=put(whole) if shared else None, hot=put(hot), hot_ids=jnp.asarray(hot_ids),
-                     cold_ids=jnp.asarray(cold_ids), b_down=put(ffn.b_down), predictor=predictor)
+                     cold_ids=jnp.asarray(cold_ids), b_down=put(ffn.b_down), predictor=predictor, plan=plan,
+                     host=host)
 
 
 def _true_scores(family: str, w: FFNParams, x: jax.Array) -> jax.Array:
@@ -137,35 +164,45 @@ def _true_scores(family: str, w: FFNParams, x: jax.Array) -> jax.Array:
     return linear(x, w.w_gate)
 
 
-class HybridRuntime:
-    """Provides the `ffn_fn` the model calls per layer; owns the host FFN matrices the cold part
-    reads when they are not shared with the device (an accelerator)."""
+def select_top(mask: jax.Array, score: jax.Array, capacity: int):
+    """Active positions of `mask` [n] as (idx [C], kept, true count): all of them in position
+    order, or, when more than C are active, the C with the highest `score`."""
+    idx, _, count = compact_mask(mask, capacity)
+    if capacity < mask.shape[0]:
+        def by_score(_):
+            _, top = jax.lax.top_k(jnp.where(mask, score, -jnp.inf), capacity)
+            return jnp.sort(top).astype(jnp.int32)  # position order: rows read front to back
 
-    def __init__(self, cfg: ModelConfig, mode: str, plans: Sequence[LayerPlan], host_ffn: Sequence[FFNParams | None],
-                 device_kernel: str = "xla", callback_method: str = "auto"):
+        idx = jax.lax.cond(count > capacity, by_score, lambda _: idx, None)
+    return idx, jnp.minimum(count, capacity), count
+
+
+def merge_prefix(a: jax.Array, n_a: jax.Array, b: jax.Array, n_b: jax.Array) -> jax.Array:
+    """One list holding a[:n_a] then b[:n_b] at its front (static size len(a) + len(b))."""
+    size = a.shape[0] + b.shape[0]
+    pos_a = jnp.where(jnp.arange(a.shape[0]) < n_a, jnp.arange(a.shape[0]), size)
+    pos_b = jnp.where(jnp.arange(b.shape[0]) < n_b, n_a + jnp.arange(b.shape[0]), size)
+    out = jnp.zeros((size,), jnp.int32)
+    return out.at[pos_a].set(a, mode="drop").at[pos_b].set(b, mode="drop")
+
+
+class HybridRuntime:
+    """Provides the `ffn_fn` the model calls per layer. Holds only engine-wide settings: each
+    layer's plan and host handle are in its `HybridFFN`."""
+
+    def __init__(self, cfg: ModelConfig, mode: str, device_kernel: str = "xla", overlap: bool = True,
+                 callback_method: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"unknown sparsity mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode != "dense" and not cfg.is_sparse_capable:
             raise ValueError(f"sparsity={mode!r} needs a ReLU FFN; this model's FFN is {cfg.ffn_kind!r}")
-        self.cfg, self.mode, self.plans, self.host_ffn = cfg, mode, list(plans), list(host_ffn)
-        self.device_kernel = device_kernel
+        self.cfg, self.mode, self.device_kernel = cfg, mode, device_kernel
+        self.overlap = overlap  # accelerator: cold part launched before the hot kernel, collected after
         self.callback_method = callback_method
 
-    def _part(self, i: int, p: HybridFFN, x, idx, valid, count, part: str, after=None):
-        """FFN over one partition's ("hot" or "cold") active neurons, given as positions `idx` in
-        that partition's id list."""
-        family = self.cfg.ffn_kind
-        neurons = jnp.take(p.hot_ids if part == "hot" else p.cold_ids, idx)
-        if p.shared is not None:  # CPU backend: both parts read the whole matrices in place
-            w = p.shared
-            # The two numba calls of a layer run one after the other (`after`): together they
-            # oversubscribe the cores (profile_decode, 2 layers: 4.8 -> 4.1 ms a layer).
-            return sparse_ffn_rows(family, w.w_gate, w.w_up, w.w_down_t, w.b_up, x, neurons, count, after=after)
-        if part == "cold":  # accelerator: the cold part runs on the host over its own matrices
-            w = self.host_ffn[i]
-            return host_ffn_callback(family, w.w_gate, w.w_up, w.w_down_t, x, neurons, count, w.b_up,
-                                     method=self.callback_method)
-        hot = p.hot
+    def _hot(self, p: HybridFFN, x, idx, valid):
+        """The device part over hot positions `idx` of the compact hot rows."""
+        hot, family = p.hot, self.cfg.ffn_kind
         if self.device_kernel == "pallas":
             from ops.pallas_gpu import sparse_ffn_pallas
 
@@ -174,59 +211,81 @@ class HybridRuntime:
                                      interpret=jax.default_backend() != "gpu")
         return sparse_ffn_xla(family, hot.w_gate, hot.w_up, hot.w_down_t, x, idx, valid, hot.b_up)
 
+    def _split(self, p: HybridFFN, x, hot_part, cold_ids, cold_count):
+        """Accelerator layout: `hot_part(x)` on the device, the host FFN over cold_ids[:cold_count]
+        meanwhile (overlap) or after it."""
+        y = jnp.zeros(x.shape, f32)
+        if p.host is None:  # no cold neurons
+            return y + hot_part(x) if p.plan.n_hot else y
+        if not self.overlap:
+            if p.plan.n_hot:
+                y = y + hot_part(x)
+            h = p.host
+            return y + host_ffn_callback(h.family, h.w_gate, h.w_up, h.w_down_t, x, cold_ids, cold_count, h.b_up,
+                                         method=self.callback_method, after=y)
+        ticket, x_dev = host_async.launch(p.host, x, cold_ids, cold_count)
+        if p.plan.n_hot:
+            y = y + hot_part(x_dev)
+        return y + host_async.collect(p.host, ticket, x.shape[0], after=y)
+
     def ffn_fn(self, i: int, p: HybridFFN, x_norm: jax.Array, x_resid: jax.Array):
         """The model's FFN hook: returns (output [B, T, d], per-layer counters)."""
+        del i  # everything the layer needs is in its pytree
         B, T, d = x_norm.shape
         x = x_norm.reshape(B * T, d)
-        plan = self.plans[i]
-        family = self.cfg.ffn_kind
-        y = jnp.zeros((B * T, d), f32)
+        plan, family = p.plan, self.cfg.ffn_kind
+        n = plan.n_hot + plan.n_cold
         aux: dict = {}
         if T > 1 or self.mode == "dense":
             # Dense split: every hot row on the device, every cold row on the host.
             if p.shared is not None:
                 y = dense_ffn(p.shared, family, x)  # one memory: the whole FFN at once
-            else:
-                if plan.n_hot:
-                    y = y + dense_ffn(p.hot, family, x)  # p.hot carries no down bias: added once below
-                if plan.n_cold:
-                    every = jnp.arange(plan.n_cold, dtype=jnp.int32)
-                    y = y + self._part(i, p, x, every, None, jnp.int32(plan.n_cold), "cold")
+            else:  # p.hot carries no down bias: added once below
+                y = self._split(p, x, lambda xd: dense_ffn(p.hot, family, xd), p.cold_ids, jnp.int32(plan.n_cold))
             if T == 1:
-                aux = {"ffn_computed": B * (plan.n_hot + plan.n_cold), "ffn_hot": B * plan.n_hot,
-                       "ffn_total": B * (plan.n_hot + plan.n_cold), "ffn_overflow": jnp.int32(0)}
+                aux = {"ffn_computed": n, "ffn_hot": plan.n_hot, "ffn_total": n, "ffn_overflow": jnp.int32(0)}
         else:
-            if self.mode == "predicted":
-                logits = predict_logits(p.predictor, x_resid.reshape(B * T, d))
-                hot_mask = jnp.any(logits[:, p.hot_ids] >= plan.threshold, axis=0)
-                cold_mask = jnp.any(logits[:, p.cold_ids] >= plan.threshold, axis=0)
-            else:  # oracle: the true mask; the host part gets every cold row and its ReLU zeros
-                hot_mask = None
-                if plan.n_hot:
-                    scores = _true_scores(family, p.shared if p.shared is not None else p.hot, x)
-                    if p.shared is not None:
-                        scores = scores[:, p.hot_ids]
-                    hot_mask = jnp.any(scores > 0, axis=0)
-                cold_mask = None
-            computed, hot_done, overflow = jnp.int32(0), jnp.int32(0), jnp.int32(0)
-            if plan.n_hot:
-                idx, valid, count = compact_mask(hot_mask, plan.hot_capacity)
-                hot_done = jnp.minimum(count, plan.hot_capacity)
-                y = y + self._part(i, p, x, idx, valid, hot_done, "hot")
-                overflow += count - hot_done
-            if plan.n_cold:
-                if cold_mask is None:
-                    idx = jnp.arange(plan.n_cold, dtype=jnp.int32)
-                    cold_done = jnp.int32(plan.n_cold)
-                else:
-                    idx, _, count = compact_mask(cold_mask, plan.cold_capacity)
-                    cold_done = jnp.minimum(count, plan.cold_capacity)
-                    overflow += count - cold_done
-                y = y + self._part(i, p, x, idx, None, cold_done, "cold", after=y)
-                computed += cold_done
-            computed += hot_done
-            aux = {"ffn_computed": computed, "ffn_hot": hot_done, "ffn_total": plan.n_hot + plan.n_cold,
-                   "ffn_overflow": overflow}
+            y, aux = self._sparse(p, x, x_resid.reshape(B * T, d))
         if p.b_down is not None:
             y = y + p.b_down.astype(f32)
         return y.reshape(B, T, d), aux
+
+    def _sparse(self, p: HybridFFN, x, x_resid):
+        """Decode: only the active neurons (predicted, or the true ReLU mask for oracle)."""
+        plan, family = p.plan, self.cfg.ffn_kind
+        H, C = plan.n_hot, plan.n_cold
+        if self.mode == "predicted":
+            # One score per neuron for the batch: its best token (the union of the tokens' masks).
+            score = jnp.max(predict_logits(p.predictor, x_resid), axis=0)  # [H + C], hot first
+            active = score >= plan.threshold
+            hot_score, hot_mask, cold_score, cold_mask = score[:H], active[:H], score[H:], active[H:]
+        else:  # oracle: the true mask on the device; the host part gets every cold row (and its ReLU zeros)
+            hot_score = hot_mask = cold_score = cold_mask = None
+            if H:
+                w = p.shared if p.shared is not None else p.hot
+                hot_score = jnp.max(_true_scores(family, w, x), axis=0)
+                if p.shared is not None:
+                    hot_score = hot_score[p.hot_ids]
+                hot_mask = hot_score > 0
+        hot_idx = jnp.zeros((0,), jnp.int32)
+        hot_done = hot_true = cold_done = cold_true = jnp.int32(0)
+        if H:
+            hot_idx, hot_done, hot_true = select_top(hot_mask, hot_score, plan.hot_capacity)
+        if C:
+            if cold_mask is None:
+                cold_idx, cold_done, cold_true = jnp.arange(C, dtype=jnp.int32), jnp.int32(C), jnp.int32(C)
+            else:
+                cold_idx, cold_done, cold_true = select_top(cold_mask, cold_score, plan.cold_capacity)
+        if p.shared is not None:
+            # One memory: one numba call over both partitions' neurons (hot first, then cold).
+            w = p.shared
+            ids = merge_prefix(jnp.take(p.hot_ids, hot_idx), hot_done,
+                               jnp.take(p.cold_ids, cold_idx) if C else jnp.zeros((0,), jnp.int32), cold_done)
+            y = sparse_ffn_rows(family, w.w_gate, w.w_up, w.w_down_t, w.b_up, x, ids, hot_done + cold_done)
+        else:
+            valid = jnp.arange(hot_idx.shape[0]) < hot_done
+            y = self._split(p, x, lambda xd: self._hot(p, xd, hot_idx, valid),
+                            jnp.take(p.cold_ids, cold_idx) if C else None, cold_done)
+        aux = {"ffn_computed": hot_done + cold_done, "ffn_hot": hot_done, "ffn_total": H + C,
+               "ffn_overflow": (hot_true - hot_done) + (cold_true - cold_done)}
+        return y, aux
