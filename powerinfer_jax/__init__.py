@@ -66,6 +66,7 @@ def load(
     device_kernel: str = "auto",
     verify_bundle: str = "fast",
     check_finite: bool | str = "auto",
+    bundle_model_dir: str | os.PathLike | None = None,
 ) -> Engine:
     """Loads an HF model folder or a prepared bundle (from bin/prepare) into an Engine.
 
@@ -85,19 +86,22 @@ def load(
       blocks, milliseconds), "full" (sha256 of every byte, as bin/prepare records) or "none".
     check_finite: scan the weights for NaN/Inf before loading them: True, False, or "auto" (weight
       files up to `loading.FINITE_SCAN_AUTO_BYTES`, 2 GiB). Each generated token's logits are checked anyway.
+    bundle_model_dir: the model folder of a bundle that moved apart from its model (checked against
+      the bundle's record of it like the recorded one).
     Bad arguments or files raise a `PowerInferError` subclass (see `powerinfer_jax.errors`).
     """
     from powerinfer_jax.tokenizer import Tokenizer
 
     checks.load_arguments(model_dir, dtype, max_seq_len, quantize, kv_dtype, sparsity, device_memory_budget,
                           threshold, offload_layers, placement_batch, min_hot_per_split_layer, device_kernel,
-                          verify_bundle, check_finite)
+                          verify_bundle, check_finite, bundle_model_dir)
     path = str(model_dir) if model_dir is not None else default_model_dir()
     bundle = None
     from powerinfer_jax import bundle as bundle_lib
 
     if bundle_lib.is_bundle(path):
-        bundle = bundle_lib.load_bundle(path, verify=verify_bundle)
+        bundle = bundle_lib.load_bundle(path, verify=verify_bundle,
+                                        model_dir=None if bundle_model_dir is None else os.fspath(bundle_model_dir))
         path = bundle.model_dir
     cfg = load_config(path)
     checks.hybrid_arguments(cfg, bundle, sparsity, device_memory_budget, offload_layers)

@@ -97,10 +97,19 @@ def placement_name(ps: PlacementSettings) -> str:
 
 
 def load_counts(profile_dir: str) -> tuple[np.ndarray, int]:
-    """(firing counts [L, n_ff], profiled tokens) from a profile folder."""
-    with open(os.path.join(profile_dir, "summary.json")) as f:
-        tokens = json.load(f)["tokens"]
-    return np.load(os.path.join(profile_dir, "counts.npy")), int(tokens)
+    """(firing counts [L, n_ff], profiled tokens) from a profile folder; a damaged one is a BundleError."""
+    try:
+        with open(os.path.join(profile_dir, "summary.json")) as f:
+            tokens = json.load(f)["tokens"]
+        counts = np.load(os.path.join(profile_dir, "counts.npy"))
+        ok = (type(tokens) is int and tokens > 0 and counts.ndim == 2 and counts.dtype.kind in "iuf"
+              and np.isfinite(counts).all() and (counts >= 0).all() and (counts <= tokens).all())
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+        raise BundleError(f"the profile in {profile_dir} is damaged ({type(err).__name__}); re-run bin/prepare") from None
+    if not ok:
+        raise BundleError(f"the profile in {profile_dir} is damaged (counts or token total out of range); re-run "
+                          "bin/prepare")
+    return counts, tokens
 
 
 @dataclasses.dataclass
@@ -123,16 +132,34 @@ class Bundle:
         path = os.path.join(self.path, "placements", placement_name(ps) + ".json")
         if not os.path.isfile(path):
             return None
-        with open(path) as f:
-            return json.load(f)
+        return self._read_placement(path)
+
+    def _read_placement(self, path: str) -> dict:
+        """A placement record, checked against the profile's [layers, n_ff] (hot ids sorted, unique, in range)."""
+        layers, n_ff = self.counts.shape
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+            hot = rec["placement"]["hot_indices"]
+            ok = isinstance(rec.get("device_plan"), dict) and isinstance(hot, list) and len(hot) == layers
+            for h in hot if ok else []:
+                a = np.asarray(h)
+                ok = ok and a.ndim == 1 and (a.size == 0 or (a.dtype.kind in "iu" and a.min() >= 0 and a.max() < n_ff
+                                                             and (np.diff(a) > 0).all()))
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            raise BundleError(f"{path} is damaged ({type(err).__name__}); re-run bin/prepare --budget or "
+                              "bin/solve_placement") from None
+        if not ok:
+            raise BundleError(f"{path} does not fit the bundle's profile ({layers} layers of {n_ff} neurons); re-run "
+                              "bin/prepare --budget or bin/solve_placement")
+        return rec
 
     def placement(self, name: str | None = None) -> dict:
         """A stored placement record (the current one by default)."""
         name = name or self.manifest.get("current_placement")
         if not name:
             raise BundleError(f"{self.path} has no placement yet; run bin/prepare with --budget")
-        with open(os.path.join(self.path, "placements", name + ".json")) as f:
-            return json.load(f)
+        return self._read_placement(os.path.join(self.path, "placements", str(name) + ".json"))
 
 
 def verify_model(path: str, manifest: dict, model_dir: str, verify: str = "fast") -> None:
@@ -157,23 +184,48 @@ def verify_model(path: str, manifest: dict, model_dir: str, verify: str = "fast"
                           f"{', '.join(changed)}); re-run bin/prepare")
 
 
-def load_bundle(path: str, verify: str = "fast") -> Bundle:
+def _read_manifest(path: str) -> dict:
+    """The manifest, with the fields the reader relies on checked (a damaged one is a BundleError)."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path}/{MANIFEST} is unreadable ({type(err).__name__}); re-run bin/prepare") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}/{MANIFEST} is not a JSON object; re-run bin/prepare")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {manifest.get('format_version')!r:.40} is not {FORMAT_VERSION}; "
+                          "re-run bin/prepare")
+    model = manifest.get("model")
+    if not (isinstance(model, dict) and isinstance(model.get("path"), str) and model["path"]
+            and isinstance(model.get("sha256"), dict)
+            and isinstance(model.get("fingerprint", {}), dict)):
+        raise BundleError(f"{path}/{MANIFEST} has no valid model record; re-run bin/prepare")
+    return manifest
+
+
+def load_bundle(path: str, verify: str = "fast", model_dir: str | None = None) -> Bundle:
     """Reads a bundle (manifest, profile counts, predictors); fails clearly when its manifest does
-    not match the model it references (`verify`: "fast", "full" or "none", see `verify_model`)."""
+    not match the model it references (`verify`: "fast", "full" or "none", see `verify_model`).
+    `model_dir` re-points a bundle whose model folder moved (it must still match the manifest)."""
     from powerinfer_jax.predictor_store import load_predictors
 
     if not is_bundle(path):
         raise BundleError(f"{path} is not a prepared bundle (no {MANIFEST}); create one with bin/prepare")
-    with open(os.path.join(path, MANIFEST)) as f:
-        manifest = json.load(f)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
-                          "re-run bin/prepare")
-    model_dir = manifest["model"]["path"]
-    if not os.path.isabs(model_dir):  # stored relative to the bundle so bundles can move with their model
-        model_dir = os.path.normpath(os.path.join(path, model_dir))
-        manifest["model"]["path"] = model_dir
-    verify_model(path, manifest, model_dir, verify)
+    manifest = _read_manifest(path)
+    recorded = manifest["model"]["path"]
+    if model_dir is None:
+        model_dir = recorded
+        if not os.path.isabs(model_dir):  # stored relative to the bundle so bundles can move with their model
+            model_dir = os.path.normpath(os.path.join(path, model_dir))
+        if not os.path.isdir(model_dir) and os.path.isdir(str(manifest["model"].get("abs_path", ""))):
+            model_dir = manifest["model"]["abs_path"]  # the bundle moved, its model did not
+        if not os.path.isdir(model_dir):
+            raise BundleError(f"{path}: its model folder {model_dir} is missing (recorded as {recorded!r}); if the "
+                              "bundle or the model moved, pass the model folder (pij.load(..., bundle_model_dir=) or "
+                              "--bundle_model)")
+    manifest["model"]["path"] = str(model_dir)
+    verify_model(path, manifest, str(model_dir), verify)
     counts, tokens = load_counts(os.path.join(path, "profile"))
     preds_dir = os.path.join(path, "predictors")
     preds = load_predictors(preds_dir) if os.path.isdir(preds_dir) else None

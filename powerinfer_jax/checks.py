@@ -152,7 +152,7 @@ def _show(value) -> str:
 
 def load_arguments(model_dir, dtype, max_seq_len, quantize, kv_dtype, sparsity, device_memory_budget, threshold,
                    offload_layers, placement_batch, min_hot_per_split_layer, device_kernel, verify_bundle,
-                   check_finite) -> None:
+                   check_finite, bundle_model_dir=None) -> None:
     """Every `pij.load` argument's type and range, before anything is read."""
     from powerinfer_jax.loading import DTYPES, QUANTIZATIONS
     from powerinfer_jax.model import KV_DTYPES
@@ -176,10 +176,22 @@ def load_arguments(model_dir, dtype, max_seq_len, quantize, kv_dtype, sparsity, 
     choice("device_kernel", device_kernel, ("auto", "numba", "xla", "pallas"))
     choice("verify_bundle", verify_bundle, ("fast", "full", "none"))
     choice("check_finite", check_finite, (True, False, "auto"))
+    if bundle_model_dir is not None:
+        path("bundle_model_dir", bundle_model_dir, kind="model folder")
 
 
 def hybrid_arguments(cfg, bundle, sparsity, device_memory_budget, offload_layers) -> None:
     """What the sparse modes need from the model and bundle, refused before the weights are read."""
+    if bundle is not None:  # a bundle's statistics must describe this model's FFNs
+        from powerinfer_jax.errors import BundleError
+
+        want = (cfg.num_layers, cfg.intermediate_size)
+        preds = bundle.predictors
+        if tuple(bundle.counts.shape) != want or (preds is not None and (
+                len(preds) != cfg.num_layers or preds.hidden_size != cfg.hidden_size
+                or preds.intermediate_size != cfg.intermediate_size)):
+            raise BundleError(f"{bundle.path} was prepared for another model (profile {tuple(bundle.counts.shape)}, "
+                              f"this model has {want[0]} layers of {want[1]} neurons); re-run bin/prepare")
     if offload_layers is not None and offload_layers > cfg.num_layers:
         raise ArgumentError(f"offload_layers must be <= the model's {cfg.num_layers} layers, got {offload_layers}")
     if sparsity in ("oracle", "predicted") and not cfg.is_sparse_capable:

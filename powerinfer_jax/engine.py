@@ -189,6 +189,11 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ArgumentError("this model has no tokenizer.json: pass token ids, not text")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as err:  # a lone surrogate, e.g. undecodable bytes in a command line
+                raise ArgumentError(f"the prompt is not valid Unicode text (character {err.start}); pass UTF-8 "
+                                    "text") from None
             ids = self.tokenizer.encode(prompt)
             bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
             if bad:

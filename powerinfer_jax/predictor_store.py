@@ -97,18 +97,29 @@ class Predictors:
 
 
 def load_predictors(out_dir: str) -> Predictors:
-    """Reads a folder written by save_predictors."""
-    import orbax.checkpoint as ocp
-
+    """Reads a folder written by save_predictors; a damaged one is a BundleError."""
     out_dir = os.path.abspath(out_dir)
     path = os.path.join(out_dir, META_JSON)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {META_JSON} in {out_dir}: not a predictors folder (see bin/train_predictors)")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}, "
-                         f"this code reads {FORMAT!r} version {FORMAT_VERSION}")
+        raise BundleError(f"no {META_JSON} in {out_dir}: not a predictors folder (see bin/train_predictors)")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise BundleError(f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}, "
+                              f"this code reads {FORMAT!r} version {FORMAT_VERSION}")
+        return _restore(out_dir, meta)
+    except BundleError:
+        raise
+    except Exception as err:  # noqa: BLE001  (orbax/tensorstore raise plain Exception for damaged files)
+        msg = " ".join(str(err).split())[:160]
+        raise BundleError(f"the predictors in {out_dir} are damaged ({type(err).__name__}: {msg}); re-run "
+                          "bin/prepare (or bin/train_predictors)") from None
+
+
+def _restore(out_dir: str, meta: dict) -> Predictors:
+    import orbax.checkpoint as ocp
+
     d, n_ff, dt = meta["hidden_size"], meta["intermediate_size"], jnp.dtype(meta["dtype"])
     # Name the target device: orbax refuses to restore onto another topology (a CPU-saved bundle
     # loaded on a GPU machine) unless the target tree carries the sharding to restore to.
@@ -119,8 +130,12 @@ def load_predictors(out_dir: str) -> Predictors:
     with ocp.StandardCheckpointer() as ckptr:
         tree = ckptr.restore(os.path.join(out_dir, ARRAYS), abstract)
     layers = []
-    for e in meta["layers"]:
+    for i, e in enumerate(meta["layers"]):
         t = tree[f"layer_{e['layer']:03d}"]
+        if int(e["layer"]) != i or not np.isfinite(float(e["threshold"])) or not all(
+                bool(jnp.isfinite(t[k]).all()) for k in ("fc1", "fc2")):
+            raise BundleError(f"{out_dir}: layer {e['layer']}'s predictor is out of order or holds NaN/Inf; re-run "
+                              "bin/prepare")
         layers.append(LayerPredictor(layer=int(e["layer"]), rank=int(e["rank"]), threshold=float(e["threshold"]),
                                      params=PredictorParams(fc1=t["fc1"], fc2=t["fc2"]), metrics=e["metrics"]))
     return Predictors(layers=tuple(layers), hidden_size=d, intermediate_size=n_ff, dtype=meta["dtype"],

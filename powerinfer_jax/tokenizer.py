@@ -63,8 +63,9 @@ class Tokenizer:
 
 
 def _reraise_interrupts(err: BaseException) -> None:
-    """Ctrl-C and exits pass through; only the tokenizer's own failures become CheckpointErrors."""
-    if isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+    """Ctrl-C, exits and alarms pass through; only the tokenizer's own failures (exceptions, or the Rust
+    side's PanicException, a BaseException) become CheckpointErrors."""
+    if not isinstance(err, Exception) and type(err).__name__ != "PanicException":
         raise err
 
 
