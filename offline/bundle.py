@@ -20,6 +20,7 @@ import numpy as np
 
 from offline import profiler
 from powerinfer_jax import memory
+from powerinfer_jax.errors import ArgumentError
 # The reader side of a bundle lives in the library (the engine loads bundles); this module writes them.
 from powerinfer_jax.bundle import (FORMAT_VERSION, MANIFEST, PlacementSettings, is_bundle, model_fingerprints,
                                    model_hashes, placement_name)
@@ -37,14 +38,25 @@ def tool_versions() -> dict[str, str]:
 
 
 def solve_placement(cfg, counts: np.ndarray, tokens: int, predictor_bytes: int, ps: PlacementSettings):
-    """Device plan + MILP placement for one budget; returns (Placement, DevicePlan)."""
+    """Device plan + MILP placement for one budget; returns (Placement, DevicePlan).
+
+    With `ps.devices` > 1 every device has the budget and holds the replicated parts (the plan is
+    per device); hot neurons fill one capacity per device. All neurons of a layer cost the same,
+    so those capacities are exactly one MILP capacity of their sum plus an equal split of each
+    layer's hot set over the devices (`hybrid.deal_to_devices`), provided every layer's hot count
+    divides evenly: the MILP picks neurons in batches of `ps.batch`, a multiple of the device count.
+    """
     from offline import placement
 
+    if ps.devices < 1 or ps.batch % ps.devices:
+        raise ArgumentError(f"placement_batch {ps.batch} must be a multiple of the device count {ps.devices}: "
+                            f"pass placement_batch={max(ps.devices, ps.batch // max(ps.devices, 1) * ps.devices)}")
     plan = memory.plan_device_memory(cfg, ps.budget_bytes, ps.dtype,
                                      predictor_bytes if ps.reserve_predictors else 0, ps.max_context)
     rates = [row / max(tokens, 1) for row in counts]
-    p = placement.solve(rates, neuron_bytes=plan.neuron_bytes, budget_bytes=plan.ffn_budget, batch=ps.batch,
-                        min_hot_per_split_layer=ps.min_hot_per_split_layer, time_limit_s=ps.time_limit_s)
+    p = placement.solve(rates, neuron_bytes=plan.neuron_bytes, budget_bytes=plan.ffn_budget * ps.devices,
+                        batch=ps.batch, min_hot_per_split_layer=ps.min_hot_per_split_layer,
+                        time_limit_s=ps.time_limit_s)
     return p, plan
 
 

@@ -67,6 +67,7 @@ def load(
     verify_bundle: str = "fast",
     check_finite: bool | str = "auto",
     bundle_model_dir: str | os.PathLike | None = None,
+    devices=None,
 ) -> Engine:
     """Loads an HF model folder or a prepared bundle (from bin/prepare) into an Engine.
 
@@ -82,6 +83,9 @@ def load(
     threshold: overrides the predictors' calibrated per-layer thresholds.
     offload_layers: llama.cpp-style baseline: the last N layers on the device, the other
       layers' dense FFNs on the host (ignores the budget).
+    devices: an int (the first N of jax.devices()) or a list of devices: a 1-D mesh; each device
+      holds and computes its share of every layer's hot neurons (the budget is per device),
+      everything else is replicated. None: one device.
     verify_bundle: how a bundle is checked against its model's files: "fast" (size and sampled
       blocks, milliseconds), "full" (sha256 of every byte, as bin/prepare records) or "none".
     check_finite: scan the weights for NaN/Inf before loading them: True, False, or "auto" (weight
@@ -109,7 +113,8 @@ def load(
     tokenizer = None
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         tokenizer = Tokenizer(path, cfg.bos_token_id, cfg.eos_token_ids)
-    hybrid = sparsity not in (None, "dense") or device_memory_budget is not None or offload_layers is not None
+    hybrid = (sparsity not in (None, "dense") or device_memory_budget is not None or offload_layers is not None
+              or devices is not None)
     if not hybrid:
         params = load_model_params(path, cfg, dtype=dtype, quantize=quantize,
                                    bundle_dir=bundle.path if bundle is not None else None)
@@ -120,4 +125,5 @@ def load(
         cfg, path, bundle, tokenizer, mode=sparsity or "dense", dtype=dtype, quantize=quantize, kv_dtype=kv_dtype,
         max_seq_len=max_seq_len,
         budget=device_memory_budget, threshold=threshold, offload_layers=offload_layers,
-        placement_batch=placement_batch, min_hot=min_hot_per_split_layer, device_kernel=device_kernel)
+        placement_batch=placement_batch, min_hot=min_hot_per_split_layer, device_kernel=device_kernel,
+        devices=devices)

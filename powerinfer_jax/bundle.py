@@ -87,13 +87,15 @@ class PlacementSettings:
     min_hot_per_split_layer: int = 0
     time_limit_s: float = 30.0
     reserve_predictors: bool = True  # False for dense/oracle runs, which hold no predictors
+    devices: int = 1  # a mesh of this many devices, each with `budget_bytes`
 
 
 def placement_name(ps: PlacementSettings) -> str:
     """File stem naming a placement by its budget and settings."""
     pred = "" if ps.reserve_predictors else "_nopred"
+    mesh = f"_d{ps.devices}" if ps.devices > 1 else ""
     return (f"budget_{ps.budget_bytes}_{ps.dtype}_ctx{ps.max_context}_b{ps.batch}_m{ps.min_hot_per_split_layer}"
-            f"{pred}")
+            f"{pred}{mesh}")
 
 
 def load_counts(profile_dir: str) -> tuple[np.ndarray, int]:

@@ -16,8 +16,11 @@ from ops.quant import Weight
 from powerinfer_jax.loading import to_device
 from powerinfer_jax.tensor_file import to_jax
 from powerinfer_jax.params import LayerParams, ModelParams, param_bytes
-from powerinfer_jax.sparse_ffn import (HybridRuntime, LayerPlan, PredictorParams, engine_predictor,
-                                       predictor_format, split_ffn)
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from powerinfer_jax.errors import ArgumentError
+from powerinfer_jax.sparse_ffn import (MESH_AXIS, HybridFFN, HybridRuntime, LayerPlan, PredictorParams,
+                                       engine_predictor, predictor_format, split_ffn)
 
 
 def offload_hot_indices(cfg: ModelConfig, offload_layers: int) -> list[np.ndarray]:
@@ -70,10 +73,24 @@ class HybridEngine(Engine):
         }
         hot = [lp.ffn.plan.n_hot for lp in layers]
         resident = resident_bytes(p, [lp.ffn.host.arrays() for lp in layers if lp.ffn.host is not None])
-        return {"device": dev, "device_total": int(sum(dev.values())), "host": {"ffn_cold": cold_bytes},
+        per_device = None
+        if self.runtime.mesh is not None:  # what each device of the mesh really holds (+ its KV cache replica)
+            per_device = {str(d): b + kv for d, b in device_bytes(p).items()}
+        return {"device": dev, "device_total": int(sum(dev.values())), "per_device": per_device,
+                "host": {"ffn_cold": cold_bytes},
                 "host_total": cold_bytes, "hot_neurons_per_layer": hot, "placement": self.placement_info,
                 "shared_memory": layers[0].ffn.shared is not None if layers else False,
                 "resident": resident, "resident_total": int(sum(resident.values()))}
+
+
+def device_bytes(params) -> dict:
+    """Bytes of the arrays' shards on each device (a replicated array counts on every device)."""
+    out: dict = {}
+    for a in jax.tree.leaves(params):
+        if isinstance(a, jax.Array):
+            for shard in a.addressable_shards:
+                out[shard.device] = out.get(shard.device, 0) + shard.data.size * shard.data.dtype.itemsize
+    return out
 
 
 def ffn_row_bytes(ffn) -> int:
@@ -137,6 +154,8 @@ def build_hybrid_engine(
     placement_info: dict | None = None,
     kv_dtype: str = "float32",
     overlap: bool = True,
+    devices=None,
+    rates: np.ndarray | None = None,
 ) -> HybridEngine:
     """Moves the non-FFN weights and each layer's hot rows to the device; cold rows stay on the host.
 
@@ -145,6 +164,10 @@ def build_hybrid_engine(
     copy). `capacities[l] = (hot, cold)` bounds the active-set sizes per token (default: the
     partition sizes, which never drop a neuron). `overlap` (accelerator layout): the host computes
     a layer's cold neurons while the device computes its hot ones (False: one after the other).
+    `devices` (an int: the first N of `jax.devices()`, or a list of devices): a 1-D mesh; each
+    device holds and computes its share of every layer's hot neurons (dealt by firing rate,
+    `rates [L, n_ff]`, so the shares carry equal activation mass; a layer's hot count is rounded
+    down to a multiple of the device count), everything else is replicated.
     """
     if mode == "predicted" and predictors is None:
         raise ValueError("sparsity='predicted' needs predictors: load a prepared bundle (bin/prepare)")
@@ -155,7 +178,14 @@ def build_hybrid_engine(
         raise ValueError(f"unknown device_kernel {device_kernel!r}; choose one of auto, {', '.join(DEVICE_KERNELS)}")
     if device_kernel == "numba" and backend != "cpu":
         raise ValueError("device_kernel='numba' reads device arrays from host memory: CPU backend only")
+    mesh = make_mesh(devices)
+    n_dev = mesh.size if mesh is not None else 1
+    if n_dev > 1 and device_kernel == "numba":
+        device_kernel = "xla"  # a mesh means separate device memories: the accelerator layout
     shared = device_kernel == "numba"
+    if n_dev > 1:  # each device gets an equal share of every layer's hot rows, dealt by firing rate
+        hot_indices = [deal_to_devices(h, None if rates is None else rates[l], n_dev)
+                       for l, h in enumerate(hot_indices)]
     pred_fmt = predictor_format(_ffn_format(host_params))
     layers = []
     for l, lp in enumerate(host_params.layers):
@@ -173,17 +203,65 @@ def build_hybrid_engine(
         thr = float(thresholds[l]) if thresholds is not None else 0.0
         plan = LayerPlan(n_hot, n_cold, max(min(cap_hot, n_hot), 0), max(min(cap_cold, n_cold), 0), thr)
         ffn = split_ffn(cfg.ffn_kind, lp.ffn, hot_indices[l], pred, shared, plan)
-        layers.append(LayerParams(to_device(lp.attn_norm), to_device(lp.attn), to_device(lp.ffn_norm), ffn))
+        if mesh is not None:
+            ffn = shard_hot(ffn, mesh)
+        put = to_device if mesh is None else (lambda t: replicate(t, mesh))  # noqa: E731
+        layers.append(LayerParams(put(lp.attn_norm), put(lp.attn), put(lp.ffn_norm), ffn))
+    put = to_device if mesh is None else (lambda t: replicate(t, mesh))  # noqa: E731
     params = dataclasses.replace(
-        host_params, embed=to_device(host_params.embed), layers=layers, final_norm=to_device(host_params.final_norm),
-        lm_head=to_device(host_params.lm_head), pos_embed=to_device(host_params.pos_embed),
-        project_in=to_device(host_params.project_in), project_out=to_device(host_params.project_out))
-    runtime = HybridRuntime(cfg, mode, device_kernel=device_kernel, overlap=overlap)
+        host_params, embed=put(host_params.embed), layers=layers, final_norm=put(host_params.final_norm),
+        lm_head=put(host_params.lm_head), pos_embed=put(host_params.pos_embed),
+        project_in=put(host_params.project_in), project_out=put(host_params.project_out))
+    runtime = HybridRuntime(cfg, mode, device_kernel=device_kernel, overlap=overlap, mesh=mesh)
     return HybridEngine(cfg, params, runtime, tokenizer, max_seq_len=max_seq_len, model_dir=model_dir,
                         placement_info=placement_info, kv_dtype=kv_dtype)
 
 
 DEVICE_KERNELS = ("numba", "xla", "pallas")
+
+
+def make_mesh(devices) -> Mesh | None:
+    """A 1-D mesh (axis `MESH_AXIS`) over the first `devices` of `jax.devices()` (an int) or the
+    given devices (a list); None for None."""
+    if devices is None:
+        return None
+    if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        available = jax.devices()
+        if not 1 <= devices <= len(available):
+            raise ArgumentError(f"devices={devices}: this process sees {len(available)} device(s) "
+                                f"({available[0].platform}); use 1..{len(available)} or a list of devices")
+        devices = available[:devices]
+    devices = list(devices)
+    if not devices or len(set(devices)) != len(devices):
+        raise ArgumentError("devices must be a non-empty list of distinct jax devices, or a count")
+    return Mesh(np.array(devices), (MESH_AXIS,))
+
+
+def deal_to_devices(hot: np.ndarray, rates: np.ndarray | None, n_dev: int) -> np.ndarray:
+    """A layer's hot neuron ids rearranged device-major for `n_dev` devices: neurons sorted by
+    firing rate (hottest first; by id without rates) are dealt round-robin, so every device gets
+    the same count and about the same activation mass. The count is rounded down to a multiple
+    of `n_dev` (the coldest of the hot neurons stay on the host)."""
+    hot = np.asarray(hot, np.int32)
+    order = hot if rates is None else hot[np.argsort(-np.asarray(rates)[hot], kind="stable")]
+    per = len(order) // n_dev
+    order = order[: per * n_dev]
+    return np.concatenate([np.sort(order[k::n_dev]) for k in range(n_dev)]).astype(np.int32) if per else \
+        np.zeros(0, np.int32)
+
+
+def replicate(tree, mesh: Mesh):
+    """Host arrays of a pytree as JAX arrays replicated on every device of the mesh."""
+    return jax.tree.map(lambda a: None if a is None else jax.device_put(a, NamedSharding(mesh, P())), tree)
+
+
+def shard_hot(ffn: HybridFFN, mesh: Mesh) -> HybridFFN:
+    """The layer's hot rows (and their ids) split over the mesh, device-major; the rest replicated."""
+    rows = NamedSharding(mesh, P(MESH_AXIS))
+    put_rows = lambda t: None if t is None else jax.tree.map(lambda a: jax.device_put(a, rows), t)  # noqa: E731
+    return dataclasses.replace(ffn, hot=put_rows(ffn.hot), hot_ids=jax.device_put(ffn.hot_ids, rows),
+                               cold_ids=replicate(ffn.cold_ids, mesh), b_down=replicate(ffn.b_down, mesh),
+                               predictor=replicate(ffn.predictor, mesh))
 
 
 def _f32_array(a) -> jax.Array:
@@ -200,7 +278,7 @@ def _ffn_format(params: ModelParams) -> str:
 
 def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: str, dtype: str,
                 quantize: str | None, kv_dtype: str, max_seq_len: int | None, budget, threshold: float | None, offload_layers: int | None,
-                placement_batch: int, min_hot: int, device_kernel: str) -> HybridEngine:
+                placement_batch: int, min_hot: int, device_kernel: str, devices=None) -> HybridEngine:
     """`pij.load` for sparse modes, budgets and the offload baseline (see its docstring)."""
     from powerinfer_jax import memory
     from powerinfer_jax.loading import load_model_params
@@ -209,6 +287,8 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
         raise ValueError("sparsity='predicted' needs a prepared bundle with predictors: run bin/prepare on "
                          f"{model_dir} and load the bundle folder")
     max_seq_len = min(max_seq_len or 2048, cfg.max_position_embeddings)
+    mesh = make_mesh(devices)  # checked before the weights are read
+    n_dev = mesh.size if mesh is not None else 1
     host = load_model_params(model_dir, cfg, dtype=dtype, quantize=quantize, on_host=True,
                              bundle_dir=bundle.path if bundle is not None else None)
     fmt = _ffn_format(host)
@@ -229,7 +309,7 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
 
         ps = PlacementSettings(budget_bytes=memory.parse_bytes(budget), dtype=fmt, max_context=max_seq_len,
                                batch=placement_batch, min_hot_per_split_layer=min_hot,
-                               reserve_predictors=mode == "predicted")
+                               reserve_predictors=mode == "predicted", devices=n_dev)
         stored = bundle.stored_placement(ps)
         if stored is not None:  # solved by bin/prepare for exactly these settings: no MILP at load time
             hot = [np.asarray(h, np.int32) for h in stored["placement"]["hot_indices"]]
@@ -257,7 +337,8 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
     return build_hybrid_engine(cfg, host, mode=mode, hot_indices=hot, predictors=pred_params,
                                thresholds=thresholds, capacities=capacities, tokenizer=tokenizer,
                                max_seq_len=max_seq_len, model_dir=model_dir, device_kernel=device_kernel,
-                               placement_info=info, kv_dtype=kv_dtype)
+                               placement_info=info, kv_dtype=kv_dtype, devices=mesh.devices.tolist() if mesh else None,
+                               rates=bundle.counts / max(bundle.tokens, 1) if bundle is not None else None)
 
 
 def predicted_capacities(rates: np.ndarray, hot: Sequence[np.ndarray], ratios: Sequence[float],

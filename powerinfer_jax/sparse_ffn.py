@@ -34,6 +34,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from ops.cpu_sparse import sparse_ffn_rows
 from ops import host_async
@@ -50,6 +51,7 @@ from powerinfer_jax.tensor_file import to_jax
 
 f32 = jnp.float32
 MODES = ("dense", "oracle", "predicted")
+MESH_AXIS = "hot"  # the 1-D device mesh the hot neurons are sharded over
 
 
 @jax.tree_util.register_dataclass
@@ -191,7 +193,7 @@ class HybridRuntime:
     layer's plan and host handle are in its `HybridFFN`."""
 
     def __init__(self, cfg: ModelConfig, mode: str, device_kernel: str = "xla", overlap: bool = True,
-                 callback_method: str = "auto"):
+                 callback_method: str = "auto", mesh: jax.sharding.Mesh | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown sparsity mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode != "dense" and not cfg.is_sparse_capable:
@@ -199,10 +201,16 @@ class HybridRuntime:
         self.cfg, self.mode, self.device_kernel = cfg, mode, device_kernel
         self.overlap = overlap  # accelerator: cold part launched before the hot kernel, collected after
         self.callback_method = callback_method
+        # Hot rows sharded over a 1-D mesh (axis MESH_AXIS): each device computes its own share
+        # of a layer's hot neurons and the partial sums are added across the mesh.
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
 
     def _hot(self, p: HybridFFN, x, idx, valid):
         """The device part over hot positions `idx` of the compact hot rows."""
-        hot, family = p.hot, self.cfg.ffn_kind
+        return self._hot_rows(p.hot, x, idx, valid)
+
+    def _hot_rows(self, hot: FFNParams, x, idx, valid):
+        family = self.cfg.ffn_kind
         if self.device_kernel == "pallas":
             from ops.pallas_gpu import sparse_ffn_pallas
 
@@ -210,6 +218,30 @@ class HybridRuntime:
             return sparse_ffn_pallas(family, hot.w_gate, hot.w_up, hot.w_down_t, x, idx, valid, hot.b_up,
                                      interpret=jax.default_backend() != "gpu")
         return sparse_ffn_xla(family, hot.w_gate, hot.w_up, hot.w_down_t, x, idx, valid, hot.b_up)
+
+    def _hot_sharded(self, p: HybridFFN, x, score=None, mask=None):
+        """The hot part over the mesh: (y, kept, true count) summed over devices. Each device selects
+        among its own rows (score/mask sharded like them) with its share of the capacity; without
+        a score, every hot row (the dense split)."""
+        plan, family, D = p.plan, self.cfg.ffn_kind, self.mesh.size
+        rows = plan.n_hot // D
+        cap = min(rows, -(-plan.hot_capacity // D))
+        row_specs = jax.tree.map(lambda _: P(MESH_AXIS), p.hot)
+
+        def local(hot, x, *sel):
+            if not sel:
+                y, kept, count = dense_ffn(hot, family, x), jnp.int32(rows), jnp.int32(rows)
+            else:
+                idx, kept, count = select_top(sel[1], sel[0], cap)
+                y = self._hot_rows(hot, x, idx, jnp.arange(cap) < kept)
+            return tuple(jax.lax.psum(v, MESH_AXIS) for v in (y, kept, count))
+
+        sel = () if score is None else (score, mask)
+        specs = (row_specs, P()) + (P(MESH_AXIS),) * len(sel)
+        # check_vma off: select_top's lax.cond has a branch that returns its operand unchanged, which the
+        # varying-axes type check rejects (the psums make every output replicated anyway).
+        return jax.shard_map(local, mesh=self.mesh, in_specs=specs, out_specs=(P(), P(), P()),
+                             check_vma=False)(p.hot, x, *sel)
 
     def _split(self, p: HybridFFN, x, hot_part, cold_ids, cold_count):
         """Accelerator layout: `hot_part(x)` on the device, the host FFN over cold_ids[:cold_count]
@@ -240,7 +272,9 @@ class HybridRuntime:
             # Dense split: every hot row on the device, every cold row on the host.
             if p.shared is not None:
                 y = dense_ffn(p.shared, family, x)  # one memory: the whole FFN at once
-            else:  # p.hot carries no down bias: added once below
+            elif self.mesh is not None and plan.n_hot:  # p.hot carries no down bias: added once below
+                y = self._split(p, x, lambda xd: self._hot_sharded(p, xd)[0], p.cold_ids, jnp.int32(plan.n_cold))
+            else:
                 y = self._split(p, x, lambda xd: dense_ffn(p.hot, family, xd), p.cold_ids, jnp.int32(plan.n_cold))
             if T == 1:
                 aux = {"ffn_computed": n, "ffn_hot": plan.n_hot, "ffn_total": n, "ffn_overflow": jnp.int32(0)}
@@ -269,7 +303,8 @@ class HybridRuntime:
                 hot_mask = hot_score > 0
         hot_idx = jnp.zeros((0,), jnp.int32)
         hot_done = hot_true = cold_done = cold_true = jnp.int32(0)
-        if H:
+        sharded = self.mesh is not None and H and p.shared is None
+        if H and not sharded:
             hot_idx, hot_done, hot_true = select_top(hot_mask, hot_score, plan.hot_capacity)
         if C:
             if cold_mask is None:
@@ -282,6 +317,16 @@ class HybridRuntime:
             ids = merge_prefix(jnp.take(p.hot_ids, hot_idx), hot_done,
                                jnp.take(p.cold_ids, cold_idx) if C else jnp.zeros((0,), jnp.int32), cold_done)
             y = sparse_ffn_rows(family, w.w_gate, w.w_up, w.w_down_t, w.b_up, x, ids, hot_done + cold_done)
+        elif sharded:
+            counts = []  # the hot part's (kept, true) counts, computed where the hot part runs
+
+            def hot_part(xd):
+                y, kept, count = self._hot_sharded(p, xd, hot_score, hot_mask)
+                counts.extend((kept, count))
+                return y
+
+            y = self._split(p, x, hot_part, jnp.take(p.cold_ids, cold_idx) if C else None, cold_done)
+            hot_done, hot_true = counts
         else:
             valid = jnp.arange(hot_idx.shape[0]) < hot_done
             y = self._split(p, x, lambda xd: self._hot(p, xd, hot_idx, valid),
