@@ -180,3 +180,23 @@ def test_launch_precedes_the_device_work_which_precedes_collect():
     assert names == ["launch", "device", "collect"] * 3
     ref = handle.compute(np.asarray(x), np.asarray(ids), 100) + np.asarray(x) @ np.ones((64, 64), np.float32)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_compiles_every_span_before_the_first_token(tiny):
+    """No compilation pauses the token stream: every attention span a run can reach is compiled
+    before the first token is handed out, and a second run compiles nothing."""
+    from powerinfer_jax.engine import decode_spans
+
+    dense, _, _, _ = tiny
+    eng = pij.load(dense.model_dir, max_seq_len=512)
+    seen = []
+
+    def on_token(_id, _text):
+        seen.append(sum(1 for sig in eng._compiled if sig[0] == "decode"))
+
+    res = eng.generate([1, 5, 9], max_new_tokens=200, temperature=0.0, stop_at_eos=False, on_token=on_token)
+    spans = decode_spans(4, 3 + 199, 512)
+    assert spans == [128, 256]
+    assert seen and set(seen) == {len(spans)}
+    again = eng.generate([1, 5, 9], max_new_tokens=200, temperature=0.0, stop_at_eos=False)
+    assert again.stats["compile_s"] == 0.0 and again.token_ids == res.token_ids
