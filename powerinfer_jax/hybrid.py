@@ -183,9 +183,15 @@ def build_hybrid_engine(
     if n_dev > 1 and device_kernel == "numba":
         device_kernel = "xla"  # a mesh means separate device memories: the accelerator layout
     shared = device_kernel == "numba"
-    if n_dev > 1:  # each device gets an equal share of every layer's hot rows, dealt by firing rate
+    cold_indices = [None] * cfg.num_layers
+    if n_dev > 1:  # each device gets an equal share of every layer's hot and cold rows, dealt by firing rate
+        if cfg.intermediate_size % n_dev:
+            raise ArgumentError(f"{n_dev} devices cannot share {cfg.intermediate_size} FFN neurons a layer evenly: "
+                                "use a device count that divides intermediate_size")
         hot_indices = [deal_to_devices(h, None if rates is None else rates[l], n_dev)
                        for l, h in enumerate(hot_indices)]
+        cold_indices = [deal_to_devices(np.setdiff1d(np.arange(cfg.intermediate_size, dtype=np.int32), h),
+                                        None if rates is None else rates[l], n_dev) for l, h in enumerate(hot_indices)]
     pred_fmt = predictor_format(_ffn_format(host_params))
     layers = []
     for l, lp in enumerate(host_params.layers):
@@ -202,7 +208,7 @@ def build_hybrid_engine(
         cap_hot, cap_cold = capacities[l] if capacities is not None else (n_hot, n_cold)
         thr = float(thresholds[l]) if thresholds is not None else 0.0
         plan = LayerPlan(n_hot, n_cold, max(min(cap_hot, n_hot), 0), max(min(cap_cold, n_cold), 0), thr)
-        ffn = split_ffn(cfg.ffn_kind, lp.ffn, hot_indices[l], pred, shared, plan)
+        ffn = split_ffn(cfg.ffn_kind, lp.ffn, hot_indices[l], pred, shared, plan, cold_indices[l])
         if mesh is not None:
             ffn = shard_hot(ffn, mesh)
         put = to_device if mesh is None else (lambda t: replicate(t, mesh))  # noqa: E731
@@ -250,17 +256,27 @@ def deal_to_devices(hot: np.ndarray, rates: np.ndarray | None, n_dev: int) -> np
         np.zeros(0, np.int32)
 
 
+def place(a, sharding: NamedSharding) -> jax.Array:
+    """An array (host or a local device's) as a global array of `sharding`: each process builds only
+    its own devices' shards (works when the mesh spans several processes)."""
+    if a is None:
+        return None
+    host = np.asarray(a)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def replicate(tree, mesh: Mesh):
-    """Host arrays of a pytree as JAX arrays replicated on every device of the mesh."""
-    return jax.tree.map(lambda a: None if a is None else jax.device_put(a, NamedSharding(mesh, P())), tree)
+    """Arrays of a pytree replicated on every device of the mesh."""
+    return jax.tree.map(lambda a: place(a, NamedSharding(mesh, P())), tree)
 
 
 def shard_hot(ffn: HybridFFN, mesh: Mesh) -> HybridFFN:
-    """The layer's hot rows (and their ids) split over the mesh, device-major; the rest replicated."""
+    """The layer's hot rows and its hot and cold ids split over the mesh (device-major: each device
+    computes its hot rows and its process's host its cold rows); the rest replicated."""
     rows = NamedSharding(mesh, P(MESH_AXIS))
-    put_rows = lambda t: None if t is None else jax.tree.map(lambda a: jax.device_put(a, rows), t)  # noqa: E731
-    return dataclasses.replace(ffn, hot=put_rows(ffn.hot), hot_ids=jax.device_put(ffn.hot_ids, rows),
-                               cold_ids=replicate(ffn.cold_ids, mesh), b_down=replicate(ffn.b_down, mesh),
+    put_rows = lambda t: jax.tree.map(lambda a: place(a, rows), t)  # noqa: E731
+    return dataclasses.replace(ffn, hot=put_rows(ffn.hot), hot_ids=place(ffn.hot_ids, rows),
+                               cold_ids=place(ffn.cold_ids, rows), b_down=replicate(ffn.b_down, mesh),
                                predictor=replicate(ffn.predictor, mesh))
 
 
@@ -320,8 +336,10 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
             # stores a placement). The solver is the offline pipeline's, imported only now.
             from offline.bundle import solve_placement
 
+            from powerinfer_jax.distributed import same_on_every_process
+
             p, plan = solve_placement(cfg, bundle.counts, bundle.tokens, preds.nbytes if preds else 0, ps)
-            hot = [np.asarray(h) for h in p.hot_indices]
+            hot = same_on_every_process([np.asarray(h) for h in p.hot_indices], n)
             info = {"kind": "milp", "budget": ps.budget_bytes, "device_plan": plan.as_dict(), "status": p.status,
                     "objective_share": p.objective / max(p.total_mass, 1e-30), "solve_time_s": p.solve_time_s}
     thresholds = capacities = pred_params = None

@@ -123,11 +123,15 @@ def _restore(out_dir: str, meta: dict) -> Predictors:
     d, n_ff, dt = meta["hidden_size"], meta["intermediate_size"], jnp.dtype(meta["dtype"])
     # Name the target device: orbax refuses to restore onto another topology (a CPU-saved bundle
     # loaded on a GPU machine) unless the target tree carries the sharding to restore to.
-    where = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # A local device: in a multi-process run (powerinfer_jax.distributed) every process reads the
+    # predictors on its own, with no barrier among processes.
+    where = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = {f"layer_{e['layer']:03d}": {"fc1": jax.ShapeDtypeStruct((d, e["rank"]), dt, sharding=where),
                                           "fc2": jax.ShapeDtypeStruct((e["rank"], n_ff), dt, sharding=where)}
                 for e in meta["layers"]}
-    with ocp.StandardCheckpointer() as ckptr:
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
         tree = ckptr.restore(os.path.join(out_dir, ARRAYS), abstract)
     layers = []
     for i, e in enumerate(meta["layers"]):

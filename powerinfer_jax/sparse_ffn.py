@@ -140,12 +140,15 @@ def permute_outputs(p: PredictorParams | None, order: np.ndarray) -> PredictorPa
 
 
 def split_ffn(family: str, ffn: FFNParams, hot_ids: np.ndarray, predictor: PredictorParams | None, shared: bool,
-              plan: LayerPlan) -> HybridFFN:
+              plan: LayerPlan, cold_ids: np.ndarray | None = None) -> HybridFFN:
     """One layer's state from host FFN matrices: shared whole matrices, or hot-row device copies
-    plus the cold part's host handle."""
+    plus the cold part's host handle. `cold_ids`: the cold neurons in the order wanted (default:
+    every other neuron, ascending)."""
     n = ffn.w_up.shape[0]
     hot_ids = np.asarray(hot_ids, np.int32)
-    cold_ids = np.setdiff1d(np.arange(n, dtype=np.int32), hot_ids)
+    if cold_ids is None:
+        cold_ids = np.setdiff1d(np.arange(n, dtype=np.int32), hot_ids)
+    cold_ids = np.asarray(cold_ids, np.int32)
     put = lambda tree: None if tree is None else jax.tree.map(to_jax, tree)  # noqa: E731
     whole = dataclasses.replace(ffn, b_down=None)
     hot = host = None
@@ -219,29 +222,51 @@ class HybridRuntime:
                                      interpret=jax.default_backend() != "gpu")
         return sparse_ffn_xla(family, hot.w_gate, hot.w_up, hot.w_down_t, x, idx, valid, hot.b_up)
 
-    def _hot_sharded(self, p: HybridFFN, x, score=None, mask=None):
-        """The hot part over the mesh: (y, kept, true count) summed over devices. Each device selects
-        among its own rows (score/mask sharded like them) with its share of the capacity; without
-        a score, every hot row (the dense split)."""
+    def _mesh_ffn(self, p: HybridFFN, x, hot_sel=None, cold_sel=None):
+        """The layer over the mesh, in one shard_map: each device computes its share of the hot rows
+        and its process's host its share of the cold rows (launched before the hot part when
+        overlapping), and the partial sums are added across the mesh. `hot_sel`/`cold_sel`:
+        (score, mask) sharded like the rows, or None for every row. Returns (y, hot kept, hot
+        count, cold kept, cold count), summed over the devices."""
         plan, family, D = p.plan, self.cfg.ffn_kind, self.mesh.size
-        rows = plan.n_hot // D
-        cap = min(rows, -(-plan.hot_capacity // D))
-        row_specs = jax.tree.map(lambda _: P(MESH_AXIS), p.hot)
+        H, C = plan.n_hot // D, plan.n_cold // D  # rows per device
+        cap_h, cap_c = min(H, -(-plan.hot_capacity // D)), min(C, -(-plan.cold_capacity // D))
+        rows = P(MESH_AXIS)
+        operands, specs = [x], [P()]
+        for present, value, spec in ((H > 0, p.hot, jax.tree.map(lambda _: rows, p.hot)), (C > 0, p.cold_ids, rows),
+                                     (hot_sel is not None, hot_sel, (rows, rows)),
+                                     (cold_sel is not None, cold_sel, (rows, rows))):
+            if present:
+                operands.append(value)
+                specs.append(spec)
 
-        def local(hot, x, *sel):
-            if not sel:
-                y, kept, count = dense_ffn(hot, family, x), jnp.int32(rows), jnp.int32(rows)
-            else:
-                idx, kept, count = select_top(sel[1], sel[0], cap)
-                y = self._hot_rows(hot, x, idx, jnp.arange(cap) < kept)
-            return tuple(jax.lax.psum(v, MESH_AXIS) for v in (y, kept, count))
+        def local(x, *rest):
+            rest = list(rest)
+            hot = rest.pop(0) if H else None
+            cold_ids = rest.pop(0) if C else None
+            hs = rest.pop(0) if hot_sel is not None else None
+            cs = rest.pop(0) if cold_sel is not None else None
+            counts = {"hot": (jnp.int32(H), jnp.int32(H)), "cold": (jnp.int32(C), jnp.int32(C))}
+            cids = cold_ids
+            if C and cs is not None:
+                idx, kept, count = select_top(cs[1], cs[0], cap_c)
+                cids, counts["cold"] = jnp.take(cold_ids, idx), (kept, count)
 
-        sel = () if score is None else (score, mask)
-        specs = (row_specs, P()) + (P(MESH_AXIS),) * len(sel)
+            def hot_part(xd):
+                if hs is None:
+                    return dense_ffn(hot, family, xd)
+                idx, kept, count = select_top(hs[1], hs[0], cap_h)
+                counts["hot"] = (kept, count)
+                return self._hot_rows(hot, xd, idx, jnp.arange(cap_h) < kept)
+
+            y = self._split(p, x, hot_part, cids, counts["cold"][0] if C else None)
+            out = (y,) + counts["hot"] + counts["cold"]
+            return tuple(jax.lax.psum(v, MESH_AXIS) for v in out)
+
         # check_vma off: select_top's lax.cond has a branch that returns its operand unchanged, which the
         # varying-axes type check rejects (the psums make every output replicated anyway).
-        return jax.shard_map(local, mesh=self.mesh, in_specs=specs, out_specs=(P(), P(), P()),
-                             check_vma=False)(p.hot, x, *sel)
+        return jax.shard_map(local, mesh=self.mesh, in_specs=tuple(specs), out_specs=(P(),) * 5,
+                             check_vma=False)(*operands)
 
     def _split(self, p: HybridFFN, x, hot_part, cold_ids, cold_count):
         """Accelerator layout: `hot_part(x)` on the device, the host FFN over cold_ids[:cold_count]
@@ -272,8 +297,8 @@ class HybridRuntime:
             # Dense split: every hot row on the device, every cold row on the host.
             if p.shared is not None:
                 y = dense_ffn(p.shared, family, x)  # one memory: the whole FFN at once
-            elif self.mesh is not None and plan.n_hot:  # p.hot carries no down bias: added once below
-                y = self._split(p, x, lambda xd: self._hot_sharded(p, xd)[0], p.cold_ids, jnp.int32(plan.n_cold))
+            elif self.mesh is not None:  # p.hot carries no down bias: added once below
+                y = self._mesh_ffn(p, x)[0]
             else:
                 y = self._split(p, x, lambda xd: dense_ffn(p.hot, family, xd), p.cold_ids, jnp.int32(plan.n_cold))
             if T == 1:
@@ -301,10 +326,14 @@ class HybridRuntime:
                 if p.shared is not None:
                     hot_score = hot_score[p.hot_ids]
                 hot_mask = hot_score > 0
+        if self.mesh is not None:
+            y, hot_done, hot_true, cold_done, cold_true = self._mesh_ffn(
+                p, x, (hot_score, hot_mask) if H else None, None if cold_mask is None else (cold_score, cold_mask))
+            return y, {"ffn_computed": hot_done + cold_done, "ffn_hot": hot_done, "ffn_total": H + C,
+                       "ffn_overflow": (hot_true - hot_done) + (cold_true - cold_done)}
         hot_idx = jnp.zeros((0,), jnp.int32)
         hot_done = hot_true = cold_done = cold_true = jnp.int32(0)
-        sharded = self.mesh is not None and H and p.shared is None
-        if H and not sharded:
+        if H:
             hot_idx, hot_done, hot_true = select_top(hot_mask, hot_score, plan.hot_capacity)
         if C:
             if cold_mask is None:
@@ -317,16 +346,6 @@ class HybridRuntime:
             ids = merge_prefix(jnp.take(p.hot_ids, hot_idx), hot_done,
                                jnp.take(p.cold_ids, cold_idx) if C else jnp.zeros((0,), jnp.int32), cold_done)
             y = sparse_ffn_rows(family, w.w_gate, w.w_up, w.w_down_t, w.b_up, x, ids, hot_done + cold_done)
-        elif sharded:
-            counts = []  # the hot part's (kept, true) counts, computed where the hot part runs
-
-            def hot_part(xd):
-                y, kept, count = self._hot_sharded(p, xd, hot_score, hot_mask)
-                counts.extend((kept, count))
-                return y
-
-            y = self._split(p, x, hot_part, jnp.take(p.cold_ids, cold_idx) if C else None, cold_done)
-            hot_done, hot_true = counts
         else:
             valid = jnp.arange(hot_idx.shape[0]) < hot_done
             y = self._split(p, x, lambda xd: self._hot(p, xd, hot_idx, valid),

@@ -33,6 +33,8 @@ def main(model_dir: str, bundle_dir: str, budget: str) -> None:
     for n in (1, 2, 4):
         e = build_hybrid_engine(cfg, host, mode="oracle", hot_indices=hot, max_seq_len=64, devices=n)
         out["oracle_rel"][n] = float(np.abs(e.logits_stepwise(ids) - ref).max() / np.abs(ref).max())
+        serial = build_hybrid_engine(cfg, host, mode="oracle", hot_indices=hot, max_seq_len=64, devices=n, overlap=False)
+        out.setdefault("serial_rel", {})[n] = float(np.abs(serial.logits_stepwise(ids) - ref).max() / np.abs(ref).max())
         e = build_hybrid_engine(cfg, host, mode="dense", hot_indices=hot, max_seq_len=64, devices=n)
         out["dense_rel"][n] = float(np.abs(e.logits(ids) - ref).max() / np.abs(ref).max())
         e = build_hybrid_engine(cfg, host, mode="predicted", hot_indices=hot, predictors=preds,
