@@ -98,7 +98,7 @@ def load(
 
     checks.load_arguments(model_dir, dtype, max_seq_len, quantize, kv_dtype, sparsity, device_memory_budget,
                           threshold, offload_layers, placement_batch, min_hot_per_split_layer, device_kernel,
-                          verify_bundle, check_finite, bundle_model_dir)
+                          verify_bundle, check_finite, bundle_model_dir, devices)
     path = str(model_dir) if model_dir is not None else default_model_dir()
     bundle = None
     from powerinfer_jax import bundle as bundle_lib

@@ -152,7 +152,7 @@ def _show(value) -> str:
 
 def load_arguments(model_dir, dtype, max_seq_len, quantize, kv_dtype, sparsity, device_memory_budget, threshold,
                    offload_layers, placement_batch, min_hot_per_split_layer, device_kernel, verify_bundle,
-                   check_finite, bundle_model_dir=None) -> None:
+                   check_finite, bundle_model_dir=None, devices=None) -> None:
     """Every `pij.load` argument's type and range, before anything is read."""
     from powerinfer_jax.loading import DTYPES, QUANTIZATIONS
     from powerinfer_jax.model import KV_DTYPES
@@ -178,6 +178,13 @@ def load_arguments(model_dir, dtype, max_seq_len, quantize, kv_dtype, sparsity, 
     choice("check_finite", check_finite, (True, False, "auto"))
     if bundle_model_dir is not None:
         path("bundle_model_dir", bundle_model_dir, kind="model folder")
+    if devices is not None and not isinstance(devices, numbers.Integral):  # counts: checked against jax.devices()
+        import jax
+
+        if not (isinstance(devices, (list, tuple)) and devices and all(isinstance(d, jax.Device) for d in devices)):
+            raise ArgumentError(f"devices must be a count or a non-empty list of jax devices, got {_show(devices)}")
+    elif devices is not None:
+        integer("devices", devices, lo=1)
 
 
 def hybrid_arguments(cfg, bundle, sparsity, device_memory_budget, offload_layers) -> None:
