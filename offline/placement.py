@@ -54,10 +54,13 @@ layer placed wholly on the device needs no merge, so the constraint never forbid
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
+import sys
 import time
 import warnings
 from typing import Any, Sequence
@@ -444,6 +447,21 @@ def _knapsack_bound(bm: _Batches, budget_units: int) -> float:
     return val
 
 
+@contextlib.contextmanager
+def _stdout_silenced():
+    """Sends file descriptor 1 to /dev/null for the block: HiGHS prints its banner from C++ even when
+    not verbose, which would land in the middle of a CLI's generated text."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _solve_milp(bm: _Batches, budget_units: int, mass: np.ndarray, time_limit_s: float,
                 mip_rel_gap: float, verbose: bool, highs_options: dict[str, Any] | None = None):
     """Build and solve the MILP; returns (x or None, status, upper bound or None), scaled."""
@@ -476,8 +494,9 @@ def _solve_milp(bm: _Batches, budget_units: int, mass: np.ndarray, time_limit_s:
         with warnings.catch_warnings():
             # cvxpy warns "may be inaccurate" on a time limit; the status is reported instead.
             warnings.simplefilter("ignore", UserWarning)
-            prob.solve(solver=cp.HIGHS, verbose=verbose, time_limit=float(time_limit_s),
-                       mip_rel_gap=float(mip_rel_gap), mip_abs_gap=0.0, **(highs_options or {}))
+            with contextlib.nullcontext() if verbose else _stdout_silenced():
+                prob.solve(solver=cp.HIGHS, verbose=verbose, time_limit=float(time_limit_s),
+                           mip_rel_gap=float(mip_rel_gap), mip_abs_gap=0.0, **(highs_options or {}))
     except cp.error.SolverError as e:
         _log.warning("placement: HiGHS raised %s", e)
         return None, "solver_error", None
