@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from powerinfer_jax.errors import BundleError
+from powerinfer_jax.errors import BundleError, PathNotFoundError
 from powerinfer_jax.sparse_ffn import PredictorParams
 
 FORMAT = "powerinfer-jax-predictors"
@@ -101,7 +101,7 @@ def load_predictors(out_dir: str) -> Predictors:
     out_dir = os.path.abspath(out_dir)
     path = os.path.join(out_dir, META_JSON)
     if not os.path.isfile(path):
-        raise BundleError(f"no {META_JSON} in {out_dir}: not a predictors folder (see bin/train_predictors)")
+        raise PathNotFoundError(f"no {META_JSON} in {out_dir}: not a predictors folder (see bin/train_predictors)")
     try:
         with open(path) as f:
             meta = json.load(f)
