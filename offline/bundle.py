@@ -142,7 +142,9 @@ def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: Placemen
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {"path": os.path.relpath(os.path.abspath(model_dir), os.path.abspath(out_dir)), "sha256": hashes,
+        # Relative, so a bundle moves with its model; absolute too, so a bundle copied elsewhere still finds it.
+        "model": {"path": os.path.relpath(os.path.abspath(model_dir), os.path.abspath(out_dir)),
+                  "abs_path": os.path.abspath(model_dir), "sha256": hashes,
                   "fingerprint": model_fingerprints(model_dir),
                   "architecture": cfg.architecture, "ffn_kind": cfg.ffn_kind},
         "corpus": {"paths": [os.path.abspath(p) for p in corpus] if corpus else ["<default training split>"],
