@@ -371,6 +371,31 @@ def _row_scale_impl(s, r):
     return lambda s, r: s[r, 0] if s.shape[1] else np.float32(1.0)
 
 
+def _gated4(code, wg, sg, wu, su, r0, r1, r2, r3, xb):
+    """Stub: (g0, u0, ..., g3, u3), the gate and up dots of neurons r0..r3 with xb."""
+    raise NotImplementedError
+
+
+@overload(_gated4)
+def _gated4_impl(code, wg, sg, wu, su, r0, r1, r2, r3, xb):
+    # Elementwise formats read the four neurons' eight rows as eight concurrent streams (the
+    # sparse rows start at random addresses: more streams in flight hide more of each new row's
+    # latency); int4's unpacking is compute-bound, so it stays with two four-stream passes.
+    if wg.dtype == types.uint8:
+        def impl(code, wg, sg, wu, su, r0, r1, r2, r3, xb):
+            g0, u0, g1, u1 = _dot4(code, wg[r0], sg[r0], wu[r0], su[r0], wg[r1], sg[r1], wu[r1], su[r1], xb)
+            g2, u2, g3, u3 = _dot4(code, wg[r2], sg[r2], wu[r2], su[r2], wg[r3], sg[r3], wu[r3], su[r3], xb)
+            return g0, u0, g1, u1, g2, u2, g3, u3
+        return impl
+
+    def impl(code, wg, sg, wu, su, r0, r1, r2, r3, xb):
+        t = _dot8(code, wg[r0], wu[r0], wg[r1], wu[r1], wg[r2], wu[r2], wg[r3], wu[r3], xb, xb)
+        return (t[0] * _row_scale(sg, r0), t[1] * _row_scale(su, r0), t[2] * _row_scale(sg, r1),
+                t[3] * _row_scale(su, r1), t[4] * _row_scale(sg, r2), t[5] * _row_scale(su, r2),
+                t[6] * _row_scale(sg, r3), t[7] * _row_scale(su, r3))
+    return impl
+
+
 def _axpy8(code, acc, coef, w, s, rows, cf):
     """Stub: acc += sum_i coef[i] * row rows[i] of (w, s), eight rows (acc in the format's kernel
     order; ``coef`` may be scaled in place; ``cf``: int4's [4, K/2] f32 scratch)."""
@@ -475,23 +500,24 @@ def _h_kernel(family, code, wg, sg, wu, su, bu, has_bias, x, idx, count, out):
 
     family: 0 reglu, 1 drelu, 2 relu (+ bias), 3 plain mat-vec ``wu[idx] @ x`` (wg unused).
     One kernel for all of them keeps numba's (slow, parallel) compilations to one per dtype.
-    Each output element is computed by one thread. Gated families read two neurons a pass
-    (gate and up rows of each: four streams); the others four rows. A chunk's odd tail computes
-    its last neuron again in the spare slots (same code, same value).
+    Each output element is computed by one thread. Gated families read four neurons a pass
+    (gate and up rows of each: eight streams, `_gated4`); the others four rows. A chunk's short
+    tail computes its last neuron again in the spare slots (same code, same value).
     """
     zero = np.float32(0.0)
     step = (count + _H_CHUNKS - 1) // _H_CHUNKS
     for c in prange(_H_CHUNKS):
         lo, hi = c * step, min(count, (c + 1) * step)
         if family < 2:  # gated: the branch sits outside the row loop so LLVM vectorises the dots
-            for i in range(lo, hi, 2):
-                i1 = min(i + 1, hi - 1)
-                r0, r1 = idx[i], idx[i1]
+            for i in range(lo, hi, 4):
+                i1, i2, i3 = min(i + 1, hi - 1), min(i + 2, hi - 1), min(i + 3, hi - 1)
+                r0, r1, r2, r3 = idx[i], idx[i1], idx[i2], idx[i3]
                 for b in range(x.shape[0]):
-                    g0, u0, g1, u1 = _dot4(code, wg[r0], sg[r0], wu[r0], su[r0],
-                                           wg[r1], sg[r1], wu[r1], su[r1], x[b])
+                    g0, u0, g1, u1, g2, u2, g3, u3 = _gated4(code, wg, sg, wu, su, r0, r1, r2, r3, x[b])
                     out[b, i] = max(g0, zero) * (u0 if family == 0 else max(u0, zero))
                     out[b, i1] = max(g1, zero) * (u1 if family == 0 else max(u1, zero))
+                    out[b, i2] = max(g2, zero) * (u2 if family == 0 else max(u2, zero))
+                    out[b, i3] = max(g3, zero) * (u3 if family == 0 else max(u3, zero))
         else:
             for i in range(lo, hi, 4):
                 i1, i2, i3 = min(i + 1, hi - 1), min(i + 2, hi - 1), min(i + 3, hi - 1)

@@ -26,7 +26,7 @@ from powerinfer_jax.sparse_ffn import (MESH_AXIS, HybridFFN, HybridRuntime, Laye
 def offload_hot_indices(cfg: ModelConfig, offload_layers: int) -> list[np.ndarray]:
     """llama.cpp `-ngl N`: the last N layers wholly on the device, the others' FFNs on the host."""
     if not 0 <= offload_layers <= cfg.num_layers:
-        raise ValueError(f"offload_layers must be in [0, {cfg.num_layers}], got {offload_layers}")
+        raise ArgumentError(f"offload_layers must be in [0, {cfg.num_layers}], got {offload_layers}")
     first_on_device = cfg.num_layers - offload_layers
     n = cfg.intermediate_size
     return [np.arange(n, dtype=np.int32) if l >= first_on_device else np.zeros(0, np.int32)
@@ -170,14 +170,14 @@ def build_hybrid_engine(
     down to a multiple of the device count), everything else is replicated.
     """
     if mode == "predicted" and predictors is None:
-        raise ValueError("sparsity='predicted' needs predictors: load a prepared bundle (bin/prepare)")
+        raise ArgumentError("sparsity='predicted' needs predictors: load a prepared bundle (bin/prepare)")
     backend = jax.default_backend()
     if device_kernel == "auto":
         device_kernel = "pallas" if backend == "gpu" else ("numba" if backend == "cpu" else "xla")
     if device_kernel not in DEVICE_KERNELS:
-        raise ValueError(f"unknown device_kernel {device_kernel!r}; choose one of auto, {', '.join(DEVICE_KERNELS)}")
+        raise ArgumentError(f"unknown device_kernel {device_kernel!r}; choose one of auto, {', '.join(DEVICE_KERNELS)}")
     if device_kernel == "numba" and backend != "cpu":
-        raise ValueError("device_kernel='numba' reads device arrays from host memory: CPU backend only")
+        raise ArgumentError("device_kernel='numba' reads device arrays from host memory: CPU backend only")
     mesh = make_mesh(devices)
     n_dev = mesh.size if mesh is not None else 1
     if n_dev > 1 and device_kernel == "numba":
@@ -300,7 +300,7 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
     from powerinfer_jax.loading import load_model_params
 
     if mode == "predicted" and (bundle is None or bundle.predictors is None):
-        raise ValueError("sparsity='predicted' needs a prepared bundle with predictors: run bin/prepare on "
+        raise ArgumentError("sparsity='predicted' needs a prepared bundle with predictors: run bin/prepare on "
                          f"{model_dir} and load the bundle folder")
     max_seq_len = min(max_seq_len or 2048, cfg.max_position_embeddings)
     mesh = make_mesh(devices)  # checked before the weights are read
@@ -319,7 +319,7 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
         info = {"kind": "all_on_device"}
     else:
         if bundle is None:
-            raise ValueError("device_memory_budget needs activation statistics: run bin/prepare on "
+            raise ArgumentError("device_memory_budget needs activation statistics: run bin/prepare on "
                              f"{model_dir} and load the bundle folder")
         from powerinfer_jax.bundle import PlacementSettings
 

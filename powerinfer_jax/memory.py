@@ -12,7 +12,7 @@ import dataclasses
 
 from ops.quant import FORMATS, format_bytes_per_row
 from powerinfer_jax.config import ModelConfig
-from powerinfer_jax.errors import PowerInferError
+from powerinfer_jax.errors import ArgumentError, PowerInferError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # vectors and KV-cache element sizes
 
@@ -20,7 +20,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # vectors and KV-cach
 def matrix_bytes(fmt: str, rows: int, cols: int) -> int:
     """Bytes of a [rows, cols] row matrix stored in `fmt` (a float dtype, int8 or int4), scales included."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise ArgumentError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return rows * format_bytes_per_row(fmt, cols)
 
 
@@ -45,7 +45,7 @@ def parse_bytes(value: int | float | str | None) -> int | None:
     try:
         return int(float(s))
     except ValueError:
-        raise ValueError(f"cannot parse a byte size from {value!r} (use e.g. 1.5GiB, 800MB, 1000000)") from None
+        raise ArgumentError(f"cannot parse a byte size from {value!r} (use e.g. 1.5GiB, 800MB, 1000000)") from None
 
 
 def neuron_bytes(cfg: ModelConfig, dtype: str) -> int:

@@ -45,6 +45,7 @@ from powerinfer_jax import tensor_file
 from ops.select import compact_mask
 from ops.xla_sparse import sparse_ffn_xla
 from powerinfer_jax.config import ModelConfig
+from powerinfer_jax.errors import ArgumentError, UnsupportedModelError
 from powerinfer_jax.ffn import dense_ffn
 from powerinfer_jax.params import FFNParams
 from powerinfer_jax.tensor_file import to_jax
@@ -198,9 +199,9 @@ class HybridRuntime:
     def __init__(self, cfg: ModelConfig, mode: str, device_kernel: str = "xla", overlap: bool = True,
                  callback_method: str = "auto", mesh: jax.sharding.Mesh | None = None):
         if mode not in MODES:
-            raise ValueError(f"unknown sparsity mode {mode!r}; choose one of {', '.join(MODES)}")
+            raise ArgumentError(f"unknown sparsity mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode != "dense" and not cfg.is_sparse_capable:
-            raise ValueError(f"sparsity={mode!r} needs a ReLU FFN; this model's FFN is {cfg.ffn_kind!r}")
+            raise UnsupportedModelError(f"sparsity={mode!r} needs a ReLU FFN; this model's FFN is {cfg.ffn_kind!r}")
         self.cfg, self.mode, self.device_kernel = cfg, mode, device_kernel
         self.overlap = overlap  # accelerator: cold part launched before the hot kernel, collected after
         self.callback_method = callback_method
