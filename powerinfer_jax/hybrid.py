@@ -7,14 +7,12 @@ import dataclasses
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.engine import Engine
 from ops.quant import Weight
 from powerinfer_jax.loading import to_device
-from powerinfer_jax.tensor_file import to_jax
 from powerinfer_jax.params import LayerParams, ModelParams, param_bytes
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -199,9 +197,7 @@ def build_hybrid_engine(
         if mode == "predicted":
             if isinstance(predictors[l].fc1, Weight):  # already in the engine's form
                 pred = predictors[l]
-            elif pred_fmt == "float32":
-                pred = PredictorParams(fc1=_f32_array(predictors[l].fc1), fc2=_f32_array(predictors[l].fc2))
-            else:  # read every token like the weights: in their precision, by the same kernels
+            else:  # read every token like the weights: row matrices in their precision, by the same kernels
                 pred = engine_predictor(predictors[l].fc1, predictors[l].fc2, pred_fmt)
         n_hot = len(hot_indices[l])
         n_cold = cfg.intermediate_size - n_hot
@@ -278,13 +274,6 @@ def shard_hot(ffn: HybridFFN, mesh: Mesh) -> HybridFFN:
     return dataclasses.replace(ffn, hot=put_rows(ffn.hot), hot_ids=place(ffn.hot_ids, rows),
                                cold_ids=place(ffn.cold_ids, rows), b_down=replicate(ffn.b_down, mesh),
                                predictor=replicate(ffn.predictor, mesh))
-
-
-def _f32_array(a) -> jax.Array:
-    """A predictor matrix as a float32 device array; a float32 host array is not copied (CPU backend)."""
-    if isinstance(a, np.ndarray):
-        return to_jax(np.asarray(a, np.float32))
-    return jnp.asarray(a, jnp.float32)
 
 
 def _ffn_format(params: ModelParams) -> str:
