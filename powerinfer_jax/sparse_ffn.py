@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from ops.cpu_sparse import sparse_ffn_rows
 from ops import host_async
 from ops.host_kernels import host_ffn_callback
-from ops.linear import linear
+from ops.linear import linear, linear_relu_linear
 from ops.quant import Weight, to_weight
 from powerinfer_jax import tensor_file
 from ops.select import compact_mask
@@ -69,7 +69,7 @@ class PredictorParams:
 def predict_logits(p: PredictorParams, x: jax.Array) -> jax.Array:
     """Per-neuron activation logits [..., n_ff] from the residual stream x [..., d]."""
     if isinstance(p.fc1, Weight):
-        return linear(jax.nn.relu(linear(x, p.fc1)), p.fc2)
+        return linear_relu_linear(x, p.fc1, p.fc2)
     return jax.nn.relu(x.astype(f32) @ p.fc1.astype(f32)) @ p.fc2.astype(f32)
 
 

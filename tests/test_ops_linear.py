@@ -45,6 +45,16 @@ def test_linear_and_linear_t_match_reference(path, fmt, tokens):
     assert y3.shape == (1, tokens, ROWS)
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "float16", "int8"])
+def test_linear_relu_linear_matches_reference(path, fmt, tokens):
+    """The predictors' fc2(relu(fc1 x)): one fused callback on the host path, two linears on XLA."""
+    w1, w2 = _weight(fmt, 64, COLS, seed=2), _weight(fmt, ROWS, 64, seed=3)
+    x = np.random.default_rng(4).standard_normal((tokens, COLS), dtype=np.float32)
+    got = jax.jit(L.linear_relu_linear)(jnp.asarray(x), jax.tree.map(jnp.asarray, w1), jax.tree.map(jnp.asarray, w2))
+    _close(got, L.linear_relu_linear_ref(x, w1, w2))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_take_rows_dequantizes_gathered_rows(fmt):
     from ops.quant import dequantize
