@@ -332,6 +332,15 @@ class HybridRuntime:
                 p, x, (hot_score, hot_mask) if H else None, None if cold_mask is None else (cold_score, cold_mask))
             return y, {"ffn_computed": hot_done + cold_done, "ffn_hot": hot_done, "ffn_total": H + C,
                        "ffn_overflow": (hot_true - hot_done) + (cold_true - cold_done)}
+        if p.shared is not None and self.mode == "predicted":
+            # One memory, one numba call that loops over the active count: its list can hold the whole
+            # layer (no overflow), and one compaction serves both partitions (hot positions first).
+            idx, _, count = compact_mask(active, H + C)
+            ids = jnp.take(jnp.concatenate([p.hot_ids, p.cold_ids]), idx)
+            w = p.shared
+            y = sparse_ffn_rows(family, w.w_gate, w.w_up, w.w_down_t, w.b_up, x, ids, count)
+            return y, {"ffn_computed": count, "ffn_hot": jnp.sum(hot_mask, dtype=jnp.int32), "ffn_total": H + C,
+                       "ffn_overflow": jnp.int32(0)}
         hot_idx = jnp.zeros((0,), jnp.int32)
         hot_done = hot_true = cold_done = cold_true = jnp.int32(0)
         if H:
