@@ -125,8 +125,9 @@ class Source:
         return None if self.bundle is None else self.bundle.predictors
 
 
-def open_source(bundle: str | None = None, model: str | None = None) -> Source:
-    """A prepared bundle (`bundle`, default the bundled one) or a plain model folder (`model`)."""
+def open_source(bundle: str | None = None, model: str | None = None, bundle_model: str | None = None) -> Source:
+    """A prepared bundle (`bundle`, default the bundled one; `bundle_model` re-points a bundle moved
+    apart from its model) or a plain model folder (`model`)."""
     from powerinfer_jax.config import load_config
 
     if bundle is not None and model is not None:
@@ -143,9 +144,11 @@ def open_source(bundle: str | None = None, model: str | None = None) -> Source:
         if not os.path.isdir(path):
             raise PathNotFoundError(f"model folder not found: {path}")
     if is_bundle(path):
-        b = load_bundle(path)  # BundleError (a ValueError) when its model changed or is missing
+        b = load_bundle(path, model_dir=bundle_model)  # BundleError when its model changed or is missing
         load_config(b.model_dir)
         return Source(path, b.model_dir, b)
+    if bundle_model is not None:
+        raise EvalError("--bundle_model re-points a prepared bundle; a plain --model folder needs none")
     load_config(path)  # clear errors for a folder that is not an HF model
     return Source(path, path, None)
 
@@ -296,10 +299,11 @@ def run_plan(s: EvalSettings) -> list[tuple[str, float | None]]:
 
 def evaluate(bundle: str | None = None, model: str | None = None, text_path: str | None = None,
              settings: EvalSettings = EvalSettings(), progress: bool = True, log=None,
-             precision: dict | None = None) -> dict:
+             precision: dict | None = None, bundle_model: str | None = None) -> dict:
     """Runs every perplexity run and the per-layer metrics; returns the JSON-safe result (see module doc).
 
-    `precision`: `pij.load` keyword arguments (dtype, quantize, kv_dtype) every engine is loaded with."""
+    `precision`: `pij.load` keyword arguments (dtype, quantize, kv_dtype) every engine is loaded with;
+    `bundle_model`: the model folder of a bundle moved apart from it."""
     import jax
 
     import powerinfer_jax as pij
@@ -307,7 +311,7 @@ def evaluate(bundle: str | None = None, model: str | None = None, text_path: str
 
     s = check_settings(settings)
     text, text_desc = read_text(text_path)
-    src = open_source(bundle, model)
+    src = open_source(bundle, model, bundle_model)
     if "predicted" in s.modes and src.predictors is None:
         raise EvalError(f"mode 'predicted' needs predictors: {src.path} is "
                         + ("a bundle without predictors" if src.bundle is not None else "not a prepared bundle")
@@ -315,6 +319,8 @@ def evaluate(bundle: str | None = None, model: str | None = None, text_path: str
     if any(m != "dense" for m in s.modes):
         check_sparse_model(src.model_dir)
     precision = dict(precision or {})
+    if bundle_model is not None:
+        precision["bundle_model_dir"] = bundle_model
     dense = pij.load(src.path, max_seq_len=s.window, **precision)
     cfg = dense.cfg
     if s.window > cfg.max_position_embeddings:

@@ -155,3 +155,18 @@ def test_generate_cli_shows_no_library_logs_and_traceback_on_request():
     assert not [ln for ln in out.stderr.splitlines() if ln[:1] == "I" and ln[1:5].isdigit()], out.stderr  # absl INFO
     out = _run("bin/generate", "--model", "/nonexistent/model", env={cli.TRACEBACK_ENV: "1"})
     assert out.returncode == 2 and "Traceback" in out.stderr and "error: model folder not found" in out.stderr
+
+
+def test_moved_bundle_is_re_pointed_for_eval(tmp_path):
+    """bin/eval's --bundle_model: the evaluation of a bundle moved apart from its model."""
+    from offline import evaluate
+
+    moved = str(tmp_path / "elsewhere" / "bundle")
+    shutil.copytree(BUNDLE, moved)
+    s = evaluate.EvalSettings(modes=("dense",), thresholds=(), max_tokens=128, window=64)
+    with pytest.raises(pij.BundleError, match="is missing"):
+        evaluate.evaluate(bundle=moved, settings=s, progress=False)
+    res = evaluate.evaluate(bundle=moved, bundle_model=MODEL, settings=s, progress=False)
+    assert [r["mode"] for r in res["runs"]] == ["dense"] and res["runs"][0]["perplexity"] > 1
+    with pytest.raises(errors.PowerInferError, match="plain --model folder needs none"):
+        evaluate.evaluate(model=MODEL, bundle_model=MODEL, settings=s, progress=False)
