@@ -18,6 +18,7 @@ from powerinfer_jax import checks
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.errors import ArgumentError, CheckpointError, NonFiniteError
 from powerinfer_jax.model import KV_DTYPES, FFNFn, forward, init_cache
+from powerinfer_jax.tokenizer import IncrementalDecoder
 from powerinfer_jax.params import ModelParams, fuse_qkv
 from powerinfer_jax.sampling import SamplingParams, sample
 from powerinfer_jax.tokenizer import Tokenizer
@@ -320,7 +321,9 @@ class Engine:
         args = (self.params, jnp.asarray(nxt), jnp.asarray(pos), cache, key)
         self._precompile("decode", self._decode, args, sampling, stats,
                          decode_spans(int(pos.max()) + 1, int(pos.max()) + max_new_tokens - 1, self.max_seq_len))
-        streamed = self._stream(on_token, generated[0], "")
+        decoder = None if on_token is None or self.tokenizer is None else \
+            IncrementalDecoder(self.tokenizer, self._eos_ids())
+        self._stream(on_token, decoder, generated[0][-1])
         t1, compile_before = time.perf_counter(), stats["compile_s"]
         steps = 0
         while steps < max_new_tokens - 1 and not done.all():
@@ -334,11 +337,13 @@ class Engine:
             self._accumulate_ffn_stats(aux, stats)
             steps += 1
             pos += 1
+            row0_open = not done[0]  # row 0 is the one streamed
             for b in range(B):
                 if not done[b]:
                     generated[b].append(int(nxt[b]))
                     done[b] = int(nxt[b]) in eos
-            streamed = self._stream(on_token, generated[0], streamed)
+            if row0_open:
+                self._stream(on_token, decoder, int(nxt[0]))
         decode_s = time.perf_counter() - t1 - (stats["compile_s"] - compile_before)
 
         stats.update(
@@ -369,18 +374,15 @@ class Engine:
     def _eos_ids(self) -> tuple[int, ...]:
         return self.tokenizer.eos_token_ids if self.tokenizer else self.cfg.eos_token_ids
 
-    def _stream(self, on_token, ids: list[int], streamed: str) -> str:
-        """Calls on_token with the newly decoded text, holding back half-decoded UTF-8."""
-        if on_token is None or self.tokenizer is None:
-            if on_token is not None:
-                on_token(ids[-1], "")
-            return streamed
-        shown = [t for t in ids if t not in self._eos_ids()]
-        text = self.tokenizer.decode(shown)
-        if text.endswith("\ufffd"):
-            return streamed
-        on_token(ids[-1], text[len(streamed):])
-        return text
+    @staticmethod
+    def _stream(on_token, decoder, token: int) -> None:
+        """Calls on_token with the token's new text (incremental: `tokenizer.IncrementalDecoder`),
+        holding back half-decoded UTF-8; with no tokenizer, with ""."""
+        if on_token is None:
+            return
+        piece = "" if decoder is None else decoder.push(token)
+        if piece is not None:
+            on_token(token, piece)
 
     def _check_ids(self, token_ids: Sequence[int], name: str = "token_ids") -> list[int]:
         return checks.token_ids(name, token_ids, self.cfg.vocab_size)

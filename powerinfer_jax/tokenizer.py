@@ -11,6 +11,31 @@ from tokenizers import Tokenizer as _HFTokenizer
 from powerinfer_jax.errors import CheckpointError, PathNotFoundError
 
 
+class IncrementalDecoder:
+    """The text of a growing token list, one piece per token, decoding a short window each time (a
+    stream of n tokens costs O(n), not the O(n^2) of re-decoding everything). Two windows are decoded:
+    the tokens already shown since `prefix` and the same plus the new ones; the new piece is their
+    difference, so a tokenizer that drops a leading space at the start of a decode drops it from both.
+    A piece that would end in half a UTF-8 character is held back until its bytes are complete."""
+
+    def __init__(self, tokenizer: "Tokenizer", skip_ids: Sequence[int] = ()):
+        self.tokenizer, self.skip = tokenizer, frozenset(skip_ids)
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] were shown; ids[read:] are not yet
+
+    def push(self, token_id: int) -> str | None:
+        """Adds a token; returns its new text ("" for a skipped token), or None while held back."""
+        if token_id in self.skip:
+            return ""
+        self.ids.append(int(token_id))
+        shown = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if text.endswith("\ufffd"):
+            return None
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(shown):]
+
+
 class Tokenizer:
     """Encodes prompts (adding BOS as the checkpoint expects) and decodes token ids."""
 
