@@ -95,7 +95,7 @@ def main(argv):
     @jax.jit
     def device_only(p, x, mask):
         idx, valid, _, _, _ = lists(mask)
-        return rt[True]._hot(p, x, idx, valid)
+        return rt[True]._hot(p.hot, x, idx, valid)
 
     @jax.jit
     def host_only(x, mask):
@@ -109,7 +109,7 @@ def main(argv):
         @jax.jit
         def f(p, x, mask):
             idx, valid, _, cids, ccount = lists(mask)
-            return rt[overlap]._split(p, x, lambda xd: rt[overlap]._hot(p, xd, idx, valid), cids, ccount)
+            return rt[overlap]._split(p, x, lambda xd: rt[overlap]._hot(p.hot, xd, idx, valid), cids, ccount)
         return f
 
     layer_serial, layer_overlap = layer(False), layer(True)

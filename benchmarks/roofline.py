@@ -64,7 +64,7 @@ def predictor_bytes(shapes, fmt: str) -> int:
     (the engine stores them like the weights: `sparse_ffn.predictor_format`)."""
     from powerinfer_jax.sparse_ffn import predictor_format
 
-    pf = "float32" if fmt == "float32" else predictor_format(fmt)
+    pf = predictor_format(fmt)
     return int(sum(memory.matrix_bytes(pf, r, d) + memory.matrix_bytes(pf, n, r) for d, r, n in shapes))
 
 

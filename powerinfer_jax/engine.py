@@ -307,7 +307,7 @@ class Engine:
 
         t0 = time.perf_counter()
         args = (self.params, jnp.asarray(tokens), jnp.asarray(lengths), cache, jax.random.fold_in(key, 0))
-        nxt, cache = self._call("prefill", self._prefill, args, {"attend_len": T, "sampling": sampling}, stats)
+        nxt, cache = self._call("prefill", self._prefill, args, self._static(T, sampling), stats)
         nxt = np.asarray(nxt)
         prefill_s = time.perf_counter() - t0 - stats["compile_s"]
         if (nxt < 0).any():
@@ -329,7 +329,7 @@ class Engine:
         while steps < max_new_tokens - 1 and not done.all():
             attend = decode_span(int(pos.max()) + 1, self.max_seq_len)
             args = (self.params, jnp.asarray(nxt), jnp.asarray(pos), cache, jax.random.fold_in(key, steps + 1))
-            nxt, cache, aux = self._call("decode", self._decode, args, {"attend_len": attend, "sampling": sampling},
+            nxt, cache, aux = self._call("decode", self._decode, args, self._static(attend, sampling),
                                          stats)
             nxt = np.asarray(nxt)
             if (nxt[~done] < 0).any():

@@ -13,11 +13,12 @@ from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.engine import Engine
 from ops.quant import Weight
 from powerinfer_jax.loading import to_device
+from powerinfer_jax.tensor_file import to_global
 from powerinfer_jax.params import LayerParams, ModelParams, param_bytes
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from powerinfer_jax.errors import ArgumentError
-from powerinfer_jax.sparse_ffn import (MESH_AXIS, HybridFFN, HybridRuntime, LayerPlan, PredictorParams,
+from powerinfer_jax.sparse_ffn import (MESH_AXIS, HybridRuntime, LayerPlan, PredictorParams,
                                        engine_predictor, predictor_format, split_ffn)
 
 
@@ -204,9 +205,7 @@ def build_hybrid_engine(
         cap_hot, cap_cold = capacities[l] if capacities is not None else (n_hot, n_cold)
         thr = float(thresholds[l]) if thresholds is not None else 0.0
         plan = LayerPlan(n_hot, n_cold, max(min(cap_hot, n_hot), 0), max(min(cap_cold, n_cold), 0), thr)
-        ffn = split_ffn(cfg.ffn_kind, lp.ffn, hot_indices[l], pred, shared, plan, cold_indices[l])
-        if mesh is not None:
-            ffn = shard_hot(ffn, mesh)
+        ffn = split_ffn(cfg.ffn_kind, lp.ffn, hot_indices[l], pred, shared, plan, cold_indices[l], mesh)
         put = to_device if mesh is None else (lambda t: replicate(t, mesh))  # noqa: E731
         layers.append(LayerParams(put(lp.attn_norm), put(lp.attn), put(lp.ffn_norm), ffn))
     put = to_device if mesh is None else (lambda t: replicate(t, mesh))  # noqa: E731
@@ -252,28 +251,10 @@ def deal_to_devices(hot: np.ndarray, rates: np.ndarray | None, n_dev: int) -> np
         np.zeros(0, np.int32)
 
 
-def place(a, sharding: NamedSharding) -> jax.Array:
-    """An array (host or a local device's) as a global array of `sharding`: each process builds only
-    its own devices' shards (works when the mesh spans several processes)."""
-    if a is None:
-        return None
-    host = np.asarray(a)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
 def replicate(tree, mesh: Mesh):
     """Arrays of a pytree replicated on every device of the mesh."""
-    return jax.tree.map(lambda a: place(a, NamedSharding(mesh, P())), tree)
-
-
-def shard_hot(ffn: HybridFFN, mesh: Mesh) -> HybridFFN:
-    """The layer's hot rows and its hot and cold ids split over the mesh (device-major: each device
-    computes its hot rows and its process's host its cold rows); the rest replicated."""
-    rows = NamedSharding(mesh, P(MESH_AXIS))
-    put_rows = lambda t: jax.tree.map(lambda a: place(a, rows), t)  # noqa: E731
-    return dataclasses.replace(ffn, hot=put_rows(ffn.hot), hot_ids=place(ffn.hot_ids, rows),
-                               cold_ids=place(ffn.cold_ids, rows), b_down=replicate(ffn.b_down, mesh),
-                               predictor=replicate(ffn.predictor, mesh))
+    every = NamedSharding(mesh, P())
+    return jax.tree.map(lambda a: None if a is None else to_global(a, every), tree)
 
 
 def _ffn_format(params: ModelParams) -> str:

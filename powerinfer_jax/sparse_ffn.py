@@ -34,7 +34,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ops.cpu_sparse import sparse_ffn_rows
 from ops import host_async
@@ -48,7 +48,7 @@ from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.errors import ArgumentError, UnsupportedModelError
 from powerinfer_jax.ffn import dense_ffn
 from powerinfer_jax.params import FFNParams
-from powerinfer_jax.tensor_file import to_jax
+from powerinfer_jax.tensor_file import to_global, to_jax
 
 f32 = jnp.float32
 MODES = ("dense", "oracle", "predicted")
@@ -141,16 +141,22 @@ def permute_outputs(p: PredictorParams | None, order: np.ndarray) -> PredictorPa
 
 
 def split_ffn(family: str, ffn: FFNParams, hot_ids: np.ndarray, predictor: PredictorParams | None, shared: bool,
-              plan: LayerPlan, cold_ids: np.ndarray | None = None) -> HybridFFN:
+              plan: LayerPlan, cold_ids: np.ndarray | None = None, mesh=None) -> HybridFFN:
     """One layer's state from host FFN matrices: shared whole matrices, or hot-row device copies
     plus the cold part's host handle. `cold_ids`: the cold neurons in the order wanted (default:
-    every other neuron, ascending)."""
+    every other neuron, ascending). With a `mesh`, the hot rows and both id lists go to their
+    devices' shards straight from the host (device-major order), the rest replicated."""
     n = ffn.w_up.shape[0]
     hot_ids = np.asarray(hot_ids, np.int32)
     if cold_ids is None:
         cold_ids = np.setdiff1d(np.arange(n, dtype=np.int32), hot_ids)
     cold_ids = np.asarray(cold_ids, np.int32)
-    put = lambda tree: None if tree is None else jax.tree.map(to_jax, tree)  # noqa: E731
+    if mesh is None:
+        put = put_rows = lambda tree: None if tree is None else jax.tree.map(to_jax, tree)  # noqa: E731
+    else:
+        rows, every = NamedSharding(mesh, P(MESH_AXIS)), NamedSharding(mesh, P())
+        put = lambda tree: None if tree is None else jax.tree.map(lambda a: to_global(a, every), tree)  # noqa: E731
+        put_rows = lambda tree: None if tree is None else jax.tree.map(lambda a: to_global(a, rows), tree)  # noqa: E731
     whole = dataclasses.replace(ffn, b_down=None)
     hot = host = None
     if not shared and len(hot_ids):
@@ -158,8 +164,8 @@ def split_ffn(family: str, ffn: FFNParams, hot_ids: np.ndarray, predictor: Predi
     if not shared and len(cold_ids):
         host = host_async.HostFFN(family, whole.w_gate, whole.w_up, whole.w_down_t, whole.b_up)
     predictor = permute_outputs(predictor, np.concatenate([hot_ids, cold_ids]))
-    return HybridFFN(shared=put(whole) if shared else None, hot=put(hot), hot_ids=jnp.asarray(hot_ids),
-                     cold_ids=jnp.asarray(cold_ids), b_down=put(ffn.b_down), predictor=predictor, plan=plan,
+    return HybridFFN(shared=put(whole) if shared else None, hot=put_rows(hot), hot_ids=put_rows(hot_ids),
+                     cold_ids=put_rows(cold_ids), b_down=put(ffn.b_down), predictor=put(predictor), plan=plan,
                      host=host)
 
 
@@ -209,11 +215,8 @@ class HybridRuntime:
         # of a layer's hot neurons and the partial sums are added across the mesh.
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
 
-    def _hot(self, p: HybridFFN, x, idx, valid):
+    def _hot(self, hot: FFNParams, x, idx, valid):
         """The device part over hot positions `idx` of the compact hot rows."""
-        return self._hot_rows(p.hot, x, idx, valid)
-
-    def _hot_rows(self, hot: FFNParams, x, idx, valid):
         family = self.cfg.ffn_kind
         if self.device_kernel == "pallas":
             from ops.pallas_gpu import sparse_ffn_pallas
@@ -258,7 +261,7 @@ class HybridRuntime:
                     return dense_ffn(hot, family, xd)
                 idx, kept, count = select_top(hs[1], hs[0], cap_h)
                 counts["hot"] = (kept, count)
-                return self._hot_rows(hot, xd, idx, jnp.arange(cap_h) < kept)
+                return self._hot(hot, xd, idx, jnp.arange(cap_h) < kept)
 
             y = self._split(p, x, hot_part, cids, counts["cold"][0] if C else None)
             out = (y,) + counts["hot"] + counts["cold"]
@@ -358,7 +361,7 @@ class HybridRuntime:
             y = sparse_ffn_rows(family, w.w_gate, w.w_up, w.w_down_t, w.b_up, x, ids, hot_done + cold_done)
         else:
             valid = jnp.arange(hot_idx.shape[0]) < hot_done
-            y = self._split(p, x, lambda xd: self._hot(p, xd, hot_idx, valid),
+            y = self._split(p, x, lambda xd: self._hot(p.hot, xd, hot_idx, valid),
                             jnp.take(p.cold_ids, cold_idx) if C else None, cold_done)
         aux = {"ffn_computed": hot_done + cold_done, "ffn_hot": hot_done, "ffn_total": H + C,
                "ffn_overflow": (hot_true - hot_done) + (cold_true - cold_done)}

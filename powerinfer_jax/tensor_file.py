@@ -195,6 +195,14 @@ def to_jax(a, device=None) -> jax.Array:
     return jax.dlpack.from_dlpack(_dlpack_dtype(aligned(a)))
 
 
+def to_global(a, sharding) -> jax.Array:
+    """An array (host, or a local device's) as a global array of `sharding`, built shard by shard:
+    each process makes only its own devices' shards (a mesh may span several processes), and no
+    device receives more than its shard."""
+    host = np.asarray(a)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def save_aligned(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:
     """Writes a safetensors file whose tensors start at 64-byte offsets where their sizes allow
     (those whose size is a multiple of 64 bytes go first), streaming each array (no concatenated copy)."""
