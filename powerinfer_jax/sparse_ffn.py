@@ -153,10 +153,12 @@ def split_ffn(family: str, ffn: FFNParams, hot_ids: np.ndarray, predictor: Predi
     cold_ids = np.asarray(cold_ids, np.int32)
     if mesh is None:
         put = put_rows = lambda tree: None if tree is None else jax.tree.map(to_jax, tree)  # noqa: E731
+        put_ids = jnp.asarray  # a layer's own id arrays (callers may pass one array for every layer)
     else:
         rows, every = NamedSharding(mesh, P(MESH_AXIS)), NamedSharding(mesh, P())
         put = lambda tree: None if tree is None else jax.tree.map(lambda a: to_global(a, every), tree)  # noqa: E731
         put_rows = lambda tree: None if tree is None else jax.tree.map(lambda a: to_global(a, rows), tree)  # noqa: E731
+        put_ids = put_rows
     whole = dataclasses.replace(ffn, b_down=None)
     hot = host = None
     if not shared and len(hot_ids):
@@ -164,8 +166,8 @@ def split_ffn(family: str, ffn: FFNParams, hot_ids: np.ndarray, predictor: Predi
     if not shared and len(cold_ids):
         host = host_async.HostFFN(family, whole.w_gate, whole.w_up, whole.w_down_t, whole.b_up)
     predictor = permute_outputs(predictor, np.concatenate([hot_ids, cold_ids]))
-    return HybridFFN(shared=put(whole) if shared else None, hot=put_rows(hot), hot_ids=put_rows(hot_ids),
-                     cold_ids=put_rows(cold_ids), b_down=put(ffn.b_down), predictor=put(predictor), plan=plan,
+    return HybridFFN(shared=put(whole) if shared else None, hot=put_rows(hot), hot_ids=put_ids(hot_ids),
+                     cold_ids=put_ids(cold_ids), b_down=put(ffn.b_down), predictor=put(predictor), plan=plan,
                      host=host)
 
 
