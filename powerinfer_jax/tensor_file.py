@@ -17,10 +17,14 @@ weight: peak RSS stays near the size of the weights, not twice it.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import json
 import math
 import mmap
 import os
+import time
+import weakref
 
 import jax
 import ml_dtypes
@@ -36,6 +40,37 @@ DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.d
 _NAMES = {v: k for k, v in DTYPES.items()}
 _PAGE = mmap.PAGESIZE
 _MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
+
+# A zero-copy array frees its host memory through numpy's DLPack deleter, which takes the GIL. That
+# deleter runs on the thread that drops the buffer's last reference: an XLA CPU worker thread when
+# an execution still holds the buffer after Python let the array go (a step's arguments are
+# released just after its results are ready). If the interpreter is finalizing by then, Python
+# ends that thread when it asks for the GIL, and unwinding its C++ frames aborts the process
+# ("terminate called without an active exception": about one `bin/generate` exit in twenty on 2
+# cores, right after the engine is freed). So at exit, before finalization: the zero-copy arrays
+# still alive are kept alive for good (the OS takes the memory back), and those already let go
+# but still held by an execution are waited for, while their deleters can still take the GIL.
+_ZERO_COPY: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id(host view) -> (array, host view)
+EXIT_WAIT_S = 10.0
+
+
+def _track_zero_copy(array: jax.Array, view: np.ndarray) -> None:
+    key = id(view)  # the view lives exactly as long as JAX holds the memory (its deleter frees it)
+    _ZERO_COPY[key] = (weakref.ref(array), weakref.ref(view, lambda _ref: _ZERO_COPY.pop(key, None)))
+
+
+@atexit.register  # registered after jax's own handlers, so it runs first, while the backend is up
+def _settle_zero_copy_arrays() -> None:
+    let_go = []
+    for array_ref, view_ref in list(_ZERO_COPY.values()):
+        array = array_ref()
+        if array is not None:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(array))
+        else:
+            let_go.append(view_ref)
+    deadline = time.monotonic() + EXIT_WAIT_S
+    while any(r() is not None for r in let_go) and time.monotonic() < deadline:
+        time.sleep(0.001)  # lets the worker thread take the GIL and run the deleter
 
 
 def read_header(path: str) -> tuple[int, dict]:
@@ -192,7 +227,10 @@ def to_jax(a, device=None) -> jax.Array:
     a = np.asarray(a)
     if (device or jax.devices()[0]).platform != "cpu" or a.size == 0:
         return jax.device_put(a, device)
-    return jax.dlpack.from_dlpack(_dlpack_dtype(aligned(a)))
+    view = _dlpack_dtype(aligned(a)).view()  # its own object, referenced only by JAX from here on
+    out = jax.dlpack.from_dlpack(view)
+    _track_zero_copy(out, view)
+    return out
 
 
 def to_global(a, sharding) -> jax.Array:
