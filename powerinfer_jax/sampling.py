@@ -48,3 +48,41 @@ def sample(logits: jax.Array, key: jax.Array, sp: SamplingParams) -> jax.Array:
         cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# How much of `sample_rows` a batch needs: a static jit argument, so an all-greedy batch (the common
+# serving case) pays only an argmax, and the vocabulary sort only runs when a row cuts top-k/top-p.
+ROW_MODES = ("greedy", "temperature", "cut")
+
+
+def row_mode(temperatures, top_ks, top_ps) -> str:
+    """The cheapest ROW_MODES entry that serves every row's settings."""
+    if all(t == 0.0 for t in temperatures):
+        return "greedy"
+    if all(k == 0 for k in top_ks) and all(p >= 1.0 for p in top_ps):
+        return "temperature"
+    return "cut"
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                mode: str = "cut") -> jax.Array:
+    """Picks one token per row of logits [B, V], each row with its own key [B, 2] and settings [B]:
+    the rule of `sample` row by row, so requests with different settings share one batch."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mode == "greedy":
+        return greedy
+    z = logits.astype(jnp.float32)
+    z = (z - jnp.max(z, axis=-1, keepdims=True)) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    if mode == "cut":
+        V = z.shape[-1]
+        desc = -jnp.sort(-z, axis=-1)
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+        kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
+        z = jnp.where(z < kth, -jnp.inf, z)
+        desc = jnp.where(jnp.arange(V)[None, :] < k[:, None], desc, -jnp.inf)  # the top-k cut, sorted
+        probs = jax.nn.softmax(desc, axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
+        cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+        z = jnp.where(z < cutoff, -jnp.inf, z)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, z).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)

@@ -1,0 +1,370 @@
+"""Continuous batching: requests join and leave a running batch at decode-step boundaries.
+
+One background thread runs the decode loop. The KV cache has `max_batch` rows; the sequences being
+decoded occupy rows 0..n-1 (a finished one's row is refilled by moving the last row into it), and a
+step computes only the first `b` rows, b the smallest of a few static sizes (1, 4, 16, ...) >= n, so
+finished sequences stop costing compute and no request compiles anything new. Each row has its own
+position, sampling settings and random stream (a per-request key folded with its step), so a
+sequence's tokens do not depend on which others share the batch. A new request is prefilled into a
+one-row staging cache in chunks of `prefill_chunk` tokens, one chunk between two decode steps, so a
+long prompt never stalls the running sequences for more than one chunk; its finished row is then
+copied into the batch. Text is detokenized incrementally (`tokenizer.IncrementalDecoder`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import logging
+import threading
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from powerinfer_jax import checks
+from powerinfer_jax.engine import Engine, _ffn_totals, _finite_or_flag, bucket, decode_span
+from powerinfer_jax.errors import ArgumentError
+from powerinfer_jax.model import KVCache, forward, init_cache
+from powerinfer_jax.sampling import SamplingParams, row_mode, sample_rows
+from powerinfer_jax.tokenizer import IncrementalDecoder
+
+log = logging.getLogger(__name__)
+BATCH_SIZES = (1, 4, 16, 64)  # the static batch sizes a step runs at (capped at max_batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestParams:
+    """One request's generation settings."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_at_eos: bool = True
+
+
+@dataclasses.dataclass
+class Event:
+    """What a request's `on_event` receives: a token, the end ("done"), or an error (no "done" follows)."""
+
+    kind: str  # "token" | "done" | "error"
+    token_id: int = -1
+    text: str = ""  # token: its new text piece; done: the whole completion text
+    finish_reason: str | None = None  # done: "stop" (EOS), "length" (max_tokens or context full), "cancelled"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class Request:
+    """A submitted request; `cancel()` ends it at the next step boundary."""
+
+    def __init__(self, rid: int, prompt_ids: list[int], params: RequestParams, on_event: Callable[[Event], None]):
+        self.id, self.prompt_ids, self.params, self.on_event = rid, prompt_ids, params, on_event
+        self.cancelled = False
+        self.key = np.asarray(jax.random.key_data(jax.random.PRNGKey(params.seed)), np.uint32)
+        self.generated: list[int] = []
+        self.prefilled = 0  # prompt tokens already in the staging cache
+        self.decoder: IncrementalDecoder | None = None
+
+    def cancel(self) -> None:
+        """Asks the batcher to drop this request (thread-safe); a "cancelled" done event follows."""
+        self.cancelled = True
+
+
+class ContinuousBatcher:
+    """Serves many generation requests with one decode loop over a shared, continuously refilled batch."""
+
+    def __init__(self, engine: Engine, max_batch: int = 16, prefill_chunk: int = 128):
+        self.engine = engine
+        self.max_batch = checks.integer("max_batch", max_batch, lo=1)
+        self.prefill_chunk = checks.integer("prefill_chunk", prefill_chunk, lo=1)
+        self.sizes = sorted({min(s, max_batch) for s in BATCH_SIZES})
+        self._eos = set(engine._eos_ids())
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._rows: list[Request] = []  # row i of the batch cache decodes self._rows[i]
+        self._staging: Request | None = None  # the request being prefilled
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._ids = itertools.count()
+        self._counters = collections.Counter()
+        cfg, ffn_fn = engine.cfg, engine._ffn_fn
+        self._cache = init_cache(cfg, max_batch, engine.max_seq_len, engine.kv_dtype)
+        self._stage_cache = init_cache(cfg, 1, engine.max_seq_len, engine.kv_dtype)
+        self._step_fn = jax.jit(functools.partial(_decode_rows, cfg=cfg, ffn_fn=ffn_fn),
+                                static_argnames=("rows", "attend_len", "mode"), donate_argnames=("cache",))
+        self._chunk_fn = jax.jit(functools.partial(_prefill_chunk, cfg=cfg, ffn_fn=ffn_fn),
+                                 static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
+        self._insert_fn = jax.jit(_insert_row, donate_argnames=("cache",))
+        self._move_fn = jax.jit(_move_row, donate_argnames=("cache",))
+
+    # ---- public API ----------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], params: RequestParams,
+               on_event: Callable[[Event], None]) -> Request:
+        """Queues a request (checked here: bad input raises ArgumentError); events arrive from the batcher thread."""
+        ids = checks.token_ids("prompt", prompt_ids, self.engine.cfg.vocab_size)
+        if not ids:
+            raise ArgumentError("the prompt is empty")
+        checks.integer("max_tokens", params.max_tokens, lo=1)
+        checks.integer("seed", params.seed, lo=-(2**63), hi=2**63 - 1)
+        SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+        if len(ids) + params.max_tokens > self.engine.max_seq_len:
+            raise ArgumentError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                                f"of {self.engine.max_seq_len} tokens")
+        if not callable(on_event):
+            raise ArgumentError("on_event must be callable")
+        req = Request(next(self._ids), ids, params, on_event)
+        with self._wake:
+            self._waiting.append(req)
+            self._wake.notify()
+        return req
+
+    def generate(self, prompt_ids: Sequence[int], params: RequestParams, timeout: float | None = None) -> Event:
+        """Submits one request and waits for its "done" event (raises RuntimeError on an "error" one)."""
+        done = threading.Event()
+        result: list[Event] = []
+
+        def on_event(ev: Event) -> None:
+            if ev.kind in ("done", "error"):
+                result.append(ev)
+                done.set()
+
+        self.submit(prompt_ids, params, on_event)
+        if not done.wait(timeout):
+            raise TimeoutError(f"no result within {timeout} s")
+        if result[0].kind == "error":
+            raise RuntimeError(result[0].error)
+        return result[0]
+
+    def start(self) -> "ContinuousBatcher":
+        """Starts the decode-loop thread."""
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name="powerinfer-batcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ends the loop; requests still queued or running get a "cancelled" done event."""
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> "ContinuousBatcher":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stats(self) -> dict:
+        """Running counts: active/waiting requests, steps, generated tokens, rows computed."""
+        with self._wake:
+            waiting = len(self._waiting) + (self._staging is not None)
+        return {"active": len(self._rows), "waiting": waiting, **self._counters}
+
+    # ---- the loop ----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self._waiting and not self._rows and self._staging is None:
+                    self._wake.wait()
+                if self._stop:
+                    break
+            try:
+                self._drop_cancelled()
+                self._prefill_one_chunk()
+                if self._rows:
+                    self._decode_step()
+            except Exception as err:  # noqa: BLE001  (a bug or a broken model: fail the requests, keep serving)
+                log.exception("batcher step failed")
+                self._fail_all(f"{type(err).__name__}: {err}")
+        for req in list(self._rows) + ([self._staging] if self._staging else []) + list(self._waiting):
+            self._finish(req, "cancelled")
+        self._rows, self._staging = [], None
+        self._waiting.clear()
+
+    def _drop_cancelled(self) -> None:
+        for i in reversed(range(len(self._rows))):
+            if self._rows[i].cancelled:
+                self._retire(i, "cancelled")
+        if self._staging is not None and self._staging.cancelled:
+            self._finish(self._staging, "cancelled")
+            self._staging = None
+        with self._wake:
+            for req in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(req)
+                self._finish(req, "cancelled")
+
+    def _prefill_one_chunk(self) -> None:
+        """Advances the staged request by one prompt chunk; a finished prefill joins the batch."""
+        if self._staging is None:
+            if len(self._rows) >= self.max_batch:
+                return
+            with self._wake:
+                if not self._waiting:
+                    return
+                self._staging = self._waiting.popleft()
+        req = self._staging
+        start, n = req.prefilled, min(self.prefill_chunk, len(req.prompt_ids) - req.prefilled)
+        width = min(bucket(n, self.prefill_chunk), self.engine.max_seq_len)
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, :n] = req.prompt_ids[start:start + n]
+        positions = np.full((1, width), self.engine.max_seq_len, np.int32)  # padding writes nothing
+        positions[0, :n] = np.arange(start, start + n)
+        settings = _settings([req])
+        tok, self._stage_cache = self._chunk_fn(
+            self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._stage_cache,
+            jnp.asarray([n - 1], np.int32), *settings[1:], attend_len=decode_span(start + n, self.engine.max_seq_len),
+            mode=settings[0])
+        req.prefilled += n
+        self._counters["prefill_tokens"] += n
+        if req.prefilled < len(req.prompt_ids):
+            return
+        self._staging = None
+        first = int(np.asarray(tok)[0])
+        if first < 0:
+            self._error(req, "the model produced NaN/Inf logits on the prompt")
+            return
+        row = len(self._rows)
+        self._cache = self._insert_fn(self._cache, self._stage_cache, jnp.asarray(row, np.int32))
+        self._rows.append(req)
+        if self.engine.tokenizer is not None:
+            req.decoder = IncrementalDecoder(self.engine.tokenizer, self.engine._eos_ids())
+        self._accept(row, first)
+
+    def _decode_step(self) -> None:
+        n = len(self._rows)
+        size = next(s for s in self.sizes if s >= n)
+        tokens = np.zeros(size, np.int32)
+        positions = np.full(size, self.engine.max_seq_len, np.int32)  # idle rows write nothing
+        for i, req in enumerate(self._rows):
+            tokens[i] = req.generated[-1]
+            positions[i] = len(req.prompt_ids) + len(req.generated) - 1
+        mode, keys, temps, top_ks, top_ps, steps = _settings(self._rows, size)
+        nxt, self._cache, totals = self._step_fn(
+            self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._cache, keys, temps, top_ks,
+            top_ps, steps, rows=size, attend_len=decode_span(int(positions[:n].max()) + 1, self.engine.max_seq_len),
+            mode=mode)
+        nxt = np.asarray(nxt)
+        self._counters["steps"] += 1
+        self._counters["rows_computed"] += size
+        if totals.shape[0]:
+            for name, v in zip(("ffn_computed", "ffn_hot", "ffn_total", "ffn_overflow"), np.asarray(totals)):
+                self._counters[name] += int(v)
+        for i in reversed(range(n)):  # reversed: retiring row i moves the last row, already handled, into it
+            if nxt[i] < 0:
+                self._error(self._rows[i], "the model produced NaN/Inf logits", row=i)
+            else:
+                self._accept(i, int(nxt[i]))
+
+    def _accept(self, row: int, token: int) -> None:
+        """Records row's new token, streams it, and retires the row when it is finished."""
+        req = self._rows[row]
+        eos = req.params.stop_at_eos and token in self._eos
+        if not eos:
+            req.generated.append(token)
+            self._counters["tokens_generated"] += 1
+            piece = req.decoder.push(token) if req.decoder is not None else ""
+            self._emit(req, Event("token", token_id=token, text=piece or ""))
+        context_full = len(req.prompt_ids) + len(req.generated) >= self.engine.max_seq_len
+        if eos:
+            self._retire(row, "stop")
+        elif len(req.generated) >= req.params.max_tokens or context_full:
+            self._retire(row, "length")
+
+    def _retire(self, row: int, reason: str) -> None:
+        """Removes row from the batch (the last row moves into it) and sends the request's done event."""
+        req = self._rows[row]
+        last = len(self._rows) - 1
+        if row != last:
+            self._cache = self._move_fn(self._cache, jnp.asarray(last, np.int32), jnp.asarray(row, np.int32))
+            self._rows[row] = self._rows[last]
+        self._rows.pop()
+        self._finish(req, reason)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        text = self.engine.tokenizer.decode(req.generated) if self.engine.tokenizer is not None and req.generated \
+            else ""
+        self._counters["requests_done"] += 1
+        self._emit(req, Event("done", text=text, finish_reason=reason, prompt_tokens=len(req.prompt_ids),
+                              completion_tokens=len(req.generated)))
+
+    def _error(self, req: Request, message: str, row: int | None = None) -> None:
+        if row is not None:
+            last = len(self._rows) - 1
+            if row != last:
+                self._cache = self._move_fn(self._cache, jnp.asarray(last, np.int32), jnp.asarray(row, np.int32))
+                self._rows[row] = self._rows[last]
+            self._rows.pop()
+        self._emit(req, Event("error", error=message))
+
+    def _fail_all(self, message: str) -> None:
+        for req in list(self._rows) + ([self._staging] if self._staging else []):
+            self._emit(req, Event("error", error=message))
+        self._rows, self._staging = [], None
+        self._cache = init_cache(self.engine.cfg, self.max_batch, self.engine.max_seq_len, self.engine.kv_dtype)
+        self._stage_cache = init_cache(self.engine.cfg, 1, self.engine.max_seq_len, self.engine.kv_dtype)
+
+    @staticmethod
+    def _emit(req: Request, ev: Event) -> None:
+        try:
+            req.on_event(ev)
+        except Exception:  # noqa: BLE001  (a caller's callback must not stop the loop)
+            log.exception("on_event of request %d raised", req.id)
+
+
+def _settings(reqs: list[Request], size: int | None = None):
+    """(mode, keys [b, 2], temperatures, top_ks, top_ps, steps) for rows of `reqs`, padded to `size`."""
+    size = size or len(reqs)
+    keys = np.zeros((size, 2), np.uint32)
+    temps, top_ps = np.zeros(size, np.float32), np.ones(size, np.float32)
+    top_ks, steps = np.zeros(size, np.int32), np.zeros(size, np.int32)
+    for i, r in enumerate(reqs):
+        keys[i], temps[i], top_ks[i], top_ps[i] = r.key, r.params.temperature, r.params.top_k, r.params.top_p
+        steps[i] = len(r.generated)
+    mode = row_mode(temps[:len(reqs)], top_ks[:len(reqs)], top_ps[:len(reqs)])
+    return mode, *(jnp.asarray(a) for a in (keys, temps, top_ks, top_ps, steps))
+
+
+def _sample(logits, keys, temps, top_ks, top_ps, steps, mode):
+    # The n-th token of a request is drawn with its own key folded with n: batch-independent.
+    keys = jax.vmap(jax.random.fold_in)(keys, steps)
+    return _finite_or_flag(sample_rows(logits, keys, temps, top_ks, top_ps, mode), logits)
+
+
+def _decode_rows(params, tokens, positions, cache, keys, temps, top_ks, top_ps, steps, *, cfg, ffn_fn, rows,
+                 attend_len, mode):
+    """One decode step for the first `rows` rows of the batch cache."""
+    sub = KVCache(k=[c[:rows] for c in cache.k], v=[c[:rows] for c in cache.v])
+    logits, sub, extras = forward(params, cfg, tokens[:, None], positions[:, None], sub, attend_len, ffn_fn=ffn_fn)
+    cache = KVCache(k=[c.at[:rows].set(s) for c, s in zip(cache.k, sub.k)],
+                    v=[c.at[:rows].set(s) for c, s in zip(cache.v, sub.v)])
+    return _sample(logits[:, 0], keys, temps, top_ks, top_ps, steps, mode), cache, _ffn_totals(extras["ffn_aux"])
+
+
+def _prefill_chunk(params, tokens, positions, cache, last, keys, temps, top_ks, top_ps, steps, *, cfg, ffn_fn,
+                   attend_len, mode):
+    """A prompt chunk [1, C] at `positions` into the one-row staging cache; samples after its `last` token."""
+    logits, cache, _ = forward(params, cfg, tokens, positions, cache, attend_len, ffn_fn=ffn_fn, logits_at=last)
+    return _sample(logits[:, 0], keys, temps, top_ks, top_ps, steps, mode), cache
+
+
+def _insert_row(cache: KVCache, staging: KVCache, row: jax.Array) -> KVCache:
+    """The staging cache's one row written into `row` of the batch cache."""
+    put = lambda c, s: jax.lax.dynamic_update_slice_in_dim(c, s.astype(c.dtype), row, 0)  # noqa: E731
+    return KVCache(k=[put(c, s) for c, s in zip(cache.k, staging.k)], v=[put(c, s) for c, s in zip(cache.v, staging.v)])
+
+
+def _move_row(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
+    """Row `src` of the batch cache copied into row `dst` (a retired row refilled by the last one)."""
+    move = lambda c: c.at[dst].set(c[src])  # noqa: E731
+    return KVCache(k=[move(c) for c in cache.k], v=[move(c) for c in cache.v])

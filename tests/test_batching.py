@@ -1,0 +1,152 @@
+"""Continuous batching (powerinfer_jax.batching): a sequence's tokens do not depend on its batch."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import powerinfer_jax as pij
+from powerinfer_jax.batching import ContinuousBatcher, RequestParams
+from powerinfer_jax.errors import ArgumentError
+
+PROMPTS = ["ROMEO:", "JULIET: O Romeo, Romeo", "First Citizen:\nBefore we proceed any further, hear me speak.",
+           "KING HENRY:", "MENENIUS:\nWhy, masters", "All:"]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return pij.load(max_seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def batcher(engine):
+    with ContinuousBatcher(engine, max_batch=4, prefill_chunk=16) as b:
+        yield b
+
+
+def _together(batcher, ids, params):
+    """Submits every prompt at once from threads; returns their done events in prompt order."""
+    out = [None] * len(ids)
+
+    def go(k):
+        out[k] = batcher.generate(ids[k], params[k], timeout=120)
+
+    threads = [threading.Thread(target=go, args=(k,)) for k in range(len(ids))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    return out
+
+
+def test_batched_greedy_equals_alone_and_generate(engine, batcher):
+    ids = [engine.encode(p) for p in PROMPTS]  # 6 requests > max_batch 4: some wait for a free row
+    params = [RequestParams(max_tokens=10 + k) for k in range(len(ids))]  # they finish at different steps
+    alone = [batcher.generate(i, p, timeout=120) for i, p in zip(ids, params)]
+    together = _together(batcher, ids, params)
+    for k, (a, t) in enumerate(zip(alone, together)):
+        assert t.text == a.text, PROMPTS[k]
+        assert t.completion_tokens == a.completion_tokens == params[k].max_tokens
+        assert t.finish_reason == "length" and t.prompt_tokens == len(ids[k])
+        assert a.text == engine.generate(ids[k], max_new_tokens=params[k].max_tokens).text
+    stats = batcher.stats()
+    assert stats["active"] == 0 and stats["waiting"] == 0
+    assert stats["rows_computed"] < stats["steps"] * 4  # batches shrink as sequences finish
+
+
+def test_sampled_tokens_do_not_depend_on_the_batch(engine, batcher):
+    ids = [engine.encode(p) for p in PROMPTS[:4]]
+    params = [RequestParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=k * 10, seed=k) for k in range(4)]
+    alone = [batcher.generate(i, p, timeout=120).text for i, p in zip(ids, params)]
+    together = [e.text for e in _together(batcher, ids, params)]
+    assert together == alone
+    others = {batcher.generate(ids[0], RequestParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=s),
+                               timeout=120).text for s in (11, 12, 13)}
+    assert others != {alone[0]}  # the seed matters: other seeds draw other texts
+
+
+def test_streamed_pieces_join_to_the_text(engine, batcher):
+    pieces, done = [], threading.Event()
+    result = []
+
+    def on_event(ev):
+        if ev.kind == "token":
+            pieces.append(ev.text)
+        else:
+            result.append(ev)
+            done.set()
+
+    batcher.submit(engine.encode("ROMEO:"), RequestParams(max_tokens=12), on_event)
+    assert done.wait(120)
+    assert result[0].kind == "done" and "".join(pieces) == result[0].text and len(pieces) == 12
+
+
+def test_cancel_frees_the_row(engine, batcher):
+    events, first = [], threading.Event()
+
+    def on_event(ev):
+        events.append(ev)
+        first.set()
+
+    req = batcher.submit(engine.encode("ROMEO:"), RequestParams(max_tokens=200, stop_at_eos=False), on_event)
+    assert first.wait(120)
+    req.cancel()
+    deadline = time.monotonic() + 60
+    while not (events and events[-1].kind == "done") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert events[-1].finish_reason == "cancelled" and events[-1].completion_tokens < 200
+    assert batcher.stats()["active"] == 0
+    assert batcher.generate(engine.encode("ROMEO:"), RequestParams(max_tokens=3), timeout=60).completion_tokens == 3
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(engine, batcher):
+    """While a 200-token prompt is prefilled in 16-token chunks, a running sequence keeps decoding."""
+    order, lock = [], threading.Lock()
+    done = threading.Event()
+
+    def log(name):
+        def on_event(ev):
+            with lock:
+                order.append((name, ev.kind))
+            if name == "long" and ev.kind == "done":
+                done.set()
+        return on_event
+
+    batcher.submit(engine.encode("ROMEO:"), RequestParams(max_tokens=40, stop_at_eos=False), log("running"))
+    deadline = time.monotonic() + 60
+    while not order and time.monotonic() < deadline:
+        time.sleep(0.005)
+    long_ids = (engine.encode(" ".join(PROMPTS * 6)) * 3)[:200]
+    batcher.submit(long_ids, RequestParams(max_tokens=2), log("long"))
+    assert done.wait(120)
+    first_long = order.index(("long", "token"))
+    running_before = sum(1 for name, kind in order[:first_long] if name == "running" and kind == "token")
+    assert running_before >= 10  # 13 chunks: the running sequence decoded between them
+
+
+def test_bad_requests_are_refused_up_front(engine, batcher):
+    with pytest.raises(ArgumentError, match="exceeds the context"):
+        batcher.submit([1] * 250, RequestParams(max_tokens=10), lambda ev: None)
+    with pytest.raises(ArgumentError):
+        batcher.submit([], RequestParams(), lambda ev: None)
+    with pytest.raises(ArgumentError):
+        batcher.submit([1, engine.cfg.vocab_size], RequestParams(), lambda ev: None)
+    with pytest.raises(ArgumentError):
+        batcher.submit([1, 2], RequestParams(temperature=-1.0), lambda ev: None)
+    assert batcher.generate([1, 2], RequestParams(max_tokens=2), timeout=60).completion_tokens == 2
+
+
+def test_oracle_sparsity_batched_equals_dense(engine):
+    """Sparse at batch > 1: the oracle mask (the union over the batch's rows per layer) gives the
+    dense tokens, and counts what it computed."""
+    oracle = pij.load(max_seq_len=256, sparsity="oracle")
+    ids = [engine.encode(p) for p in PROMPTS[:4]]
+    params = [RequestParams(max_tokens=8)] * 4
+    with ContinuousBatcher(engine, max_batch=4) as dense_b, ContinuousBatcher(oracle, max_batch=4) as sparse_b:
+        dense = [e.text for e in _together(dense_b, ids, params)]
+        sparse = [e.text for e in _together(sparse_b, ids, params)]
+        stats = sparse_b.stats()
+    assert sparse == dense
+    assert 0 < stats["ffn_computed"] < stats["ffn_total"]
+    assert np.isfinite(stats["ffn_computed"] / stats["ffn_total"])
