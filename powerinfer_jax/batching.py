@@ -59,6 +59,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    token_ids: list[int] = dataclasses.field(default_factory=list)  # done: every generated token (EOS excluded)
 
 
 class Request:
@@ -296,7 +297,7 @@ class ContinuousBatcher:
             else ""
         self._counters["requests_done"] += 1
         self._emit(req, Event("done", text=text, finish_reason=reason, prompt_tokens=len(req.prompt_ids),
-                              completion_tokens=len(req.generated)))
+                              completion_tokens=len(req.generated), token_ids=list(req.generated)))
 
     def _error(self, req: Request, message: str, row: int | None = None) -> None:
         if row is not None:
@@ -345,7 +346,9 @@ def _decode_rows(params, tokens, positions, cache, keys, temps, top_ks, top_ps, 
                  attend_len, mode):
     """One decode step for the first `rows` rows of the batch cache."""
     sub = KVCache(k=[c[:rows] for c in cache.k], v=[c[:rows] for c in cache.v])
-    logits, sub, extras = forward(params, cfg, tokens[:, None], positions[:, None], sub, attend_len, ffn_fn=ffn_fn)
+    holds = positions < sub.max_len  # padding rows sit past the cache: a sparse FFN skips their neurons
+    logits, sub, extras = forward(params, cfg, tokens[:, None], positions[:, None], sub, attend_len, ffn_fn=ffn_fn,
+                                  rows=holds)
     cache = KVCache(k=[c.at[:rows].set(s) for c, s in zip(cache.k, sub.k)],
                     v=[c.at[:rows].set(s) for c, s in zip(cache.v, sub.v)])
     return _sample(logits[:, 0], keys, temps, top_ks, top_ps, steps, mode), cache, _ffn_totals(extras["ffn_aux"])

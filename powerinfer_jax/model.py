@@ -87,6 +87,7 @@ def forward(
     ffn_fn: FFNFn | None = None,
     logits_at: jax.Array | None = None,
     collect: bool = False,
+    rows: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None, dict]:
     """Runs the decoder on tokens [B, T] at positions [B, T].
 
@@ -95,6 +96,8 @@ def forward(
     `logits_at` [B] picks one position per row for the head (prefill needs only the last).
     `collect=True` also returns, per layer, the FFN input before its norm (`ffn_in`, the
     predictor's input) and the ReLU activation (`ffn_act`), for profiling and training.
+    `rows` [B] bool marks the rows that hold a sequence (continuous batching pads the batch to a
+    static size); a sparse FFN leaves the others out of the batch's union of active neurons.
     """
     x = embed(params, cfg, tokens, positions)
     new_k, new_v, ffn_in, ffn_act, ffn_aux = [], [], [], [], []
@@ -114,7 +117,7 @@ def forward(
             ffn_act.append(act)
             y = ffn_output(lp.ffn, h)
         elif ffn_fn is not None:
-            y, aux = ffn_fn(i, lp.ffn, f_in, x)
+            y, aux = ffn_fn(i, lp.ffn, f_in, x) if rows is None else ffn_fn(i, lp.ffn, f_in, x, rows=rows)
             ffn_aux.append(aux)
         else:
             y = dense_ffn(lp.ffn, cfg.ffn_kind, f_in)

@@ -291,8 +291,9 @@ class HybridRuntime:
             y = y + hot_part(x_dev)
         return y + host_async.collect(p.host, ticket, x.shape[0], after=y)
 
-    def ffn_fn(self, i: int, p: HybridFFN, x_norm: jax.Array, x_resid: jax.Array):
-        """The model's FFN hook: returns (output [B, T, d], per-layer counters)."""
+    def ffn_fn(self, i: int, p: HybridFFN, x_norm: jax.Array, x_resid: jax.Array, rows: jax.Array | None = None):
+        """The model's FFN hook: returns (output [B, T, d], per-layer counters); `rows` [B] marks the
+        rows holding a sequence (the others, batch padding, choose no neurons)."""
         del i  # everything the layer needs is in its pytree
         B, T, d = x_norm.shape
         x = x_norm.reshape(B * T, d)
@@ -310,25 +311,28 @@ class HybridRuntime:
             if T == 1:
                 aux = {"ffn_computed": n, "ffn_hot": plan.n_hot, "ffn_total": n, "ffn_overflow": jnp.int32(0)}
         else:
-            y, aux = self._sparse(p, x, x_resid.reshape(B * T, d))
+            y, aux = self._sparse(p, x, x_resid.reshape(B * T, d), rows)
         if p.b_down is not None:
             y = y + p.b_down.astype(f32)
         return y.reshape(B, T, d), aux
 
-    def _sparse(self, p: HybridFFN, x, x_resid):
+    def _sparse(self, p: HybridFFN, x, x_resid, rows=None):
         """Decode: only the active neurons (predicted, or the true ReLU mask for oracle)."""
         plan, family = p.plan, self.cfg.ffn_kind
         H, C = plan.n_hot, plan.n_cold
+
+        def union(scores):  # one score per neuron for the batch: its best row (the union of the rows' masks)
+            return jnp.max(scores if rows is None else jnp.where(rows[:, None], scores, -jnp.inf), axis=0)
+
         if self.mode == "predicted":
-            # One score per neuron for the batch: its best token (the union of the tokens' masks).
-            score = jnp.max(predict_logits(p.predictor, x_resid), axis=0)  # [H + C], hot first
+            score = union(predict_logits(p.predictor, x_resid))  # [H + C], hot first
             active = score >= plan.threshold
             hot_score, hot_mask, cold_score, cold_mask = score[:H], active[:H], score[H:], active[H:]
         else:  # oracle: the true mask on the device; the host part gets every cold row (and its ReLU zeros)
             hot_score = hot_mask = cold_score = cold_mask = None
             if H:
                 w = p.shared if p.shared is not None else p.hot
-                hot_score = jnp.max(_true_scores(family, w, x), axis=0)
+                hot_score = union(_true_scores(family, w, x))
                 if p.shared is not None:
                     hot_score = hot_score[p.hot_ids]
                 hot_mask = hot_score > 0

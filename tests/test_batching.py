@@ -150,3 +150,24 @@ def test_oracle_sparsity_batched_equals_dense(engine):
     assert sparse == dense
     assert 0 < stats["ffn_computed"] < stats["ffn_total"]
     assert np.isfinite(stats["ffn_computed"] / stats["ffn_total"])
+
+
+def test_padding_rows_choose_no_neurons():
+    """A step padded to a static batch size: the padding rows' predicted neurons stay out of the union,
+    so a real row computes exactly what it computes alone."""
+    import jax
+    import jax.numpy as jnp
+
+    engine = pij.load("models/shakespeare-relu-llama-prepared", sparsity="predicted", max_seq_len=64)
+    layer = engine.params.layers[0].ffn
+    d = engine.cfg.hidden_size
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 1, d)).astype(np.float32))
+    resid = jnp.asarray(rng.normal(size=(4, 1, d)).astype(np.float32))
+    fn = jax.jit(engine._ffn_fn, static_argnums=0)
+    alone, aux_alone = fn(0, layer, x[:1], resid[:1])
+    rows = jnp.asarray([True, False, False, False])
+    padded, aux_padded = fn(0, layer, x, resid, rows=rows)
+    _, aux_all = fn(0, layer, x, resid)
+    assert int(aux_padded["ffn_computed"]) == int(aux_alone["ffn_computed"]) < int(aux_all["ffn_computed"])
+    np.testing.assert_allclose(np.asarray(padded[0]), np.asarray(alone[0]), rtol=1e-5, atol=1e-5)

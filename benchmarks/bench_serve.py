@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Serving throughput and latency with continuous batching (`powerinfer_jax.batching`), 1/4/16 clients.
+
+Each client is a thread that sends its requests one after another (greedy, `--max_tokens` tokens,
+EOS ignored so every request is the same length; each client has its own prompt, cut from the
+corpus for the bundled model, random ids for the synthetic one) to one `ContinuousBatcher`, the
+engine side of `bin/serve` (the HTTP layer adds a constant per token and is not measured here).
+Per configuration: throughput (generated tokens/s over the wall time of all requests), time to first
+token (submit to first token event, p50) and inter-token time (gaps between a request's token
+events, p50/p99), and for sparse engines the fraction of FFN neurons computed per row (the union of
+the batch's predicted masks per layer, so it grows with the batch). Engines:
+
+  bundled dense / bundled hybrid   the bundled model (f32) and its bundle's predictors, --budget hot
+  synthetic dense / hybrid         the LLaMA-7B-shaped model (benchmarks/synthetic.py), --budget hot
+
+Every configuration is warmed up first (all batch sizes and spans compiled), then measured
+`--repeats` times alternating with the others; medians reported. Also: how often a request's
+greedy tokens differ between running alone and in a batch of 16 (predicted sparsity's masks
+depend on the batch; dense and oracle must not differ). Prints a table, writes JSON and markdown.
+"""
+
+import json
+import os
+import platform
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+
+from powerinfer_jax import cli  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["bundled", "synthetic"], "Which models: bundled, synthetic.")
+flags.DEFINE_list("clients", ["1", "4", "16"], "Concurrent clients per configuration.")
+flags.DEFINE_integer("requests_per_client", 2, "Requests each client sends, one after another.", lower_bound=1)
+flags.DEFINE_integer("max_tokens", 32, "Tokens per request (bundled model).", lower_bound=2)
+flags.DEFINE_integer("synthetic_max_tokens", 12, "Tokens per request (synthetic model).", lower_bound=2)
+flags.DEFINE_integer("prompt_len", 24, "Prompt tokens per request.", lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "Measured rounds per configuration (alternating).", lower_bound=1)
+flags.DEFINE_float("budget", 0.3, "Hybrid engines: device budget as a fraction of FFN bytes.", lower_bound=0.0,
+                   upper_bound=1.0)
+flags.DEFINE_integer("max_seq_len", 256, "KV-cache length.", lower_bound=16)
+flags.DEFINE_integer("synthetic_layers", 4, "Layers of the synthetic 7B-shaped model (~0.8 GB each, f32).",
+                     lower_bound=1)
+flags.DEFINE_string("bundle", os.path.join(REPO, "models", "shakespeare-relu-llama-prepared"), "The bundled bundle.")
+flags.DEFINE_string("corpus", os.path.join(REPO, "data", "tinyshakespeare.txt"), "Text prompts are cut from.")
+flags.DEFINE_string("out", None, "Output stem (default benchmarks/results/serve_<backend>).")
+
+
+def _percentile(xs, q):
+    import numpy as np
+
+    return float(np.percentile(xs, q)) if len(xs) else float("nan")
+
+
+def run_round(batcher, prompts, clients: int, per_client: int, max_tokens: int) -> dict:
+    """`clients` threads each sending `per_client` requests; timings of every token event."""
+    from powerinfer_jax.batching import RequestParams
+
+    params = RequestParams(max_tokens=max_tokens, stop_at_eos=False)
+    ttft, gaps, texts, tokens = [], [], {}, [0]
+    lock = threading.Lock()
+    before = dict(batcher.stats())
+
+    def client(c: int) -> None:
+        for r in range(per_client):
+            stamps, done = [], threading.Event()
+            t0 = time.perf_counter()
+
+            def on_event(ev):
+                if ev.kind == "token":
+                    stamps.append(time.perf_counter())
+                else:
+                    texts[(c, r)] = ev.token_ids if ev.kind == "done" else None
+                    done.set()
+
+            batcher.submit(prompts[c % len(prompts)], params, on_event)
+            done.wait(600)
+            with lock:
+                tokens[0] += len(stamps)
+                if stamps:
+                    ttft.append(stamps[0] - t0)
+                    gaps.extend(b - a for a, b in zip(stamps, stamps[1:]))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    after = batcher.stats()
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in ("steps", "rows_computed", "ffn_computed", "ffn_total")}
+    out = {"tokens": tokens[0], "wall_s": wall, "tok_s": tokens[0] / wall, "ttft_p50_ms": 1e3 * _percentile(ttft, 50),
+           "itl_p50_ms": 1e3 * _percentile(gaps, 50), "itl_p99_ms": 1e3 * _percentile(gaps, 99),
+           "mean_batch": d["rows_computed"] / max(d["steps"], 1), "texts": texts}
+    if d["ffn_total"]:  # per step and layer: the neurons of the union of the batch's masks, and all neurons
+        out["ffn_computed_fraction"] = d["ffn_computed"] / d["ffn_total"]
+    return out
+
+
+def _engines(name: str, log):
+    """(engines by config name, prompts, tokens per request, description) for one model."""
+    import numpy as np
+
+    from benchmarks import subjects
+    from benchmarks.suite import build_engines, plan_budget
+    from powerinfer_jax.engine import Engine
+    from powerinfer_jax.loading import to_device
+
+    if name == "bundled":
+        s = subjects.bundled_subject(FLAGS.bundle, 4 * FLAGS.prompt_len * 16, FLAGS.corpus)
+        n_tokens = FLAGS.max_tokens
+        ids = s.prompt_ids[1:]
+        prompts = [[s.prompt_ids[0]] + ids[k * FLAGS.prompt_len:(k + 1) * FLAGS.prompt_len] for k in range(16)]
+    else:
+        s = subjects.synthetic_subject(FLAGS.synthetic_layers, 4096, 1024, FLAGS.prompt_len, log=log)
+        n_tokens = FLAGS.synthetic_max_tokens
+        rng = np.random.default_rng(7)
+        prompts = [rng.integers(3, s.cfg.vocab_size, FLAGS.prompt_len).tolist() for _ in range(16)]
+    dense = Engine(s.cfg, to_device(s.host_in("float32")), max_seq_len=FLAGS.max_seq_len)
+    b = plan_budget(s, FLAGS.budget, FLAGS.max_seq_len)
+    hybrid = build_engines(s, b, FLAGS.max_seq_len)["hybrid"]
+    hot = sum(len(h) for h in b.hot_indices) / (s.cfg.num_layers * s.cfg.intermediate_size)
+    return {"dense": dense, "hybrid": hybrid}, prompts, n_tokens, f"{s.description}; hybrid hot {hot:.1%}"
+
+
+def bench_model(name: str, clients: list[int], log=print) -> dict:
+    """Every engine x client count for one model, alternating rounds; plus batch-dependence of tokens."""
+    import numpy as np
+
+    from powerinfer_jax.batching import ContinuousBatcher, RequestParams
+
+    engines, prompts, n_tokens, description = _engines(name, log)
+    batchers = {k: ContinuousBatcher(e, max_batch=max(clients), prefill_chunk=64).start() for k, e in engines.items()}
+    try:
+        for k, b in batchers.items():  # warm-up: compile every batch size and span these rounds reach
+            for c in clients:
+                log(f"[{name}] warm-up {k} x{c}")
+                run_round(b, prompts, c, 1, n_tokens)
+        runs = {(k, c): [] for k in batchers for c in clients}
+        for rep in range(FLAGS.repeats):
+            for (k, c) in runs:
+                r = run_round(batchers[k], prompts, c, FLAGS.requests_per_client, n_tokens)
+                runs[(k, c)].append(r)
+                log(f"[{name}] round {rep + 1}: {k} x{c}: {r['tok_s']:.1f} tok/s, itl p50 {r['itl_p50_ms']:.1f} ms")
+        rows = []
+        for (k, c), rs in runs.items():
+            row = {"engine": k, "clients": c}
+            for key in ("tok_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms", "mean_batch", "ffn_computed_fraction"):
+                vals = [r[key] for r in rs if key in r]
+                if vals:
+                    row[key] = float(np.median(vals))
+                    row[key + "_range"] = [float(min(vals)), float(max(vals))]
+            rows.append(row)
+        differ = {}
+        for k, b in batchers.items():  # each prompt alone vs in the largest round: the same greedy tokens?
+            together = runs[(k, max(clients))][0]["texts"]
+            alone = {c: b.generate(prompts[c], RequestParams(max_tokens=n_tokens, stop_at_eos=False), 600).token_ids
+                     for c in range(max(clients))}
+            same = [alone[c] == together[(c, 0)] for c in range(max(clients))]
+            differ[k] = {"compared": len(same), "differing": len(same) - sum(same)}
+            log(f"[{name}] {k}: {differ[k]['differing']}/{len(same)} requests' tokens differ alone vs batched")
+        return {"model": name, "description": description, "tokens_per_request": n_tokens, "rows": rows,
+                "batched_vs_alone": differ, "goals": _goals(rows)}
+    finally:
+        for b in batchers.values():
+            b.stop()
+
+
+def _goals(rows) -> dict:
+    get = {(r["engine"], r["clients"]): r for r in rows}
+    out = {}
+    lo, hi = min(r["clients"] for r in rows), max(r["clients"] for r in rows)
+    for k in ("dense", "hybrid"):
+        if (k, lo) in get and (k, hi) in get:
+            out[f"{k}_throughput_x{hi}_over_x{lo}"] = get[(k, hi)]["tok_s"] / get[(k, lo)]["tok_s"]
+            out[f"{k}_itl_p99_x{hi}_over_itl_p50_x{lo}"] = get[(k, hi)]["itl_p99_ms"] / get[(k, lo)]["itl_p50_ms"]
+    if ("dense", hi) in get and ("hybrid", hi) in get:
+        out[f"hybrid_over_dense_throughput_x{hi}"] = get[("hybrid", hi)]["tok_s"] / get[("dense", hi)]["tok_s"]
+    if ("hybrid", lo) in get and ("dense", lo) in get:
+        out[f"hybrid_over_dense_throughput_x{lo}"] = get[("hybrid", lo)]["tok_s"] / get[("dense", lo)]["tok_s"]
+    return out
+
+
+def to_markdown(res: dict) -> str:
+    lines = [f"Serving benchmark ({res['machine']}, jax {res['jax']}, {res['date']}); `{res['command']}`", ""]
+    for m in res["models"]:
+        lines += [f"### {m['model']}: {m['description']}; {m['tokens_per_request']} tokens per request", "",
+                  "| engine | clients | tok/s | TTFT p50 ms | inter-token p50 ms | p99 ms | mean batch | FFN neurons computed per step |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in m["rows"]:
+            ffn = f"{r['ffn_computed_fraction']:.1%}" if "ffn_computed_fraction" in r else "-"
+            lines.append(f"| {r['engine']} | {r['clients']} | {r['tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | "
+                         f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | {r['mean_batch']:.1f} | {ffn} |")
+        lines += ["", "Ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in m["goals"].items()),
+                  "Batched vs alone (greedy, first request of each client): " +
+                  ", ".join(f"{k} {v['differing']}/{v['compared']} differ" for k, v in m["batched_vs_alone"].items()),
+                  ""]
+    return "\n".join(lines)
+
+
+def main(argv):
+    cli.check_no_arguments(argv)
+    clients = sorted({int(c) for c in FLAGS.clients})
+    if not clients or min(clients) < 1:
+        from powerinfer_jax.errors import ArgumentError
+
+        raise ArgumentError("--clients must list positive integers")
+    import jax
+
+    t0 = time.time()
+    models = [bench_model(m, clients) for m in FLAGS.models]
+    for m in models:
+        for r in m["rows"]:
+            r.pop("texts", None)
+    res = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "backend": jax.default_backend(),
+           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "command": " ".join(["python benchmarks/bench_serve.py", *sys.argv[1:]]), "wall_s": time.time() - t0,
+           "models": models}
+    md = to_markdown(res)
+    print("\n" + md)
+    stem = FLAGS.out or os.path.join(REPO, "benchmarks", "results", f"serve_{jax.default_backend()}")
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(md + "\n")
+    print(f"wrote {stem}.{{json,md}}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
