@@ -99,7 +99,7 @@ class ContinuousBatcher:
         self._cache = init_cache(cfg, max_batch, engine.max_seq_len, engine.kv_dtype)
         self._stage_cache = init_cache(cfg, 1, engine.max_seq_len, engine.kv_dtype)
         self._step_fn = jax.jit(functools.partial(_decode_rows, cfg=cfg, ffn_fn=ffn_fn),
-                                static_argnames=("rows", "attend_len", "mode"), donate_argnames=("cache",))
+                                static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
         self._chunk_fn = jax.jit(functools.partial(_prefill_chunk, cfg=cfg, ffn_fn=ffn_fn),
                                  static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
         self._insert_fn = jax.jit(_insert_row, donate_argnames=("cache",))
@@ -253,7 +253,7 @@ class ContinuousBatcher:
         mode, keys, temps, top_ks, top_ps, steps = _settings(self._rows, size)
         nxt, self._cache, totals = self._step_fn(
             self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._cache, keys, temps, top_ks,
-            top_ps, steps, rows=size, attend_len=decode_span(int(positions[:n].max()) + 1, self.engine.max_seq_len),
+            top_ps, steps, attend_len=decode_span(int(positions[:n].max()) + 1, self.engine.max_seq_len),
             mode=mode)
         nxt = np.asarray(nxt)
         self._counters["steps"] += 1
@@ -342,15 +342,13 @@ def _sample(logits, keys, temps, top_ks, top_ps, steps, mode):
     return _finite_or_flag(sample_rows(logits, keys, temps, top_ks, top_ps, mode), logits)
 
 
-def _decode_rows(params, tokens, positions, cache, keys, temps, top_ks, top_ps, steps, *, cfg, ffn_fn, rows,
-                 attend_len, mode):
-    """One decode step for the first `rows` rows of the batch cache."""
-    sub = KVCache(k=[c[:rows] for c in cache.k], v=[c[:rows] for c in cache.v])
-    holds = positions < sub.max_len  # padding rows sit past the cache: a sparse FFN skips their neurons
-    logits, sub, extras = forward(params, cfg, tokens[:, None], positions[:, None], sub, attend_len, ffn_fn=ffn_fn,
-                                  rows=holds)
-    cache = KVCache(k=[c.at[:rows].set(s) for c, s in zip(cache.k, sub.k)],
-                    v=[c.at[:rows].set(s) for c, s in zip(cache.v, sub.v)])
+def _decode_rows(params, tokens, positions, cache, keys, temps, top_ks, top_ps, steps, *, cfg, ffn_fn, attend_len,
+                 mode):
+    """One decode step for the first len(tokens) rows of the batch cache."""
+    # tokens has `rows` rows; the cache has max_batch: attention writes and reads its first `rows` in place.
+    holds = positions < cache.max_len  # padding rows sit past the cache: a sparse FFN skips their neurons
+    logits, cache, extras = forward(params, cfg, tokens[:, None], positions[:, None], cache, attend_len,
+                                    ffn_fn=ffn_fn, rows=holds)
     return _sample(logits[:, 0], keys, temps, top_ks, top_ps, steps, mode), cache, _ffn_totals(extras["ffn_aux"])
 
 

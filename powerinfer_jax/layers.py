@@ -104,8 +104,9 @@ def attention(
         rows = jnp.arange(B)[:, None]
         k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-        keys = k_cache[:, :attend_len].astype(f32)
-        values = v_cache[:, :attend_len].astype(f32)
+        # A cache may hold more rows than x (continuous batching runs its first B rows).
+        keys = k_cache[:B, :attend_len].astype(f32)
+        values = v_cache[:B, :attend_len].astype(f32)
         key_pos = jnp.broadcast_to(jnp.arange(attend_len), (B, attend_len))
 
     group = hq // hkv
