@@ -44,7 +44,9 @@ call jax (deadlock): it only touches numpy arrays and numba.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import platform
 from types import FunctionType
 from typing import NamedTuple
@@ -59,6 +61,7 @@ from numba.extending import intrinsic, overload
 
 import jax
 import jax.numpy as jnp
+import threadpoolctl
 
 from ops.quant import FORMATS, GROUP, Weight, check_format, dequantize, f16_bits_to_f32_trick
 from ops.reference import check_family
@@ -895,6 +898,20 @@ BLAS_MIN_TOKENS = 8
 BLAS_BLOCK_ROWS = 512  # rows widened to f32 at a time for BLAS (bounded scratch; 256 was 10% slower)
 
 
+@functools.cache
+def _blas_controller() -> threadpoolctl.ThreadpoolController | None:
+    # On the CPU backend XLA's own threads hold the cores while a callback runs: OpenBLAS's
+    # spinning workers then fight them (a 16-row decode step of the bundled hybrid model took
+    # 607 ms with 2 BLAS threads, 33 ms with 1). Elsewhere the host cores are free for BLAS.
+    return threadpoolctl.ThreadpoolController() if jax.default_backend() == "cpu" else None
+
+
+def _blas_threads():
+    """One BLAS thread for the host kernels' GEMMs on the CPU backend (see _blas_controller)."""
+    c = _blas_controller()
+    return c.limit(limits=1, user_api="blas") if c is not None else contextlib.nullcontext()
+
+
 def _f32_rows(kw: _KW, idx, i0, i1, scratch):
     """Rows idx[i0:i1] as f32 [n, K] in kernel order: a view when they are contiguous f32 rows,
     else widened (or gathered) into the flat f32 ``scratch``."""
@@ -919,9 +936,10 @@ def host_matmul_blocked(w, x, out=None):
     y = _out(out, (xk.shape[0], kw.rows))
     idx = _all_rows(kw.rows)
     scratch = np.empty(min(BLAS_BLOCK_ROWS, kw.rows) * kw.cols, np.float32)
-    for r0 in range(0, kw.rows, BLAS_BLOCK_ROWS):
-        r1 = min(kw.rows, r0 + BLAS_BLOCK_ROWS)
-        y[:, r0:r1] = xk @ _f32_rows(kw, idx, r0, r1, scratch).T
+    with _blas_threads():
+        for r0 in range(0, kw.rows, BLAS_BLOCK_ROWS):
+            r1 = min(kw.rows, r0 + BLAS_BLOCK_ROWS)
+            y[:, r0:r1] = xk @ _f32_rows(kw, idx, r0, r1, scratch).T
     if out is not None:
         return out
     return y[0] if np.ndim(x) == 1 else y
@@ -955,15 +973,16 @@ def _blas_ffn(family, kg, ku, kd, x2, idx, count, bu, out):
     xk = _kernel_x(ku, x2)
     y = np.zeros((x2.shape[0], kd.cols), np.float32)  # in w_down_t's kernel order
     scratch = np.empty(BLAS_BLOCK_ROWS * max(ku.cols, kd.cols), np.float32)  # one block at a time
-    for i0 in range(0, count, BLAS_BLOCK_ROWS):
-        i1 = min(count, i0 + BLAS_BLOCK_ROWS)
-        u = xk @ _f32_rows(ku, idx, i0, i1, scratch).T
-        if family == "relu":
-            h = np.maximum(u + bu[idx[i0:i1]], 0) if bu is not None else np.maximum(u, 0)
-        else:
-            g = np.maximum(xk @ _f32_rows(kg, idx, i0, i1, scratch).T, 0)
-            h = g * (u if family == "reglu" else np.maximum(u, 0))
-        y += h @ _f32_rows(kd, idx, i0, i1, scratch)
+    with _blas_threads():
+        for i0 in range(0, count, BLAS_BLOCK_ROWS):
+            i1 = min(count, i0 + BLAS_BLOCK_ROWS)
+            u = xk @ _f32_rows(ku, idx, i0, i1, scratch).T
+            if family == "relu":
+                h = np.maximum(u + bu[idx[i0:i1]], 0) if bu is not None else np.maximum(u, 0)
+            else:
+                g = np.maximum(xk @ _f32_rows(kg, idx, i0, i1, scratch).T, 0)
+                h = g * (u if family == "reglu" else np.maximum(u, 0))
+            y += h @ _f32_rows(kd, idx, i0, i1, scratch)
     out[...] = _natural_order(kd.code, y)
 
 
