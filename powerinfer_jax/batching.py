@@ -18,7 +18,10 @@ import dataclasses
 import functools
 import itertools
 import logging
+import os
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import jax
@@ -104,6 +107,7 @@ class ContinuousBatcher:
                                  static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
         self._insert_fn = jax.jit(_insert_row, donate_argnames=("cache",))
         self._move_fn = jax.jit(_move_row, donate_argnames=("cache",))
+        self._executables: dict[tuple, Callable] = {}
 
     # ---- public API ----------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: RequestParams,
@@ -122,6 +126,8 @@ class ContinuousBatcher:
             raise ArgumentError("on_event must be callable")
         req = Request(next(self._ids), ids, params, on_event)
         with self._wake:
+            if self._thread is None or self._stop:
+                raise ArgumentError("the batcher is not running: start() it before submitting")
             self._waiting.append(req)
             self._wake.notify()
         return req
@@ -142,6 +148,52 @@ class ContinuousBatcher:
         if result[0].kind == "error":
             raise RuntimeError(result[0].error)
         return result[0]
+
+    def warmup(self, modes: Sequence[str] = ("greedy",)) -> float:
+        """Compiles, in parallel threads, every batch size's decode step and every prompt-chunk width for
+        the shortest attention span (what short requests use), so the first requests compile nothing;
+        longer spans compile when a sequence first reaches them. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        span = decode_span(1, self.engine.max_seq_len)
+        widths = sorted({min(bucket(n, self.prefill_chunk), self.engine.max_seq_len)
+                         for n in (1, self.prefill_chunk) + tuple(2 ** i for i in range(4, 16))
+                         if n <= self.prefill_chunk})
+        jobs = []
+        for mode in modes:
+            for size in self.sizes:
+                _, *rest = _settings([], size)
+                args = (self.engine.params, jnp.zeros(size, jnp.int32), jnp.zeros(size, jnp.int32), self._cache, *rest)
+                jobs.append((self._step_fn, args, {"attend_len": span, "mode": mode}))
+            for w in widths:
+                _, *rest = _settings([], 1)
+                args = (self.engine.params, jnp.zeros((1, w), jnp.int32), jnp.zeros((1, w), jnp.int32),
+                        self._stage_cache, jnp.zeros(1, jnp.int32), *rest)
+                jobs.append((self._chunk_fn, args, {"attend_len": span, "mode": mode}))
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(lambda job: self._executable(*job), jobs))
+        if not self._rows and self._staging is None:
+            # Run each decode size and the narrowest chunk once (they touch only free rows now): the host
+            # kernels' numba code compiles on its first call, and so do the row moves.
+            for fn, args, static in jobs:
+                if fn is self._step_fn:
+                    exe = self._executable(fn, args, static)
+                    self._cache = exe(*args[:3], self._cache, *args[4:])[1]  # the cache is donated: pass the live one
+                elif args[1].shape[1] == widths[0]:
+                    exe = self._executable(fn, args, static)
+                    self._stage_cache = exe(*args[:3], self._stage_cache, *args[4:])[1]
+            self._cache = self._insert_fn(self._cache, self._stage_cache, jnp.asarray(0, np.int32))
+            self._cache = self._move_fn(self._cache, jnp.asarray(0, np.int32), jnp.asarray(0, np.int32))
+            jax.block_until_ready(self._cache)
+        return time.perf_counter() - t0
+
+    def _executable(self, fn, args: tuple, static: dict):
+        """`fn` compiled for these argument shapes and static values, once (jit's own cache is not
+        filled by ahead-of-time compiles, so warmup and the loop share this one)."""
+        sig = (id(fn), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args[1:])), tuple(sorted(static.items())))
+        exe = self._executables.get(sig)
+        if exe is None:
+            exe = self._executables[sig] = fn.lower(*args, **static).compile()
+        return exe
 
     def start(self) -> "ContinuousBatcher":
         """Starts the decode-loop thread."""
@@ -222,10 +274,10 @@ class ContinuousBatcher:
         positions = np.full((1, width), self.engine.max_seq_len, np.int32)  # padding writes nothing
         positions[0, :n] = np.arange(start, start + n)
         settings = _settings([req])
-        tok, self._stage_cache = self._chunk_fn(
-            self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._stage_cache,
-            jnp.asarray([n - 1], np.int32), *settings[1:], attend_len=decode_span(start + n, self.engine.max_seq_len),
-            mode=settings[0])
+        args = (self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._stage_cache,
+                jnp.asarray([n - 1], np.int32), *settings[1:])
+        static = {"attend_len": decode_span(start + n, self.engine.max_seq_len), "mode": settings[0]}
+        tok, self._stage_cache = self._executable(self._chunk_fn, args, static)(*args)
         req.prefilled += n
         self._counters["prefill_tokens"] += n
         if req.prefilled < len(req.prompt_ids):
@@ -251,10 +303,10 @@ class ContinuousBatcher:
             tokens[i] = req.generated[-1]
             positions[i] = len(req.prompt_ids) + len(req.generated) - 1
         mode, keys, temps, top_ks, top_ps, steps = _settings(self._rows, size)
-        nxt, self._cache, totals = self._step_fn(
-            self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._cache, keys, temps, top_ks,
-            top_ps, steps, attend_len=decode_span(int(positions[:n].max()) + 1, self.engine.max_seq_len),
-            mode=mode)
+        args = (self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._cache, keys, temps, top_ks,
+                top_ps, steps)
+        static = {"attend_len": decode_span(int(positions[:n].max()) + 1, self.engine.max_seq_len), "mode": mode}
+        nxt, self._cache, totals = self._executable(self._step_fn, args, static)(*args)
         nxt = np.asarray(nxt)
         self._counters["steps"] += 1
         self._counters["rows_computed"] += size

@@ -171,3 +171,16 @@ def test_padding_rows_choose_no_neurons():
     _, aux_all = fn(0, layer, x, resid)
     assert int(aux_padded["ffn_computed"]) == int(aux_alone["ffn_computed"]) < int(aux_all["ffn_computed"])
     np.testing.assert_allclose(np.asarray(padded[0]), np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_warmup_leaves_nothing_to_compile_and_a_stopped_batcher_refuses(engine):
+    b = ContinuousBatcher(engine, max_batch=4, prefill_chunk=16)
+    b.warmup()
+    compiled = len(b._executables)
+    ids = [engine.encode(p) for p in PROMPTS[:4]]  # prompts of 2-12 tokens, together: sizes 1 and 4
+    with b:
+        _together(b, ids, [RequestParams(max_tokens=6)] * 4)
+        b.generate(ids[2], RequestParams(max_tokens=3), timeout=60)
+    assert len(b._executables) == compiled
+    with pytest.raises(ArgumentError, match="not running"):
+        b.submit(ids[0], RequestParams(), lambda ev: None)
