@@ -10,7 +10,8 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROGRAMS = ["generate", "prepare", "profile", "solve_placement", "train_predictors", "train_default_model", "eval", "bench"]
+PROGRAMS = ["generate", "serve", "prepare", "profile", "solve_placement", "train_predictors", "train_default_model", "eval",
+            "bench"]
 
 
 def _run(*args, timeout=300):
@@ -27,6 +28,13 @@ def test_help_documents_every_flag(program):
     assert flag_lines, text
     for line in flag_lines:  # absl prints "--name: help text"; a bare "--name:" has none
         assert line.split(":", 1)[1].strip(), f"{program}: flag without help text: {line}"
+
+
+@pytest.mark.parametrize("program", ["generate", "eval", "serve"])
+def test_help_lists_the_shared_precision_flags(program):
+    text = _run(os.path.join("bin", program), "--help").stdout
+    for flag in ("--dtype", "--quantize", "--kv_dtype"):
+        assert f"  {flag}:" in text, f"{program} --help does not list {flag}"
 
 
 def test_generate_missing_model_is_a_clear_error(tmp_path):
