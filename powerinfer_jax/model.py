@@ -27,7 +27,7 @@ OPT_POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer key/value caches, each [batch, max_len, n_kv_heads, head_dim] (float32 or bfloat16:
+    """Per-layer key/value caches, each [batch, n_kv_heads, max_len, head_dim] (float32 or bfloat16:
     attention widens what it reads to float32)."""
 
     k: list[jax.Array]
@@ -36,7 +36,7 @@ class KVCache:
     @property
     def max_len(self) -> int:
         """Number of preallocated positions."""
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
 
 KV_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -46,7 +46,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=f32) -> KVCache
     """A zeroed KV cache for `batch` sequences of up to `max_len` tokens (`dtype`: a jnp dtype or a
     name in KV_DTYPES)."""
     dtype = KV_DTYPES[dtype] if isinstance(dtype, str) else dtype
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     return KVCache(
         k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
         v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
