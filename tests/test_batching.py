@@ -184,3 +184,32 @@ def test_warmup_leaves_nothing_to_compile_and_a_stopped_batcher_refuses(engine):
     assert len(b._executables) == compiled
     with pytest.raises(ArgumentError, match="not running"):
         b.submit(ids[0], RequestParams(), lambda ev: None)
+
+
+def test_the_batched_decode_step_and_prompt_chunk_lower_for_cuda(engine, monkeypatch):
+    """What a GPU runs: the batcher's two programs export for CUDA (XLA path for every weight)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from ops import linear
+    from powerinfer_jax import batching
+    from powerinfer_jax.model import init_cache
+
+    monkeypatch.setattr(linear, "USE_HOST_KERNELS", False)
+    sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
+    params = jax.tree.map(sds, engine.params)
+    cfg, rows = engine.cfg, 4
+    cache = jax.tree.map(sds, init_cache(cfg, 16, engine.max_seq_len))
+    settings = [sds(a) for a in batching._settings([], rows)[1:]]
+    step = jax.jit(functools.partial(batching._decode_rows, cfg=cfg, ffn_fn=None, attend_len=128, mode="cut"))
+    i32 = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    exp = jax.export.export(step, platforms=["cuda"])(params, i32, i32, cache, *settings)
+    assert "stablehlo.dot_general" in exp.mlir_module()
+    chunk = jax.jit(functools.partial(batching._prefill_chunk, cfg=cfg, ffn_fn=None, attend_len=128, mode="greedy"))
+    tok = jax.ShapeDtypeStruct((1, 32), jnp.int32)
+    one = [sds(a) for a in batching._settings([], 1)[1:]]
+    exp = jax.export.export(chunk, platforms=["cuda"])(params, tok, tok, jax.tree.map(sds, init_cache(cfg, 1, 256)),
+                                                       jax.ShapeDtypeStruct((1,), jnp.int32), *one)
+    assert "stablehlo.dot_general" in exp.mlir_module()
