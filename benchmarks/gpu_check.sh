@@ -9,7 +9,9 @@
 #   5. every weight format side by side (f32, bf16, f16, int8, int4; dense and hybrid) on the 4-layer
 #      LLaMA-7B cut: native bf16/f16 dots, dequantize-in-jit, the dequantizing Pallas kernels -> bench_formats_gpu.*;
 #   6. one 7B layer's host time, device time and layer time with the host part overlapped or not, and
-#      the launch/collect trace (benchmarks/bench_hybrid_layer.py) -> hybrid_layer_gpu.json.
+#      the launch/collect trace (benchmarks/bench_hybrid_layer.py) -> hybrid_layer_gpu.json;
+#   7. serving through the continuous batcher, 1/4/16 clients, dense and hybrid, bundled and 7B-shaped
+#      (benchmarks/bench_serve.py; on a GPU a 16-row step should cost about a 1-row one) -> serve_gpu.*.
 # Every step has its own time limit and the script goes on past a failure, so one run gives
 # everything it can.
 set -uo pipefail
@@ -37,5 +39,9 @@ fi
 if [ "${SKIP_FORMATS:-0}" != 1 ]; then
   timeout "${FORMATS_TIMEOUT:-300}" bin/bench --suites formats --out_dir "$OUT" --tag gpu --repeats 3 2>&1 \
     | grep -v "^I1\|^W1" | tail -40 | tee "$OUT/bench_formats_gpu.log"
+fi
+if [ "${SKIP_SERVE:-0}" != 1 ]; then
+  timeout "${SERVE_TIMEOUT:-300}" python3 benchmarks/bench_serve.py --repeats 2 --requests_per_client 1 \
+    --out "$OUT/serve_gpu" 2>&1 | grep -v "^I1\|^W1" | tail -40 | tee "$OUT/serve_gpu.log"
 fi
 echo "gpu_check done"
