@@ -213,3 +213,16 @@ def test_the_batched_decode_step_and_prompt_chunk_lower_for_cuda(engine, monkeyp
     exp = jax.export.export(chunk, platforms=["cuda"])(params, tok, tok, jax.tree.map(sds, init_cache(cfg, 1, 256)),
                                                        jax.ShapeDtypeStruct((1,), jnp.int32), *one)
     assert "stablehlo.dot_general" in exp.mlir_module()
+
+
+def test_bench_serve_round_counts_every_token(engine, batcher):
+    """benchmarks/bench_serve.py's measuring round: every token of every client is timed once."""
+    from benchmarks import bench_serve
+
+    prompts = [engine.encode(p) for p in PROMPTS[:3]]
+    r = bench_serve.run_round(batcher, prompts, clients=3, per_client=2, max_tokens=4)
+    assert r["tokens"] == 3 * 2 * 4 and r["tok_s"] > 0 and r["itl_p50_ms"] > 0
+    assert len(r["texts"]) == 6 and all(len(ids) == 4 for ids in r["texts"].values())
+    rows = [{"engine": "dense", "clients": c, "tok_s": t, "itl_p50_ms": 5.0, "itl_p99_ms": 9.0, "ttft_p50_ms": 1.0,
+             "mean_batch": float(c)} for c, t in ((1, 100.0), (16, 400.0))]
+    assert bench_serve._goals(rows)["dense_throughput_x16_over_x1"] == 4.0
