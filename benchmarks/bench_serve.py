@@ -34,21 +34,25 @@ from powerinfer_jax import cli  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["bundled", "synthetic"], "Which models: bundled, synthetic.")
-flags.DEFINE_list("clients", ["1", "4", "16"], "Concurrent clients per configuration.")
-flags.DEFINE_integer("requests_per_client", 2, "Requests each client sends, one after another.", lower_bound=1)
-flags.DEFINE_integer("max_tokens", 32, "Tokens per request (bundled model).", lower_bound=2)
-flags.DEFINE_integer("synthetic_max_tokens", 12, "Tokens per request (synthetic model).", lower_bound=2)
-flags.DEFINE_integer("prompt_len", 24, "Prompt tokens per request.", lower_bound=1)
-flags.DEFINE_integer("repeats", 3, "Measured rounds per configuration (alternating).", lower_bound=1)
-flags.DEFINE_float("budget", 0.3, "Hybrid engines: device budget as a fraction of FFN bytes.", lower_bound=0.0,
-                   upper_bound=1.0)
-flags.DEFINE_integer("max_seq_len", 256, "KV-cache length.", lower_bound=16)
-flags.DEFINE_integer("synthetic_layers", 4, "Layers of the synthetic 7B-shaped model (~0.8 GB each, f32).",
-                     lower_bound=1)
-flags.DEFINE_string("bundle", os.path.join(REPO, "models", "shakespeare-relu-llama-prepared"), "The bundled bundle.")
-flags.DEFINE_string("corpus", os.path.join(REPO, "data", "tinyshakespeare.txt"), "Text prompts are cut from.")
-flags.DEFINE_string("out", None, "Output stem (default benchmarks/results/serve_<backend>).")
+
+
+def define_flags() -> None:
+    """The script's flags (defined when it runs, not on import: tests import its helpers)."""
+    flags.DEFINE_list("models", ["bundled", "synthetic"], "Which models: bundled, synthetic.")
+    flags.DEFINE_list("clients", ["1", "4", "16"], "Concurrent clients per configuration.")
+    flags.DEFINE_integer("requests_per_client", 2, "Requests each client sends, one after another.", lower_bound=1)
+    flags.DEFINE_integer("max_tokens", 32, "Tokens per request (bundled model).", lower_bound=2)
+    flags.DEFINE_integer("synthetic_max_tokens", 12, "Tokens per request (synthetic model).", lower_bound=2)
+    flags.DEFINE_integer("prompt_len", 24, "Prompt tokens per request.", lower_bound=1)
+    flags.DEFINE_integer("repeats", 3, "Measured rounds per configuration (alternating).", lower_bound=1)
+    flags.DEFINE_float("budget", 0.3, "Hybrid engines: device budget as a fraction of FFN bytes.", lower_bound=0.0,
+                       upper_bound=1.0)
+    flags.DEFINE_integer("max_seq_len", 256, "KV-cache length.", lower_bound=16)
+    flags.DEFINE_integer("synthetic_layers", 4, "Layers of the synthetic 7B-shaped model (~0.8 GB each, f32).",
+                         lower_bound=1)
+    flags.DEFINE_string("bundle", os.path.join(REPO, "models", "shakespeare-relu-llama-prepared"), "The bundled bundle.")
+    flags.DEFINE_string("corpus", os.path.join(REPO, "data", "tinyshakespeare.txt"), "Text prompts are cut from.")
+    flags.DEFINE_string("out", None, "Output stem (default benchmarks/results/serve_<backend>).")
 
 
 def _percentile(xs, q):
@@ -234,4 +238,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

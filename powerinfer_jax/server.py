@@ -62,7 +62,7 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    # OpenAI clients send fields this server does not use (user, logit_bias, ...): ignored, not refused.
+    # OpenAI clients may send fields that change nothing here (user, metadata, ...): ignored, not refused.
     model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: Count | None = None
@@ -74,6 +74,11 @@ class _Sampling(BaseModel):
     n: StrictInt | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
+    # Sampling controls this server does not implement: refused unless neutral, so a client never
+    # believes a setting took effect when it did not.
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -407,6 +412,11 @@ def _check_common(state: _State, body: _Sampling) -> None:
     _check_model(state, body.model)
     if body.n not in (None, 1):
         raise OpenAIError(400, f"n must be 1 (one completion per request), got {body.n}", param="n")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(body, name) not in (None, 0):
+            raise OpenAIError(400, f"{name} is not supported by this server (send 0 or leave it out)", param=name)
+    if body.logit_bias:
+        raise OpenAIError(400, "logit_bias is not supported by this server", param="logit_bias")
 
 
 def _message_text(m: ChatMessage, i: int) -> str:

@@ -238,6 +238,9 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server):
         ("/v1/completions", {**ok, "top_p": 1.5}, 400, "top_p"),
         ("/v1/completions", {**ok, "top_k": -1}, 400, "top_k"),
         ("/v1/completions", {**ok, "n": 2}, 400, "n"),
+        ("/v1/completions", {**ok, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+        ("/v1/chat/completions", {**chat, "presence_penalty": -1.0}, 400, "presence_penalty"),
+        ("/v1/completions", {**ok, "logit_bias": {"50": 10}}, 400, "logit_bias"),
         ("/v1/completions", {**ok, "prompt": ["a", "b"]}, 400, "prompt"),
         ("/v1/completions", {**ok, "prompt": [1, 10**9]}, 400, None),  # a token id outside the vocabulary
         ("/v1/completions", {**ok, "prompt": "ROMEO: " * 150_000}, 400, "prompt"),  # a 1 MB prompt
