@@ -13,6 +13,7 @@ copied into the batch. Text is detokenized incrementally (`tokenizer.Incremental
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import functools
@@ -21,6 +22,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -37,6 +39,7 @@ from powerinfer_jax.tokenizer import IncrementalDecoder
 
 log = logging.getLogger(__name__)
 BATCH_SIZES = (1, 4, 16, 64)  # the static batch sizes a step runs at (capped at max_batch)
+_RUNNING: weakref.WeakSet = weakref.WeakSet()  # started batchers, stopped at exit (see _stop_at_exit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +204,7 @@ class ContinuousBatcher:
             self._stop = False
             self._thread = threading.Thread(target=self._run, name="powerinfer-batcher", daemon=True)
             self._thread.start()
+            _RUNNING.add(self)
         return self
 
     def stop(self) -> None:
@@ -373,6 +377,15 @@ class ContinuousBatcher:
             req.on_event(ev)
         except Exception:  # noqa: BLE001  (a caller's callback must not stop the loop)
             log.exception("on_event of request %d raised", req.id)
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    # A batcher left running at exit: its (daemon) thread would be mid-step when the interpreter
+    # finalizes, and a thread that asks for the GIL then is ended inside XLA's C++ frames, which aborts
+    # the process (7 exits in 8 with a request running). Stopping it here, before finalization, joins it.
+    for batcher in list(_RUNNING):
+        batcher.stop()
 
 
 def _settings(reqs: list[Request], size: int | None = None):
