@@ -58,10 +58,10 @@ def main(argv):
     hybrid = suite.build_engines(s, b, ctx, fmt)["hybrid"]
     dense = Engine(cfg, suite.device_params(s.host_params, fmt), max_seq_len=ctx)
 
-    def zeros_ffn(i, p, x_norm, x_resid):
+    def zeros_ffn(i, p, x_norm, x_resid, rows=None):
         return jnp.zeros_like(x_norm), {}
 
-    def predictor_ffn(i, p, x_norm, x_resid):
+    def predictor_ffn(i, p, x_norm, x_resid, rows=None):
         """Only the predictor and the selection; the result feeds the output as 0 * count."""
         B, T, d = x_norm.shape
         plan = p.plan

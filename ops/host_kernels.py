@@ -906,8 +906,8 @@ def _blas_controller() -> threadpoolctl.ThreadpoolController | None:
     return threadpoolctl.ThreadpoolController() if jax.default_backend() == "cpu" else None
 
 
-def _blas_threads():
-    """One BLAS thread for the host kernels' GEMMs on the CPU backend (see _blas_controller)."""
+def one_blas_thread():
+    """A context: one BLAS thread for the host kernels' GEMMs on the CPU backend (see _blas_controller)."""
     c = _blas_controller()
     return c.limit(limits=1, user_api="blas") if c is not None else contextlib.nullcontext()
 
@@ -936,7 +936,7 @@ def host_matmul_blocked(w, x, out=None):
     y = _out(out, (xk.shape[0], kw.rows))
     idx = _all_rows(kw.rows)
     scratch = np.empty(min(BLAS_BLOCK_ROWS, kw.rows) * kw.cols, np.float32)
-    with _blas_threads():
+    with one_blas_thread():
         for r0 in range(0, kw.rows, BLAS_BLOCK_ROWS):
             r1 = min(kw.rows, r0 + BLAS_BLOCK_ROWS)
             y[:, r0:r1] = xk @ _f32_rows(kw, idx, r0, r1, scratch).T
@@ -973,7 +973,7 @@ def _blas_ffn(family, kg, ku, kd, x2, idx, count, bu, out):
     xk = _kernel_x(ku, x2)
     y = np.zeros((x2.shape[0], kd.cols), np.float32)  # in w_down_t's kernel order
     scratch = np.empty(BLAS_BLOCK_ROWS * max(ku.cols, kd.cols), np.float32)  # one block at a time
-    with _blas_threads():
+    with one_blas_thread():
         for i0 in range(0, count, BLAS_BLOCK_ROWS):
             i1 = min(count, i0 + BLAS_BLOCK_ROWS)
             u = xk @ _f32_rows(ku, idx, i0, i1, scratch).T

@@ -100,14 +100,14 @@ def slice_rows(w: Weight, r0: int, r1: int) -> Weight:
 
 
 def _host_linear_t(hw: Weight, h: np.ndarray, out: np.ndarray) -> None:
-    from ops.host_kernels import BLAS_MIN_TOKENS, _blas_threads, host_axpy_down
+    from ops.host_kernels import BLAS_MIN_TOKENS, host_axpy_down, one_blas_thread
 
     rows = hw.data.shape[0]
     if h.shape[0] < BLAS_MIN_TOKENS:
         host_axpy_down(hw, _all_rows(rows), rows, h, out=out, skip_zero_rows=False)
         return
     out[...] = 0.0
-    with _blas_threads():
+    with one_blas_thread():
         for r0 in range(0, rows, _BLOCK_ROWS):  # prompts: f32 blocks through BLAS, never the whole matrix
             r1 = min(rows, r0 + _BLOCK_ROWS)
             out += h[:, r0:r1] @ dequantize(slice_rows(hw, r0, r1))

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from powerinfer_jax import checks
-from powerinfer_jax.engine import Engine, _ffn_totals, _finite_or_flag, bucket, decode_span
+from powerinfer_jax.engine import FFN_COUNTERS, Engine, _ffn_totals, _finite_or_flag, bucket, decode_span
 from powerinfer_jax.errors import ArgumentError
 from powerinfer_jax.model import KVCache, forward, init_cache
 from powerinfer_jax.sampling import SamplingParams, row_mode, sample_rows
@@ -111,6 +111,7 @@ class ContinuousBatcher:
         self._insert_fn = jax.jit(_insert_row, donate_argnames=("cache",))
         self._move_fn = jax.jit(_move_row, donate_argnames=("cache",))
         self._executables: dict[tuple, Callable] = {}
+        self._row_settings: tuple = ((), None)  # (the rows' request ids and step size, their sampling arrays)
 
     # ---- public API ----------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: RequestParams,
@@ -158,9 +159,7 @@ class ContinuousBatcher:
         longer spans compile when a sequence first reaches them. Returns the seconds it took."""
         t0 = time.perf_counter()
         span = decode_span(1, self.engine.max_seq_len)
-        widths = sorted({min(bucket(n, self.prefill_chunk), self.engine.max_seq_len)
-                         for n in (1, self.prefill_chunk) + tuple(2 ** i for i in range(4, 16))
-                         if n <= self.prefill_chunk})
+        widths = sorted({self._chunk_width(n) for n in range(1, self.prefill_chunk + 1)})
         jobs = []
         for mode in modes:
             for size in self.sizes:
@@ -188,6 +187,10 @@ class ContinuousBatcher:
             self._cache = self._move_fn(self._cache, jnp.asarray(0, np.int32), jnp.asarray(0, np.int32))
             jax.block_until_ready(self._cache)
         return time.perf_counter() - t0
+
+    def _chunk_width(self, n: int) -> int:
+        """The padded width of a prompt chunk of n tokens (a few static widths: one program each)."""
+        return min(bucket(n, self.prefill_chunk), self.engine.max_seq_len)
 
     def _executable(self, fn, args: tuple, static: dict):
         """`fn` compiled for these argument shapes and static values, once (jit's own cache is not
@@ -272,7 +275,7 @@ class ContinuousBatcher:
                 self._staging = self._waiting.popleft()
         req = self._staging
         start, n = req.prefilled, min(self.prefill_chunk, len(req.prompt_ids) - req.prefilled)
-        width = min(bucket(n, self.prefill_chunk), self.engine.max_seq_len)
+        width = self._chunk_width(n)
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :n] = req.prompt_ids[start:start + n]
         positions = np.full((1, width), self.engine.max_seq_len, np.int32)  # padding writes nothing
@@ -289,7 +292,7 @@ class ContinuousBatcher:
         self._staging = None
         first = int(np.asarray(tok)[0])
         if first < 0:
-            self._error(req, "the model produced NaN/Inf logits on the prompt")
+            self._emit(req, Event("error", error="the model produced NaN/Inf logits on the prompt"))
             return
         row = len(self._rows)
         self._cache = self._insert_fn(self._cache, self._stage_cache, jnp.asarray(row, np.int32))
@@ -306,20 +309,25 @@ class ContinuousBatcher:
         for i, req in enumerate(self._rows):
             tokens[i] = req.generated[-1]
             positions[i] = len(req.prompt_ids) + len(req.generated) - 1
-        mode, keys, temps, top_ks, top_ps, steps = _settings(self._rows, size)
+        members = (tuple(r.id for r in self._rows), size)
+        if self._row_settings[0] != members:  # rows' settings change only when a row joins or leaves
+            self._row_settings = (members, _settings(self._rows, size)[:5])
+        mode, keys, temps, top_ks, top_ps = self._row_settings[1]
+        steps = np.zeros(size, np.int32)  # each row's token index: its random stream's position
+        steps[:n] = [len(r.generated) for r in self._rows]
         args = (self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._cache, keys, temps, top_ks,
-                top_ps, steps)
+                top_ps, jnp.asarray(steps))
         static = {"attend_len": decode_span(int(positions[:n].max()) + 1, self.engine.max_seq_len), "mode": mode}
         nxt, self._cache, totals = self._executable(self._step_fn, args, static)(*args)
         nxt = np.asarray(nxt)
         self._counters["steps"] += 1
         self._counters["rows_computed"] += size
         if totals.shape[0]:
-            for name, v in zip(("ffn_computed", "ffn_hot", "ffn_total", "ffn_overflow"), np.asarray(totals)):
+            for name, v in zip(FFN_COUNTERS, np.asarray(totals)):
                 self._counters[name] += int(v)
         for i in reversed(range(n)):  # reversed: retiring row i moves the last row, already handled, into it
             if nxt[i] < 0:
-                self._error(self._rows[i], "the model produced NaN/Inf logits", row=i)
+                self._emit(self._remove_row(i), Event("error", error="the model produced NaN/Inf logits"))
             else:
                 self._accept(i, int(nxt[i]))
 
@@ -339,14 +347,17 @@ class ContinuousBatcher:
             self._retire(row, "length")
 
     def _retire(self, row: int, reason: str) -> None:
-        """Removes row from the batch (the last row moves into it) and sends the request's done event."""
-        req = self._rows[row]
-        last = len(self._rows) - 1
+        """Removes row from the batch and sends the request's done event."""
+        self._finish(self._remove_row(row), reason)
+
+    def _remove_row(self, row: int) -> Request:
+        """Takes row's request out of the batch; the last row moves into its place (rows stay 0..n-1)."""
+        req, last = self._rows[row], len(self._rows) - 1
         if row != last:
             self._cache = self._move_fn(self._cache, jnp.asarray(last, np.int32), jnp.asarray(row, np.int32))
             self._rows[row] = self._rows[last]
         self._rows.pop()
-        self._finish(req, reason)
+        return req
 
     def _finish(self, req: Request, reason: str) -> None:
         text = self.engine.tokenizer.decode(req.generated) if self.engine.tokenizer is not None and req.generated \
@@ -354,15 +365,6 @@ class ContinuousBatcher:
         self._counters["requests_done"] += 1
         self._emit(req, Event("done", text=text, finish_reason=reason, prompt_tokens=len(req.prompt_ids),
                               completion_tokens=len(req.generated), token_ids=list(req.generated)))
-
-    def _error(self, req: Request, message: str, row: int | None = None) -> None:
-        if row is not None:
-            last = len(self._rows) - 1
-            if row != last:
-                self._cache = self._move_fn(self._cache, jnp.asarray(last, np.int32), jnp.asarray(row, np.int32))
-                self._rows[row] = self._rows[last]
-            self._rows.pop()
-        self._emit(req, Event("error", error=message))
 
     def _fail_all(self, message: str) -> None:
         for req in list(self._rows) + ([self._staging] if self._staging else []):

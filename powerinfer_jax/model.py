@@ -53,9 +53,10 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=f32) -> KVCache
     )
 
 
-# ffn_fn(layer_index, ffn_params, normed_input, residual_before_norm) -> (output [B, T, d], aux)
-# `aux` is a (possibly empty) dict of per-layer statistics, returned in extras["ffn_aux"].
-FFNFn = Callable[[int, FFNParams, jax.Array, jax.Array], tuple[jax.Array, dict]]
+# ffn_fn(layer_index, ffn_params, normed_input, residual_before_norm, rows) -> (output [B, T, d], aux)
+# `rows` is forward's `rows` (None, or [B] bool: the rows holding a sequence); `aux` is a (possibly
+# empty) dict of per-layer statistics, returned in extras["ffn_aux"].
+FFNFn = Callable[[int, FFNParams, jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, dict]]
 
 
 def embed(params: ModelParams, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
@@ -117,7 +118,7 @@ def forward(
             ffn_act.append(act)
             y = ffn_output(lp.ffn, h)
         elif ffn_fn is not None:
-            y, aux = ffn_fn(i, lp.ffn, f_in, x) if rows is None else ffn_fn(i, lp.ffn, f_in, x, rows=rows)
+            y, aux = ffn_fn(i, lp.ffn, f_in, x, rows)
             ffn_aux.append(aux)
         else:
             y = dense_ffn(lp.ffn, cfg.ffn_kind, f_in)

@@ -40,14 +40,17 @@ def sample(logits: jax.Array, key: jax.Array, sp: SamplingParams) -> jax.Array:
         kth = jax.lax.top_k(logits, min(sp.top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sp.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        before = jnp.cumsum(probs, axis=-1) - probs
-        keep = before < sp.top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        cutoff = _top_p_cutoff(jnp.sort(logits, axis=-1)[:, ::-1], sp.top_p)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _top_p_cutoff(desc: jax.Array, top_p) -> jax.Array:
+    """[B, 1]: the lowest logit kept by nucleus sampling, from logits sorted descending [B, V]: the
+    smallest prefix whose mass reaches top_p (a scalar or [B, 1]; always at least one token)."""
+    probs = jax.nn.softmax(desc, axis=-1)
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+    return jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
 
 
 # How much of `sample_rows` a batch needs: a static jit argument, so an all-greedy batch (the common
@@ -80,9 +83,6 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
         kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
         z = jnp.where(z < kth, -jnp.inf, z)
         desc = jnp.where(jnp.arange(V)[None, :] < k[:, None], desc, -jnp.inf)  # the top-k cut, sorted
-        probs = jax.nn.softmax(desc, axis=-1)
-        keep = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
-        cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-        z = jnp.where(z < cutoff, -jnp.inf, z)
+        z = jnp.where(z < _top_p_cutoff(desc, top_p[:, None]), -jnp.inf, z)
     drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, z).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
