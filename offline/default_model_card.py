@@ -72,11 +72,13 @@ def write_model_folder(out, params, cfg, tok, settings, history, summary, eval_i
     train_text = text[: int(len(text) * (1 - settings.holdout_fraction))]
     train_ids = np.array(tok.encode(train_text).ids, np.int64)
     unigram = unigram_perplexity(train_ids, eval_ids, cfg.vocab_size)
-    counts, n_tok = activation_stats.firing_counts(engine.params, cfg, make_windows(eval_ids, EVAL_WINDOW, BOS_ID))
-    stats = activation_stats.summarize(counts, n_tok)
-    activation_stats.plot_frequency_curves(
-        counts, n_tok, os.path.join(out, "activation_frequency.png"),
-        title="Bundled model: FFN activation frequency on held-out text")
+    stats = None  # SwiGLU: silu(gate x) is never zero; its sparsity is the prepared bundle's thresholds
+    if cfg.ffn_kind != "swiglu":
+        counts, n_tok = activation_stats.firing_counts(engine.params, cfg, make_windows(eval_ids, EVAL_WINDOW, BOS_ID))
+        stats = activation_stats.summarize(counts, n_tok)
+        activation_stats.plot_frequency_curves(
+            counts, n_tok, os.path.join(out, "activation_frequency.png"),
+            title="Bundled model: FFN activation frequency on held-out text")
     evaluation = {
         "heldout_tokens": int(len(eval_ids)), "window": EVAL_WINDOW,
         "perplexity_ours": ours["perplexity"], "perplexity_transformers": theirs,
@@ -85,7 +87,7 @@ def write_model_folder(out, params, cfg, tok, settings, history, summary, eval_i
         "sparsity": stats,
     }
     _dump(os.path.join(out, "eval.json"), evaluation)
-    _write_card(out, cfg, settings, summary, evaluation, dtype)
+    (_write_card if stats is not None else _write_silu_card)(out, cfg, settings, summary, evaluation, dtype)
 
 
 def _dump(path, obj):
@@ -160,6 +162,59 @@ A neuron is active on a token when `relu(gate x) > 0`.
 | **mean** | **{m['zero_frac']:.3f}** | {m['hot10_share']:.3f} | **{m['hot20_share']:.3f}** | {m['hot50_share']:.3f} | {m['dead_frac']:.3f} |
 
 ![activation frequency](activation_frequency.png)
+"""
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(card)
+
+
+def _write_silu_card(out, cfg, s, summary, ev, dtype):
+    """The card of the SwiGLU model (no penalty, so no zeros to report: sparsity is calibrated later)."""
+    theirs = ev["perplexity_transformers"]
+    theirs_s = f"{theirs:.3f}" if theirs is not None else "n/a (transformers not installed)"
+    n_params = sum(int(np.prod(v)) for v in _shapes(cfg))
+    card = f"""# {os.path.basename(os.path.normpath(out))}
+
+A small LLaMA-architecture causal LM with a **SwiGLU FFN** (`hidden_act: silu`, i.e.
+`down(silu(gate x) * up x)`, as in LLaMA-2/3, Mistral, Qwen2), trained from scratch by
+`bin/train_default_model --ffn_kind swiglu` with the recipe of the bundled ReGLU model minus its sparsity
+penalty. Its activations are never exactly zero: it exists so PowerInfer-JAX's *threshold sparsity*
+(per-layer magnitude thresholds on `silu(gate x)`, calibrated by `bin/prepare --target_sparsity`) is measured
+on a real trained model, as users' LLaMA/Mistral/Qwen2 checkpoints would be. It writes Shakespeare-flavoured
+text; it knows nothing else.
+
+## Data and licence
+Tiny Shakespeare (`data/tinyshakespeare.txt`, {ev['heldout_tokens']:,} held-out tokens), public domain; the first
+{100 * (1 - s.holdout_fraction):.0f}% trains the model and the tokenizer, the last {100 * s.holdout_fraction:.0f}% is held out.
+The weights are released under Apache-2.0 like the rest of the repo.
+
+## Model
+| | |
+|---|---|
+| architecture | LlamaForCausalLM, SwiGLU FFN |
+| layers / hidden / FFN / heads | {cfg.num_layers} / {cfg.hidden_size} / {cfg.intermediate_size} / {cfg.num_heads} |
+| vocabulary | {cfg.vocab_size} (byte-level BPE trained on the training split) |
+| parameters | {n_params:,} |
+| storage dtype | {dtype} |
+
+## Training
+AdamW (b1 0.9, b2 0.95, weight decay {s.weight_decay} on matrices), peak lr {s.learning_rate} with
+{s.warmup_steps} warmup steps and cosine decay to {s.min_learning_rate}, {s.steps} steps of {s.batch_size} x {s.seq_len}
+tokens, seed {s.seed}, no sparsity penalty; the checkpoint kept is the one with the best held-out loss.
+Took **{summary['train_minutes']:.1f} minutes** ({summary['total_minutes_with_tokenizer']:.1f} with the tokenizer) on
+{platform.machine()} CPU, 2 cores, {summary['steps_run']} steps run.
+Reproduce: `bin/train_default_model --ffn_kind swiglu --seed {s.seed}`.
+
+## Held-out quality (dense)
+| metric | value |
+|---|---|
+| perplexity, PowerInfer-JAX engine | {ev['perplexity_ours']:.3f} |
+| perplexity, transformers LlamaForCausalLM | {theirs_s} |
+| perplexity, unigram baseline (add-one) | {ev['perplexity_unigram']:.1f} |
+| perplexity on the first {ev['slice']['windows']} windows (checked by a test) | {ev['slice']['perplexity']:.4f} |
+
+Windows of {ev['window']} tokens (BOS + {ev['window'] - 1}), each token scored once. Perplexity at each
+threshold sparsity, dense-thresholded, oracle and predicted, is in `BENCHMARKS.md` and the prepared bundle's
+`eval/` results.
 """
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(card)

@@ -1,4 +1,6 @@
-"""Trains the bundled default model: a small LLaMA with a ReGLU FFN on Tiny Shakespeare.
+"""Trains the bundled models: small LLaMAs on Tiny Shakespeare, with a ReGLU FFN (the default model)
+or a SwiGLU FFN (`ffn_kind="swiglu"`: the same recipe without the sparsity penalty, the model that
+threshold sparsity is measured on).
 
 ReLU alone leaves ~70% of FFN activations at zero with no strong hot/cold structure; a
 ProSparse-style L1 penalty on relu(gate x), ramped up over the first two thirds of
@@ -35,6 +37,7 @@ BOS_ID, EOS_ID = 1, 2
 class TrainSettings:
     """Every knob of a training run (recorded in the model card)."""
 
+    ffn_kind: str = "reglu"  # "reglu" (sparsity penalty below) or "swiglu" (no penalty: silu is never zero)
     vocab_size: int = 2048
     hidden_size: int = 384
     intermediate_size: int = 1536
@@ -81,9 +84,9 @@ def train_tokenizer(text: str, vocab_size: int) -> Tokenizer:
 
 
 def model_config(s: TrainSettings) -> ModelConfig:
-    """The LLaMA-ReGLU config the settings describe."""
+    """The LLaMA config (ReGLU or SwiGLU FFN) the settings describe."""
     return ModelConfig(
-        architecture="LlamaForCausalLM", family="llama", ffn_kind="reglu", vocab_size=s.vocab_size,
+        architecture="LlamaForCausalLM", family="llama", ffn_kind=s.ffn_kind, vocab_size=s.vocab_size,
         hidden_size=s.hidden_size, intermediate_size=s.intermediate_size, num_layers=s.num_layers,
         num_heads=s.num_heads, num_kv_heads=s.num_heads, head_dim=s.hidden_size // s.num_heads,
         max_position_embeddings=1024, norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
@@ -160,8 +163,17 @@ def update_l1_weight(weight: np.ndarray, zero_frac: np.ndarray, target: float, s
     return np.clip(weight * np.exp(s.l1_gain * (target - zero_frac)), 1e-6, s.l1_max_weight).astype(np.float32)
 
 
+def without_penalty(s: TrainSettings) -> TrainSettings:
+    """The settings with the sparsity penalty off (SwiGLU: an L1 on silu(gate x) would not make zeros)."""
+    return dataclasses.replace(s, target_zero=0.0, target_zero_start=0.0, skew_strength=0.0, l1_init=0.0)
+
+
 def train(s: TrainSettings, train_ids: np.ndarray, eval_ids: np.ndarray, progress=None, log=print):
     """Runs training; returns (best params by held-out loss, config, history, summary)."""
+    if s.ffn_kind not in ("reglu", "swiglu"):
+        raise ValueError(f"ffn_kind must be 'reglu' or 'swiglu', got {s.ffn_kind!r}")
+    if s.ffn_kind == "swiglu":
+        s = without_penalty(s)
     cfg = model_config(s)
     params = init_params(cfg, jax.random.PRNGKey(s.seed))
     schedule = optax.warmup_cosine_decay_schedule(
@@ -183,7 +195,7 @@ def train(s: TrainSettings, train_ids: np.ndarray, eval_ids: np.ndarray, progres
     l1w = np.full(cfg.num_layers, s.l1_init if s.target_zero > 0 else 0.0, np.float32)
     neuron_w = np.ones((cfg.num_layers, cfg.intermediate_size), np.float32)
     rate_ema = np.full((cfg.num_layers, cfg.intermediate_size), 0.5, np.float32)
-    ramp_steps = int(s.steps * s.l1_ramp_fraction)
+    ramp_steps = int(s.steps * s.l1_ramp_fraction) if s.target_zero > 0 else 0  # no penalty: any step may be best
     t0 = time.time()
     for step in range(1, s.steps + 1):
         starts = rng.integers(0, len(train_ids) - s.seq_len, s.batch_size)

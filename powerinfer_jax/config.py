@@ -16,13 +16,17 @@ from powerinfer_jax.errors import CheckpointError, PathNotFoundError, Unsupporte
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "OPTForCausalLM")
 
-# FFN kinds. The sparse engine needs a ReLU in the FFN; "swiglu" runs dense only.
+# FFN kinds. ReLU kinds are sparse by nature (inactive neurons contribute exactly zero);
+# SwiGLU/GeGLU are made sparse by per-layer activation-magnitude thresholds (CATS-style,
+# calibrated offline by `bin/prepare --target_sparsity`, stored in the bundle).
 #   reglu : down(relu(gate x) * up x)          ReluLLaMA, ProSparse (hidden_act "relu")
 #   drelu : down(relu(gate x) * relu(up x))    TurboSparse/Bamboo
-#   swiglu: down(silu(gate x) * up x)          stock LLaMA/Mistral (hidden_act "silu")
+#   swiglu: down(silu(gate x) * up x)          stock LLaMA/Mistral/Qwen2 (hidden_act "silu")
+#   geglu : down(gelu_tanh(gate x) * up x)     Gemma (hidden_activation "gelu_pytorch_tanh")
 #   relu  : down(relu(fc1 x + b1)) + b2        OPT
-FFN_KINDS = ("reglu", "drelu", "swiglu", "relu")
-SPARSE_FFN_KINDS = ("reglu", "drelu", "relu")
+FFN_KINDS = ("reglu", "drelu", "swiglu", "geglu", "relu")
+SPARSE_FFN_KINDS = ("reglu", "drelu", "relu")  # exact zeros: sparse with no threshold
+THRESHOLD_FFN_KINDS = ("swiglu", "geglu")  # sparse through |act(gate x)| > per-layer threshold
 
 # How a config marks dReLU: transformers has no dReLU activation, so a checkpoint says
 # `"hidden_act": "drelu"` or keeps `"hidden_act": "relu"` and adds

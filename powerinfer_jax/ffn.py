@@ -26,7 +26,8 @@ def ffn_activation(p: FFNParams, kind: str, x: jax.Array) -> tuple[jax.Array, ja
     """Returns (h, a): the down projection's input h [..., n_ff] and the ReLU output a whose
     zeros define sparsity (relu(gate x) for ReGLU/dReLU, relu(fc1 x + b) for OPT).
 
-    For SwiGLU `a` is silu(gate x), which is never exactly zero.
+    For SwiGLU/GeGLU `a` is silu/gelu(gate x), never exactly zero: their sparsity is
+    |a| above a per-layer threshold.
     """
     if kind == "relu":
         a = jax.nn.relu(_rows_dot(x, p.w_up) + p.b_up.astype(f32))
@@ -41,6 +42,9 @@ def ffn_activation(p: FFNParams, kind: str, x: jax.Array) -> tuple[jax.Array, ja
         return a * jax.nn.relu(up), a
     if kind == "swiglu":
         a = jax.nn.silu(gate)
+        return a * up, a
+    if kind == "geglu":
+        a = jax.nn.gelu(gate, approximate=True)  # Gemma's gelu_pytorch_tanh
         return a * up, a
     raise ValueError(f"unknown FFN kind {kind!r}")
 
