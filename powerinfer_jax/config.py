@@ -1,8 +1,9 @@
 """Frozen model configuration built from a Hugging Face `config.json`.
 
 One `ModelConfig` describes every decoder we run: the LLaMA family (LLaMA, Mistral,
-ReluLLaMA, ProSparse, TurboSparse-style dReLU) and OPT. The forward pass reads only
-this dataclass, never the raw JSON, so every supported variant is visible here.
+ReluLLaMA, ProSparse, TurboSparse-style dReLU; Qwen2 with its q/k/v biases; Gemma 1 with its
+GeGLU, scaled embeddings and (1 + w) RMSNorm) and OPT. The forward pass reads only this
+dataclass, never the raw JSON, so every supported variant is visible here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 
 from powerinfer_jax.errors import CheckpointError, PathNotFoundError, UnsupportedModelError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "OPTForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM",
+                           "OPTForCausalLM")
 
 # FFN kinds. ReLU kinds are sparse by nature (inactive neurons contribute exactly zero);
 # SwiGLU/GeGLU are made sparse by per-layer activation-magnitude thresholds (CATS-style,
@@ -63,6 +65,12 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     torch_dtype: str | None = None
+    # q/k/v projections carry biases and o_proj none (Qwen2); `attention_bias` means all four do.
+    qkv_bias: bool = False
+    # Gemma: embeddings times sqrt(hidden_size) (rounded to the embedding table's dtype, as
+    # transformers does), and RMSNorm scaling by (1 + weight) instead of weight.
+    embed_scale: bool = False
+    norm_unit_offset: bool = False
 
     @property
     def is_sparse_capable(self) -> bool:
@@ -160,9 +168,13 @@ class ModelConfig:
 
     @classmethod
     def _llama(cls, raw: dict[str, Any], common: dict[str, Any]) -> "ModelConfig":
+        arch = common["architecture"]
+        gemma = arch == "GemmaForCausalLM"
         act = raw.get("hidden_act", "silu")
         marker = raw.get(DRELU_CONFIG_KEY)
-        if act == "drelu" or (act == "relu" and marker == "drelu"):
+        if gemma:
+            ffn_kind = _gemma_ffn_kind(raw)
+        elif act == "drelu" or (act == "relu" and marker == "drelu"):
             ffn_kind = "drelu"
         elif act == "relu":
             ffn_kind = "reglu"
@@ -201,8 +213,14 @@ class ModelConfig:
                 raise CheckpointError("config.json: rope_scaling low_freq_factor equals high_freq_factor")
             scaling = tuple(sorted((k, v) for k, v in scaling.items() if not isinstance(v, (list, dict))))
         heads = common["num_heads"]
-        head_dim = raw.get("head_dim") or common["hidden_size"] // heads
-        window = raw.get("sliding_window") if common["architecture"] == "MistralForCausalLM" else None
+        # Gemma's config class defaults head_dim to 256 (not hidden_size / heads) when the key is absent.
+        head_dim = raw.get("head_dim") or (256 if gemma else common["hidden_size"] // heads)
+        window = raw.get("sliding_window") if arch == "MistralForCausalLM" else None
+        if arch == "Qwen2ForCausalLM":
+            window = _qwen2_window(raw, common)
+        if gemma and raw.get("use_bidirectional_attention"):
+            raise UnsupportedModelError("use_bidirectional_attention=True is not supported (causal decoders only)")
+        qwen2 = arch == "Qwen2ForCausalLM"  # q/k/v always carry biases, o_proj never
         return cls(
             family="llama",
             ffn_kind=ffn_kind,
@@ -212,9 +230,12 @@ class ModelConfig:
             norm_eps=_float(raw, "rms_norm_eps", raw.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=scaling,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", False)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", gemma)),  # Gemma's default: tied
+            attention_bias=False if qwen2 else bool(raw.get("attention_bias", False)),
             sliding_window=_int(raw, "sliding_window", window) if window else None,
+            qkv_bias=qwen2,
+            embed_scale=gemma,
+            norm_unit_offset=gemma,
             **common,
         )
 
@@ -268,9 +289,57 @@ def _float(raw: dict, key: str, value=_MISSING) -> float:
 
 
 def _arch_from_model_type(model_type: str | None) -> str | None:
-    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "opt": "OPTForCausalLM"}.get(
-        model_type or ""
-    )
+    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "opt": "OPTForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}.get(model_type or "")
+
+
+# Activations that are GELU's tanh approximation (`jax.nn.gelu(approximate=True)`), the FFN kind "geglu".
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_python_tanh", "gelu_new")
+
+
+def _gemma_ffn_kind(raw: dict) -> str:
+    """Gemma's FFN: GeGLU with tanh-GELU. transformers 4.x reads `hidden_activation` (absent: tanh GELU)
+    and ignores `hidden_act`; 5.x reads `hidden_act` and maps its legacy value "gelu" to tanh GELU. So:
+    `hidden_activation` when set, else `hidden_act`, where "gelu" means the tanh approximation."""
+    act = raw.get("hidden_activation")
+    key = "hidden_activation"
+    if act is None:
+        act, key = raw.get("hidden_act", "gelu_pytorch_tanh"), "hidden_act"
+        if act == "gelu":  # the official releases' legacy value, meant as the tanh approximation
+            act = "gelu_pytorch_tanh"
+    if act not in _GELU_TANH:
+        raise UnsupportedModelError(
+            f"unsupported activation {key}={act!r:.60} for GemmaForCausalLM; supported: "
+            f"{', '.join(repr(a) for a in _GELU_TANH)} (GeGLU with tanh GELU)")
+    return "geglu"
+
+
+def _qwen2_window(raw: dict, common: dict) -> int | None:
+    """Qwen2's sliding window, when it can bite: on with `use_sliding_window`, for the layers from
+    `max_window_layers` on (or those `layer_types` marks "sliding_attention"). Every layer sliding
+    runs as Mistral's window does; a window covering every position is no window; a mix of sliding
+    and full layers is refused."""
+    window = raw.get("sliding_window")
+    if not raw.get("use_sliding_window") or window is None:
+        return None
+    window = _int(raw, "sliding_window")
+    n = common["num_layers"]
+    types = raw.get("layer_types")
+    if types is None:
+        first = _int(raw, "max_window_layers", raw.get("max_window_layers", 28))
+        sliding = [i >= first for i in range(n)]
+    else:
+        if not isinstance(types, list) or len(types) != n:
+            raise CheckpointError(f"config.json: layer_types must be a list of {n} layer types, got {types!r:.60}")
+        sliding = [t == "sliding_attention" for t in types]
+    if not any(sliding) or window >= common["max_position_embeddings"]:
+        return None
+    if not all(sliding):
+        raise UnsupportedModelError(
+            f"Qwen2 with use_sliding_window=True on {sum(sliding)} of {n} layers (max_window_layers / layer_types) "
+            f"and sliding_window={window} < max_position_embeddings is not supported: only a window on every "
+            "layer (max_window_layers=0) or none")
+    return window
 
 
 def load_config(model_dir: str | os.PathLike) -> ModelConfig:

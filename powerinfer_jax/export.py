@@ -27,11 +27,16 @@ def flatten_params(params: ModelParams) -> dict[str, np.ndarray]:
             for name, leaf in flat_leaves(params)}
 
 
+# transformers (config class, model class) by architecture; the other LLaMA-family ones run as LLaMA.
+_HF_CLASSES = {"Qwen2ForCausalLM": ("Qwen2Config", "Qwen2ForCausalLM"),
+               "GemmaForCausalLM": ("GemmaConfig", "GemmaForCausalLM")}
+
+
 def llama_hf_config(cfg: ModelConfig) -> dict:
-    """The `config.json` contents for a LLaMA-family `ModelConfig`."""
+    """The `config.json` contents for a LLaMA-family `ModelConfig` (Qwen2 and Gemma in their own terms)."""
     if cfg.family != "llama":
         raise NotImplementedError("export is implemented for LLaMA-family models")
-    hidden_act = {"reglu": "relu", "drelu": "relu", "swiglu": "silu"}[cfg.ffn_kind]
+    hidden_act = {"reglu": "relu", "drelu": "relu", "swiglu": "silu", "geglu": "gelu_pytorch_tanh"}[cfg.ffn_kind]
     out = {
         "architectures": [cfg.architecture],
         "model_type": "llama",
@@ -55,7 +60,22 @@ def llama_hf_config(cfg: ModelConfig) -> dict:
     }
     if cfg.ffn_kind == "drelu":
         out["powerinfer_ffn"] = "drelu"
+    if cfg.architecture in _HF_CLASSES:
+        _own_terms(out, cfg)
     return out
+
+
+def _own_terms(out: dict, cfg: ModelConfig) -> None:
+    """Rewrites a LLaMA-style config dict in Qwen2's or Gemma's own keys (what their loaders read)."""
+    del out["mlp_bias"]
+    if cfg.rope_scaling is not None:
+        out["rope_scaling"] = cfg.rope_scaling_dict
+    if cfg.architecture == "Qwen2ForCausalLM":
+        del out["attention_bias"]  # Qwen2: q/k/v biases always, o_proj none
+        out.update(model_type="qwen2", use_sliding_window=cfg.sliding_window is not None,
+                   sliding_window=cfg.sliding_window, max_window_layers=0)
+    else:  # Gemma: transformers 4.x reads hidden_activation, 5.x hidden_act
+        out.update(model_type="gemma", hidden_activation=out["hidden_act"])
 
 
 def hf_layout_arrays(params: ModelParams, cfg: ModelConfig):
@@ -81,18 +101,21 @@ def save_hf_checkpoint(params: ModelParams, cfg: ModelConfig, out_dir: str, dtyp
 
 
 def to_transformers(params: ModelParams, cfg: ModelConfig):
-    """A transformers LlamaForCausalLM (float32, eval mode) over the same weights, without a disk round trip.
+    """A transformers LlamaForCausalLM (Qwen2ForCausalLM, GemmaForCausalLM for those; float32, eval mode)
+    over the same weights, without a disk round trip.
 
     Host (numpy) float32 tensors in HF's layout are shared, not copied; the ones stored transposed
     here are copied into HF's contiguous layout, so torch runs exactly what `from_pretrained` would
     give it. Used to benchmark transformers on in-memory models, like the synthetic 7B-shaped one.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     hf_cfg = llama_hf_config(cfg)
+    config_cls, model_cls = (getattr(transformers, n) for n in
+                             _HF_CLASSES.get(cfg.architecture, ("LlamaConfig", "LlamaForCausalLM")))
     with torch.device("meta"):  # no random init of weights that are replaced right away
-        model = LlamaForCausalLM(LlamaConfig(**hf_cfg))
+        model = model_cls(config_cls(**hf_cfg))
     state = {}
     for hf_name, arr, transpose in hf_layout_arrays(params, cfg):
         if arr.dtype != np.float32:
@@ -105,9 +128,12 @@ def to_transformers(params: ModelParams, cfg: ModelConfig):
     # Non-persistent buffers (rotary frequencies) are not in the state dict: rebuild them on the CPU.
     rotary = type(model.model.rotary_emb)
     model.model.rotary_emb = rotary(config=model.config)
+    emb = model.model.embed_tokens
+    if hasattr(emb, "scalar_embed_scale"):  # Gemma's sqrt(hidden_size) multiplier, also a buffer
+        emb.embed_scale = torch.tensor(emb.scalar_embed_scale)
     if cfg.tie_word_embeddings:
         model.tie_weights()
-    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
     if left:
         raise ValueError(f"parameters not set from ours: {left}")
     return model.eval()

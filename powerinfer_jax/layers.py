@@ -19,10 +19,13 @@ from powerinfer_jax.params import AttentionParams, NormParams
 f32 = jnp.float32
 
 
-def rms_norm(x: jax.Array, p: NormParams, eps: float) -> jax.Array:
-    """LLaMA RMSNorm."""
+def rms_norm(x: jax.Array, p: NormParams, eps: float, unit_offset: bool = False) -> jax.Array:
+    """LLaMA RMSNorm; `unit_offset`: Gemma's, which scales by (1 + weight)."""
     var = jnp.mean(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(var + eps) * p.scale.astype(f32)
+    scale = p.scale.astype(f32)
+    if unit_offset:
+        scale = 1.0 + scale
+    return x * jax.lax.rsqrt(var + eps) * scale
 
 
 def layer_norm(x: jax.Array, p: NormParams, eps: float) -> jax.Array:
@@ -34,7 +37,9 @@ def layer_norm(x: jax.Array, p: NormParams, eps: float) -> jax.Array:
 
 def norm(x: jax.Array, p: NormParams, cfg: ModelConfig) -> jax.Array:
     """The family's normalisation."""
-    return rms_norm(x, p, cfg.norm_eps) if cfg.family == "llama" else layer_norm(x, p, cfg.norm_eps)
+    if cfg.family == "llama":
+        return rms_norm(x, p, cfg.norm_eps, cfg.norm_unit_offset)
+    return layer_norm(x, p, cfg.norm_eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:

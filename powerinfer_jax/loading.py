@@ -54,7 +54,7 @@ def _spec(cfg: ModelConfig) -> dict[str, tuple[str, bool, tuple[int, ...]]]:
             spec[hf + "post_attention_layernorm.weight"] = (us + "ffn_norm.scale", False, (d,))
             for proj, ours, out in (("q", "q", q_out), ("k", "k", kv_out), ("v", "v", kv_out)):
                 spec[hf + f"self_attn.{proj}_proj.weight"] = (us + f"attn.w{ours}", False, (out, d))
-                if cfg.attention_bias:
+                if cfg.attention_bias or cfg.qkv_bias:
                     spec[hf + f"self_attn.{proj}_proj.bias"] = (us + f"attn.b{ours}", False, (out,))
             spec[hf + "self_attn.o_proj.weight"] = (us + "attn.wo", False, (d, q_out))
             if cfg.attention_bias:

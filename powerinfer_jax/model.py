@@ -1,6 +1,7 @@
 """The decoder forward pass for every supported family, as one pure function.
 
-LLaMA family: pre-RMSNorm blocks, rotary positions, gated FFN.
+LLaMA family: pre-RMSNorm blocks, rotary positions, gated FFN (Qwen2: q/k/v biases; Gemma:
+embeddings scaled by sqrt(d), RMSNorm by (1 + w), GeGLU).
 OPT: LayerNorm blocks (pre- or post-LN), learned positions offset by 2, biases, ReLU FFN,
 optional project_in/project_out around the decoder (OPT-350m).
 The FFN is a parameter (`ffn_fn`) so the hybrid sparse engine swaps only that block.
@@ -13,8 +14,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 
 from ops.linear import linear, take_rows
+from ops.quant import Weight
 from powerinfer_jax import layers
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.ffn import dense_ffn, ffn_activation, ffn_output
@@ -59,9 +63,19 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=f32) -> KVCache
 FFNFn = Callable[[int, FFNParams, jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, dict]]
 
 
+def embed_normalizer(cfg: ModelConfig, table) -> float:
+    """Gemma's embedding multiplier sqrt(hidden_size), as transformers computes it: a float32 scalar
+    cast to the embedding table's dtype (bf16 turns sqrt(3072) = 55.43 into 55.5), then widened."""
+    fmt = table.fmt if isinstance(table, Weight) else np.dtype(table.dtype).name
+    dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(fmt, np.float32)
+    return float(np.float32(cfg.hidden_size ** 0.5).astype(dtype).astype(np.float32))
+
+
 def embed(params: ModelParams, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    """Token (and, for OPT, learned position) embeddings -> [B, T, d] float32."""
+    """Token (and, for OPT, learned position) embeddings -> [B, T, d] float32 (Gemma: scaled)."""
     x = take_rows(params.embed, tokens)
+    if cfg.embed_scale:
+        x = x * jnp.float32(embed_normalizer(cfg, params.embed))
     if params.project_in is not None:
         x = linear(x, params.project_in)
     if params.pos_embed is not None:

@@ -61,6 +61,43 @@ def make_opt(path: str, *, seed: int = 0, **overrides):
     return model
 
 
+def make_qwen2(path: str, *, seed: int = 0, **overrides):
+    """Saves a tiny Qwen2ForCausalLM (q/k/v biases, SwiGLU) to `path`; returns the torch model (eval, float32)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        hidden_act="silu", initializer_range=0.1, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, tie_word_embeddings=False, rope_theta=1000000.0,
+    )
+    kw.update(overrides)
+    model = Qwen2ForCausalLM(Qwen2Config(**kw)).float().eval()
+    _perturb_norms(model)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def make_gemma(path: str, *, seed: int = 0, **overrides):
+    """Saves a tiny GemmaForCausalLM (GeGLU, scaled embeddings, (1 + w) RMSNorm, tied head, head_dim !=
+    hidden/heads) to `path`; returns the torch model (eval, float32)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256,
+        hidden_act="gelu_pytorch_tanh", initializer_range=0.1, rms_norm_eps=1e-6, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
+    )
+    kw.update(overrides)
+    model = GemmaForCausalLM(GemmaConfig(**kw)).float().eval()
+    _perturb_norms(model)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
 def _perturb_norms(model):
     """Random norm scales/biases and attention biases, so a swapped tensor cannot go unnoticed."""
     g = torch.Generator().manual_seed(123)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import powerinfer_jax as pij
-from hf_models import VOCAB, make_llama, make_opt
+from hf_models import VOCAB, make_gemma, make_llama, make_opt, make_qwen2
 
 SEQ = 64
 CASES = {
@@ -22,6 +22,12 @@ CASES = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
     ),
     "llama_drelu": lambda p: make_llama(p, act="relu", drelu=True),
+    "qwen2_gqa_qkv_bias": lambda p: make_qwen2(p),
+    "qwen2_tied_linear_rope_sliding_window": lambda p: make_qwen2(
+        p, tie_word_embeddings=True, use_sliding_window=True, sliding_window=16, max_window_layers=0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
+    "gemma_geglu_tied_head_dim_24_gqa": lambda p: make_gemma(p),
     "opt_pre_ln": lambda p: make_opt(p),
     "opt_post_ln_project_in_out": lambda p: make_opt(
         p, do_layer_norm_before=False, word_embed_proj_dim=32
