@@ -93,8 +93,11 @@ def write_engine_weights(bundle_dir: str, model_dir: str, dtype: str = "auto", q
 
 def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: PlacementSettings | None,
             profile_settings: profiler.ProfileSettings = profiler.ProfileSettings(),
-            predictor_settings=None, keep_samples: bool = True, log=print) -> dict:
-    """Profile -> predictors -> placement into `out_dir`, re-using finished steps; returns the manifest."""
+            predictor_settings=None, keep_samples: bool = True, log=print,
+            target_sparsity: float | None = None) -> dict:
+    """Profile -> predictors -> placement into `out_dir`, re-using finished steps; returns the manifest.
+    A SwiGLU/GeGLU model needs `target_sparsity`: per-layer activation thresholds are calibrated to it
+    first (stored in the manifest) and define what the profiler counts as active."""
     from offline import pipeline
     from offline import predictors as predictors_lib
     from powerinfer_jax.config import load_config
@@ -113,6 +116,24 @@ def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: Placemen
     same_inputs = (old.get("model", {}).get("sha256") == hashes and old.get("corpus", {}).get("sha256") == corpus_hash)
     profile_dir = os.path.join(out_dir, "profile")
     prof_cfg = dataclasses.asdict(profile_settings)
+    act = None
+    if cfg.needs_act_threshold:
+        if target_sparsity is None:
+            raise ArgumentError(f"{model_dir} is a {cfg.ffn_kind} model (activations never exactly zero): give "
+                                "--target_sparsity (e.g. 0.5) to calibrate its per-layer activation thresholds")
+        prof_cfg["target_sparsity"] = float(target_sparsity)  # another target means another profile
+        act = old.get("activation_thresholds")
+        if not (same_inputs and isinstance(act, dict) and act.get("target_sparsity") == float(target_sparsity)
+                and act.get("profile_window") == profile_settings.window):
+            log(f"thresholds: calibrating to {target_sparsity:.0%} sparsity")
+            act = pipeline.run_calibration(model_dir, corpus, float(target_sparsity), profile_settings)
+            act["profile_window"] = profile_settings.window
+            log("thresholds: " + ", ".join(f"{v:.4g}" for v in act["values"]))
+        else:
+            log("thresholds: up to date, re-used")
+    elif target_sparsity is not None:
+        raise ArgumentError(f"--target_sparsity is for SwiGLU/GeGLU models; {model_dir} has a {cfg.ffn_kind!r} FFN, "
+                            "whose sparsity is its ReLU's")
     pred_cfg = dataclasses.asdict(predictor_settings)
     preds_dir = os.path.join(out_dir, "predictors")
     preds_current = old.get("predictor_settings") == pred_cfg and same_inputs and os.path.isdir(preds_dir)
@@ -123,7 +144,8 @@ def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: Placemen
         log("profile: up to date, re-used")
     else:
         log("profile: running")
-        pipeline.run_profile(model_dir, corpus, profile_dir, profile_settings)
+        pipeline.run_profile(model_dir, corpus, profile_dir, profile_settings,
+                             act_thresholds=None if act is None else act["values"])
         preds_current = False  # a new profile means new predictors
     if preds_current:
         log("predictors: up to date, re-used")
@@ -150,6 +172,7 @@ def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: Placemen
         "corpus": {"paths": [os.path.abspath(p) for p in corpus] if corpus else ["<default training split>"],
                    "sha256": corpus_hash},
         "profile_settings": prof_cfg,
+        "activation_thresholds": act,
         "predictor_settings": pred_cfg,
         "predictor_bytes": preds.nbytes,
         "tools": tool_versions(),

@@ -202,14 +202,15 @@ def _counts_fn():
     from powerinfer_jax.sparse_ffn import predict_logits
 
     @functools.partial(jax.jit, static_argnames=("cfg",))
-    def counts(params, cfg, tokens, valid, preds, thresholds):
-        """Per layer: true-active count [L]; per layer and threshold: predicted and true-positive counts [L, K]."""
+    def counts(params, cfg, tokens, valid, preds, thresholds, act_thresholds):
+        """Per layer: true-active count [L]; per layer and threshold: predicted and true-positive counts [L, K].
+        True-active: a ReLU output above 0, or |act(gate x)| above the layer's act threshold (SwiGLU/GeGLU)."""
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         _, _, ex = forward(params, cfg, tokens, positions, collect=True)
         v = valid[..., None]
         true_n, pred_n, tp = [], [], []
         for l, (x, act) in enumerate(zip(ex["ffn_in"], ex["ffn_act"])):
-            mask = (act > 0) & v  # [B, T, n_ff]
+            mask = (jnp.abs(act) > act_thresholds[l]) & v  # [B, T, n_ff]
             true_n.append(mask.sum(dtype=jnp.int32))
             if preds is not None:
                 hit = (predict_logits(preds[l], x)[..., None] >= thresholds[l]) & v[..., None]  # [B, T, n_ff, K]
@@ -223,9 +224,10 @@ def _counts_fn():
 
 
 def layer_metrics(params, cfg, tokens: np.ndarray, valid: np.ndarray, predictors=None,
-                  settings: Sequence[tuple[str, np.ndarray]] = ()) -> list[dict]:
+                  settings: Sequence[tuple[str, np.ndarray]] = (), act_thresholds=None) -> list[dict]:
     """Per layer: true active fraction and, per threshold setting (label, per-layer thresholds [L]), the
-    predictor's recall / precision / predicted active fraction over the valid positions of `tokens`."""
+    predictor's recall / precision / predicted active fraction over the valid positions of `tokens`
+    (`act_thresholds` [L]: what "active" means for a SwiGLU/GeGLU model)."""
     import jax.numpy as jnp
 
     fn = _counts_fn()
@@ -234,6 +236,7 @@ def layer_metrics(params, cfg, tokens: np.ndarray, valid: np.ndarray, predictors
     thr = (jnp.asarray(np.stack([np.asarray(t, np.float32) for _, t in settings], axis=1))
            if preds is not None else None)  # [L, K]
     K = len(settings) if preds is not None else 0
+    act = jnp.asarray(np.zeros(L) if act_thresholds is None else act_thresholds, jnp.float32)
     true_n, pred_n, tp = np.zeros(L, np.int64), np.zeros((L, K), np.int64), np.zeros((L, K), np.int64)
     batch = min(BATCH, len(tokens))
     for i in range(0, len(tokens), batch):
@@ -242,7 +245,7 @@ def layer_metrics(params, cfg, tokens: np.ndarray, valid: np.ndarray, predictors
             pad = batch - len(tok)
             tok = np.concatenate([tok, np.zeros((pad, tok.shape[1]), tok.dtype)])
             val = np.concatenate([val, np.zeros((pad, val.shape[1]), bool)])
-        t, p, h = fn(params, cfg, jnp.asarray(tok), jnp.asarray(val), preds, thr)
+        t, p, h = fn(params, cfg, jnp.asarray(tok), jnp.asarray(val), preds, thr, act)
         true_n += np.asarray(t, np.int64)
         if preds is not None:
             pred_n += np.asarray(p, np.int64)
@@ -341,9 +344,10 @@ def evaluate(bundle: str | None = None, model: str | None = None, text_path: str
         threshold_settings = [("calibrated", preds.thresholds)]
         threshold_settings += [(_fmt_thr(t), np.full(cfg.num_layers, t, np.float32)) for t in s.thresholds]
     layers = []
-    if cfg.is_sparse_capable:
+    act_thr = src.bundle.act_thresholds if src.bundle is not None and cfg.needs_act_threshold else None
+    if cfg.is_sparse_capable and (act_thr is not None or not cfg.needs_act_threshold):
         say(f"per-layer metrics over {positions:,} positions")
-        layers = layer_metrics(dense.params, cfg, tokens, valid, preds, threshold_settings)
+        layers = layer_metrics(dense.params, cfg, tokens, valid, preds, threshold_settings, act_thr)
 
     # Perplexity runs.
     plan = run_plan(s)
@@ -394,6 +398,7 @@ def evaluate(bundle: str | None = None, model: str | None = None, text_path: str
                       "kv_dtype": precision.get("kv_dtype", "float32")},
         "bos": bos,
         "modes": list(s.modes),
+        "target_sparsity": src.bundle.target_sparsity if src.bundle is not None else None,
         "thresholds": list(s.thresholds),
         "runs": runs,
         "layers": layers,

@@ -36,18 +36,35 @@ def tokenize(engine, text: str) -> np.ndarray:
 
 
 def check_sparse_model(model_dir: str) -> None:
-    """Fails clearly for models whose FFN has no ReLU (nothing to sparsify)."""
+    """Fails clearly for models whose FFN the sparse engine cannot run."""
     cfg = load_config(model_dir)
     if not cfg.is_sparse_capable:
         raise UnsupportedModelError(
-            f"{model_dir}: FFN kind {cfg.ffn_kind!r} has no ReLU, so its neurons are never exactly inactive; "
-            "supported families: LLaMA/Mistral with hidden_act 'relu' (ReGLU, e.g. ReluLLaMA, ProSparse) "
-            "or dReLU (TurboSparse), and OPT (ReLU)")
+            f"{model_dir}: FFN kind {cfg.ffn_kind!r} is not supported for sparsity; supported: ReLU kinds (ReGLU, "
+            "dReLU, OPT) and, through calibrated thresholds (--target_sparsity), SwiGLU/GeGLU")
+
+
+def run_calibration(model_dir: str, corpus: list[str] | None, target_sparsity: float,
+                    settings: profiler.ProfileSettings, dtype: str = "float32", max_tokens: int = 32768) -> dict:
+    """SwiGLU/GeGLU: per-layer activation thresholds for `target_sparsity` on (the first `max_tokens`
+    tokens of) the corpus, with a progress bar (`offline.thresholds.calibrate`)."""
+    import powerinfer_jax as pij
+    from tqdm import tqdm
+
+    from offline import thresholds
+
+    engine = pij.load(model_dir, dtype=dtype)
+    ids = tokenize(engine, corpus_text(corpus))
+    windows = profiler.make_windows(ids, settings.window, engine.tokenizer.bos_token_id)
+    windows = windows[: max(1, min(max_tokens, settings.max_tokens) // settings.window)]
+    with tqdm(total=windows.size, desc="calibrating thresholds", unit="tok") as bar:
+        return thresholds.calibrate(engine.params, engine.cfg, windows, target_sparsity, settings.batch, bar)
 
 
 def run_profile(model_dir: str | None, corpus: list[str] | None, out_dir: str,
-                settings: profiler.ProfileSettings, dtype: str = "float32") -> dict:
-    """Loads the model, tokenizes the corpus and writes a profile folder, with a progress bar."""
+                settings: profiler.ProfileSettings, dtype: str = "float32", act_thresholds=None) -> dict:
+    """Loads the model, tokenizes the corpus and writes a profile folder, with a progress bar
+    (`act_thresholds`: a SwiGLU/GeGLU model's calibrated thresholds)."""
     import powerinfer_jax as pij
     from tqdm import tqdm
 
@@ -58,7 +75,7 @@ def run_profile(model_dir: str | None, corpus: list[str] | None, out_dir: str,
     total = min(len(ids), settings.max_tokens)
     with tqdm(total=total, desc="profiling", unit="tok") as bar:
         return profiler.profile(engine.params, engine.cfg, ids, out_dir, settings,
-                                bos=engine.tokenizer.bos_token_id, progress=bar)
+                                bos=engine.tokenizer.bos_token_id, progress=bar, act_thresholds=act_thresholds)
 
 
 def print_profile_table(summary: dict) -> None:

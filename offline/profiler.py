@@ -49,11 +49,12 @@ class ProfileSettings:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _profile_batch(params: ModelParams, cfg: ModelConfig, tokens: jax.Array):
+def _profile_batch(params: ModelParams, cfg: ModelConfig, tokens: jax.Array, act_thresholds: jax.Array):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     _, _, ex = forward(params, cfg, tokens, positions, collect=True)
     xs = jnp.stack(ex["ffn_in"])  # [L, B, T, d]
-    masks = jnp.stack(ex["ffn_act"]) > 0  # [L, B, T, n_ff]
+    # Active: a ReLU output above 0, or |act(gate x)| above the layer's threshold (SwiGLU/GeGLU).
+    masks = jnp.abs(jnp.stack(ex["ffn_act"])) > act_thresholds[:, None, None, None]  # [L, B, T, n_ff]
     return xs, masks
 
 
@@ -85,12 +86,17 @@ def make_windows(ids: np.ndarray, window: int, bos: int | None) -> np.ndarray:
 
 
 def profile(params: ModelParams, cfg: ModelConfig, token_ids: np.ndarray, out_dir: str,
-            s: ProfileSettings = ProfileSettings(), bos: int | None = None, progress=None) -> dict:
-    """Profiles the model over `token_ids` and writes the output folder; returns the summary."""
+            s: ProfileSettings = ProfileSettings(), bos: int | None = None, progress=None,
+            act_thresholds=None) -> dict:
+    """Profiles the model over `token_ids` and writes the output folder; returns the summary.
+    `act_thresholds` [L] (SwiGLU/GeGLU, from `offline.thresholds.calibrate`): a neuron is active when
+    |act(gate x)| is above its layer's."""
     if not cfg.is_sparse_capable:
-        raise UnsupportedModelError(
-            f"cannot profile a {cfg.ffn_kind!r} FFN: activation sparsity needs a ReLU "
-            "(supported: ReGLU / dReLU LLaMA-family, ReLU OPT)")
+        raise UnsupportedModelError(f"cannot profile a {cfg.ffn_kind!r} FFN")
+    if cfg.needs_act_threshold and act_thresholds is None:
+        raise UnsupportedModelError(f"a {cfg.ffn_kind} FFN is never exactly zero: profiling it needs activation "
+                                    "thresholds (bin/prepare --target_sparsity calibrates them)")
+    thr = jnp.asarray(np.zeros(cfg.num_layers) if act_thresholds is None else act_thresholds, jnp.float32)
     if len(token_ids) < s.min_tokens:
         raise CorpusError(f"corpus too short: {len(token_ids)} tokens, need at least {s.min_tokens}")
     windows = make_windows(np.asarray(token_ids), s.window, bos)[: max(1, s.max_tokens // s.window)]
@@ -113,7 +119,7 @@ def profile(params: ModelParams, cfg: ModelConfig, token_ids: np.ndarray, out_di
     row, flat_pos = 0, 0
     for i in range(0, len(windows), s.batch):
         chunk = windows[i : i + s.batch]
-        xs, masks = _profile_batch(params, cfg, jnp.asarray(chunk))
+        xs, masks = _profile_batch(params, cfg, jnp.asarray(chunk), thr)
         xs = np.asarray(xs).reshape(L, -1, d)
         masks = np.asarray(masks).reshape(L, -1, n)
         counts += masks.sum(axis=1)

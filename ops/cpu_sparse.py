@@ -47,6 +47,18 @@ def sparse_ffn_rows(family: str, w_gate, w_up, w_down_t, b_up, x: jax.Array, ids
     """Inside jit on the CPU backend: FFN over neurons ``ids[:count]`` of whole matrices (no down
     bias): [B, d] f32 for x [B, d]. ``after``: an array to wait for (orders two numba calls of one
     layer, which together would oversubscribe the cores)."""
+    return _rows_call(family, w_gate, w_up, w_down_t, b_up, x, ids, count, after, None)
+
+
+def threshold_ffn_rows(family: str, w_gate, w_up, w_down_t, x: jax.Array, ids: jax.Array, count: jax.Array,
+                       act_threshold: float, after: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Inside jit on the CPU backend: CATS over neurons ``ids[:count]``: the gate of each, up and down
+    only where |act(gate x)| > act_threshold (per token). Returns (y [B, d], neurons computed for
+    some token: int32)."""
+    return _rows_call(family, w_gate, w_up, w_down_t, None, x, ids, count, after, float(act_threshold))
+
+
+def _rows_call(family, w_gate, w_up, w_down_t, b_up, x, ids, count, after, act_threshold):
     if _buffer_callback is None or jax.default_backend() != "cpu":
         raise RuntimeError("sparse_ffn_rows reads JAX buffers in place: CPU backend with buffer_callback only")
     check_family(family, w_gate)
@@ -64,9 +76,16 @@ def sparse_ffn_rows(family: str, w_gate, w_up, w_down_t, b_up, x: jax.Array, ids
         wg, wu, wd, bu = (_rebuild(w, bufs) for w in weights)
         ids_np = np.asarray(idsb)
         n = min(int(np.asarray(countb)), ids_np.shape[0])  # an overflowed list holds only its capacity
-        host_sparse_ffn(family, wg, wu, wd, np.asarray(xb), ids_np, n, bu, out=np.asarray(out))
+        if act_threshold is None:
+            host_sparse_ffn(family, wg, wu, wd, np.asarray(xb), ids_np, n, bu, out=np.asarray(out))
+            return
+        y, live = out
+        host_sparse_ffn(family, wg, wu, wd, np.asarray(xb), ids_np, n, bu, out=np.asarray(y),
+                        act_threshold=act_threshold, live=np.asarray(live).reshape(1))
 
     shape = jax.ShapeDtypeStruct(x.shape[:-1] + (d,), jnp.float32)
+    if act_threshold is not None:
+        shape = (shape, jax.ShapeDtypeStruct((), jnp.int32))
     return _buffer_callback(cb, shape)(*operands, *deps)
 
 

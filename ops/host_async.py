@@ -54,11 +54,14 @@ class HostFFN:
         self.w_gate, self.w_up, self.w_down_t, self.b_up = w_gate, w_up, w_down_t, b_up
         self.d = w_down_t.cols if isinstance(w_down_t, Weight) else w_down_t.shape[1]
 
-    def compute(self, x: np.ndarray, ids: np.ndarray, count: int, ticket: int = 0) -> np.ndarray:
-        """FFN over neurons ids[:count] for x [B, d] (float32 [B, d]; no down bias)."""
+    def compute(self, x: np.ndarray, ids: np.ndarray, count: int, ticket: int = 0,
+                act_threshold: float | None = None) -> np.ndarray:
+        """FFN over neurons ids[:count] for x [B, d] (float32 [B, d]; no down bias); with
+        `act_threshold`, CATS: only where |act(gate x)| is above it."""
         _event("host_start", ticket)
         n = min(int(count), ids.shape[0])  # an overflowed list holds only its capacity
-        y = np.asarray(host_sparse_ffn(self.family, self.w_gate, self.w_up, self.w_down_t, x, ids, n, self.b_up),
+        y = np.asarray(host_sparse_ffn(self.family, self.w_gate, self.w_up, self.w_down_t, x, ids, n, self.b_up,
+                                       act_threshold=act_threshold),
                        np.float32).reshape(x.shape[0], self.d)
         _event("host_end", ticket)
         return y
@@ -68,13 +71,13 @@ class HostFFN:
         return [a for a in (self.w_gate, self.w_up, self.w_down_t, self.b_up) if a is not None]
 
 
-def _launch_host(handle: HostFFN, x, ids, count) -> tuple[np.ndarray, np.ndarray]:
+def _launch_host(handle: HostFFN, x, ids, count, act_threshold=None) -> tuple[np.ndarray, np.ndarray]:
     # Copies: the callback's buffers belong to XLA and may be reused once it returns.
     x, ids, count = np.array(x, np.float32), np.array(ids, np.int32), int(count)
     ticket = next(_TICKETS) % (1 << 31)
     _event("launch", ticket)
     with _LOCK:
-        _PENDING[ticket] = _POOL.submit(handle.compute, x, ids, count, ticket)
+        _PENDING[ticket] = _POOL.submit(handle.compute, x, ids, count, ticket, act_threshold)
     return np.asarray(ticket, np.int32), x
 
 
@@ -88,13 +91,15 @@ def _collect_host(ticket) -> np.ndarray:
     return y
 
 
-def launch(handle: HostFFN, x: jax.Array, ids: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Inside jit: starts the host FFN over ids[:count] for x [B, d]; returns (ticket, x) where
-    the returned x must feed the device work that should overlap (it is ordered after the launch)."""
+def launch(handle: HostFFN, x: jax.Array, ids: jax.Array, count: jax.Array,
+           act_threshold: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """Inside jit: starts the host FFN over ids[:count] for x [B, d] (CATS above `act_threshold` when
+    given); returns (ticket, x) where the returned x must feed the device work that should overlap
+    (it is ordered after the launch)."""
     x = jnp.asarray(x, jnp.float32)
     shapes = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct(x.shape, jnp.float32))
     # x comes back through the callback: the device work that reads it is ordered after the launch.
-    return io_callback(lambda a, i, c: _launch_host(handle, a, i, c), shapes, x, jnp.asarray(ids, jnp.int32),
+    return io_callback(lambda a, i, c: _launch_host(handle, a, i, c, act_threshold), shapes, x, jnp.asarray(ids, jnp.int32),
                        jnp.asarray(count, jnp.int32))
 
 

@@ -72,7 +72,8 @@ except ImportError:  # older jax
     _buffer_callback = None
 
 _COL_BLOCK = 256  # output columns per thread task in the down kernel's final sum
-_FAMILY_CODE = {"reglu": 0, "drelu": 1, "relu": 2}  # _h_kernel also has 3: plain mat-vec
+_FAMILY_CODE = {"reglu": 0, "drelu": 1, "relu": 2, "swiglu": 4, "geglu": 5}  # _h_kernel also has 3: plain mat-vec
+_GELU_C = 0.7978845608028654  # sqrt(2 / pi), tanh-GELU
 _F32, _BF16, _F16, _I8, _I4 = range(5)  # format codes: FORMATS.index(fmt)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 _DATA_DTYPE = {_F32: np.dtype(np.float32), _BF16: np.dtype(np.uint16), _F16: np.dtype(np.uint16),
@@ -92,20 +93,43 @@ def _numpy_h(family, w_gate, w_up, x2, rows, b_up=None):
     u = x2 @ f32(w_up).T
     if family == "relu":
         return np.maximum(u + f32(b_up), 0) if b_up is not None else np.maximum(u, 0)
-    g = np.maximum(x2 @ f32(w_gate).T, 0)
-    return g * (u if family == "reglu" else np.maximum(u, 0))
+    return _np_glu(family, x2 @ f32(w_gate).T, u)
 
 
-def host_h_ref(family, w_gate, w_up, x, idx, count, b_up=None):
-    """numpy reference of the cold activations ``h [B, count]`` (weights dequantized to f32)."""
+def _np_act(family, g):
+    """numpy act(g) of a gated family (what a threshold compares)."""
+    if family == "swiglu":
+        return g / (1 + np.exp(-g))
+    if family == "geglu":
+        return np.float32(0.5) * g * (1 + np.tanh(np.float32(_GELU_C) * (g + np.float32(0.044715) * g * g * g)))
+    return np.maximum(g, 0)
+
+
+def _np_glu(family, g, u):
+    """numpy act(g) * u of a gated family (float32)."""
+    if family == "swiglu":
+        return g / (1 + np.exp(-g)) * u
+    if family == "geglu":
+        return np.float32(0.5) * g * (1 + np.tanh(np.float32(_GELU_C) * (g + np.float32(0.044715) * g * g * g))) * u
+    return np.maximum(g, 0) * (u if family == "reglu" else np.maximum(u, 0))
+
+
+def host_h_ref(family, w_gate, w_up, x, idx, count, b_up=None, act_threshold=None):
+    """numpy reference of the cold activations ``h [B, count]`` (weights dequantized to f32);
+    with ``act_threshold``, zero where |act(gate x)| <= it."""
     check_family(family, w_gate)
     sel = np.asarray(idx)[: int(count)]
-    return _numpy_h(family, _np_f32(w_gate), _np_f32(w_up), np.atleast_2d(_np_f32(x)), sel, b_up)
+    x2 = np.atleast_2d(_np_f32(x))
+    h = _numpy_h(family, _np_f32(w_gate), _np_f32(w_up), x2, sel, b_up)
+    if act_threshold is not None:
+        g = x2 @ _np_f32(w_gate)[sel].T
+        h = np.where(np.abs(_np_act(family, g)) > act_threshold, h, np.float32(0))
+    return h
 
 
-def host_sparse_ffn_ref(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None):
+def host_sparse_ffn_ref(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, act_threshold=None):
     """numpy reference of the cold FFN part: [d] or [B, d] (no down bias)."""
-    h = host_h_ref(family, w_gate, w_up, x, idx, count, b_up)
+    h = host_h_ref(family, w_gate, w_up, x, idx, count, b_up, act_threshold)
     y = h @ _np_f32(w_down_t)[np.asarray(idx)[: int(count)]]
     return y[0] if np.ndim(x) == 1 else y
 
@@ -497,11 +521,25 @@ _MV_CHUNKS = 64  # row chunks of the dense mat-vec
 _DOWN_PARTIAL_BYTES = 1 << 22  # cap on the down kernel's per-chunk partial sums
 
 
+@njit(inline="always", fastmath=_FASTMATH, cache=True)
+def _glu(family, g, u):
+    """act(g) * u of gated family `family` (0 reglu, 1 drelu, 4 swiglu, 5 geglu), float32."""
+    zero = np.float32(0.0)
+    if family == 0:
+        return max(g, zero) * u
+    if family == 1:
+        return max(g, zero) * max(u, zero)
+    if family == 4:
+        return g / (np.float32(1.0) + np.exp(-g)) * u
+    return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(np.float32(_GELU_C) * (g + np.float32(0.044715) * g * g * g))) * u
+
+
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _h_kernel(family, code, wg, sg, wu, su, bu, has_bias, x, idx, count, out):
     """out[b, i] = h of neuron idx[i] for token b, i < count.
 
-    family: 0 reglu, 1 drelu, 2 relu (+ bias), 3 plain mat-vec ``wu[idx] @ x`` (wg unused).
+    family: 0 reglu, 1 drelu, 2 relu (+ bias), 3 plain mat-vec ``wu[idx] @ x`` (wg unused),
+    4 swiglu, 5 geglu (`_glu`)
     One kernel for all of them keeps numba's (slow, parallel) compilations to one per dtype.
     Each output element is computed by one thread. Gated families read four neurons a pass
     (gate and up rows of each: eight streams, `_gated4`); the others four rows. A chunk's short
@@ -511,16 +549,16 @@ def _h_kernel(family, code, wg, sg, wu, su, bu, has_bias, x, idx, count, out):
     step = (count + _H_CHUNKS - 1) // _H_CHUNKS
     for c in prange(_H_CHUNKS):
         lo, hi = c * step, min(count, (c + 1) * step)
-        if family < 2:  # gated: the branch sits outside the row loop so LLVM vectorises the dots
+        if family < 2 or family > 3:  # gated: the branch sits outside the row loop so LLVM vectorises the dots
             for i in range(lo, hi, 4):
                 i1, i2, i3 = min(i + 1, hi - 1), min(i + 2, hi - 1), min(i + 3, hi - 1)
                 r0, r1, r2, r3 = idx[i], idx[i1], idx[i2], idx[i3]
                 for b in range(x.shape[0]):
                     g0, u0, g1, u1, g2, u2, g3, u3 = _gated4(code, wg, sg, wu, su, r0, r1, r2, r3, x[b])
-                    out[b, i] = max(g0, zero) * (u0 if family == 0 else max(u0, zero))
-                    out[b, i1] = max(g1, zero) * (u1 if family == 0 else max(u1, zero))
-                    out[b, i2] = max(g2, zero) * (u2 if family == 0 else max(u2, zero))
-                    out[b, i3] = max(g3, zero) * (u3 if family == 0 else max(u3, zero))
+                    out[b, i] = _glu(family, g0, u0)
+                    out[b, i1] = _glu(family, g1, u1)
+                    out[b, i2] = _glu(family, g2, u2)
+                    out[b, i3] = _glu(family, g3, u3)
         else:
             for i in range(lo, hi, 4):
                 i1, i2, i3 = min(i + 1, hi - 1), min(i + 2, hi - 1), min(i + 3, hi - 1)
@@ -539,6 +577,66 @@ def _h_kernel(family, code, wg, sg, wu, su, bu, has_bias, x, idx, count, out):
                     out[b, i1] = u1
                     out[b, i2] = u2
                     out[b, i3] = u3
+
+
+@njit(inline="always", fastmath=_FASTMATH, cache=True)
+def _act(family, g):
+    """act(g) of gated family `family` (0/1 relu, 4 silu, 5 tanh-GELU): what a threshold compares."""
+    if family == 4:
+        return g / (np.float32(1.0) + np.exp(-g))
+    if family == 5:
+        return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(np.float32(_GELU_C) * (g + np.float32(0.044715) * g * g * g)))
+    return max(g, np.float32(0.0))
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _h_threshold_kernel(family, code, wg, sg, wu, su, x, idx, count, thr, out):
+    """CATS: out[b, i] = act(g) * u for token b where |act(g)| > thr, else 0 (neuron idx[i], i < count).
+
+    Every listed neuron's gate row is read; its up row only when it is above the threshold for
+    some token (the down kernel then skips the zero rows): the gate dense, up and down sparse.
+    Per chunk: gate dots four rows a pass, then the live neurons compacted, then their up dots
+    four rows a pass (a short tail repeats its last row, written once)."""
+    zero = np.float32(0.0)
+    n_tok = x.shape[0]
+    step = (count + _H_CHUNKS - 1) // _H_CHUNKS
+    for c in prange(_H_CHUNKS):
+        lo, hi = c * step, min(count, (c + 1) * step)
+        if hi <= lo:
+            continue
+        live = np.empty(hi - lo, np.int64)
+        for i in range(lo, hi, 4):
+            i1, i2, i3 = min(i + 1, hi - 1), min(i + 2, hi - 1), min(i + 3, hi - 1)
+            r0, r1, r2, r3 = idx[i], idx[i1], idx[i2], idx[i3]
+            for b in range(n_tok):
+                g0, g1, g2, g3 = _dot4(code, wg[r0], sg[r0], wg[r1], sg[r1], wg[r2], sg[r2], wg[r3], sg[r3], x[b])
+                out[b, i], out[b, i1] = _act(family, g0), _act(family, g1)
+                out[b, i2], out[b, i3] = _act(family, g2), _act(family, g3)
+        m = 0
+        for i in range(lo, hi):
+            on = False
+            for b in range(n_tok):
+                if abs(out[b, i]) > thr:
+                    on = True
+                else:
+                    out[b, i] = zero
+            if on:
+                live[m] = i
+                m += 1
+        for j in range(0, m, 4):
+            p0, p1, p2, p3 = live[j], live[min(j + 1, m - 1)], live[min(j + 2, m - 1)], live[min(j + 3, m - 1)]
+            r0, r1, r2, r3 = idx[p0], idx[p1], idx[p2], idx[p3]
+            for b in range(n_tok):
+                u0, u1, u2, u3 = _dot4(code, wu[r0], su[r0], wu[r1], su[r1], wu[r2], su[r2], wu[r3], su[r3], x[b])
+                if family == 1:  # dReLU: relu(up) too
+                    u0, u1, u2, u3 = max(u0, zero), max(u1, zero), max(u2, zero), max(u3, zero)
+                out[b, p0] *= u0
+                if j + 1 < m:
+                    out[b, p1] *= u1
+                if j + 2 < m:
+                    out[b, p2] *= u2
+                if j + 3 < m:
+                    out[b, p3] *= u3
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -698,6 +796,7 @@ def _serial_twin(kernel):
 # ~70 us per region (3 regions a call), 12x the whole call for a 384-wide layer's 120 rows.
 # Identical results: the work split is fixed, only who runs the chunks changes.
 _h_kernel_serial = _serial_twin(_h_kernel)
+_h_threshold_kernel_serial = _serial_twin(_h_threshold_kernel)
 _down_kernel_serial = _serial_twin(_down_kernel)
 _matvec_kernel_serial = _serial_twin(_matvec_kernel)
 _matvec_q4_kernel_serial = _serial_twin(_matvec_q4_kernel)
@@ -853,12 +952,20 @@ def _gate_up(family, w_gate, w_up) -> tuple[_KW, _KW]:
     return kg, ku
 
 
-def host_sparse_h(family, w_gate, w_up, x, idx, count, b_up=None, out=None):
-    """numba fused cold activations ``h [B, count]`` (f32, from any stored format)."""
+def host_sparse_h(family, w_gate, w_up, x, idx, count, b_up=None, out=None, act_threshold=None):
+    """numba fused cold activations ``h [B, count]`` (f32, from any stored format). With
+    ``act_threshold`` (gated families), h is zero where |act(gate x)| <= it and the up rows of
+    neurons below it for every token are never read (`_h_threshold_kernel`)."""
     kg, ku = _gate_up(family, w_gate, w_up)
     x2 = _kernel_x(ku, x)
     idx, count = _rows(idx, count, ku.rows)
     out = _out(out, (x2.shape[0], count))
+    if act_threshold is not None:
+        _expect(family != "relu", "an activation threshold needs a gated family")
+        kernel = _h_threshold_kernel_serial if _serial(2 * count, ku) else _h_threshold_kernel
+        kernel(_FAMILY_CODE[family], ku.code, kg.data, kg.scale, ku.data, ku.scale, x2, idx, count,
+               np.float32(act_threshold), out)
+        return out
     has_bias = b_up is not None
     bu = _arg(b_up, np.float32) if has_bias else np.zeros(1, np.float32)
     _expect(not has_bias or bu.shape[0] >= ku.rows, "b_up has fewer entries than w_up rows")
@@ -967,7 +1074,7 @@ def host_matvec(w, x, out=None):
     return y[0] if np.ndim(x) == 1 else y
 
 
-def _blas_ffn(family, kg, ku, kd, x2, idx, count, bu, out):
+def _blas_ffn(family, kg, ku, kd, x2, idx, count, bu, out, act_threshold=None, live=None):
     """Many tokens: GEMMs over blocks of the selected rows, each widened to f32 (or, for
     contiguous f32 rows, used in place), so temporaries stay ``BLAS_BLOCK_ROWS`` rows."""
     xk = _kernel_x(ku, x2)
@@ -980,17 +1087,26 @@ def _blas_ffn(family, kg, ku, kd, x2, idx, count, bu, out):
             if family == "relu":
                 h = np.maximum(u + bu[idx[i0:i1]], 0) if bu is not None else np.maximum(u, 0)
             else:
-                g = np.maximum(xk @ _f32_rows(kg, idx, i0, i1, scratch).T, 0)
-                h = g * (u if family == "reglu" else np.maximum(u, 0))
+                g = xk @ _f32_rows(kg, idx, i0, i1, scratch).T
+                h = _np_glu(family, g, u)
+                if act_threshold is not None:
+                    h = np.where(np.abs(_np_act(family, g)) > act_threshold, h, np.float32(0))
+            if live is not None:
+                live[0] += np.count_nonzero(np.any(h != 0, axis=0))
             y += h @ _f32_rows(kd, idx, i0, i1, scratch)
     out[...] = _natural_order(kd.code, y)
 
 
-def host_sparse_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, out=None):
+def host_sparse_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, out=None, act_threshold=None,
+                    live=None):
     """Cold FFN part over rows idx[:count] (no down bias): [d] or [B, d] f32, any format.
 
-    numba kernels for decode-sized batches; blocked BLAS GEMMs for prompts."""
+    numba kernels for decode-sized batches; blocked BLAS GEMMs for prompts. ``act_threshold``:
+    neurons with |act(gate x)| <= it contribute nothing for that token (CATS); ``live``: a 1-element
+    int array that gets the number of neurons computed for some token (their h is non-zero)."""
     x2 = np.atleast_2d(x)
+    if live is not None:
+        live[0] = 0
     if x2.shape[0] >= BLAS_MIN_TOKENS:
         kg, ku = _gate_up(family, w_gate, w_up)
         kd = _kernel_weight(w_down_t)
@@ -998,9 +1114,11 @@ def host_sparse_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, ou
         idx, count = _rows(idx, count, ku.rows)
         bu = None if b_up is None else _arg(b_up, np.float32)
         y = _out(out, (x2.shape[0], kd.cols))
-        _blas_ffn(family, kg, ku, kd, _arg(x2, np.float32), idx, count, bu, y)
+        _blas_ffn(family, kg, ku, kd, _arg(x2, np.float32), idx, count, bu, y, act_threshold, live)
     else:
-        h = host_sparse_h(family, w_gate, w_up, x, idx, count, b_up)
+        h = host_sparse_h(family, w_gate, w_up, x, idx, count, b_up, act_threshold=act_threshold)
+        if live is not None:
+            live[0] = np.count_nonzero(np.any(h != 0, axis=0))
         y = host_axpy_down(w_down_t, idx, count, h, out=out)
     if out is not None:
         return out
@@ -1019,13 +1137,14 @@ def _host_array(a):
 
 
 def host_ffn_callback(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, *,
-                      method="auto", after=None):
+                      method="auto", after=None, act_threshold=None):
     """Inside jit: cold FFN part on the host (numba) for x [d]/[B, d], idx [C], count scalar.
 
     The weights are host numpy arrays or numpy-backed Weights captured by the callback (never
     passed through XLA). ``method``: "buffer" (buffer_callback, zero-copy, CPU backend only),
     "pure" (pure_callback) or "auto" (buffer when available and the default backend is CPU; on
     GPU buffer_callback hands over device buffers, which numpy cannot read).
+    ``act_threshold``: CATS zeroing of the listed neurons (`host_sparse_ffn`).
     ``after``: an array the callback waits for (an input it ignores). XLA:CPU runs independent
     ops at once; two numba callbacks of one layer running together oversubscribe the cores
     (each brings its own thread team), so the engine orders its CPU callbacks with this.
@@ -1043,7 +1162,8 @@ def host_ffn_callback(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, 
 
     def compute(xa, idxa, counta, out=None):
         n = min(int(counta), idxa.shape[0])  # overflowed lists hold only C entries
-        return host_sparse_ffn(family, host[0], host[1], host[2], xa, idxa, n, host[3], out=out)
+        return host_sparse_ffn(family, host[0], host[1], host[2], xa, idxa, n, host[3], out=out,
+                               act_threshold=act_threshold)
 
     if method == "buffer":
         if _buffer_callback is None:

@@ -4,7 +4,10 @@ Conventions shared by every kernel in ``ops``:
   * weights are row matrices: ``w_gate [n, d]``, ``w_up [n, d]`` and the transposed down
     projection ``w_down_t [n, d]`` (row i = column i of HF's ``down_proj.weight``);
   * ``family`` is one of ``FAMILIES``: ``"reglu"`` h = relu(gate x) * (up x),
-    ``"drelu"`` h = relu(gate x) * relu(up x), ``"relu"`` (OPT) h = relu(up x + b_up);
+    ``"drelu"`` h = relu(gate x) * relu(up x), ``"swiglu"`` h = silu(gate x) * (up x),
+    ``"geglu"`` h = gelu_tanh(gate x) * (up x), ``"relu"`` (OPT) h = relu(up x + b_up)
+    (SwiGLU/GeGLU neurons are never exactly zero: which ones a sparse call computes is the
+    caller's choice, from an activation threshold or a predictor);
   * a sparse call gets ``idx [C] int32`` (padded to a fixed capacity C; every entry must be a
     valid row number, padding included) and ``valid [C] bool``; padded entries contribute 0;
   * ``x`` is ``[d]`` (one token) or ``[B, d]`` (a small batch); outputs follow that shape;
@@ -17,7 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-FAMILIES = ("reglu", "drelu", "relu")
+FAMILIES = ("reglu", "drelu", "relu", "swiglu", "geglu")
 
 
 def check_family(family: str, w_gate) -> None:
@@ -36,9 +39,23 @@ def activation(family: str, g, u, b_up=None):
         return jnp.maximum(g, 0.0) * u
     if family == "drelu":
         return jnp.maximum(g, 0.0) * jnp.maximum(u, 0.0)
+    if family == "swiglu":
+        return g * (1.0 / (1.0 + jnp.exp(-g))) * u  # silu, written out (lowers in Pallas/Triton too)
+    if family == "geglu":
+        return gate_activation("geglu", g) * u
     if b_up is not None:
         u = u + b_up
     return jnp.maximum(u, 0.0)
+
+
+def gate_activation(family: str, g):
+    """act(gate x) of a gated family: the value whose magnitude a threshold compares (relu for
+    ReGLU/dReLU, silu, tanh-GELU)."""
+    if family == "swiglu":
+        return g * (1.0 / (1.0 + jnp.exp(-g)))
+    if family == "geglu":
+        return 0.5 * g * (1.0 + jnp.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+    return jnp.maximum(g, 0.0)
 
 
 def _f32(a):
@@ -58,13 +75,21 @@ def rows_dot(rows, x):
     return rows @ x if x.ndim == 1 else x @ rows.T
 
 
-def dense_ffn_ref(family, w_gate, w_up, w_down_t, x, b_up=None, b_down=None):
-    """Dense FFN: y = h(x) @ w_down_t (+ b_down); x [d] or [B, d]."""
+def threshold(family, g, h, act_threshold):
+    """h zeroed where |act(g)| <= act_threshold (CATS); h unchanged when it is None."""
+    if act_threshold is None:
+        return h
+    return jnp.where(jnp.abs(gate_activation(family, g)) > act_threshold, h, 0.0)
+
+
+def dense_ffn_ref(family, w_gate, w_up, w_down_t, x, b_up=None, b_down=None, act_threshold=None):
+    """Dense FFN: y = h(x) @ w_down_t (+ b_down); x [d] or [B, d]. ``act_threshold``: neurons with
+    |act(gate x)| at or below it contribute nothing (the model threshold sparsity defines)."""
     check_family(family, w_gate)
     x = _f32(x)
     u = rows_dot(_f32(w_up), x)
     g = None if w_gate is None else rows_dot(_f32(w_gate), x)
-    h = activation(family, g, u, _f32(b_up))
+    h = threshold(family, g, activation(family, g, u, _f32(b_up)), act_threshold)
     y = h @ _f32(w_down_t)
     return y if b_down is None else y + _f32(b_down)
 

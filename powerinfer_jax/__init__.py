@@ -68,6 +68,7 @@ def load(
     check_finite: bool | str = "auto",
     bundle_model_dir: str | os.PathLike | None = None,
     devices=None,
+    act_thresholds=None,
 ) -> Engine:
     """Loads an HF model folder or a prepared bundle (from bin/prepare) into an Engine.
 
@@ -81,6 +82,9 @@ def load(
     device_memory_budget: bytes or "1.5GiB"-style string; hot neurons go to the device by a
       placement solved from the bundle's statistics, the rest stay on the host. None: all on device.
     threshold: overrides the predictors' calibrated per-layer thresholds.
+    act_thresholds: SwiGLU/GeGLU models only: per-layer thresholds on |act(gate x)| that define an
+      active neuron (default: the bundle's, calibrated by `bin/prepare --target_sparsity`). Sparse
+      modes on such a model need them; "oracle" then computes exactly the neurons above them.
     offload_layers: llama.cpp-style baseline: the last N layers on the device, the other
       layers' dense FFNs on the host (ignores the budget).
     devices: an int (the first N of jax.devices()) or a list of devices: a 1-D mesh; each device
@@ -109,6 +113,7 @@ def load(
         path = bundle.model_dir
     cfg = load_config(path)
     checks.hybrid_arguments(cfg, bundle, sparsity, device_memory_budget, offload_layers)
+    act_thresholds = checks.act_thresholds(cfg, bundle, sparsity, act_thresholds)
     check_finite_weights(path, cfg, check_finite, dtype, quantize, bundle.path if bundle is not None else None)
     tokenizer = None
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
@@ -126,4 +131,4 @@ def load(
         max_seq_len=max_seq_len,
         budget=device_memory_budget, threshold=threshold, offload_layers=offload_layers,
         placement_batch=placement_batch, min_hot=min_hot_per_split_layer, device_kernel=device_kernel,
-        devices=devices)
+        devices=devices, act_thresholds=act_thresholds)

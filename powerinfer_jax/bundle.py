@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 
 import numpy as np
@@ -128,6 +129,26 @@ class Bundle:
     def model_dir(self) -> str:
         """The HF model folder the bundle was prepared from."""
         return self.manifest["model"]["path"]
+
+    @property
+    def act_thresholds(self) -> list[float] | None:
+        """SwiGLU/GeGLU bundles: the per-layer thresholds on |act(gate x)| calibrated to the bundle's
+        target sparsity (`bin/prepare --target_sparsity`); None for ReLU models."""
+        rec = self.manifest.get("activation_thresholds")
+        if rec is None:
+            return None
+        values = rec.get("values") if isinstance(rec, dict) else None
+        if not (isinstance(values, list) and len(values) == len(self.counts)
+                and all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values)):
+            raise BundleError(f"{self.path}/{MANIFEST}: activation_thresholds is damaged (want {len(self.counts)} "
+                              "finite numbers >= 0); re-run bin/prepare")
+        return [float(v) for v in values]
+
+    @property
+    def target_sparsity(self) -> float | None:
+        """The FFN sparsity the activation thresholds were calibrated to (None for ReLU models)."""
+        rec = self.manifest.get("activation_thresholds")
+        return float(rec["target_sparsity"]) if isinstance(rec, dict) and "target_sparsity" in rec else None
 
     def stored_placement(self, ps: PlacementSettings) -> dict | None:
         """The placement solved earlier for exactly these settings, if the bundle has it."""

@@ -202,11 +202,33 @@ def hybrid_arguments(cfg, bundle, sparsity, device_memory_budget, offload_layers
     if offload_layers is not None and offload_layers > cfg.num_layers:
         raise ArgumentError(f"offload_layers must be <= the model's {cfg.num_layers} layers, got {offload_layers}")
     if sparsity in ("oracle", "predicted") and not cfg.is_sparse_capable:
-        raise ArgumentError(f"sparsity={sparsity!r} needs a ReLU-family FFN; this model's FFN is {cfg.ffn_kind!r} "
-                            "(run it dense)")
+        raise ArgumentError(f"sparsity={sparsity!r} is not supported for this model's FFN ({cfg.ffn_kind!r}); "
+                            "run it dense")
     if sparsity == "predicted" and (bundle is None or bundle.predictors is None):
         raise ArgumentError("sparsity='predicted' needs a prepared bundle with predictors: run bin/prepare on the "
                             "model and load the bundle folder")
     if device_memory_budget is not None and offload_layers is None and bundle is None:
         raise ArgumentError("device_memory_budget needs activation statistics: run bin/prepare on the model and load "
                             "the bundle folder")
+
+
+def act_thresholds(cfg, bundle, sparsity, given) -> list[float] | None:
+    """The per-layer activation thresholds a SwiGLU/GeGLU model's sparse modes use: `given`, else the
+    bundle's; refused for ReLU models (their zeros are exact) and when a sparse mode has none."""
+    if given is not None:
+        if not cfg.needs_act_threshold:
+            raise ArgumentError(f"act_thresholds apply to SwiGLU/GeGLU models; this model's FFN is {cfg.ffn_kind!r} "
+                                "(its inactive neurons are exact zeros)")
+        try:
+            values = [float(v) for v in given]
+        except (TypeError, ValueError):
+            raise ArgumentError("act_thresholds must be a sequence of numbers, one per layer") from None
+        if len(values) != cfg.num_layers or not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ArgumentError(f"act_thresholds must hold {cfg.num_layers} finite numbers >= 0 (one per layer), "
+                                f"got {len(values)}")
+        return values
+    values = bundle.act_thresholds if bundle is not None and cfg.needs_act_threshold else None
+    if values is None and cfg.needs_act_threshold and sparsity in ("oracle", "predicted"):
+        raise ArgumentError(f"sparsity={sparsity!r} on a {cfg.ffn_kind} model needs per-layer activation thresholds: "
+                            "load a bundle prepared with bin/prepare --target_sparsity (or pass act_thresholds=)")
+    return values

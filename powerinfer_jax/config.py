@@ -74,8 +74,13 @@ class ModelConfig:
 
     @property
     def is_sparse_capable(self) -> bool:
-        """Whether the FFN has a ReLU, so inactive neurons contribute exactly zero."""
-        return self.ffn_kind in SPARSE_FFN_KINDS
+        """Whether the sparse engine runs this FFN: a ReLU kind (exact zeros) or a threshold kind."""
+        return self.ffn_kind in SPARSE_FFN_KINDS or self.ffn_kind in THRESHOLD_FFN_KINDS
+
+    @property
+    def needs_act_threshold(self) -> bool:
+        """Whether sparsity needs per-layer activation thresholds (SwiGLU/GeGLU: never exactly zero)."""
+        return self.ffn_kind in THRESHOLD_FFN_KINDS
 
     @property
     def has_gate(self) -> bool:

@@ -66,3 +66,19 @@ def dense_ffn(p: FFNParams, kind: str, x: jax.Array) -> jax.Array:
         return ffn_output(p, h.reshape(lead + (h.shape[-1],)))
     h, _ = ffn_activation(p, kind, x)
     return ffn_output(p, h)
+
+
+def thresholded_dense_ffn(p: FFNParams, kind: str, x: jax.Array, act_threshold: float) -> jax.Array:
+    """Dense FFN with every activation at or below `act_threshold` in magnitude zeroed: the model that
+    threshold sparsity (SwiGLU/GeGLU) defines, and the reference its sparse modes are checked against."""
+    h, a = ffn_activation(p, kind, x)
+    return ffn_output(p, jnp.where(jnp.abs(a) > act_threshold, h, 0.0))
+
+
+def thresholded_ffn_fn(cfg, act_thresholds):
+    """A `forward` FFN hook running `thresholded_dense_ffn` with layer i's threshold."""
+    def ffn_fn(i, p, x_norm, x_resid, rows=None):
+        del x_resid, rows
+        return thresholded_dense_ffn(p, cfg.ffn_kind, x_norm, float(act_thresholds[i])), {}
+
+    return ffn_fn

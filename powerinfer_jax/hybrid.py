@@ -155,6 +155,7 @@ def build_hybrid_engine(
     overlap: bool = True,
     devices=None,
     rates: np.ndarray | None = None,
+    act_thresholds: Sequence[float] | None = None,
 ) -> HybridEngine:
     """Moves the non-FFN weights and each layer's hot rows to the device; cold rows stay on the host.
 
@@ -166,7 +167,8 @@ def build_hybrid_engine(
     `devices` (an int: the first N of `jax.devices()`, or a list of devices): a 1-D mesh; each
     device holds and computes its share of every layer's hot neurons (dealt by firing rate,
     `rates [L, n_ff]`, so the shares carry equal activation mass; a layer's hot count is rounded
-    down to a multiple of the device count), everything else is replicated.
+    down to a multiple of the device count), everything else is replicated. `act_thresholds[l]`
+    (SwiGLU/GeGLU): the layer's threshold on |act(gate x)| that defines an active neuron.
     """
     if mode == "predicted" and predictors is None:
         raise ArgumentError("sparsity='predicted' needs predictors: load a prepared bundle (bin/prepare)")
@@ -204,7 +206,8 @@ def build_hybrid_engine(
         n_cold = cfg.intermediate_size - n_hot
         cap_hot, cap_cold = capacities[l] if capacities is not None else (n_hot, n_cold)
         thr = float(thresholds[l]) if thresholds is not None else 0.0
-        plan = LayerPlan(n_hot, n_cold, max(min(cap_hot, n_hot), 0), max(min(cap_cold, n_cold), 0), thr)
+        act_thr = float(act_thresholds[l]) if act_thresholds is not None else None
+        plan = LayerPlan(n_hot, n_cold, max(min(cap_hot, n_hot), 0), max(min(cap_cold, n_cold), 0), thr, act_thr)
         ffn = split_ffn(cfg.ffn_kind, lp.ffn, hot_indices[l], pred, shared, plan, cold_indices[l], mesh)
         put = to_device if mesh is None else (lambda t: replicate(t, mesh))  # noqa: E731
         layers.append(LayerParams(put(lp.attn_norm), put(lp.attn), put(lp.ffn_norm), ffn))
@@ -264,7 +267,8 @@ def _ffn_format(params: ModelParams) -> str:
 
 def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: str, dtype: str,
                 quantize: str | None, kv_dtype: str, max_seq_len: int | None, budget, threshold: float | None, offload_layers: int | None,
-                placement_batch: int, min_hot: int, device_kernel: str, devices=None) -> HybridEngine:
+                placement_batch: int, min_hot: int, device_kernel: str, devices=None,
+                act_thresholds=None) -> HybridEngine:
     """`pij.load` for sparse modes, budgets and the offload baseline (see its docstring)."""
     from powerinfer_jax import memory
     from powerinfer_jax.loading import load_model_params
@@ -326,7 +330,8 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
                                thresholds=thresholds, capacities=capacities, tokenizer=tokenizer,
                                max_seq_len=max_seq_len, model_dir=model_dir, device_kernel=device_kernel,
                                placement_info=info, kv_dtype=kv_dtype, devices=mesh.devices.tolist() if mesh else None,
-                               rates=bundle.counts / max(bundle.tokens, 1) if bundle is not None else None)
+                               rates=bundle.counts / max(bundle.tokens, 1) if bundle is not None else None,
+                               act_thresholds=act_thresholds)
 
 
 def predicted_capacities(rates: np.ndarray, hot: Sequence[np.ndarray], ratios: Sequence[float],

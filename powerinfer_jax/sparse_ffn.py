@@ -16,7 +16,10 @@ partial sums meet on the device. Weights may be in any stored format (`ops.quant
 Which neurons are computed for a decode token:
   dense      all of them (device part dense over hot rows, host part dense over cold rows)
   oracle     exactly those whose ReLU output is non-zero (the true mask, from the gate);
-             equals dense up to float rounding, which proves the sparse machinery exact
+             equals dense up to float rounding, which proves the sparse machinery exact.
+             SwiGLU/GeGLU (threshold sparsity): those with |act(gate x)| above the layer's
+             calibrated `act_threshold` (CATS: the gate dense, up and down sparse); equals a
+             dense FFN that zeroes the activations below it
   predicted  those the layer's predictor scores >= threshold (PowerInfer's mode)
 Prompts (T > 1 tokens) always run the dense split, as PowerInfer does for large batches.
 Active sets are compacted into fixed-capacity index lists (static shapes); when more neurons are
@@ -36,15 +39,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ops.cpu_sparse import sparse_ffn_rows
+from ops.cpu_sparse import sparse_ffn_rows, threshold_ffn_rows
 from ops import host_async
 from ops.host_kernels import host_ffn_callback
 from ops.linear import linear, linear_relu_linear
+from ops.reference import gate_activation
 from ops.quant import Weight, to_weight
 from powerinfer_jax import tensor_file
 from ops.select import compact_mask
 from ops.xla_sparse import sparse_ffn_xla
-from powerinfer_jax.config import ModelConfig
+from powerinfer_jax.config import THRESHOLD_FFN_KINDS, ModelConfig
 from powerinfer_jax.errors import ArgumentError, UnsupportedModelError
 from powerinfer_jax.ffn import dense_ffn
 from powerinfer_jax.params import FFNParams
@@ -89,13 +93,15 @@ def engine_predictor(fc1, fc2, fmt: str) -> PredictorParams:
 
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
-    """Static per-layer settings: partition sizes, capacities, predictor threshold."""
+    """Static per-layer settings: partition sizes, capacities, predictor threshold (on its logits) and,
+    for SwiGLU/GeGLU, the activation threshold that defines an active neuron (|act(gate x)| above it)."""
 
     n_hot: int
     n_cold: int
     hot_capacity: int
     cold_capacity: int
     threshold: float = 0.0
+    act_threshold: float | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -172,9 +178,12 @@ def split_ffn(family: str, ffn: FFNParams, hot_ids: np.ndarray, predictor: Predi
 
 
 def _true_scores(family: str, w: FFNParams, x: jax.Array) -> jax.Array:
-    """The pre-activation whose ReLU defines the true mask (gate, or fc1 + bias for OPT)."""
+    """What the true mask compares: the pre-activation whose ReLU defines it (gate, or fc1 + bias for
+    OPT: active when > 0), or for SwiGLU/GeGLU |act(gate x)| (active when above the act threshold)."""
     if family == "relu":
         return linear(x, w.w_up, w.b_up)
+    if family in THRESHOLD_FFN_KINDS:
+        return jnp.abs(gate_activation(family, linear(x, w.w_gate)))
     return linear(x, w.w_gate)
 
 
@@ -209,7 +218,7 @@ class HybridRuntime:
         if mode not in MODES:
             raise ArgumentError(f"unknown sparsity mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode != "dense" and not cfg.is_sparse_capable:
-            raise UnsupportedModelError(f"sparsity={mode!r} needs a ReLU FFN; this model's FFN is {cfg.ffn_kind!r}")
+            raise UnsupportedModelError(f"sparsity={mode!r} is not supported for this model's FFN ({cfg.ffn_kind!r})")
         self.cfg, self.mode, self.device_kernel = cfg, mode, device_kernel
         self.overlap = overlap  # accelerator: cold part launched before the hot kernel, collected after
         self.callback_method = callback_method
@@ -228,7 +237,7 @@ class HybridRuntime:
                                      interpret=jax.default_backend() != "gpu")
         return sparse_ffn_xla(family, hot.w_gate, hot.w_up, hot.w_down_t, x, idx, valid, hot.b_up)
 
-    def _mesh_ffn(self, p: HybridFFN, x, hot_sel=None, cold_sel=None):
+    def _mesh_ffn(self, p: HybridFFN, x, hot_sel=None, cold_sel=None, act_threshold=None):
         """The layer over the mesh, in one shard_map: each device computes its share of the hot rows
         and its process's host its share of the cold rows (launched before the hot part when
         overlapping), and the partial sums are added across the mesh. `hot_sel`/`cold_sel`:
@@ -265,7 +274,7 @@ class HybridRuntime:
                 counts["hot"] = (kept, count)
                 return self._hot(hot, xd, idx, jnp.arange(cap_h) < kept)
 
-            y = self._split(p, x, hot_part, cids, counts["cold"][0] if C else None)
+            y = self._split(p, x, hot_part, cids, counts["cold"][0] if C else None, act_threshold)
             out = (y,) + counts["hot"] + counts["cold"]
             return tuple(jax.lax.psum(v, MESH_AXIS) for v in out)
 
@@ -274,9 +283,9 @@ class HybridRuntime:
         return jax.shard_map(local, mesh=self.mesh, in_specs=tuple(specs), out_specs=(P(),) * 5,
                              check_vma=False)(*operands)
 
-    def _split(self, p: HybridFFN, x, hot_part, cold_ids, cold_count):
+    def _split(self, p: HybridFFN, x, hot_part, cold_ids, cold_count, act_threshold=None):
         """Accelerator layout: `hot_part(x)` on the device, the host FFN over cold_ids[:cold_count]
-        meanwhile (overlap) or after it."""
+        (CATS above `act_threshold` when given) meanwhile (overlap) or after it."""
         y = jnp.zeros(x.shape, f32)
         if p.host is None:  # no cold neurons
             return y + hot_part(x) if p.plan.n_hot else y
@@ -285,8 +294,8 @@ class HybridRuntime:
                 y = y + hot_part(x)
             h = p.host
             return y + host_ffn_callback(h.family, h.w_gate, h.w_up, h.w_down_t, x, cold_ids, cold_count, h.b_up,
-                                         method=self.callback_method, after=y)
-        ticket, x_dev = host_async.launch(p.host, x, cold_ids, cold_count)
+                                         method=self.callback_method, after=y, act_threshold=act_threshold)
+        ticket, x_dev = host_async.launch(p.host, x, cold_ids, cold_count, act_threshold)
         if p.plan.n_hot:
             y = y + hot_part(x_dev)
         return y + host_async.collect(p.host, ticket, x.shape[0], after=y)
@@ -320,6 +329,13 @@ class HybridRuntime:
         """Decode: only the active neurons (predicted, or the true ReLU mask for oracle)."""
         plan, family = p.plan, self.cfg.ffn_kind
         H, C = plan.n_hot, plan.n_cold
+        cats = family in THRESHOLD_FFN_KINDS  # SwiGLU/GeGLU: active = |act(gate x)| > plan.act_threshold
+        if cats and plan.act_threshold is None:
+            raise UnsupportedModelError(
+                f"sparsity={self.mode!r} on a {family} model needs per-layer activation thresholds: prepare a bundle "
+                "with bin/prepare --target_sparsity (or pass act_thresholds= to pij.load)")
+        if cats and self.mode == "oracle" and p.shared is not None and self.mesh is None:
+            return self._cats_shared(p, x)
 
         def union(scores):  # one score per neuron for the batch: its best row (the union of the rows' masks)
             return jnp.max(scores if rows is None else jnp.where(rows[:, None], scores, -jnp.inf), axis=0)
@@ -335,10 +351,11 @@ class HybridRuntime:
                 hot_score = union(_true_scores(family, w, x))
                 if p.shared is not None:
                     hot_score = hot_score[p.hot_ids]
-                hot_mask = hot_score > 0
+                hot_mask = hot_score > (plan.act_threshold if cats else 0)
         if self.mesh is not None:
             y, hot_done, hot_true, cold_done, cold_true = self._mesh_ffn(
-                p, x, (hot_score, hot_mask) if H else None, None if cold_mask is None else (cold_score, cold_mask))
+                p, x, (hot_score, hot_mask) if H else None, None if cold_mask is None else (cold_score, cold_mask),
+                plan.act_threshold if cats and self.mode == "oracle" else None)
             return y, {"ffn_computed": hot_done + cold_done, "ffn_hot": hot_done, "ffn_total": H + C,
                        "ffn_overflow": (hot_true - hot_done) + (cold_true - cold_done)}
         if p.shared is not None and self.mode == "predicted":
@@ -367,8 +384,25 @@ class HybridRuntime:
             y = sparse_ffn_rows(family, w.w_gate, w.w_up, w.w_down_t, w.b_up, x, ids, hot_done + cold_done)
         else:
             valid = jnp.arange(hot_idx.shape[0]) < hot_done
+            # CATS oracle: the host part gets every cold row and thresholds them itself (counted as computed).
             y = self._split(p, x, lambda xd: self._hot(p.hot, xd, hot_idx, valid),
-                            jnp.take(p.cold_ids, cold_idx) if C else None, cold_done)
+                            jnp.take(p.cold_ids, cold_idx) if C else None, cold_done,
+                            plan.act_threshold if cats and self.mode == "oracle" else None)
         aux = {"ffn_computed": hot_done + cold_done, "ffn_hot": hot_done, "ffn_total": H + C,
                "ffn_overflow": (hot_true - hot_done) + (cold_true - cold_done)}
         return y, aux
+
+    def _cats_shared(self, p: HybridFFN, x):
+        """CATS oracle on one memory: the numba kernel reads every neuron's gate row and the up and down
+        rows of those above the act threshold, hot neurons then cold ones (two calls, so the counters
+        say how many of each were computed)."""
+        w, plan, family = p.shared, p.plan, self.cfg.ffn_kind
+        y = jnp.zeros(x.shape, f32)
+        done = {"hot": jnp.int32(0), "cold": jnp.int32(0)}
+        for part, ids in (("hot", p.hot_ids), ("cold", p.cold_ids)):
+            if ids.shape[0]:
+                y_part, done[part] = threshold_ffn_rows(family, w.w_gate, w.w_up, w.w_down_t, x, ids,
+                                                        jnp.int32(ids.shape[0]), plan.act_threshold, after=y)
+                y = y + y_part
+        return y, {"ffn_computed": done["hot"] + done["cold"], "ffn_hot": done["hot"],
+                   "ffn_total": plan.n_hot + plan.n_cold, "ffn_overflow": jnp.int32(0)}

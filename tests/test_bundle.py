@@ -139,11 +139,13 @@ def test_empty_and_short_corpus(tmp_path, tiny):
         bundle.prepare(model_dir, [str(tmp_path / "nope.txt")], str(tmp_path / "b3"), None, PROFILE, PRED)
 
 
-def test_non_relu_model_is_refused(tmp_path):
+def test_swiglu_model_needs_a_target_sparsity(tmp_path):
+    """A SwiGLU FFN is never exactly zero: preparing it without --target_sparsity is refused up front."""
     path = str(tmp_path / "swiglu")
     make_llama(path, act="silu")
-    with pytest.raises(ValueError, match=r"has no ReLU.*supported families"):
+    with pytest.raises(ValueError, match=r"swiglu model .* give --target_sparsity"):
         bundle.prepare(path, None, str(tmp_path / "b"), None, PROFILE, PRED)
+    assert not os.path.exists(str(tmp_path / "b" / "profile"))
 
 
 def test_predicted_needs_a_bundle(tiny):

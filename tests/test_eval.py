@@ -143,7 +143,7 @@ def test_layer_counts_match_mask_metrics():
     settings = [("calibrated", preds.thresholds), ("0", np.zeros(L, np.float32)), ("2", np.full(L, 2.0, np.float32))]
     rows = evaluate.layer_metrics(engine.params, engine.cfg, tokens, valid, preds, settings)
 
-    xs, masks = _profile_batch(engine.params, engine.cfg, jnp.asarray(tokens))
+    xs, masks = _profile_batch(engine.params, engine.cfg, jnp.asarray(tokens), jnp.zeros(L, jnp.float32))
     xs, masks = np.asarray(xs)[:, valid], np.asarray(masks)[:, valid]  # [L, positions, ...]
     for l, row in enumerate(rows):
         logits = np.asarray(predict_logits(preds.params[l], jnp.asarray(xs[l])))

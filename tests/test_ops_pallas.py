@@ -41,6 +41,8 @@ def _full_precision_dots():
     ("drelu", 96, 24, 24, None, 1, 2),    # capacity not a multiple of BLOCK_C, full, d split
     ("relu", 256, 40, 17, 2, 2, 3),       # bias path, batch of 2, uneven d split
     ("reglu", 160, 32, 0, None, 3, 1),    # nothing active -> exactly zero
+    ("swiglu", 200, 64, 50, 2, 4, 1),     # silu in the kernel
+    ("geglu", 96, 24, 20, None, 5, 2),    # tanh-GELU, d split (activation in the wrapper)
 ])
 def test_sparse_ffn_pallas_interpret_matches_ref(family, d, cap, count, batch, seed, split_d):
     wg, wu, wd, bu, x, idx, valid = _case(family, d, cap, count, batch, seed)
@@ -69,7 +71,8 @@ def _export_cuda(fn, *avals):
 
 
 @pytest.mark.parametrize("family,dtype,batch,split_d", [
-    ("reglu", jnp.float32, None, 1), ("drelu", jnp.bfloat16, None, 8), ("relu", jnp.float32, 2, 4)])
+    ("reglu", jnp.float32, None, 1), ("drelu", jnp.bfloat16, None, 8), ("relu", jnp.float32, 2, 4),
+    ("swiglu", jnp.bfloat16, None, 1), ("geglu", jnp.float32, 2, 1)])
 def test_pallas_lowers_for_cuda(family, dtype, batch, split_d):
     n, d, cap = 11008, 4096, 1024  # LLaMA-7B layer shapes: large offsets, real block counts
     sds = jax.ShapeDtypeStruct
@@ -91,6 +94,8 @@ def test_pallas_lowers_for_cuda(family, dtype, batch, split_d):
     ("reglu", 200, N, 64, 50, None, np.float32, ATOL),
     ("drelu", 4096, 11008, 2048, 1101, None, ml_dtypes.bfloat16, 1e-4),  # |y| ~ 6, 4096-term dots
     ("relu", 256, N, 40, 17, 2, np.float32, ATOL),
+    ("swiglu", 4096, 11008, 2048, 1101, None, ml_dtypes.bfloat16, 1e-4),
+    ("geglu", 256, N, 40, 17, 2, np.float32, ATOL),
 ])
 def test_pallas_on_gpu_matches_ref(family, d, n, cap, count, batch, dtype, atol):
     wg, wu, wd, bu, x, idx, valid = _case(family, d, cap, count, batch, 0, dtype, n)
@@ -109,7 +114,8 @@ def _weights_in(fmt, wg, wu, wd):
 
 
 @pytest.mark.parametrize("fmt", ["bfloat16", "float16", "int8", "int4"])
-@pytest.mark.parametrize("family,batch,split_d", [("reglu", None, 1), ("relu", 2, 2), ("drelu", None, 3)])
+@pytest.mark.parametrize("family,batch,split_d", [("reglu", None, 1), ("relu", 2, 2), ("drelu", None, 3),
+                                                  ("swiglu", None, 1)])
 def test_pallas_reads_stored_formats(fmt, family, batch, split_d):
     """Widening and dequantization in registers match dequantize-then-f32 (f32 rounding only)."""
     wg, wu, wd, bu, x, idx, valid = _case(family, 192, 40, 29, batch, 5)

@@ -15,8 +15,13 @@ def _np_dense(family, wg, wu, wd, x, bu=None, bd=None):
     if family == "relu":
         h = np.maximum(u + (0 if bu is None else bu), 0)
     else:
-        g = np.maximum(x @ wg.T, 0)
-        h = g * (u if family == "reglu" else np.maximum(u, 0))
+        g = x @ wg.T
+        if family == "swiglu":
+            h = g / (1 + np.exp(-g)) * u
+        elif family == "geglu":  # tanh-GELU, as Gemma's gelu_pytorch_tanh
+            h = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3))) * u
+        else:
+            h = np.maximum(g, 0) * (u if family == "reglu" else np.maximum(u, 0))
     y = h @ wd
     return y if bd is None else y + bd
 
@@ -81,7 +86,7 @@ def test_gather_and_axpy_match_numpy():
 def test_family_checks():
     wg, wu, wd, bu = R.random_ffn_weights("reglu", 8, 4)
     with pytest.raises(ValueError):
-        R.dense_ffn_ref("swiglu", wg, wu, wd, np.ones(4, np.float32))
+        R.dense_ffn_ref("gelu", wg, wu, wd, np.ones(4, np.float32))
     with pytest.raises(ValueError):
         R.dense_ffn_ref("relu", wg, wu, wd, np.ones(4, np.float32))
     with pytest.raises(ValueError):
