@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 LABELS = {"dense": "dense, all on device", "offload": "dense layer offload (-ngl)",
-          "hybrid": "hybrid sparse (predicted)", "transformers": "transformers eager (torch)"}
+          "hybrid": "hybrid sparse (predicted)", "transformers": "transformers eager (torch)",
+          "cats": "CATS (threshold oracle: gate dense, up/down above the threshold)"}
 
 
 def _f(v, fmt="{:.2f}"):
@@ -51,7 +52,8 @@ def model_markdown(m: dict) -> str:
               f"{s['ideal_ratio']:.2f}x (**{s['share_of_ideal']:.0%}** of it); hybrid at "
               f"**{s['hybrid_achieved_over_floor']:.0%}** of its floor (median over budgets). Dense decode "
               f"{_f(s['dense_decode_tok_s'])} tok/s, transformers eager {_f(s['transformers_decode_tok_s'])} tok/s "
-              f"(medians over all rounds); ours / transformers **{_f(s['dense_over_transformers'])}x**.", ""]
+              f"(medians over all rounds); ours / transformers **{_f(s['dense_over_transformers'])}x**."
+              + (f" CATS / dense **{s['cats_over_dense']:.2f}x** (pooled)." if s.get("cats_over_dense") else ""), ""]
     return "\n".join(lines)
 
 

@@ -44,12 +44,13 @@ def bundled_subject(bundle_path: str, prompt_len: int, corpus: str | None = None
 
     rates = b.counts / max(b.tokens, 1)
     return Subject(
-        name="bundled", description=f"{_shown(b.model_dir)} (bundle {_shown(bundle_path)})", cfg=cfg, host_params=host,
+        name="bundled" if not cfg.needs_act_threshold else "bundled-silu", description=f"{_shown(b.model_dir)} (bundle {_shown(bundle_path)})", cfg=cfg, host_params=host,
         predictors=[jax.tree.map(np.asarray, p) for p in preds.params], thresholds=list(preds.thresholds),
         predicted_ratio=[lp.metrics.get("ratio") or 1.5 for lp in preds.layers], rates=rates,
         prompt_ids=prompt, hf_model=hf_model,
         quality_note="real model: quality in bin/eval", stored_format=matrix_format(b.model_dir, cfg),
-        extra={"activity": summarize(b.counts, b.tokens)["mean"], "rates_for_plot": rates})
+        extra={"activity": summarize(b.counts, b.tokens)["mean"], "rates_for_plot": rates},
+        act_thresholds=b.act_thresholds)
 
 
 def synthetic_subject(layers: int, vocab: int, predictor_rank: int, prompt_len: int, seed: int = 0,

@@ -29,7 +29,7 @@ from powerinfer_jax.params import ModelParams
 from powerinfer_jax.sparse_ffn import PredictorParams
 
 DTYPE = "float32"  # the default weight format of the budget suite (--dtype/--quantize choose another)
-CONFIGS = ("dense", "offload", "hybrid", "transformers")
+CONFIGS = ("dense", "offload", "hybrid", "cats", "transformers")  # cats: threshold (SwiGLU) models only
 
 
 @dataclasses.dataclass
@@ -49,6 +49,7 @@ class Subject:
     quality_note: str = ""
     stored_format: str = "float32"  # the checkpoint's precision ("auto" resolves to it)
     extra: dict = dataclasses.field(default_factory=dict)
+    act_thresholds: list[float] | None = None  # SwiGLU/GeGLU: per-layer |act(gate x)| thresholds (bundle)
     formats: dict = dataclasses.field(default_factory=dict, repr=False)  # host_in's cache
 
     def host_in(self, fmt: str) -> ModelParams:
@@ -111,8 +112,12 @@ def build_engines(s: Subject, b: Budget, max_seq_len: int, fmt: str = DTYPE) -> 
     caps = predicted_capacities(s.rates, b.hot_indices, s.predicted_ratio)
     hybrid = build_hybrid_engine(cfg, host, mode="predicted", hot_indices=b.hot_indices,
                                  predictors=s.predictors, thresholds=s.thresholds, capacities=caps,
-                                 max_seq_len=max_seq_len)
-    return {"offload": offload, "hybrid": hybrid}
+                                 max_seq_len=max_seq_len, act_thresholds=s.act_thresholds)
+    engines = {"offload": offload, "hybrid": hybrid}
+    if s.act_thresholds is not None:  # CATS: the same placement, the gate dense and up/down above the threshold
+        engines["cats"] = build_hybrid_engine(cfg, host, mode="oracle", hot_indices=b.hot_indices,
+                                              max_seq_len=max_seq_len, act_thresholds=s.act_thresholds)
+    return engines
 
 
 def run_engine(engine: Engine, prompt: Sequence[int], new_tokens: int) -> dict:
@@ -160,7 +165,11 @@ def roofline_row(s: Subject, name: str, res: dict, attend_len: int, bw: float, f
     """Adds bytes touched per token, the time floor and achieved/floor to a config's result."""
     cfg = s.cfg
     table = s.host_in(fmt).embed.fmt
-    if name == "hybrid":
+    if name == "cats":  # every gate row, up and down rows of the computed neurons: in whole-neuron units
+        neurons = (cfg.num_layers * cfg.intermediate_size + 2 * res["ffn_computed_per_token"]) / 3
+        nbytes = roofline.decode_bytes(cfg, fmt, ffn_neurons_per_token=neurons, attend_len=attend_len,
+                                       table_dtype=table)
+    elif name == "hybrid":
         nbytes = roofline.decode_bytes(cfg, fmt, ffn_neurons_per_token=res["ffn_computed_per_token"],
                                        predictor_bytes=roofline.predictor_bytes(s.predictor_shapes(), fmt),
                                        attend_len=attend_len, ffn_index=True,
@@ -226,7 +235,7 @@ def bench_subject(s: Subject, fractions: Sequence[float], *, repeats: int, new_t
             "budgets": rows, "summary": summarize_goals(rows), **s.extra}
 
 
-PAIRS = (("hybrid", "dense"), ("hybrid", "offload"), ("dense", "transformers"))
+PAIRS = (("hybrid", "dense"), ("hybrid", "offload"), ("dense", "transformers"), ("cats", "dense"))
 
 
 def paired_ratios(runs: dict[str, list[dict]]) -> dict[str, list[float]]:
@@ -267,7 +276,7 @@ def summarize_goals(rows: list[dict]) -> dict:
             "hybrid_over_dense": pooled["hybrid_over_dense"], "ideal_ratio": ideal,
             "share_of_ideal": pooled["hybrid_over_dense"] / ideal,
             "hybrid_achieved_over_floor": float(np.median([g["hybrid_achieved_over_floor"] for g in per_budget])),
-            "per_budget": per_budget}
+            "cats_over_dense": pooled.get("cats_over_dense"), "per_budget": per_budget}
 
 
 def collect_residuals(params: ModelParams, cfg: ModelConfig, tokens: np.ndarray) -> list[np.ndarray]:

@@ -161,6 +161,10 @@ def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: Placemen
         import shutil
 
         shutil.rmtree(os.path.join(profile_dir, "samples"), ignore_errors=True)
+    if old and not same_inputs:  # placements of another model or corpus: a load must never find them by name
+        import shutil
+
+        shutil.rmtree(os.path.join(out_dir, "placements"), ignore_errors=True)
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -551,32 +551,39 @@ def save_predictors(preds: Predictors, out_dir: str) -> str:
     return out_dir
 
 
-_EXPORT_NAME = re.compile(r"activation_\d+\.safetensors")
+_EXPORT_NAME = re.compile(r"model_\d+\.pt|config\.json")
 
 
-def export_powerinfer(preds: Predictors, out_dir: str, dtype: str = "float32") -> list[str]:
-    """Writes activation_{l}.safetensors (fc1.weight [r, d], fc2.weight [n_ff, r]) per layer."""
-    from safetensors.numpy import save_file
-
+def export_powerinfer(preds: Predictors, out_dir: str, dtype: str = "float16") -> list[str]:
+    """Writes the predictors as the reference system's predictor folder: per layer `model_<l>.pt`, a torch
+    state dict {fc1.weight [r, d], fc2.weight [n_ff, r]} (its files are float16), and `config.json` with
+    `sparse_threshold` (one for every layer: the lowest of ours, so no layer loses recall; PowerInfer
+    compares the logits with it). `offline/powerinfer_import.py` reads such a folder back (tested)."""
+    try:
+        import torch
+    except ImportError:
+        raise ArgumentError("exporting PowerInfer's .pt files needs torch (not a dependency of powerinfer-jax): "
+                            "pip install torch") from None
     if dtype not in ("float32", "float16"):
         raise ArgumentError(f"export dtype must be float32 or float16 (PowerInfer's converter), got {dtype!r}")
     os.makedirs(out_dir, exist_ok=True)
-    # PowerInfer infers the layer count from the number of files in the folder: refuse strangers.
+    # PowerInfer infers the layer count from the number of .pt files in the folder: refuse strangers.
     others = [n for n in os.listdir(out_dir) if not _EXPORT_NAME.fullmatch(n)]
     if others:
         raise ArgumentError(f"{out_dir} holds other files ({', '.join(sorted(others)[:5])}); PowerInfer counts the "
                          "files of its predictor folder, so export into an empty folder")
     paths = []
+    tdtype = {"float32": torch.float32, "float16": torch.float16}[dtype]
     for lp in preds.layers:
-        tensors = {
-            "fc1.weight": np.ascontiguousarray(np.asarray(lp.params.fc1, np.float32).T.astype(dtype)),
-            "fc2.weight": np.ascontiguousarray(np.asarray(lp.params.fc2, np.float32).T.astype(dtype)),
+        state = {
+            "fc1.weight": torch.from_numpy(np.ascontiguousarray(np.asarray(lp.params.fc1, np.float32).T)).to(tdtype),
+            "fc2.weight": torch.from_numpy(np.ascontiguousarray(np.asarray(lp.params.fc2, np.float32).T)).to(tdtype),
         }
-        meta = {"format": "powerinfer-predictor", "layer": str(lp.layer), "rank": str(lp.rank),
-                "threshold": repr(float(lp.threshold))}
-        path = os.path.join(out_dir, f"activation_{lp.layer}.safetensors")
-        save_file(tensors, path, metadata=meta)
+        path = os.path.join(out_dir, f"model_{lp.layer}.pt")
+        torch.save(state, path)
         paths.append(path)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({"sparse_threshold": min(float(lp.threshold) for lp in preds.layers)}, f, indent=2)
     return paths
 
 

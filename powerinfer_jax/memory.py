@@ -98,8 +98,8 @@ def fixed_groups(cfg: ModelConfig, dtype: str, predictor_bytes: int, max_context
         if e != d:
             embed += matrix_bytes(dtype, d, e) + matrix_bytes(dtype, e, d)
     attn = matrix_bytes(dtype, q_out + 2 * kv_out, d) + matrix_bytes(dtype, d, q_out)
-    if cfg.attention_bias:
-        attn += 4 * (q_out + 2 * kv_out + d)
+    if cfg.attention_bias or cfg.qkv_bias:  # float32 vectors: q/k/v biases (Qwen2), and o_proj's when all four
+        attn += 4 * (q_out + 2 * kv_out + (d if cfg.attention_bias else 0))
     norm_vecs = 2 if cfg.family == "opt" else 1  # LayerNorm has a bias
     norms = (2 * L + (1 if cfg.final_layer_norm or cfg.family == "llama" else 0)) * d * norm_vecs
     if cfg.family == "opt":

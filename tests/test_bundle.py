@@ -78,6 +78,26 @@ def test_new_budget_only_resolves_placement(prepared, tiny):
     assert m2["current_placement"] in m2["placements"]
 
 
+def test_changed_corpus_drops_old_placements(prepared, tiny, tmp_path):
+    """Placements solved from another corpus's profile are deleted, so a load cannot find one by its name."""
+    import shutil
+
+    out, manifest, _ = prepared
+    model_dir, corpus, _ = tiny
+    from powerinfer_jax.config import load_config
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    ps = bundle.PlacementSettings(budget_bytes=_budget(load_config(model_dir), 0.3, manifest["predictor_bytes"], 1024),
+                                  batch=16)
+    bundle.prepare(model_dir, [corpus], copy, ps, PROFILE, PRED, log=lambda m: None)
+    assert load_bundle(copy).stored_placement(ps) is not None
+    other = tmp_path / "other.txt"
+    other.write_text(open(corpus, encoding="utf-8").read()[::-1])
+    m = bundle.prepare(model_dir, [str(other)], copy, None, PROFILE, PRED, log=lambda m: None)
+    assert m["placements"] == [] and load_bundle(copy).stored_placement(ps) is None
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
 def test_predicted_engine_respects_the_budget(prepared, fraction):
     out, manifest, _ = prepared

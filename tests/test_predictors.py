@@ -190,16 +190,27 @@ def test_save_load_bfloat16(tmp_path):
 
 
 def test_export_powerinfer(trained, tmp_path):
+    """The export is the reference's predictor folder; offline.powerinfer_import reads it back exactly."""
+    import torch
+
+    from offline import powerinfer_import as PI
+
     _, _, preds, _ = trained
-    paths = P.export_powerinfer(preds, str(tmp_path / "pi"))
-    assert sorted(os.listdir(tmp_path / "pi")) == [f"activation_{l}.safetensors" for l in range(2)]
+    paths = P.export_powerinfer(preds, str(tmp_path / "pi"), dtype="float32")
+    assert sorted(os.listdir(tmp_path / "pi")) == ["config.json"] + [f"model_{l}.pt" for l in range(2)]
     for lp, path in zip(preds.layers, paths):
-        with safe_open(path, "np") as f:
-            fc1, fc2 = f.get_tensor("fc1.weight"), f.get_tensor("fc2.weight")
-            assert float(f.metadata()["threshold"]) == lp.threshold
+        state = torch.load(path, weights_only=True)
+        assert set(state) == {"fc1.weight", "fc2.weight"}
+        fc1, fc2 = state["fc1.weight"].numpy(), state["fc2.weight"].numpy()
         assert fc1.shape == (lp.rank, D) and fc2.shape == (NFF, lp.rank)  # torch Linear [out, in]
         np.testing.assert_array_equal(fc1, np.asarray(lp.params.fc1).T)
         np.testing.assert_array_equal(fc2, np.asarray(lp.params.fc2).T)
+    files = PI.find_files(str(tmp_path / "pi"), 2)
+    back = PI.read_predictors(files, D, NFF)
+    assert back.layers[0].threshold == min(lp.threshold for lp in preds.layers)
+    for a, b in zip(preds.layers, back.layers):
+        np.testing.assert_array_equal(np.asarray(b.params.fc1), np.asarray(a.params.fc1))
+        np.testing.assert_array_equal(np.asarray(b.params.fc2), np.asarray(a.params.fc2))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="empty folder"):
@@ -232,7 +243,7 @@ def test_cli(tmp_path):
     report = json.load(open(os.path.join(out, "report.json")))
     assert len(report["layers"]) == 1 and report["totals"]["within_budget"]
     assert os.path.isfile(os.path.join(out, "predictors.json"))
-    assert os.listdir(tmp_path / "pi") == ["activation_0.safetensors"]
+    assert sorted(os.listdir(tmp_path / "pi")) == ["config.json", "model_0.pt"]
     r = _cli("--profile", str(tmp_path / "missing"), "--out", out, "--model_params", "100000")
     assert r.returncode == 2 and "profile folder not found" in r.stderr
 

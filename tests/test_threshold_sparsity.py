@@ -123,3 +123,26 @@ def test_prepare_calibrates_profiles_and_predicts(tmp_path):
     assert "thresholds: up to date, re-used" in logs and "profile: up to date, re-used" in logs
     with pytest.raises(ArgumentError, match="target_sparsity"):
         offline_bundle.prepare(model_dir, [str(corpus)], str(tmp_path / "b2"), None, prof, pred)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma"])
+def test_qwen2_and_gemma_are_threshold_sparse(family, tmp_path):
+    """Qwen2 (SwiGLU, q/k/v biases) and Gemma (tanh-GeGLU): the CATS oracle equals the thresholded dense
+    model, and the memory plan counts exactly what the engine holds (Qwen2's q/k/v biases included)."""
+    from hf_models import make_gemma, make_qwen2
+    from powerinfer_jax import memory
+
+    (make_qwen2 if family == "qwen2" else make_gemma)(str(tmp_path))
+    dense = pij.load(str(tmp_path), max_seq_len=64, dtype="float32")
+    cfg = dense.cfg
+    assert cfg.needs_act_threshold
+    windows = np.random.default_rng(0).integers(3, cfg.vocab_size, (4, 32)).astype(np.int32)
+    cal = T.calibrate(dense.params, cfg, windows, 0.6)
+    eng = pij.load(str(tmp_path), sparsity="oracle", act_thresholds=cal["values"], max_seq_len=64, dtype="float32")
+    ref = Engine(cfg, dense.params, ffn_fn=thresholded_ffn_fn(cfg, cal["values"]), max_seq_len=64)
+    ids = [1] + np.random.default_rng(2).integers(3, cfg.vocab_size, 15).tolist()
+    want = ref.logits(ids)
+    got = eng.logits(ids)
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+    fixed = dict(memory.fixed_groups(cfg, "float32", 0, 64))
+    assert eng.memory_report()["device"]["attention"] == fixed["attention"]
