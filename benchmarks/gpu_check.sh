@@ -11,7 +11,10 @@
 #   6. one 7B layer's host time, device time and layer time with the host part overlapped or not, and
 #      the launch/collect trace (benchmarks/bench_hybrid_layer.py) -> hybrid_layer_gpu.json;
 #   7. serving through the continuous batcher, 1/4/16 clients, dense and hybrid, bundled and 7B-shaped
-#      (benchmarks/bench_serve.py; on a GPU a 16-row step should cost about a 1-row one) -> serve_gpu.*.
+#      (benchmarks/bench_serve.py; on a GPU a 16-row step should cost about a 1-row one) -> serve_gpu.*;
+#   8. threshold sparsity (issue #13) on the GPU: the SwiGLU bundled model at every budget, dense / offload /
+#      hybrid predicted / CATS oracle (Pallas hot rows masked by |silu(gate x)|, host CATS for cold rows)
+#      -> bench_silu_gpu/; the question it answers: CATS or predicted, faster at equal quality on a GPU?
 # Every step has its own time limit and the script goes on past a failure, so one run gives
 # everything it can.
 set -uo pipefail
@@ -43,5 +46,9 @@ fi
 if [ "${SKIP_SERVE:-0}" != 1 ]; then
   timeout "${SERVE_TIMEOUT:-300}" python3 benchmarks/bench_serve.py --repeats 2 --requests_per_client 1 \
     --out "$OUT/serve_gpu" 2>&1 | grep -v "^I1\|^W1" | tail -40 | tee "$OUT/serve_gpu.log"
+fi
+if [ "${SKIP_SILU:-0}" != 1 ]; then
+  timeout "${SILU_TIMEOUT:-240}" bin/bench --models bundled-silu --out_dir "$OUT/bench_silu_gpu" --tag gpu \
+    --repeats 3 2>&1 | grep -v "^I1\|^W1" | tail -40 | tee "$OUT/bench_silu_gpu.log"
 fi
 echo "gpu_check done"

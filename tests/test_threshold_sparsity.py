@@ -45,8 +45,8 @@ def test_calibration_hits_the_target(silu_model):
     assert abs((a <= cal["values"][1]).mean() - 0.5) < 0.01
 
 
-@pytest.mark.parametrize("kernel", ["numba", "xla"])
-@pytest.mark.parametrize("fraction", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("kernel,fraction", [("numba", 0.0), ("numba", 0.4), ("numba", 1.0), ("xla", 0.0),
+                                             ("xla", 0.4), ("xla", 1.0), ("pallas", 0.4)])
 def test_cats_oracle_equals_thresholded_dense(silu_model, kernel, fraction):
     path, dense, cal = silu_model
     cfg = dense.cfg
