@@ -54,11 +54,16 @@ def bundled_subject(bundle_path: str, prompt_len: int, corpus: str | None = None
 
 
 def synthetic_subject(layers: int, vocab: int, predictor_rank: int, prompt_len: int, seed: int = 0,
-                      calib_tokens: int = 256, log=print, shape: dict | None = None, **rate_kw) -> Subject:
+                      calib_tokens: int = 256, log=print, shape: dict | None = None, ffn_kind: str = "reglu",
+                      target_sparsity: float | None = None, **rate_kw) -> Subject:
     """The LLaMA-7B-shaped model with calibrated power-law predictors; its text means nothing.
 
-    `shape` overrides the layer dimensions (hidden, ffn, heads), for tests."""
-    cfg = synthetic.synthetic_config(layers=layers, vocab=vocab, **(shape or {}))
+    `shape` overrides the layer dimensions (hidden, ffn, heads), for tests. `ffn_kind="swiglu"` with
+    `target_sparsity`: a SwiGLU model whose activation thresholds are calibrated to that sparsity on random
+    tokens (the CATS row) and whose predictors fire on 1 - target_sparsity of neurons per token."""
+    if ffn_kind == "swiglu":
+        rate_kw["mean_active"] = 1.0 - target_sparsity
+    cfg = synthetic.synthetic_config(layers=layers, vocab=vocab, ffn_kind=ffn_kind, **(shape or {}))
     log(f"[synthetic] building {layers} layers (d={cfg.hidden_size}, n_ff={cfg.intermediate_size}, "
         f"{cfg.num_heads} heads), predictor rank {predictor_rank}")
     m = synthetic.build_synthetic(cfg, predictor_rank=predictor_rank, seed=seed, **rate_kw)
@@ -68,6 +73,13 @@ def synthetic_subject(layers: int, vocab: int, predictor_rank: int, prompt_len: 
     synthetic.calibrate_predictors(m, calib)
     check = collect_residuals(params, cfg, rng.integers(3, vocab, calib_tokens // 2).astype(np.int32))
     measured = synthetic.predicted_rates(m, check)
+    act = None
+    if ffn_kind == "swiglu":
+        from offline.thresholds import calibrate
+
+        windows = rng.integers(3, vocab, (2, calib_tokens)).astype(np.int32)
+        act = calibrate(params, cfg, windows, target_sparsity, batch=1)["values"]
+        log(f"[synthetic] activation thresholds for {target_sparsity:.0%} sparsity: {[round(v, 4) for v in act]}")
     del params
     gc.collect()
     log(f"[synthetic] predicted-active fraction on fresh tokens: {measured.mean():.3f} (designed "
@@ -80,8 +92,9 @@ def synthetic_subject(layers: int, vocab: int, predictor_rank: int, prompt_len: 
 
     top = int(round(0.2 * cfg.intermediate_size))
     return Subject(
-        name="synthetic-7b-shape",
-        description=(f"random LLaMA-ReGLU, {layers} layers of d={cfg.hidden_size}, n_ff={cfg.intermediate_size}, "
+        name="synthetic-7b-shape" if ffn_kind == "reglu" else f"synthetic-7b-silu-{round(100 * target_sparsity)}",
+        act_thresholds=act,
+        description=(f"random LLaMA-{'ReGLU' if ffn_kind == 'reglu' else 'SwiGLU'}, {layers} layers of d={cfg.hidden_size}, n_ff={cfg.intermediate_size}, "
                      f"{cfg.num_heads} heads (LLaMA-7B's are 4096/11008/32), vocab {vocab}, float32; predictors "
                      f"rank {predictor_rank} with power-law firing rates"),
         cfg=cfg, host_params=m.params, predictors=m.predictors, thresholds=[0.0] * layers,

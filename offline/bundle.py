@@ -94,10 +94,11 @@ def write_engine_weights(bundle_dir: str, model_dir: str, dtype: str = "auto", q
 def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: PlacementSettings | None,
             profile_settings: profiler.ProfileSettings = profiler.ProfileSettings(),
             predictor_settings=None, keep_samples: bool = True, log=print,
-            target_sparsity: float | None = None) -> dict:
+            target_sparsity: float | None = None, attention_sparsity: float | None = None) -> dict:
     """Profile -> predictors -> placement into `out_dir`, re-using finished steps; returns the manifest.
     A SwiGLU/GeGLU model needs `target_sparsity`: per-layer activation thresholds are calibrated to it
-    first (stored in the manifest) and define what the profiler counts as active."""
+    first (stored in the manifest) and define what the profiler counts as active. `attention_sparsity`:
+    also calibrate TEAL's attention input thresholds to it (`pij.load(attention_sparsity=True)`)."""
     from offline import pipeline
     from offline import predictors as predictors_lib
     from powerinfer_jax.config import load_config
@@ -134,6 +135,17 @@ def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: Placemen
     elif target_sparsity is not None:
         raise ArgumentError(f"--target_sparsity is for SwiGLU/GeGLU models; {model_dir} has a {cfg.ffn_kind!r} FFN, "
                             "whose sparsity is its ReLU's")
+    attn = None
+    if attention_sparsity is not None:
+        if cfg.family != "llama":
+            raise ArgumentError("--attention_sparsity supports LLaMA-family models (fused q/k/v), not OPT")
+        attn = old.get("attention_input_thresholds")
+        if same_inputs and isinstance(attn, dict) and attn.get("target_sparsity") == float(attention_sparsity):
+            log("attention thresholds: up to date, re-used")
+        else:
+            log(f"attention thresholds: calibrating to {attention_sparsity:.0%} input sparsity")
+            attn = pipeline.run_calibration(model_dir, corpus, float(attention_sparsity), profile_settings,
+                                            attention=True)
     pred_cfg = dataclasses.asdict(predictor_settings)
     preds_dir = os.path.join(out_dir, "predictors")
     preds_current = old.get("predictor_settings") == pred_cfg and same_inputs and os.path.isdir(preds_dir)
@@ -177,6 +189,7 @@ def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: Placemen
                    "sha256": corpus_hash},
         "profile_settings": prof_cfg,
         "activation_thresholds": act,
+        "attention_input_thresholds": attn,
         "predictor_settings": pred_cfg,
         "predictor_bytes": preds.nbytes,
         "tools": tool_versions(),

@@ -62,6 +62,7 @@ class EvalSettings:
     thresholds: tuple[float, ...] = ()  # extra predicted runs, each threshold applied to every layer
     max_tokens: int = 2048  # scored tokens (perplexity targets)
     window: int = 128  # tokens per window, BOS included; also the engines' context
+    attention_sparsity: bool = False  # also every mode with TEAL attention input sparsity ("<mode>+attn" runs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +298,8 @@ def run_plan(s: EvalSettings) -> list[tuple[str, float | None]]:
         plan.append((mode, None))
         if mode == "predicted":
             plan += [(mode, t) for t in s.thresholds]
+    if s.attention_sparsity:  # the same modes with attention inputs sparse too: compared with FFN-only
+        plan += [(mode + "+attn", None) for mode in s.modes]
     return plan
 
 
@@ -321,6 +324,9 @@ def evaluate(bundle: str | None = None, model: str | None = None, text_path: str
                         + "; run bin/prepare and pass the bundle with --bundle")
     if any(m != "dense" for m in s.modes):
         check_sparse_model(src.model_dir)
+    if s.attention_sparsity and (src.bundle is None or src.bundle.attention_input_thresholds is None):
+        raise EvalError(f"--attention_sparsity needs a bundle with attention input thresholds: run bin/prepare "
+                        f"--attention_sparsity 0.5 on {src.path}")
     precision = dict(precision or {})
     if bundle_model is not None:
         precision["bundle_model_dir"] = bundle_model
@@ -359,15 +365,17 @@ def evaluate(bundle: str | None = None, model: str | None = None, text_path: str
     runs = []
     try:
         for mode, thr in plan:
-            label = "n/a" if mode != "predicted" else ("calibrated" if thr is None else _fmt_thr(thr))
+            base, attn = mode.removesuffix("+attn"), mode.endswith("+attn")
+            label = "n/a" if base != "predicted" else ("calibrated" if thr is None else _fmt_thr(thr))
             if bar is not None:
-                bar.set_postfix_str(f"{mode} {label}" if mode == "predicted" else mode)
-            engine = dense if mode == "dense" else pij.load(src.path, sparsity=mode, threshold=thr,
-                                                            max_seq_len=s.window, **precision)
+                bar.set_postfix_str(f"{mode} {label}" if base == "predicted" else mode)
+            engine = dense if mode == "dense" else pij.load(src.path, sparsity=base, threshold=thr,
+                                                            max_seq_len=s.window, attention_sparsity=attn,
+                                                            **precision)
             r = _perplexity_run(engine, ids, s.window, bos, bar)
             del engine
             r.update(mode=mode, threshold=label, threshold_value=thr)  # value None: calibrated or n/a
-            if mode == "predicted":
+            if base == "predicted":
                 ms = [t for row in layers for t in row["thresholds"] if t["setting"] == label]
                 r["mean_recall"] = float(np.mean([m["recall"] for m in ms])) if ms else None
                 r["mean_pred_frac"] = float(np.mean([m["pred_frac"] for m in ms])) if ms else None

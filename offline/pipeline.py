@@ -45,9 +45,11 @@ def check_sparse_model(model_dir: str) -> None:
 
 
 def run_calibration(model_dir: str, corpus: list[str] | None, target_sparsity: float,
-                    settings: profiler.ProfileSettings, dtype: str = "float32", max_tokens: int = 32768) -> dict:
+                    settings: profiler.ProfileSettings, dtype: str = "float32", max_tokens: int = 32768,
+                    attention: bool = False) -> dict:
     """SwiGLU/GeGLU: per-layer activation thresholds for `target_sparsity` on (the first `max_tokens`
-    tokens of) the corpus, with a progress bar (`offline.thresholds.calibrate`)."""
+    tokens of) the corpus, with a progress bar (`offline.thresholds.calibrate`); `attention`: TEAL's
+    attention input thresholds instead (`calibrate_attention_inputs`)."""
     import powerinfer_jax as pij
     from tqdm import tqdm
 
@@ -58,6 +60,9 @@ def run_calibration(model_dir: str, corpus: list[str] | None, target_sparsity: f
     windows = profiler.make_windows(ids, settings.window, engine.tokenizer.bos_token_id)
     windows = windows[: max(1, min(max_tokens, settings.max_tokens) // settings.window)]
     with tqdm(total=windows.size, desc="calibrating thresholds", unit="tok") as bar:
+        if attention:
+            return thresholds.calibrate_attention_inputs(engine.params, engine.cfg, windows, target_sparsity,
+                                                         settings.batch, bar)
         return thresholds.calibrate(engine.params, engine.cfg, windows, target_sparsity, settings.batch, bar)
 
 

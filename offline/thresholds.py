@@ -78,3 +78,30 @@ def calibrate(params: ModelParams, cfg: ModelConfig, windows: np.ndarray, target
                 for l, v in enumerate(values)]
     return {"values": values, "target_sparsity": float(target_sparsity), "tokens": int(windows.size),
             "achieved": achieved}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _abs_attention_inputs(params: ModelParams, cfg: ModelConfig, tokens: jax.Array):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    _, _, ex = forward(params, cfg, tokens, positions, collect=True)
+    return jnp.abs(jnp.stack(ex["attn_in"])), jnp.abs(jnp.stack(ex["attn_o_in"]))  # [L, B, T, d], [L, B, T, q]
+
+
+def calibrate_attention_inputs(params: ModelParams, cfg: ModelConfig, windows: np.ndarray, target_sparsity: float,
+                               batch: int = 8, progress=None) -> dict:
+    """TEAL: per-layer thresholds on |x| of the q/k/v input and of the o input making each `target_sparsity`
+    sparse on `windows`. Returns {"values": [L][2], "target_sparsity", "tokens"}."""
+    if not 0.0 < target_sparsity < 1.0:
+        raise ArgumentError(f"attention input sparsity must be in (0, 1), got {target_sparsity}")
+    L = cfg.num_layers
+    hist = np.zeros((L, 2, BINS), np.int64)
+    for i in range(0, len(windows), batch):
+        chunk = np.asarray(windows[i : i + batch])
+        for j, acts in enumerate(_abs_attention_inputs(params, cfg, jnp.asarray(chunk))):
+            acts = np.asarray(acts)
+            for l in range(L):
+                hist[l, j] += np.bincount(_bin_of(acts[l].ravel()), minlength=BINS)
+        if progress is not None:
+            progress.update(chunk.size)
+    values = [[quantile_from_histogram(hist[l, j], target_sparsity) for j in range(2)] for l in range(L)]
+    return {"values": values, "target_sparsity": float(target_sparsity), "tokens": int(windows.size)}

@@ -99,12 +99,12 @@ def slice_rows(w: Weight, r0: int, r1: int) -> Weight:
     return Weight(w.data[r0:r1], None if w.scale is None else w.scale[r0:r1], w.fmt, w.cols)
 
 
-def _host_linear_t(hw: Weight, h: np.ndarray, out: np.ndarray) -> None:
+def _host_linear_t(hw: Weight, h: np.ndarray, out: np.ndarray, skip_zero: bool = False) -> None:
     from ops.host_kernels import BLAS_MIN_TOKENS, host_axpy_down, one_blas_thread
 
     rows = hw.data.shape[0]
     if h.shape[0] < BLAS_MIN_TOKENS:
-        host_axpy_down(hw, _all_rows(rows), rows, h, out=out, skip_zero_rows=False)
+        host_axpy_down(hw, _all_rows(rows), rows, h, out=out, skip_zero_rows=skip_zero)
         return
     out[...] = 0.0
     with one_blas_thread():
@@ -125,12 +125,15 @@ def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
     return y if b is None else y + b.astype(f32)
 
 
-def linear_t(h: jax.Array, w) -> jax.Array:
-    """h [..., R] @ w in float32 (``w [R, K]``: the transposed down projection's axpy form)."""
+def linear_t(h: jax.Array, w, skip_zero: bool = False) -> jax.Array:
+    """h [..., R] @ w in float32 (``w [R, K]``: the transposed down projection's axpy form). With
+    `skip_zero`, the host kernel never reads the rows of w whose h entry is zero for every token
+    (input sparsity: TEAL's attention projections)."""
     lead, R = h.shape[:-1], h.shape[-1]
     h2 = h.reshape(-1, R).astype(f32)
     if uses_host_kernel(w):
-        y = _callback(_host_linear_t, w, h2, w.cols)
+        kernel = functools.partial(_host_linear_t, skip_zero=True) if skip_zero else _host_linear_t
+        y = _callback(kernel, w, h2, w.cols)
     else:
         y = h2 @ _dense(w)  # `h @ rows`, not `rows.T @ h` (3 ms vs 20 ms on XLA:CPU)
     return y.reshape(lead + (y.shape[-1],))

@@ -69,6 +69,8 @@ def load(
     bundle_model_dir: str | os.PathLike | None = None,
     devices=None,
     act_thresholds=None,
+    attention_sparsity: bool = False,
+    attn_input_thresholds=None,
 ) -> Engine:
     """Loads an HF model folder or a prepared bundle (from bin/prepare) into an Engine.
 
@@ -85,6 +87,10 @@ def load(
     act_thresholds: SwiGLU/GeGLU models only: per-layer thresholds on |act(gate x)| that define an
       active neuron (default: the bundle's, calibrated by `bin/prepare --target_sparsity`). Sparse
       modes on such a model need them; "oracle" then computes exactly the neurons above them.
+    attention_sparsity: TEAL-style input sparsity of the attention projections at decode: entries of the
+      q/k/v and o inputs at or below per-layer thresholds are zeroed and their weight rows never read
+      (q/k/v/o are stored transposed for it). Thresholds: `attn_input_thresholds` ([L][2]), else the
+      bundle's (`bin/prepare --attention_sparsity`). Prompts stay exact.
     offload_layers: llama.cpp-style baseline: the last N layers on the device, the other
       layers' dense FFNs on the host (ignores the budget).
     devices: an int (the first N of jax.devices()) or a list of devices: a 1-D mesh; each device
@@ -114,6 +120,7 @@ def load(
     cfg = load_config(path)
     checks.hybrid_arguments(cfg, bundle, sparsity, device_memory_budget, offload_layers)
     act_thresholds = checks.act_thresholds(cfg, bundle, sparsity, act_thresholds)
+    attn_thr = checks.attn_input_thresholds(cfg, bundle, attention_sparsity, attn_input_thresholds)
     check_finite_weights(path, cfg, check_finite, dtype, quantize, bundle.path if bundle is not None else None)
     tokenizer = None
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
@@ -123,6 +130,10 @@ def load(
     if not hybrid:
         params = load_model_params(path, cfg, dtype=dtype, quantize=quantize,
                                    bundle_dir=bundle.path if bundle is not None else None)
+        if attn_thr is not None:
+            from powerinfer_jax.params import input_sparse_attention
+
+            params = input_sparse_attention(params, attn_thr)
         return Engine(cfg, params, tokenizer, max_seq_len=max_seq_len, model_dir=path, kv_dtype=kv_dtype)
     from powerinfer_jax import hybrid as hybrid_lib
 
@@ -131,4 +142,4 @@ def load(
         max_seq_len=max_seq_len,
         budget=device_memory_budget, threshold=threshold, offload_layers=offload_layers,
         placement_batch=placement_batch, min_hot=min_hot_per_split_layer, device_kernel=device_kernel,
-        devices=devices, act_thresholds=act_thresholds)
+        devices=devices, act_thresholds=act_thresholds, attn_input_thresholds=attn_thr)

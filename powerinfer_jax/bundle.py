@@ -145,6 +145,21 @@ class Bundle:
         return [float(v) for v in values]
 
     @property
+    def attention_input_thresholds(self) -> list[list[float]] | None:
+        """TEAL: per layer the thresholds on |x| of the q/k/v input and of the o input
+        (`bin/prepare --attention_sparsity`), or None."""
+        rec = self.manifest.get("attention_input_thresholds")
+        if rec is None:
+            return None
+        values = rec.get("values") if isinstance(rec, dict) else None
+        ok = isinstance(values, list) and len(values) == len(self.counts) and all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(t, (int, float)) and math.isfinite(t) and t >= 0
+                                                         for t in v) for v in values)
+        if not ok:
+            raise BundleError(f"{self.path}/{MANIFEST}: attention_input_thresholds is damaged; re-run bin/prepare")
+        return [[float(t) for t in v] for v in values]
+
+    @property
     def target_sparsity(self) -> float | None:
         """The FFN sparsity the activation thresholds were calibrated to (None for ReLU models)."""
         rec = self.manifest.get("activation_thresholds")

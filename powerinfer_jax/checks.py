@@ -232,3 +232,29 @@ def act_thresholds(cfg, bundle, sparsity, given) -> list[float] | None:
         raise ArgumentError(f"sparsity={sparsity!r} on a {cfg.ffn_kind} model needs per-layer activation thresholds: "
                             "load a bundle prepared with bin/prepare --target_sparsity (or pass act_thresholds=)")
     return values
+
+
+def attn_input_thresholds(cfg, bundle, enabled, given) -> list | None:
+    """The per-layer (q/k/v input, o input) thresholds of TEAL attention sparsity, when it is on: `given`,
+    else the bundle's; None when off. Refused when on with none, or when given while off."""
+    if not isinstance(enabled, bool):
+        raise ArgumentError(f"attention_sparsity must be True or False, got {enabled!r:.40}")
+    if given is not None and not enabled:
+        raise ArgumentError("attn_input_thresholds given but attention_sparsity is off: pass attention_sparsity=True")
+    if not enabled:
+        return None
+    if given is None:
+        given = bundle.attention_input_thresholds if bundle is not None else None
+        if given is None:
+            raise ArgumentError("attention_sparsity needs per-layer input thresholds: load a bundle prepared with "
+                                "bin/prepare --attention_sparsity (or pass attn_input_thresholds=)")
+    try:
+        values = np.asarray(given, np.float64)
+    except (TypeError, ValueError):
+        values = None
+    if values is None or values.shape != (cfg.num_layers, 2) or not (np.isfinite(values).all() and (values >= 0).all()):
+        raise ArgumentError(f"attn_input_thresholds must be {cfg.num_layers} pairs of finite numbers >= 0 "
+                            "(q/k/v input, o input), one pair per layer")
+    if cfg.family != "llama":
+        raise ArgumentError("attention_sparsity supports LLaMA-family models (fused q/k/v), not OPT")
+    return values.tolist()

@@ -126,8 +126,8 @@ class Engine:
         self._full = jax.jit(functools.partial(self._full_impl, cfg=cfg, ffn_fn=ffn_fn))
         self._step = jax.jit(functools.partial(self._step_impl, cfg=cfg, ffn_fn=ffn_fn),
                              static_argnames=("attend_len",), donate_argnames=("cache",))
-        # Sparse engines set this: their prompt path is dense, so scoring must use decode steps.
-        self.stepwise_logits = False
+        # Sparse engines (and input-sparse attention) score through decode steps: their prompt path is dense.
+        self.stepwise_logits = any(getattr(lp.attn, "wqkv_t", None) is not None for lp in params.layers)
 
     # ---- jitted bodies -------------------------------------------------------------
     @staticmethod

@@ -44,7 +44,7 @@ class HybridEngine(Engine):
         self.placement_info = placement_info or {}
         # Sparse modes must score sequences through the decode path (token by token), or the
         # prompt path (always dense) would hide what the sparse machinery does.
-        self.stepwise_logits = runtime.mode != "dense"
+        self.stepwise_logits = self.stepwise_logits or runtime.mode != "dense"
 
     def memory_report(self) -> dict:
         """Bytes by group: what the device holds (on the CPU backend, where both sides share one
@@ -268,7 +268,7 @@ def _ffn_format(params: ModelParams) -> str:
 def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: str, dtype: str,
                 quantize: str | None, kv_dtype: str, max_seq_len: int | None, budget, threshold: float | None, offload_layers: int | None,
                 placement_batch: int, min_hot: int, device_kernel: str, devices=None,
-                act_thresholds=None) -> HybridEngine:
+                act_thresholds=None, attn_input_thresholds=None) -> HybridEngine:
     """`pij.load` for sparse modes, budgets and the offload baseline (see its docstring)."""
     from powerinfer_jax import memory
     from powerinfer_jax.loading import load_model_params
@@ -282,6 +282,10 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
     host = load_model_params(model_dir, cfg, dtype=dtype, quantize=quantize, on_host=True,
                              bundle_dir=bundle.path if bundle is not None else None)
     fmt = _ffn_format(host)
+    if attn_input_thresholds is not None:
+        from powerinfer_jax.params import input_sparse_attention
+
+        host = input_sparse_attention(host, attn_input_thresholds)
     preds = bundle.predictors if bundle is not None else None
     info: dict = {}
     n = cfg.intermediate_size

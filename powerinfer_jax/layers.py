@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ops.linear import linear
+from ops.linear import linear, linear_t
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.params import AttentionParams, NormParams
 
@@ -79,6 +79,7 @@ def attention(
     k_cache: jax.Array | None,
     v_cache: jax.Array | None,
     attend_len: int = 0,
+    sink: list | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Causal self-attention of x [B, T, d] at `positions` [B, T] over a KV cache.
 
@@ -86,12 +87,17 @@ def attention(
     attends over the first `attend_len` cache slots (a static bucket >= max position + 1,
     so short contexts do not pay for the whole preallocated cache). Slots beyond a query's
     position are masked, so stale or padded entries never leak in. With no cache
-    (training), x attends within itself.
+    (training), x attends within itself. `sink`: a list that gets the o projection's input (profiling).
+    In the input-sparse layout (`params.input_sparse_attention`) a decode step (T == 1) zeroes the
+    projections' input entries at or below `p.in_threshold` and reads only the other rows (TEAL).
     """
     B, T, _ = x.shape
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    if p.wqkv is not None:  # the engine's fused layout (params.fuse_qkv)
-        qkv = linear(x, p.wqkv, p.bqkv)
+    if p.wqkv_t is not None or p.wqkv is not None:  # the engine's fused layout (params.fuse_qkv)
+        if p.wqkv_t is not None:
+            qkv = _input_sparse(x, p.wqkv_t, p.in_threshold[0], T == 1, p.bqkv)
+        else:
+            qkv = linear(x, p.wqkv, p.bqkv)
         q = qkv[..., : hq * hd].reshape(B, T, hq, hd)
         k = qkv[..., hq * hd : (hq + hkv) * hd].reshape(B, T, hkv, hd)
         v = qkv[..., (hq + hkv) * hd :].reshape(B, T, hkv, hd)
@@ -126,4 +132,17 @@ def attention(
     scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bksh->btkgh", probs, values).reshape(B, T, hq * hd)
+    if sink is not None:
+        sink.append(out)
+    if p.wo_t is not None:
+        return _input_sparse(out, p.wo_t, p.in_threshold[1], T == 1, p.bo), k_cache, v_cache
     return linear(out, p.wo, p.bo), k_cache, v_cache
+
+
+def _input_sparse(x: jax.Array, w_t, threshold: jax.Array, sparse: bool, b=None) -> jax.Array:
+    """x @ w_t (+ b) for a transposed weight; when `sparse`, the entries of x with |x| <= threshold are
+    zeroed first and their rows of w_t are never read (TEAL). Prompts (sparse=False) stay exact."""
+    if sparse:
+        x = jnp.where(jnp.abs(x) > threshold, x, 0.0)
+    y = linear_t(x, w_t, skip_zero=sparse)
+    return y if b is None else y + b.astype(f32)

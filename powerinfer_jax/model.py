@@ -110,18 +110,23 @@ def forward(
     `attend_len` slots; without one, the sequence attends within itself (training).
     `logits_at` [B] picks one position per row for the head (prefill needs only the last).
     `collect=True` also returns, per layer, the FFN input before its norm (`ffn_in`, the
-    predictor's input) and the ReLU activation (`ffn_act`), for profiling and training.
+    predictor's input) and the ReLU activation (`ffn_act`), for profiling and training, and the
+    attention projections' inputs (`attn_in`: q/k/v's, `attn_o_in`: o's), for TEAL's thresholds.
     `rows` [B] bool marks the rows that hold a sequence (continuous batching pads the batch to a
     static size); a sparse FFN leaves the others out of the batch's union of active neurons.
     """
     x = embed(params, cfg, tokens, positions)
     new_k, new_v, ffn_in, ffn_act, ffn_aux = [], [], [], [], []
+    attn_in, attn_o_in = [], []  # collect: the attention projections' inputs (TEAL calibration)
     for i, lp in enumerate(params.layers):
         kc = None if cache is None else cache.k[i]
         vc = None if cache is None else cache.v[i]
         pre = cfg.pre_layer_norm
         h_in = layers.norm(x, lp.attn_norm, cfg) if pre else x
-        a, kc, vc = layers.attention(h_in, lp.attn, cfg, positions, kc, vc, attend_len)
+        a, kc, vc = layers.attention(h_in, lp.attn, cfg, positions, kc, vc, attend_len,
+                                     sink=attn_o_in if collect else None)
+        if collect:
+            attn_in.append(h_in)
         new_k.append(kc)
         new_v.append(vc)
         x = x + a if pre else layers.norm(x + a, lp.attn_norm, cfg)
@@ -141,5 +146,6 @@ def forward(
         x = x[jnp.arange(x.shape[0]), logits_at][:, None, :]
     logits = lm_head(params, cfg, x)
     new_cache = None if cache is None else KVCache(k=new_k, v=new_v)
-    extras = {"ffn_in": ffn_in, "ffn_act": ffn_act} if collect else {"ffn_aux": ffn_aux}
+    extras = ({"ffn_in": ffn_in, "ffn_act": ffn_act, "attn_in": attn_in, "attn_o_in": attn_o_in} if collect
+              else {"ffn_aux": ffn_aux})
     return logits, new_cache, extras

@@ -39,7 +39,7 @@ class AttentionParams:
     wq: jax.Array | None  # [n_heads * head_dim, d]   (None once fused into wqkv)
     wk: jax.Array | None  # [n_kv_heads * head_dim, d]
     wv: jax.Array | None  # [n_kv_heads * head_dim, d]
-    wo: jax.Array  # [d, n_heads * head_dim]
+    wo: jax.Array | None  # [d, n_heads * head_dim]  (None once transposed into wo_t)
     bq: jax.Array | None = None
     bk: jax.Array | None = None
     bv: jax.Array | None = None
@@ -48,6 +48,11 @@ class AttentionParams:
     # (1.2x faster on XLA:CPU for 4096-wide layers: 6.2 vs 7.4 ms). See `fuse_qkv`.
     wqkv: jax.Array | None = None  # [(n_heads + 2 * n_kv_heads) * head_dim, d]
     bqkv: jax.Array | None = None
+    # Input-sparse layout (TEAL, `input_sparse_attention`): q/k/v and o stored transposed [in, out], so a
+    # decode step reads only the rows of the inputs above `in_threshold` ([2]: q/k/v input, o input).
+    wqkv_t: jax.Array | None = None  # [d, (n_heads + 2 * n_kv_heads) * head_dim]
+    wo_t: jax.Array | None = None  # [n_heads * head_dim, d]
+    in_threshold: jax.Array | None = None  # [2] float32
 
 
 @_pytree
@@ -168,5 +173,41 @@ def unfuse_qkv(params: ModelParams, cfg: ModelConfig) -> ModelParams:
         if a.wqkv is not None:
             (wq, wk, wv), (bq, bk, bv) = _split_rows(a.wqkv, bounds), _split_rows(a.bqkv, bounds)
             a = dataclasses.replace(a, wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv, wqkv=None, bqkv=None)
+        layers.append(dataclasses.replace(lp, attn=a))
+    return dataclasses.replace(params, layers=layers)
+
+
+def transpose_weight(w):
+    """A row matrix [R, K] as its transpose [K, R], in the same storage format: half and float words
+    are transposed as stored; int8/int4 (scaled along rows) are dequantized and quantized again."""
+    from ops.quant import dequantize, to_weight
+    from powerinfer_jax.tensor_file import aligned, to_jax
+
+    on_device = isinstance(w.data if isinstance(w, Weight) else w, jax.Array)
+    if not isinstance(w, Weight):
+        out = aligned(np.ascontiguousarray(np.asarray(w).T))
+        return to_jax(out) if on_device else out
+    if w.fmt in ("int8", "int4"):
+        host = Weight(np.asarray(w.data), np.asarray(w.scale), w.fmt, w.cols)
+        t = to_weight(np.ascontiguousarray(dequantize(host).T), w.fmt)
+    else:
+        data = np.asarray(w.data)
+        t = Weight(aligned(np.ascontiguousarray(data.T)), None, w.fmt, data.shape[0])
+    return jax.tree.map(to_jax, t) if on_device else t
+
+
+def input_sparse_attention(params: ModelParams, thresholds) -> ModelParams:
+    """The engine's params with every layer's fused q/k/v and o projections stored transposed
+    (`wqkv_t`, `wo_t`) and their input thresholds `thresholds[l] = (q/k/v input, o input)`: decode steps
+    then read only the weight rows of inputs above them (TEAL). Needs the fused layout (`fuse_qkv`)."""
+    thresholds = np.asarray(thresholds, np.float32)
+    layers = []
+    for lp, thr in zip(params.layers, thresholds):
+        a = lp.attn
+        if a.wqkv is None:
+            raise ValueError("input-sparse attention needs the fused q/k/v layout (params.fuse_qkv)")
+        on_device = isinstance(a.wqkv.data if isinstance(a.wqkv, Weight) else a.wqkv, jax.Array)
+        a = dataclasses.replace(a, wqkv_t=transpose_weight(a.wqkv), wo_t=transpose_weight(a.wo), wqkv=None, wo=None,
+                                in_threshold=jnp.asarray(thr) if on_device else np.array(thr))
         layers.append(dataclasses.replace(lp, attn=a))
     return dataclasses.replace(params, layers=layers)

@@ -120,6 +120,24 @@ def test_bench_subject_end_to_end(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 1000 and (tmp_path / "f.png").stat().st_size > 1000
 
 
+def test_swiglu_synthetic_subject_has_a_cats_row():
+    """The SwiGLU synthetic model: thresholds calibrated to the target, a CATS configuration computing about
+    that share of neurons, its bytes counted as the gate's plus up/down of the computed neurons."""
+    s = synthetic_subject(2, 257, 64, prompt_len=8, calib_tokens=128, shape=SMALL, log=lambda *_: None,
+                          ffn_kind="swiglu", target_sparsity=0.7)
+    assert s.name == "synthetic-7b-silu-70" and len(s.act_thresholds) == 2
+    bws = iter([1e10] * 3)
+    m = suite.bench_subject(s, [0.3], repeats=2, new_tokens=4, max_seq_len=64, measure_bandwidth=lambda: next(bws),
+                            with_transformers=False, log=lambda *_: None)
+    c = m["budgets"][0]["configs"]
+    assert set(c) == {"dense", "offload", "hybrid", "cats"}
+    share = c["cats"]["ffn_computed_per_token"] / (2 * 512)
+    assert 0.15 < share < 0.45, share  # about 30% computed on the prompt's tokens
+    assert c["dense"]["bytes_per_token"] > c["cats"]["bytes_per_token"]
+    assert len(m["budgets"][0]["paired"]["cats_over_dense"]) == 2 and m["summary"]["cats_over_dense"] > 0
+    assert "CATS / dense" in report.model_markdown(m)
+
+
 @pytest.mark.parametrize("args,message", [(["--budgets", "0.5,2"], "fractions in [0, 1]"),
                                           (["--models", "gpt5"], "unknown model"),
                                           (["--budgets", "half"], "must be numbers")])

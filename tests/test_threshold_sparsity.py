@@ -119,8 +119,12 @@ def test_prepare_calibrates_profiles_and_predicts(tmp_path):
     eng = pij.load(out, sparsity="predicted", max_seq_len=64)
     res = eng.generate([1, 5, 9], max_new_tokens=4, stop_at_eos=False)
     assert len(res.token_ids) == 4 and 0 < res.stats["ffn_computed"] < res.stats["ffn_total"]
-    offline_bundle.prepare(model_dir, [str(corpus)], out, None, prof, pred, log=logs.append, target_sparsity=0.6)
+    offline_bundle.prepare(model_dir, [str(corpus)], out, None, prof, pred, log=logs.append, target_sparsity=0.6,
+                           attention_sparsity=0.5)
     assert "thresholds: up to date, re-used" in logs and "profile: up to date, re-used" in logs
+    assert len(load_bundle(out).attention_input_thresholds) == 2  # TEAL's, calibrated on the same corpus
+    eng = pij.load(out, sparsity="predicted", attention_sparsity=True, max_seq_len=64)
+    assert len(eng.generate([1, 5, 9], max_new_tokens=4, stop_at_eos=False).token_ids) == 4
     with pytest.raises(ArgumentError, match="target_sparsity"):
         offline_bundle.prepare(model_dir, [str(corpus)], str(tmp_path / "b2"), None, prof, pred)
 
