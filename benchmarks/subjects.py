@@ -62,7 +62,9 @@ def synthetic_subject(layers: int, vocab: int, predictor_rank: int, prompt_len: 
     `target_sparsity`: a SwiGLU model whose activation thresholds are calibrated to that sparsity on random
     tokens (the CATS row) and whose predictors fire on 1 - target_sparsity of neurons per token."""
     if ffn_kind == "swiglu":
-        rate_kw["mean_active"] = 1.0 - target_sparsity
+        rate_kw["mean_active"] = mean = 1.0 - target_sparsity
+        # A mean this high caps the share the hottest 26% can carry (each fires at most 95%): stay below the cap.
+        rate_kw["top_share"] = min(rate_kw.get("top_share", 0.80), 0.9 * 0.26 * 0.95 / mean)
     cfg = synthetic.synthetic_config(layers=layers, vocab=vocab, ffn_kind=ffn_kind, **(shape or {}))
     log(f"[synthetic] building {layers} layers (d={cfg.hidden_size}, n_ff={cfg.intermediate_size}, "
         f"{cfg.num_heads} heads), predictor rank {predictor_rank}")
