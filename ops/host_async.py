@@ -55,16 +55,18 @@ class HostFFN:
         self.d = w_down_t.cols if isinstance(w_down_t, Weight) else w_down_t.shape[1]
 
     def compute(self, x: np.ndarray, ids: np.ndarray, count: int, ticket: int = 0,
-                act_threshold: float | None = None) -> np.ndarray:
-        """FFN over neurons ids[:count] for x [B, d] (float32 [B, d]; no down bias); with
-        `act_threshold`, CATS: only where |act(gate x)| is above it."""
+                act_threshold: float | None = None) -> tuple[np.ndarray, int]:
+        """FFN over neurons ids[:count] for x [B, d]: (float32 [B, d], no down bias; neurons computed). With
+        `act_threshold`, CATS: only where |act(gate x)| is above it (computed: those above it for some row)."""
         _event("host_start", ticket)
         n = min(int(count), ids.shape[0])  # an overflowed list holds only its capacity
+        live = np.full(1, n, np.int64)
         y = np.asarray(host_sparse_ffn(self.family, self.w_gate, self.w_up, self.w_down_t, x, ids, n, self.b_up,
-                                       act_threshold=act_threshold),
+                                       act_threshold=act_threshold,
+                                       live=live if act_threshold is not None else None),
                        np.float32).reshape(x.shape[0], self.d)
         _event("host_end", ticket)
-        return y
+        return y, int(live[0])
 
     def arrays(self) -> list:
         """The matrices (for memory accounting)."""
@@ -81,14 +83,14 @@ def _launch_host(handle: HostFFN, x, ids, count, act_threshold=None) -> tuple[np
     return np.asarray(ticket, np.int32), x
 
 
-def _collect_host(ticket) -> np.ndarray:
+def _collect_host(ticket) -> tuple[np.ndarray, int]:
     ticket = int(ticket)
     _event("collect", ticket)
     with _LOCK:
         fut = _PENDING.pop(ticket)
-    y = fut.result()
+    y, live = fut.result()
     _event("collected", ticket)
-    return y
+    return y, live
 
 
 def launch(handle: HostFFN, x: jax.Array, ids: jax.Array, count: jax.Array,
@@ -103,8 +105,12 @@ def launch(handle: HostFFN, x: jax.Array, ids: jax.Array, count: jax.Array,
                        jnp.asarray(count, jnp.int32))
 
 
-def collect(handle: HostFFN, ticket: jax.Array, batch: int, after: jax.Array) -> jax.Array:
+def collect(handle: HostFFN, ticket: jax.Array, batch: int, after: jax.Array, with_live: bool = False):
     """Inside jit: the launched host result [batch, d] float32, waited for after `after` exists
-    (pass the overlapped device result, so the wait comes after the device work)."""
-    return io_callback(lambda t, _a: _collect_host(t), jax.ShapeDtypeStruct((batch, handle.d), jnp.float32),
-                       ticket, after)
+    (pass the overlapped device result, so the wait comes after the device work). `with_live`: also
+    the number of neurons the host computed (int32; CATS counts those above the threshold)."""
+    y_shape = jax.ShapeDtypeStruct((batch, handle.d), jnp.float32)
+    if with_live:
+        return io_callback(lambda t, _a: (lambda r: (r[0], np.asarray(r[1], np.int32)))(_collect_host(t)),
+                           (y_shape, jax.ShapeDtypeStruct((), jnp.int32)), ticket, after)
+    return io_callback(lambda t, _a: _collect_host(t)[0], y_shape, ticket, after)

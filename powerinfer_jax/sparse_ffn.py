@@ -274,7 +274,10 @@ class HybridRuntime:
                 counts["hot"] = (kept, count)
                 return self._hot(hot, xd, idx, jnp.arange(cap_h) < kept)
 
-            y = self._split(p, x, hot_part, cids, counts["cold"][0] if C else None, act_threshold)
+            live = {} if act_threshold is not None and C else None
+            y = self._split(p, x, hot_part, cids, counts["cold"][0] if C else None, act_threshold, live)
+            if live:  # CATS: the host computed only the cold neurons above the threshold
+                counts["cold"] = (live["cold"], live["cold"])
             out = (y,) + counts["hot"] + counts["cold"]
             return tuple(jax.lax.psum(v, MESH_AXIS) for v in out)
 
@@ -283,13 +286,15 @@ class HybridRuntime:
         return jax.shard_map(local, mesh=self.mesh, in_specs=tuple(specs), out_specs=(P(),) * 5,
                              check_vma=False)(*operands)
 
-    def _split(self, p: HybridFFN, x, hot_part, cold_ids, cold_count, act_threshold=None):
+    def _split(self, p: HybridFFN, x, hot_part, cold_ids, cold_count, act_threshold=None, live=None):
         """Accelerator layout: `hot_part(x)` on the device, the host FFN over cold_ids[:cold_count]
-        (CATS above `act_threshold` when given) meanwhile (overlap) or after it."""
+        (CATS above `act_threshold` when given) meanwhile (overlap) or after it. `live`: a dict that gets
+        "cold", the number of cold neurons the host computed (CATS always goes through launch/collect,
+        which return it; with overlap off the two are then merely not forced apart)."""
         y = jnp.zeros(x.shape, f32)
         if p.host is None:  # no cold neurons
             return y + hot_part(x) if p.plan.n_hot else y
-        if not self.overlap:
+        if not self.overlap and live is None:
             if p.plan.n_hot:
                 y = y + hot_part(x)
             h = p.host
@@ -298,7 +303,10 @@ class HybridRuntime:
         ticket, x_dev = host_async.launch(p.host, x, cold_ids, cold_count, act_threshold)
         if p.plan.n_hot:
             y = y + hot_part(x_dev)
-        return y + host_async.collect(p.host, ticket, x.shape[0], after=y)
+        if live is None:
+            return y + host_async.collect(p.host, ticket, x.shape[0], after=y)
+        y_cold, live["cold"] = host_async.collect(p.host, ticket, x.shape[0], after=y, with_live=True)
+        return y + y_cold
 
     def ffn_fn(self, i: int, p: HybridFFN, x_norm: jax.Array, x_resid: jax.Array, rows: jax.Array | None = None):
         """The model's FFN hook: returns (output [B, T, d], per-layer counters); `rows` [B] marks the
@@ -384,10 +392,14 @@ class HybridRuntime:
             y = sparse_ffn_rows(family, w.w_gate, w.w_up, w.w_down_t, w.b_up, x, ids, hot_done + cold_done)
         else:
             valid = jnp.arange(hot_idx.shape[0]) < hot_done
-            # CATS oracle: the host part gets every cold row and thresholds them itself (counted as computed).
+            # CATS oracle: the host part gets every cold row, thresholds them itself and says how many it computed.
+            cats_oracle = cats and self.mode == "oracle" and C
+            live = {} if cats_oracle else None
             y = self._split(p, x, lambda xd: self._hot(p.hot, xd, hot_idx, valid),
                             jnp.take(p.cold_ids, cold_idx) if C else None, cold_done,
-                            plan.act_threshold if cats and self.mode == "oracle" else None)
+                            plan.act_threshold if cats_oracle else None, live)
+            if cats_oracle:
+                cold_done = cold_true = live["cold"]
         aux = {"ffn_computed": hot_done + cold_done, "ffn_hot": hot_done, "ffn_total": H + C,
                "ffn_overflow": (hot_true - hot_done) + (cold_true - cold_done)}
         return y, aux

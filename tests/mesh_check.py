@@ -3,6 +3,7 @@
 JSON line of results for the test to assert on."""
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -41,6 +42,23 @@ def main(model_dir: str, bundle_dir: str, budget: str) -> None:
                                 thresholds=[1.0] * cfg.num_layers, max_seq_len=64, devices=n)
         out["predicted_tokens"][n] = e.generate([1, 5, 9], max_new_tokens=12, temperature=0.0,
                                                 stop_at_eos=False).token_ids
+    # SwiGLU, CATS oracle on the mesh: equals the thresholded dense model, and counts what it computed.
+    from powerinfer_jax.bundle import load_bundle
+    from powerinfer_jax.engine import Engine
+    from powerinfer_jax.ffn import thresholded_ffn_fn
+
+    silu_bundle = load_bundle(os.path.join(os.path.dirname(bundle_dir), "shakespeare-silu-llama-prepared"))
+    silu = pij.load(silu_bundle.model_dir, max_seq_len=64)
+    act = silu_bundle.act_thresholds
+    silu_ref = Engine(silu.cfg, silu.params, ffn_fn=thresholded_ffn_fn(silu.cfg, act), max_seq_len=64).logits(ids)
+    silu_host = load_params(silu_bundle.model_dir, silu.cfg, on_host=True)
+    out["cats_rel"], out["cats_share"] = {}, {}
+    for n in (2, 4):
+        e = build_hybrid_engine(silu.cfg, silu_host, mode="oracle", hot_indices=hot, max_seq_len=64, devices=n,
+                                act_thresholds=act)
+        stats = {}
+        out["cats_rel"][n] = float(np.abs(e.logits_stepwise(ids, stats) - silu_ref).max() / np.abs(silu_ref).max())
+        out["cats_share"][n] = stats["ffn_computed"] / stats["ffn_total"]
     # The real pipeline: a prepared bundle, the budget per device, the placement solved for the mesh.
     out["bundle"] = {}
     for n in (1, 2, 4):

@@ -34,6 +34,14 @@ def test_four_devices_are_visible(result):
     assert result["devices"] == 4
 
 
+@pytest.mark.parametrize("n", ["2", "4"])
+def test_cats_oracle_on_a_mesh(result, n):
+    """The SwiGLU bundled model's CATS oracle sharded over the mesh equals its thresholded dense model and
+    counts the neurons its hosts computed (about half at the bundle's 50%)."""
+    assert result["cats_rel"][n] <= 1e-5
+    assert 0.3 < result["cats_share"][n] < 0.7
+
+
 @pytest.mark.parametrize("n", ["1", "2", "4"])
 def test_oracle_and_dense_split_equal_dense_on_a_mesh(result, n):
     assert result["oracle_rel"][n] <= 1e-5

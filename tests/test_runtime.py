@@ -178,7 +178,7 @@ def test_launch_precedes_the_device_work_which_precedes_collect():
         host_async.TRACE = None
     names = [e[0] for e in events if e[0] in ("launch", "device", "collect")]
     assert names == ["launch", "device", "collect"] * 3
-    ref = handle.compute(np.asarray(x), np.asarray(ids), 100) + np.asarray(x) @ np.ones((64, 64), np.float32)
+    ref = handle.compute(np.asarray(x), np.asarray(ids), 100)[0] + np.asarray(x) @ np.ones((64, 64), np.float32)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
 
 
