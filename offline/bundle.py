@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from importlib import metadata
 
@@ -89,6 +90,14 @@ def write_engine_weights(bundle_dir: str, model_dir: str, dtype: str = "auto", q
     save_engine_weights(params, path, source={"model_sha256": model_hashes(model_dir), "dtype": dtype,
                                               "quantize": quantize})
     return path
+
+
+def model_record(model_dir: str, out_dir: str, cfg, hashes: dict) -> dict:
+    """The manifest's record of the model a bundle was prepared from."""
+    # Relative, so a bundle moves with its model; absolute too, so a bundle copied elsewhere still finds it.
+    return {"path": os.path.relpath(os.path.abspath(model_dir), os.path.abspath(out_dir)),
+            "abs_path": os.path.abspath(model_dir), "sha256": hashes, "fingerprint": model_fingerprints(model_dir),
+            "architecture": cfg.architecture, "ffn_kind": cfg.ffn_kind}
 
 
 def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: PlacementSettings | None,
@@ -170,21 +179,13 @@ def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: Placemen
         predictors_lib.save_predictors(preds, preds_dir)
         log(predictors_lib.markdown_table(rows, preds.totals()))
     if not keep_samples:
-        import shutil
-
         shutil.rmtree(os.path.join(profile_dir, "samples"), ignore_errors=True)
     if old and not same_inputs:  # placements of another model or corpus: a load must never find them by name
-        import shutil
-
         shutil.rmtree(os.path.join(out_dir, "placements"), ignore_errors=True)
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        # Relative, so a bundle moves with its model; absolute too, so a bundle copied elsewhere still finds it.
-        "model": {"path": os.path.relpath(os.path.abspath(model_dir), os.path.abspath(out_dir)),
-                  "abs_path": os.path.abspath(model_dir), "sha256": hashes,
-                  "fingerprint": model_fingerprints(model_dir),
-                  "architecture": cfg.architecture, "ffn_kind": cfg.ffn_kind},
+        "model": model_record(model_dir, out_dir, cfg, hashes),
         "corpus": {"paths": [os.path.abspath(p) for p in corpus] if corpus else ["<default training split>"],
                    "sha256": corpus_hash},
         "profile_settings": prof_cfg,

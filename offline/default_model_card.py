@@ -73,7 +73,7 @@ def write_model_folder(out, params, cfg, tok, settings, history, summary, eval_i
     train_ids = np.array(tok.encode(train_text).ids, np.int64)
     unigram = unigram_perplexity(train_ids, eval_ids, cfg.vocab_size)
     stats = None  # SwiGLU: silu(gate x) is never zero; its sparsity is the prepared bundle's thresholds
-    if cfg.ffn_kind != "swiglu":
+    if not cfg.needs_act_threshold:
         counts, n_tok = activation_stats.firing_counts(engine.params, cfg, make_windows(eval_ids, EVAL_WINDOW, BOS_ID))
         stats = activation_stats.summarize(counts, n_tok)
         activation_stats.plot_frequency_curves(
@@ -120,19 +120,9 @@ William Shakespeare, public domain. The first {100 * (1 - s.holdout_fraction):.0
 the tokenizer; the last {100 * s.holdout_fraction:.0f}% is held out for every number below. The weights are released
 under Apache-2.0 like the rest of the repo.
 
-## Model
-| | |
-|---|---|
-| architecture | LlamaForCausalLM, ReGLU FFN |
-| layers / hidden / FFN / heads | {cfg.num_layers} / {cfg.hidden_size} / {cfg.intermediate_size} / {cfg.num_heads} |
-| vocabulary | {cfg.vocab_size} (byte-level BPE trained on the training split) |
-| parameters | {n_params:,} |
-| storage dtype | {dtype} |
-
+{_model_table(cfg, 'ReGLU', n_params, dtype)}
 ## Training
-AdamW (b1 0.9, b2 0.95, weight decay {s.weight_decay} on matrices), peak lr {s.learning_rate} with
-{s.warmup_steps} warmup steps and cosine decay to {s.min_learning_rate}, {s.steps} steps of {s.batch_size} x {s.seq_len}
-tokens, seed {s.seed}. A ProSparse-style L1 penalty on `relu(gate x)`, whose per-layer weight a feedback controller sets
+{_optimizer(s)}. A ProSparse-style L1 penalty on `relu(gate x)`, whose per-layer weight a feedback controller sets
 each step (start {s.l1_init}, gain {s.l1_gain}, cap {s.l1_max_weight}) so each layer's zero fraction on the
 batch follows a target ramped from
 {s.target_zero_start} to {s.target_zero} over the first {100 * s.l1_ramp_fraction:.0f}% of steps; the checkpoint kept is the one
@@ -187,19 +177,9 @@ Tiny Shakespeare (`data/tinyshakespeare.txt`, {ev['heldout_tokens']:,} held-out 
 {100 * (1 - s.holdout_fraction):.0f}% trains the model and the tokenizer, the last {100 * s.holdout_fraction:.0f}% is held out.
 The weights are released under Apache-2.0 like the rest of the repo.
 
-## Model
-| | |
-|---|---|
-| architecture | LlamaForCausalLM, SwiGLU FFN |
-| layers / hidden / FFN / heads | {cfg.num_layers} / {cfg.hidden_size} / {cfg.intermediate_size} / {cfg.num_heads} |
-| vocabulary | {cfg.vocab_size} (byte-level BPE trained on the training split) |
-| parameters | {n_params:,} |
-| storage dtype | {dtype} |
-
+{_model_table(cfg, 'SwiGLU', n_params, dtype)}
 ## Training
-AdamW (b1 0.9, b2 0.95, weight decay {s.weight_decay} on matrices), peak lr {s.learning_rate} with
-{s.warmup_steps} warmup steps and cosine decay to {s.min_learning_rate}, {s.steps} steps of {s.batch_size} x {s.seq_len}
-tokens, seed {s.seed}, no sparsity penalty; the checkpoint kept is the one with the best held-out loss.
+{_optimizer(s)}, no sparsity penalty; the checkpoint kept is the one with the best held-out loss.
 Took **{summary['train_minutes']:.1f} minutes** ({summary['total_minutes_with_tokenizer']:.1f} with the tokenizer) on
 {platform.machine()} CPU, 2 cores, {summary['steps_run']} steps run.
 Reproduce: `bin/train_default_model --ffn_kind swiglu --seed {s.seed}`.
@@ -218,6 +198,26 @@ threshold sparsity, dense-thresholded, oracle and predicted, is in `BENCHMARKS.m
 """
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(card)
+
+
+def _model_table(cfg, ffn: str, n_params: int, dtype: str) -> str:
+    """The card's model section (both bundled models)."""
+    return f"""## Model
+| | |
+|---|---|
+| architecture | LlamaForCausalLM, {ffn} FFN |
+| layers / hidden / FFN / heads | {cfg.num_layers} / {cfg.hidden_size} / {cfg.intermediate_size} / {cfg.num_heads} |
+| vocabulary | {cfg.vocab_size} (byte-level BPE trained on the training split) |
+| parameters | {n_params:,} |
+| storage dtype | {dtype} |
+"""
+
+
+def _optimizer(s) -> str:
+    """The card's optimizer sentence (both bundled models)."""
+    return (f"AdamW (b1 0.9, b2 0.95, weight decay {s.weight_decay} on matrices), peak lr {s.learning_rate} with\n"
+            f"{s.warmup_steps} warmup steps and cosine decay to {s.min_learning_rate}, {s.steps} steps of "
+            f"{s.batch_size} x {s.seq_len}\ntokens, seed {s.seed}")
 
 
 def _shapes(cfg):

@@ -307,7 +307,7 @@ def prepare_from_powerinfer(model_dir: str, folder: str, corpus: list[str] | Non
     from offline import pipeline, profiler
     from offline import predictors as predictors_lib
     from powerinfer_jax import checks
-    from powerinfer_jax.bundle import FORMAT_VERSION, MANIFEST, is_bundle, model_fingerprints, model_hashes
+    from powerinfer_jax.bundle import FORMAT_VERSION, MANIFEST, is_bundle, model_hashes
     from powerinfer_jax.config import load_config
     from powerinfer_jax.errors import ArgumentError
     from powerinfer_jax.predictor_store import META_JSON
@@ -373,10 +373,7 @@ def prepare_from_powerinfer(model_dir: str, folder: str, corpus: list[str] | Non
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {"path": os.path.relpath(os.path.abspath(model_dir), os.path.abspath(out_dir)),
-                  "abs_path": os.path.abspath(model_dir), "sha256": hashes,
-                  "fingerprint": model_fingerprints(model_dir),
-                  "architecture": cfg.architecture, "ffn_kind": cfg.ffn_kind},
+        "model": bundle_lib.model_record(model_dir, out_dir, cfg, hashes),
         "source": source,
         "corpus": corpus_rec,
         "profile_settings": prof_cfg,

@@ -26,17 +26,41 @@ from powerinfer_jax.params import ModelParams
 LOG10_LO, LOG10_HI, BINS = -12.0, 4.0, 8192  # |a| from 1e-12 to 1e4; bin width 0.002 decades (0.45%)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _abs_acts(params: ModelParams, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+def _device_histograms(per_layer: list[jax.Array]) -> jax.Array:
+    """Inside jit: the log-scale histogram [L, BINS] of |v| for each layer's array (bins as `_bin_of`), so a
+    batch's activations ([L, B, T, n_ff]: 2.9 GB at LLaMA-7B size) never leave the device."""
+    def one(v):
+        pos = (jnp.log10(jnp.abs(v).ravel()) - LOG10_LO) * (BINS / (LOG10_HI - LOG10_LO))
+        idx = jnp.clip(jnp.nan_to_num(pos, neginf=0.0), 0, BINS - 1).astype(jnp.int32)
+        return jnp.bincount(idx, length=BINS)
+
+    return jnp.stack([one(v) for v in per_layer])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "groups"))
+def _histogram_batch(params: ModelParams, cfg: ModelConfig, tokens: jax.Array, groups: tuple[str, ...]) -> jax.Array:
+    """[L, len(groups), BINS] histograms of the collected arrays named by `groups` (`forward(collect=True)`)."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     _, _, ex = forward(params, cfg, tokens, positions, collect=True)
-    return jnp.abs(jnp.stack(ex["ffn_act"]))  # [L, B, T, n_ff]
+    return jnp.stack([_device_histograms(ex[g]) for g in groups], axis=1)
 
 
 def _bin_of(a: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         pos = (np.log10(a) - LOG10_LO) * (BINS / (LOG10_HI - LOG10_LO))
     return np.clip(np.nan_to_num(pos, neginf=0.0), 0, BINS - 1).astype(np.int64)
+
+
+def _histograms(params: ModelParams, cfg: ModelConfig, groups: tuple[str, ...], windows: np.ndarray, batch: int,
+                progress=None) -> np.ndarray:
+    """Log-scale histograms [L, len(groups), BINS] of |collected arrays| over `windows`, a batch at a time."""
+    hist = np.zeros((cfg.num_layers, len(groups), BINS), np.int64)
+    for i in range(0, len(windows), batch):
+        chunk = np.asarray(windows[i : i + batch])
+        hist += np.asarray(_histogram_batch(params, cfg, jnp.asarray(chunk), groups), np.int64)
+        if progress is not None:
+            progress.update(chunk.size)
+    return hist
 
 
 def quantile_from_histogram(hist: np.ndarray, q: float) -> float:
@@ -63,14 +87,7 @@ def calibrate(params: ModelParams, cfg: ModelConfig, windows: np.ndarray, target
     if not 0.0 < target_sparsity < 1.0:
         raise ArgumentError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
     L = cfg.num_layers
-    hist = np.zeros((L, BINS), np.int64)
-    for i in range(0, len(windows), batch):
-        chunk = np.asarray(windows[i : i + batch])
-        acts = np.asarray(_abs_acts(params, cfg, jnp.asarray(chunk)))
-        for l in range(L):
-            hist[l] += np.bincount(_bin_of(acts[l].ravel()), minlength=BINS)
-        if progress is not None:
-            progress.update(chunk.size)
+    hist = _histograms(params, cfg, ("ffn_act",), windows, batch, progress)[:, 0]
     values = [quantile_from_histogram(hist[l], target_sparsity) for l in range(L)]
     # Measured share at or below each threshold: the mass of the bins up to the threshold's (exact zeros of a
     # ReLU layer all sit in bin 0; otherwise one bin's mass, 0.45% of the values' range, bounds the error).
@@ -80,13 +97,6 @@ def calibrate(params: ModelParams, cfg: ModelConfig, windows: np.ndarray, target
             "achieved": achieved}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _abs_attention_inputs(params: ModelParams, cfg: ModelConfig, tokens: jax.Array):
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    _, _, ex = forward(params, cfg, tokens, positions, collect=True)
-    return jnp.abs(jnp.stack(ex["attn_in"])), jnp.abs(jnp.stack(ex["attn_o_in"]))  # [L, B, T, d], [L, B, T, q]
-
-
 def calibrate_attention_inputs(params: ModelParams, cfg: ModelConfig, windows: np.ndarray, target_sparsity: float,
                                batch: int = 8, progress=None) -> dict:
     """TEAL: per-layer thresholds on |x| of the q/k/v input and of the o input making each `target_sparsity`
@@ -94,14 +104,6 @@ def calibrate_attention_inputs(params: ModelParams, cfg: ModelConfig, windows: n
     if not 0.0 < target_sparsity < 1.0:
         raise ArgumentError(f"attention input sparsity must be in (0, 1), got {target_sparsity}")
     L = cfg.num_layers
-    hist = np.zeros((L, 2, BINS), np.int64)
-    for i in range(0, len(windows), batch):
-        chunk = np.asarray(windows[i : i + batch])
-        for j, acts in enumerate(_abs_attention_inputs(params, cfg, jnp.asarray(chunk))):
-            acts = np.asarray(acts)
-            for l in range(L):
-                hist[l, j] += np.bincount(_bin_of(acts[l].ravel()), minlength=BINS)
-        if progress is not None:
-            progress.update(chunk.size)
+    hist = _histograms(params, cfg, ("attn_in", "attn_o_in"), windows, batch, progress)
     values = [[quantile_from_histogram(hist[l, j], target_sparsity) for j in range(2)] for l in range(L)]
     return {"values": values, "target_sparsity": float(target_sparsity), "tokens": int(windows.size)}

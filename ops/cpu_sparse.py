@@ -47,18 +47,19 @@ def sparse_ffn_rows(family: str, w_gate, w_up, w_down_t, b_up, x: jax.Array, ids
     """Inside jit on the CPU backend: FFN over neurons ``ids[:count]`` of whole matrices (no down
     bias): [B, d] f32 for x [B, d]. ``after``: an array to wait for (orders two numba calls of one
     layer, which together would oversubscribe the cores)."""
-    return _rows_call(family, w_gate, w_up, w_down_t, b_up, x, ids, count, after, None)
+    return _rows_call(family, w_gate, w_up, w_down_t, b_up, x, ids, count, after, None, 0)
 
 
 def threshold_ffn_rows(family: str, w_gate, w_up, w_down_t, x: jax.Array, ids: jax.Array, count: jax.Array,
-                       act_threshold: float, after: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                       act_threshold: float, first: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Inside jit on the CPU backend: CATS over neurons ``ids[:count]``: the gate of each, up and down
-    only where |act(gate x)| > act_threshold (per token). Returns (y [B, d], neurons computed for
-    some token: int32)."""
-    return _rows_call(family, w_gate, w_up, w_down_t, None, x, ids, count, after, float(act_threshold))
+    only where |act(gate x)| > act_threshold (per token). Returns (y [B, d], neurons computed for some
+    token, of them those among the first ``first`` listed: int32)."""
+    y, live = _rows_call(family, w_gate, w_up, w_down_t, None, x, ids, count, None, float(act_threshold), first)
+    return y, live[0], live[1]
 
 
-def _rows_call(family, w_gate, w_up, w_down_t, b_up, x, ids, count, after, act_threshold):
+def _rows_call(family, w_gate, w_up, w_down_t, b_up, x, ids, count, after, act_threshold, first):
     if _buffer_callback is None or jax.default_backend() != "cpu":
         raise RuntimeError("sparse_ffn_rows reads JAX buffers in place: CPU backend with buffer_callback only")
     check_family(family, w_gate)
@@ -81,11 +82,11 @@ def _rows_call(family, w_gate, w_up, w_down_t, b_up, x, ids, count, after, act_t
             return
         y, live = out
         host_sparse_ffn(family, wg, wu, wd, np.asarray(xb), ids_np, n, bu, out=np.asarray(y),
-                        act_threshold=act_threshold, live=np.asarray(live).reshape(1))
+                        act_threshold=act_threshold, live=np.asarray(live), live_first=first)
 
     shape = jax.ShapeDtypeStruct(x.shape[:-1] + (d,), jnp.float32)
     if act_threshold is not None:
-        shape = (shape, jax.ShapeDtypeStruct((), jnp.int32))
+        shape = (shape, jax.ShapeDtypeStruct((2,), jnp.int32))
     return _buffer_callback(cb, shape)(*operands, *deps)
 
 

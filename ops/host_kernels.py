@@ -1074,7 +1074,16 @@ def host_matvec(w, x, out=None):
     return y[0] if np.ndim(x) == 1 else y
 
 
-def _blas_ffn(family, kg, ku, kd, x2, idx, count, bu, out, act_threshold=None, live=None):
+def _count_live(h: np.ndarray, live, first: int, offset: int = 0) -> None:
+    """Adds to live[0] the listed neurons (columns of h, list positions offset...) with a non-zero h for some
+    token, and to live[1] (when present) those of them at list positions below `first`."""
+    nz = np.any(h != 0, axis=0)
+    live[0] += np.count_nonzero(nz)
+    if len(live) > 1:
+        live[1] += np.count_nonzero(nz[: max(0, first - offset)])
+
+
+def _blas_ffn(family, kg, ku, kd, x2, idx, count, bu, out, act_threshold=None, live=None, live_first=0):
     """Many tokens: GEMMs over blocks of the selected rows, each widened to f32 (or, for
     contiguous f32 rows, used in place), so temporaries stay ``BLAS_BLOCK_ROWS`` rows."""
     xk = _kernel_x(ku, x2)
@@ -1092,21 +1101,22 @@ def _blas_ffn(family, kg, ku, kd, x2, idx, count, bu, out, act_threshold=None, l
                 if act_threshold is not None:
                     h = np.where(np.abs(_np_act(family, g)) > act_threshold, h, np.float32(0))
             if live is not None:
-                live[0] += np.count_nonzero(np.any(h != 0, axis=0))
+                _count_live(h, live, live_first, i0)
             y += h @ _f32_rows(kd, idx, i0, i1, scratch)
     out[...] = _natural_order(kd.code, y)
 
 
 def host_sparse_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, out=None, act_threshold=None,
-                    live=None):
+                    live=None, live_first=0):
     """Cold FFN part over rows idx[:count] (no down bias): [d] or [B, d] f32, any format.
 
     numba kernels for decode-sized batches; blocked BLAS GEMMs for prompts. ``act_threshold``:
-    neurons with |act(gate x)| <= it contribute nothing for that token (CATS); ``live``: a 1-element
-    int array that gets the number of neurons computed for some token (their h is non-zero)."""
+    neurons with |act(gate x)| <= it contribute nothing for that token (CATS); ``live``: an int array
+    whose live[0] gets the number of neurons computed for some token (their h is non-zero) and, when it
+    has a second entry, live[1] those among the first ``live_first`` listed (e.g. a layer's hot ones)."""
     x2 = np.atleast_2d(x)
     if live is not None:
-        live[0] = 0
+        live[:] = 0
     if x2.shape[0] >= BLAS_MIN_TOKENS:
         kg, ku = _gate_up(family, w_gate, w_up)
         kd = _kernel_weight(w_down_t)
@@ -1114,11 +1124,11 @@ def host_sparse_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, ou
         idx, count = _rows(idx, count, ku.rows)
         bu = None if b_up is None else _arg(b_up, np.float32)
         y = _out(out, (x2.shape[0], kd.cols))
-        _blas_ffn(family, kg, ku, kd, _arg(x2, np.float32), idx, count, bu, y, act_threshold, live)
+        _blas_ffn(family, kg, ku, kd, _arg(x2, np.float32), idx, count, bu, y, act_threshold, live, live_first)
     else:
         h = host_sparse_h(family, w_gate, w_up, x, idx, count, b_up, act_threshold=act_threshold)
         if live is not None:
-            live[0] = np.count_nonzero(np.any(h != 0, axis=0))
+            _count_live(h, live, live_first)
         y = host_axpy_down(w_down_t, idx, count, h, out=out)
     if out is not None:
         return out

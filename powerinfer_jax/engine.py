@@ -127,7 +127,7 @@ class Engine:
         self._step = jax.jit(functools.partial(self._step_impl, cfg=cfg, ffn_fn=ffn_fn),
                              static_argnames=("attend_len",), donate_argnames=("cache",))
         # Sparse engines (and input-sparse attention) score through decode steps: their prompt path is dense.
-        self.stepwise_logits = any(getattr(lp.attn, "wqkv_t", None) is not None for lp in params.layers)
+        self.stepwise_logits = any(lp.attn.wqkv_t is not None for lp in params.layers)
 
     # ---- jitted bodies -------------------------------------------------------------
     @staticmethod

@@ -405,16 +405,11 @@ class HybridRuntime:
         return y, aux
 
     def _cats_shared(self, p: HybridFFN, x):
-        """CATS oracle on one memory: the numba kernel reads every neuron's gate row and the up and down
-        rows of those above the act threshold, hot neurons then cold ones (two calls, so the counters
-        say how many of each were computed)."""
-        w, plan, family = p.shared, p.plan, self.cfg.ffn_kind
-        y = jnp.zeros(x.shape, f32)
-        done = {"hot": jnp.int32(0), "cold": jnp.int32(0)}
-        for part, ids in (("hot", p.hot_ids), ("cold", p.cold_ids)):
-            if ids.shape[0]:
-                y_part, done[part] = threshold_ffn_rows(family, w.w_gate, w.w_up, w.w_down_t, x, ids,
-                                                        jnp.int32(ids.shape[0]), plan.act_threshold, after=y)
-                y = y + y_part
-        return y, {"ffn_computed": done["hot"] + done["cold"], "ffn_hot": done["hot"],
-                   "ffn_total": plan.n_hot + plan.n_cold, "ffn_overflow": jnp.int32(0)}
+        """CATS oracle on one memory: one numba call reads every neuron's gate row and the up and down rows
+        of those above the act threshold, hot neurons listed first so its count splits into hot and cold."""
+        w, plan = p.shared, p.plan
+        ids = jnp.concatenate([p.hot_ids, p.cold_ids])
+        y, done, hot_done = threshold_ffn_rows(self.cfg.ffn_kind, w.w_gate, w.w_up, w.w_down_t, x, ids,
+                                               jnp.int32(ids.shape[0]), plan.act_threshold, first=plan.n_hot)
+        return y, {"ffn_computed": done, "ffn_hot": hot_done, "ffn_total": plan.n_hot + plan.n_cold,
+                   "ffn_overflow": jnp.int32(0)}

@@ -93,9 +93,12 @@ def test_threshold_rows_inside_jit(fmt):
     t = _median_threshold("swiglu", wg, x)
     ids = np.arange(N, dtype=np.int32)
     to_jax = (lambda w: jax.tree.map(jax.numpy.asarray, w)) if isinstance(wg, Weight) else jax.numpy.asarray
-    f = jax.jit(lambda wg, wu, wd, x, ids, n: threshold_ffn_rows("swiglu", wg, wu, wd, x, ids, n, t))
-    y, live = f(to_jax(wg), to_jax(wu), to_jax(wd), x, ids, np.int32(N))
+    f = jax.jit(lambda wg, wu, wd, x, ids, n: threshold_ffn_rows("swiglu", wg, wu, wd, x, ids, n, t, first=100))
+    y, live, live_first = f(to_jax(wg), to_jax(wu), to_jax(wd), x, ids, np.int32(N))
     want_live = np.zeros(1, np.int64)
     want = H.host_sparse_ffn("swiglu", wg, wu, wd, x, ids, N, act_threshold=t, live=want_live)
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-6, atol=1e-6)
     assert int(live) == int(want_live[0])
+    # The count of the first 100 listed neurons (a layer's hot ones come first), from the reference h.
+    h = H.host_h_ref("swiglu", wg, wu, x, ids, N, act_threshold=t)
+    assert int(live_first) == int(np.any(h[:, :100] != 0, axis=0).sum()) and 0 < int(live_first) < int(live)
