@@ -9,6 +9,12 @@ sequence's tokens do not depend on which others share the batch. A new request i
 one-row staging cache in chunks of `prefill_chunk` tokens, one chunk between two decode steps, so a
 long prompt never stalls the running sequences for more than one chunk; its finished row is then
 copied into the batch. Text is detokenized incrementally (`tokenizer.IncrementalDecoder`).
+
+This is the engine's one decode loop: `ContinuousBatcher.start()` runs it on a thread for the server,
+and `Engine.generate`/`generate_batch` run the same steps in the caller's thread (`generate_rows`),
+admitting every prompt before the first decode step (nobody else is waiting). The jitted programs
+and their compiled executables belong to the engine (`programs(engine)`), so every loop over one
+engine shares them.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from powerinfer_jax import checks
-from powerinfer_jax.engine import FFN_COUNTERS, Engine, _ffn_totals, _finite_or_flag, bucket, decode_span
-from powerinfer_jax.errors import ArgumentError
+from powerinfer_jax.engine import (FFN_COUNTERS, Engine, _ffn_totals, _finite_or_flag, _nonfinite_error, bucket,
+                                   decode_span, decode_spans)
+from powerinfer_jax.errors import ArgumentError, NonFiniteError
 from powerinfer_jax.model import KVCache, forward, init_cache
 from powerinfer_jax.sampling import SamplingParams, row_mode, sample_rows
 from powerinfer_jax.tokenizer import IncrementalDecoder
@@ -66,13 +73,16 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
     token_ids: list[int] = dataclasses.field(default_factory=list)  # done: every generated token (EOS excluded)
+    held_back: bool = False  # token: its text waits for the rest of a UTF-8 character ("" now, sent with a later token)
 
 
 class Request:
     """A submitted request; `cancel()` ends it at the next step boundary."""
 
-    def __init__(self, rid: int, prompt_ids: list[int], params: RequestParams, on_event: Callable[[Event], None]):
+    def __init__(self, rid: int, prompt_ids: list[int], params: RequestParams, on_event: Callable[[Event], None],
+                 detokenize: bool = True):
         self.id, self.prompt_ids, self.params, self.on_event = rid, prompt_ids, params, on_event
+        self.detokenize = detokenize  # whether token events carry their text (IncrementalDecoder)
         self.cancelled = False
         self.key = np.asarray(jax.random.key_data(jax.random.PRNGKey(params.seed)), np.uint32)
         self.generated: list[int] = []
@@ -84,14 +94,38 @@ class Request:
         self.cancelled = True
 
 
+class _Programs:
+    """One engine's jitted loop programs and their compiled executables, shared by every loop over it."""
+
+    def __init__(self, engine: Engine):
+        cfg, ffn_fn = engine.cfg, engine._ffn_fn
+        self.step = jax.jit(functools.partial(_decode_rows, cfg=cfg, ffn_fn=ffn_fn),
+                            static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
+        self.chunk = jax.jit(functools.partial(_prefill_chunk, cfg=cfg, ffn_fn=ffn_fn),
+                             static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
+        self.insert = jax.jit(_insert_row, donate_argnames=("cache",))
+        self.move = jax.jit(_move_row, donate_argnames=("cache",))
+        self.executables: dict[tuple, Callable] = {}  # (program name, argument shapes, static values) -> executable
+
+
+def programs(engine: Engine) -> _Programs:
+    """The engine's loop programs (made on first use and kept on the engine)."""
+    if engine._loop_programs is None:
+        engine._loop_programs = _Programs(engine)
+    return engine._loop_programs
+
+
 class ContinuousBatcher:
     """Serves many generation requests with one decode loop over a shared, continuously refilled batch."""
 
-    def __init__(self, engine: Engine, max_batch: int = 16, prefill_chunk: int = 128):
+    def __init__(self, engine: Engine, max_batch: int = 16, prefill_chunk: int = 128,
+                 sizes: Sequence[int] = BATCH_SIZES):
         self.engine = engine
         self.max_batch = checks.integer("max_batch", max_batch, lo=1)
         self.prefill_chunk = checks.integer("prefill_chunk", prefill_chunk, lo=1)
-        self.sizes = sorted({min(s, max_batch) for s in BATCH_SIZES})
+        self.sizes = sorted({min(checks.integer("batch size", s, lo=1), max_batch) for s in sizes} | {max_batch})
+        # generate_rows: every waiting prompt is prefilled before the next decode step (no one else is waiting)
+        self._admit_all = False
         self._eos = set(engine._eos_ids())
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[Request] = []  # row i of the batch cache decodes self._rows[i]
@@ -101,16 +135,13 @@ class ContinuousBatcher:
         self._stop = False
         self._ids = itertools.count()
         self._counters = collections.Counter()
-        cfg, ffn_fn = engine.cfg, engine._ffn_fn
-        self._cache = init_cache(cfg, max_batch, engine.max_seq_len, engine.kv_dtype)
-        self._stage_cache = init_cache(cfg, 1, engine.max_seq_len, engine.kv_dtype)
-        self._step_fn = jax.jit(functools.partial(_decode_rows, cfg=cfg, ffn_fn=ffn_fn),
-                                static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
-        self._chunk_fn = jax.jit(functools.partial(_prefill_chunk, cfg=cfg, ffn_fn=ffn_fn),
-                                 static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
-        self._insert_fn = jax.jit(_insert_row, donate_argnames=("cache",))
-        self._move_fn = jax.jit(_move_row, donate_argnames=("cache",))
-        self._executables: dict[tuple, Callable] = {}
+        self._times = collections.Counter()  # seconds: prefill_s, decode_s (compiles excluded), compile_s
+        self._programs = programs(engine)
+        self._executables = self._programs.executables
+        self._cache = init_cache(engine.cfg, max_batch, engine.max_seq_len, engine.kv_dtype)
+        # One-row staging caches by length: a prompt is prefilled into one just long enough for it (the span
+        # of its length), not a whole max_seq_len row (a second full row of KV cache is GBs at 7B size).
+        self._stage_caches: dict[int, KVCache] = {}
         self._row_settings: tuple = ((), None)  # (the rows' request ids and step size, their sampling arrays)
 
     # ---- public API ----------------------------------------------------------------
@@ -162,43 +193,73 @@ class ContinuousBatcher:
         widths = sorted({self._chunk_width(n) for n in range(1, self.prefill_chunk + 1)})
         jobs = []
         for mode in modes:
-            for size in self.sizes:
-                _, *rest = _settings([], size)
-                args = (self.engine.params, jnp.zeros(size, jnp.int32), jnp.zeros(size, jnp.int32), self._cache, *rest)
-                jobs.append((self._step_fn, args, {"attend_len": span, "mode": mode}))
-            for w in widths:
-                _, *rest = _settings([], 1)
-                args = (self.engine.params, jnp.zeros((1, w), jnp.int32), jnp.zeros((1, w), jnp.int32),
-                        self._stage_cache, jnp.zeros(1, jnp.int32), *rest)
-                jobs.append((self._chunk_fn, args, {"attend_len": span, "mode": mode}))
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            list(pool.map(lambda job: self._executable(*job), jobs))
+            jobs += [self._step_job(size, span, mode) for size in self.sizes]
+            jobs += [self._chunk_job(w, span, span, mode) for w in widths]
+        self._compile(jobs)
         if not self._rows and self._staging is None:
             # Run each decode size and the narrowest chunk once (they touch only free rows now): the host
             # kernels' numba code compiles on its first call, and so do the row moves.
-            for fn, args, static in jobs:
-                if fn is self._step_fn:
-                    exe = self._executable(fn, args, static)
-                    self._cache = exe(*args[:3], self._cache, *args[4:])[1]  # the cache is donated: pass the live one
+            for name, _, args, static in jobs:
+                if name == "step":
+                    self._cache = self._executable("step", args, static)(*args[:3], self._cache, *args[4:])[1]
                 elif args[1].shape[1] == widths[0]:
-                    exe = self._executable(fn, args, static)
-                    self._stage_cache = exe(*args[:3], self._stage_cache, *args[4:])[1]
-            self._cache = self._insert_fn(self._cache, self._stage_cache, jnp.asarray(0, np.int32))
-            self._cache = self._move_fn(self._cache, jnp.asarray(0, np.int32), jnp.asarray(0, np.int32))
+                    stage = self._stage_caches.pop(span, None)
+                    stage = args[3] if stage is None else stage
+                    self._stage_caches[span] = self._executable("chunk", args, static)(*args[:3], stage, *args[4:])[1]
+            self._cache = self._programs.insert(self._cache, self._stage_caches[span], jnp.asarray(0, np.int32))
+            self._cache = self._programs.move(self._cache, jnp.asarray(0, np.int32), jnp.asarray(0, np.int32))
             jax.block_until_ready(self._cache)
         return time.perf_counter() - t0
+
+    def _step_job(self, size: int, span: int, mode: str) -> tuple:
+        """(name, program, example arguments, static values) of a decode step of `size` rows over `span` slots."""
+        _, *rest = _settings([], size)
+        args = (self.engine.params, jnp.zeros(size, jnp.int32), jnp.zeros(size, jnp.int32), self._cache, *rest)
+        return "step", self._programs.step, args, {"attend_len": span, "mode": mode}
+
+    def _chunk_job(self, width: int, stage_len: int, span: int, mode: str) -> tuple:
+        """The same for a prompt chunk of `width` tokens into a staging cache of `stage_len` slots."""
+        _, *rest = _settings([], 1)
+        stage = self._stage_caches.get(stage_len)
+        if stage is None:
+            stage = init_cache(self.engine.cfg, 1, stage_len, self.engine.kv_dtype)
+        args = (self.engine.params, jnp.zeros((1, width), jnp.int32), jnp.zeros((1, width), jnp.int32), stage,
+                jnp.zeros(1, jnp.int32), *rest)
+        return "chunk", self._programs.chunk, args, {"attend_len": span, "mode": mode}
+
+    def _compile(self, jobs: list[tuple]) -> float:
+        """Compiles the jobs not compiled yet in parallel threads (XLA compiles without the GIL); returns
+        the seconds it took (also added to the loop's compile_s)."""
+        todo = {self._signature(name, args, static): job for job in jobs
+                for name, _, args, static in [job]}
+        todo = {sig: job for sig, job in todo.items() if sig not in self._executables}
+        if not todo:
+            return 0.0
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
+            exes = list(pool.map(lambda job: job[1].lower(*job[2], **job[3]).compile(), todo.values()))
+        self._executables.update(zip(todo, map(fast_call, exes)))
+        seconds = time.perf_counter() - t0
+        self._times["compile_s"] += seconds
+        return seconds
 
     def _chunk_width(self, n: int) -> int:
         """The padded width of a prompt chunk of n tokens (a few static widths: one program each)."""
         return min(bucket(n, self.prefill_chunk), self.engine.max_seq_len)
 
-    def _executable(self, fn, args: tuple, static: dict):
-        """`fn` compiled for these argument shapes and static values, once (jit's own cache is not
-        filled by ahead-of-time compiles, so warmup and the loop share this one)."""
-        sig = (id(fn), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args[1:])), tuple(sorted(static.items())))
+    @staticmethod
+    def _signature(name: str, args: tuple, static: dict) -> tuple:
+        return name, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args[1:])), tuple(sorted(static.items()))
+
+    def _executable(self, name: str, args: tuple, static: dict):
+        """Program `name` ("step" or "chunk") compiled for these argument shapes and static values, once per
+        engine (jit's own cache is not filled by ahead-of-time compiles, so warmup and the loop share this)."""
+        sig = self._signature(name, args, static)
         exe = self._executables.get(sig)
         if exe is None:
-            exe = self._executables[sig] = fn.lower(*args, **static).compile()
+            t0 = time.perf_counter()
+            exe = self._executables[sig] = fast_call(getattr(self._programs, name).lower(*args, **static).compile())
+            self._times["compile_s"] += time.perf_counter() - t0
         return exe
 
     def start(self) -> "ContinuousBatcher":
@@ -240,10 +301,7 @@ class ContinuousBatcher:
                 if self._stop:
                     break
             try:
-                self._drop_cancelled()
-                self._prefill_one_chunk()
-                if self._rows:
-                    self._decode_step()
+                self._step_once()
             except Exception as err:  # noqa: BLE001  (a bug or a broken model: fail the requests, keep serving)
                 log.exception("batcher step failed")
                 self._fail_all(f"{type(err).__name__}: {err}")
@@ -251,6 +309,20 @@ class ContinuousBatcher:
             self._finish(req, "cancelled")
         self._rows, self._staging = [], None
         self._waiting.clear()
+
+    def _step_once(self) -> None:
+        """One turn of the loop: drop cancelled requests, advance a prompt by one chunk (with `_admit_all`,
+        every waiting prompt whole), then one decode step over the running rows."""
+        self._drop_cancelled()
+        while self._prefill_one_chunk() and self._admit_all:
+            pass
+        if self._rows:
+            self._decode_step()
+
+    def _run_inline(self) -> None:
+        """Runs the loop in this thread until every queued request is done (`generate_rows`)."""
+        while self._rows or self._staging is not None or self._waiting:
+            self._step_once()
 
     def _drop_cancelled(self) -> None:
         for i in reversed(range(len(self._rows))):
@@ -264,15 +336,17 @@ class ContinuousBatcher:
                 self._waiting.remove(req)
                 self._finish(req, "cancelled")
 
-    def _prefill_one_chunk(self) -> None:
-        """Advances the staged request by one prompt chunk; a finished prefill joins the batch."""
+    def _prefill_one_chunk(self) -> bool:
+        """Advances the staged request by one prompt chunk; a finished prefill joins the batch. Returns
+        whether there was a chunk to run."""
         if self._staging is None:
             if len(self._rows) >= self.max_batch:
-                return
+                return False
             with self._wake:
                 if not self._waiting:
-                    return
+                    return False
                 self._staging = self._waiting.popleft()
+        t0, compiled = time.perf_counter(), self._times["compile_s"]
         req = self._staging
         start, n = req.prefilled, min(self.prefill_chunk, len(req.prompt_ids) - req.prefilled)
         width = self._chunk_width(n)
@@ -281,27 +355,36 @@ class ContinuousBatcher:
         positions = np.full((1, width), self.engine.max_seq_len, np.int32)  # padding writes nothing
         positions[0, :n] = np.arange(start, start + n)
         settings = _settings([req])
-        args = (self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._stage_cache,
+        stage_len = decode_span(len(req.prompt_ids), self.engine.max_seq_len)
+        stage = self._stage_caches.pop(stage_len, None)
+        if stage is None:
+            stage = init_cache(self.engine.cfg, 1, stage_len, self.engine.kv_dtype)
+        args = (self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), stage,
                 jnp.asarray([n - 1], np.int32), *settings[1:])
         static = {"attend_len": decode_span(start + n, self.engine.max_seq_len), "mode": settings[0]}
-        tok, self._stage_cache = self._executable(self._chunk_fn, args, static)(*args)
+        tok, stage = self._executable("chunk", args, static)(*args)
+        self._stage_caches[stage_len] = stage
         req.prefilled += n
         self._counters["prefill_tokens"] += n
         if req.prefilled < len(req.prompt_ids):
-            return
+            self._times["prefill_s"] += time.perf_counter() - t0 - (self._times["compile_s"] - compiled)
+            return True
         self._staging = None
         first = int(np.asarray(tok)[0])
+        self._times["prefill_s"] += time.perf_counter() - t0 - (self._times["compile_s"] - compiled)
         if first < 0:
-            self._emit(req, Event("error", error="the model produced NaN/Inf logits on the prompt"))
-            return
+            self._emit(req, Event("error", error=nonfinite_message("on the prompt")))
+            return True
         row = len(self._rows)
-        self._cache = self._insert_fn(self._cache, self._stage_cache, jnp.asarray(row, np.int32))
+        self._cache = self._programs.insert(self._cache, stage, jnp.asarray(row, np.int32))
         self._rows.append(req)
-        if self.engine.tokenizer is not None:
+        if self.engine.tokenizer is not None and req.detokenize:
             req.decoder = IncrementalDecoder(self.engine.tokenizer, self.engine._eos_ids())
         self._accept(row, first)
+        return True
 
     def _decode_step(self) -> None:
+        t0, compiled = time.perf_counter(), self._times["compile_s"]
         n = len(self._rows)
         size = next(s for s in self.sizes if s >= n)
         tokens = np.zeros(size, np.int32)
@@ -318,18 +401,21 @@ class ContinuousBatcher:
         args = (self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._cache, keys, temps, top_ks,
                 top_ps, jnp.asarray(steps))
         static = {"attend_len": decode_span(int(positions[:n].max()) + 1, self.engine.max_seq_len), "mode": mode}
-        nxt, self._cache, totals = self._executable(self._step_fn, args, static)(*args)
+        nxt, self._cache, totals = self._executable("step", args, static)(*args)
         nxt = np.asarray(nxt)
         self._counters["steps"] += 1
         self._counters["rows_computed"] += size
+        self._counters["rows_decoded"] += n
         if totals.shape[0]:
             for name, v in zip(FFN_COUNTERS, np.asarray(totals)):
                 self._counters[name] += int(v)
         for i in reversed(range(n)):  # reversed: retiring row i moves the last row, already handled, into it
             if nxt[i] < 0:
-                self._emit(self._remove_row(i), Event("error", error="the model produced NaN/Inf logits"))
+                where = f"at generated token {len(self._rows[i].generated) + 1}"
+                self._emit(self._remove_row(i), Event("error", error=nonfinite_message(where)))
             else:
                 self._accept(i, int(nxt[i]))
+        self._times["decode_s"] += time.perf_counter() - t0 - (self._times["compile_s"] - compiled)
 
     def _accept(self, row: int, token: int) -> None:
         """Records row's new token, streams it, and retires the row when it is finished."""
@@ -339,7 +425,7 @@ class ContinuousBatcher:
             req.generated.append(token)
             self._counters["tokens_generated"] += 1
             piece = req.decoder.push(token) if req.decoder is not None else ""
-            self._emit(req, Event("token", token_id=token, text=piece or ""))
+            self._emit(req, Event("token", token_id=token, text=piece or "", held_back=piece is None))
         context_full = len(req.prompt_ids) + len(req.generated) >= self.engine.max_seq_len
         if eos:
             self._retire(row, "stop")
@@ -354,7 +440,7 @@ class ContinuousBatcher:
         """Takes row's request out of the batch; the last row moves into its place (rows stay 0..n-1)."""
         req, last = self._rows[row], len(self._rows) - 1
         if row != last:
-            self._cache = self._move_fn(self._cache, jnp.asarray(last, np.int32), jnp.asarray(row, np.int32))
+            self._cache = self._programs.move(self._cache, jnp.asarray(last, np.int32), jnp.asarray(row, np.int32))
             self._rows[row] = self._rows[last]
         self._rows.pop()
         return req
@@ -371,7 +457,7 @@ class ContinuousBatcher:
             self._emit(req, Event("error", error=message))
         self._rows, self._staging = [], None
         self._cache = init_cache(self.engine.cfg, self.max_batch, self.engine.max_seq_len, self.engine.kv_dtype)
-        self._stage_cache = init_cache(self.engine.cfg, 1, self.engine.max_seq_len, self.engine.kv_dtype)
+        self._stage_caches.clear()
 
     @staticmethod
     def _emit(req: Request, ev: Event) -> None:
@@ -381,6 +467,52 @@ class ContinuousBatcher:
             log.exception("on_event of request %d raised", req.id)
 
 
+def nonfinite_message(where: str) -> str:
+    """The error text of a request whose logits went NaN/Inf (`where`: "on the prompt", "at generated token n")."""
+    return str(_nonfinite_error(where))
+
+
+def generate_rows(engine: Engine, rows: Sequence[Sequence[int]], params: Sequence[RequestParams],
+                  on_token: Callable[[int, str], None] | None = None) -> tuple[list[Event], dict]:
+    """Runs the decode loop in this thread over token-id prompts until each is done (what `Engine.generate`
+    and `generate_batch` do); returns their done events in order and the run's stats. `on_token(id,
+    text)` streams row 0. Every attention span the run can reach is compiled first, in parallel, so no
+    compile pauses the stream; a NaN/Inf in a row's logits raises `NonFiniteError`."""
+    B = len(rows)
+    loop = ContinuousBatcher(engine, max_batch=B, prefill_chunk=engine.max_seq_len, sizes=(B,))
+    loop._admit_all = True
+    mode = row_mode([p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params])
+    lengths = [len(r) for r in rows]
+    limit = engine.max_seq_len
+    jobs = [loop._chunk_job(loop._chunk_width(n), decode_span(n, limit), decode_span(n, limit), mode)
+            for n in sorted(set(lengths))]
+    last = max(n + p.max_tokens for n, p in zip(lengths, params)) - 1
+    jobs += [loop._step_job(B, span, mode) for span in decode_spans(min(lengths) + 1, last, limit)]
+    loop._compile(jobs)
+    done: list[Event | None] = [None] * B
+
+    def on_event(b: int, ev: Event) -> None:
+        if ev.kind != "token":
+            done[b] = ev
+        elif b == 0 and on_token is not None and not ev.held_back:
+            on_token(ev.token_id, ev.text)
+
+    for b, (ids, p) in enumerate(zip(rows, params)):
+        loop._waiting.append(Request(next(loop._ids), list(ids), p, functools.partial(on_event, b),
+                                     detokenize=b == 0 and on_token is not None))
+    loop._run_inline()
+    for ev in done:
+        if ev.kind == "error":
+            raise NonFiniteError(ev.error)
+    c, t = loop._counters, loop._times
+    stats = {"compile_s": t["compile_s"], "prompt_tokens": int(sum(lengths)), "prefill_s": t["prefill_s"],
+             "prefill_tokens_per_s": sum(lengths) / max(t["prefill_s"], 1e-9), "decode_steps": c["steps"],
+             "decode_s": t["decode_s"],
+             "decode_tokens_per_s": c["rows_decoded"] / t["decode_s"] if c["steps"] else 0.0}
+    stats.update({k: c[k] for k in FFN_COUNTERS if k in c})
+    return done, stats
+
+
 @atexit.register
 def _stop_at_exit() -> None:
     # A batcher left running at exit: its (daemon) thread would be mid-step when the interpreter
@@ -388,6 +520,30 @@ def _stop_at_exit() -> None:
     # the process (7 exits in 8 with a request running). Stopping it here, before finalization, joins it.
     for batcher in list(_RUNNING):
         batcher.stop()
+
+
+def fast_call(compiled) -> Callable:
+    """`compiled` (an ahead-of-time `jax.stages.Compiled`) called through JAX's C++ dispatch path.
+
+    JAX gives an AOT executable that holds host callbacks (our numba kernels' buffer_callbacks) only
+    its Python dispatch, which checks every argument's sharding and layout on every call: 0.65 ms of a
+    3.8 ms bundled-model step at batch 1 (114 parameter arrays; a 7B model has ~3x as many), while a
+    plain `jax.jit` call of the same program takes the C++ path (jit never makes that exception). So
+    the C++ call is built here as jit would build it. This reaches into `jax._src` (`_executable`,
+    `_params`, `create_cpp_call`); if any of that is missing, the normal call is used: only the
+    speed differs (tests/test_batching.py checks both)."""
+    try:
+        replicated = compiled._executable.unsafe_call
+        if not replicated.has_host_callbacks:
+            return compiled
+        replicated.has_host_callbacks = False
+        try:
+            call = compiled._executable.create_cpp_call(compiled._params)
+        finally:
+            replicated.has_host_callbacks = True
+    except (AttributeError, TypeError):
+        return compiled
+    return compiled if call is None else call
 
 
 def _settings(reqs: list[Request], size: int | None = None):

@@ -1,13 +1,10 @@
-"""The inference engine: jitted prefill and decode steps around `model.forward`, plus the
-generation loop (sampling, EOS, streaming callback, timing)."""
+"""The inference engine: a loaded model's scoring (`logits`) and generation (`generate`,
+`generate_batch`: the one decode loop of `batching`, run in the caller's thread)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import jax
@@ -18,9 +15,8 @@ from powerinfer_jax import checks
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.errors import ArgumentError, CheckpointError, NonFiniteError
 from powerinfer_jax.model import KV_DTYPES, FFNFn, forward, init_cache
-from powerinfer_jax.tokenizer import IncrementalDecoder
 from powerinfer_jax.params import ModelParams, fuse_qkv
-from powerinfer_jax.sampling import SamplingParams, sample
+from powerinfer_jax.sampling import SamplingParams
 from powerinfer_jax.tokenizer import Tokenizer
 
 MIN_BUCKET = 16
@@ -112,17 +108,7 @@ class Engine:
         self.model_dir = model_dir
         self.max_seq_len = min(max_seq_len or 2048, cfg.max_position_embeddings)
         self._ffn_fn = ffn_fn
-        self._compiled: dict[tuple, Callable] = {}
-        self._prefill = jax.jit(
-            functools.partial(self._prefill_impl, cfg=cfg, ffn_fn=ffn_fn),
-            static_argnames=("attend_len", "sampling"),
-            donate_argnames=("cache",),
-        )
-        self._decode = jax.jit(
-            functools.partial(self._decode_impl, cfg=cfg, ffn_fn=ffn_fn),
-            static_argnames=("attend_len", "sampling"),
-            donate_argnames=("cache",),
-        )
+        self._loop_programs = None  # batching.programs(self): the decode loop's jitted programs, made on first use
         self._full = jax.jit(functools.partial(self._full_impl, cfg=cfg, ffn_fn=ffn_fn))
         self._step = jax.jit(functools.partial(self._step_impl, cfg=cfg, ffn_fn=ffn_fn),
                              static_argnames=("attend_len",), donate_argnames=("cache",))
@@ -140,54 +126,6 @@ class Engine:
     def _step_impl(params, token, pos, cache, *, cfg, ffn_fn, attend_len):
         logits, cache, extras = forward(params, cfg, token[:, None], pos[:, None], cache, attend_len, ffn_fn=ffn_fn)
         return logits[:, 0], cache, _ffn_totals(extras.get("ffn_aux", []))
-
-    @staticmethod
-    def _prefill_impl(params, tokens, lengths, cache, key, *, cfg, ffn_fn, attend_len, sampling):
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        logits, cache, _ = forward(
-            params, cfg, tokens, positions, cache, attend_len, ffn_fn=ffn_fn, logits_at=lengths - 1
-        )
-        return _finite_or_flag(sample(logits[:, 0], key, sampling), logits[:, 0]), cache
-
-    @staticmethod
-    def _decode_impl(params, token, pos, cache, key, *, cfg, ffn_fn, attend_len, sampling):
-        logits, cache, extras = forward(params, cfg, token[:, None], pos[:, None], cache, attend_len, ffn_fn=ffn_fn)
-        return (_finite_or_flag(sample(logits[:, 0], key, sampling), logits[:, 0]), cache,
-                _ffn_totals(extras["ffn_aux"]))
-
-    def _call(self, name: str, fn, args: tuple, static: dict, stats: dict):
-        """Runs `fn`, compiling ahead of time once per shape bucket so timings exclude compiles."""
-        sig = self._signature(name, args, static)
-        exe = self._compiled.get(sig)
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = fn.lower(*args, **static).compile()
-            self._compiled[sig] = exe
-            stats["compile_s"] = stats.get("compile_s", 0.0) + time.perf_counter() - t0
-        return exe(*args)
-
-    def _precompile(self, name: str, fn, args: tuple, sampling, stats: dict, spans: Sequence[int]) -> None:
-        """Compiles `fn` for every attention span not compiled yet, in parallel threads (XLA
-        compiles without the GIL), adding the wall time to stats["compile_s"]."""
-        todo = [a for a in dict.fromkeys(spans) if self._signature(name, args, self._static(a, sampling))
-                not in self._compiled]
-        if not todo:
-            return
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
-            exes = list(pool.map(lambda a: fn.lower(*args, **self._static(a, sampling)).compile(), todo))
-        for a, exe in zip(todo, exes):
-            self._compiled[self._signature(name, args, self._static(a, sampling))] = exe
-        stats["compile_s"] = stats.get("compile_s", 0.0) + time.perf_counter() - t0
-
-    @staticmethod
-    def _static(attend_len: int, sampling) -> dict:
-        return {"attend_len": attend_len, "sampling": sampling}
-
-    @staticmethod
-    def _signature(name: str, args: tuple, static: dict) -> tuple:
-        shapes = tuple((a.shape, a.dtype) for a in jax.tree.leaves(args[1:]))
-        return (name, shapes, tuple(sorted(static.items())))
 
     # ---- public API ----------------------------------------------------------------
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -288,80 +226,22 @@ class Engine:
         truncate_prompt: bool = False,
     ) -> list[GenerationResult]:
         """Generates for a batch of token-id prompts (lengths may differ); streams row 0."""
-        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # checks the sampling settings
         self._check_generation_args(max_new_tokens, seed, stop_at_eos, on_token, truncate_prompt)
         if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__") or not len(prompts):
             raise ArgumentError(f"prompts must be a non-empty list of token-id sequences, got {type(prompts).__name__}")
         rows = [self._check_ids(p, "prompt") for p in prompts]
         rows, dropped = self._fit_context(rows, max_new_tokens, truncate_prompt)
-        B = len(rows)
-        lengths = np.array([len(r) for r in rows], np.int32)
-        stats: dict = {"compile_s": 0.0, "prompt_truncated": dropped}
-        T = bucket(int(lengths.max()), self.max_seq_len)
-        tokens = np.zeros((B, T), np.int32)
-        for b, r in enumerate(rows):
-            tokens[b, : len(r)] = r
-        cache = init_cache(self.cfg, B, self.max_seq_len, self.kv_dtype)
-        key = jax.random.PRNGKey(seed)
-        eos = set(self._eos_ids()) if stop_at_eos else set()
+        from powerinfer_jax.batching import RequestParams, generate_rows  # batching builds on this module
 
-        t0 = time.perf_counter()
-        args = (self.params, jnp.asarray(tokens), jnp.asarray(lengths), cache, jax.random.fold_in(key, 0))
-        nxt, cache = self._call("prefill", self._prefill, args, self._static(T, sampling), stats)
-        nxt = np.asarray(nxt)
-        prefill_s = time.perf_counter() - t0 - stats["compile_s"]
-        if (nxt < 0).any():
-            raise _nonfinite_error("on the prompt")
-
-        generated = [[int(t)] for t in nxt]
-        done = np.array([int(t) in eos for t in nxt])
-        pos = lengths.copy()
-        # Compile every span this run can reach now, before the first generated token is shown, so
-        # no compilation pauses the stream and the decode figure excludes nothing a user waits for.
-        args = (self.params, jnp.asarray(nxt), jnp.asarray(pos), cache, key)
-        self._precompile("decode", self._decode, args, sampling, stats,
-                         decode_spans(int(pos.max()) + 1, int(pos.max()) + max_new_tokens - 1, self.max_seq_len))
-        decoder = None if on_token is None or self.tokenizer is None else \
-            IncrementalDecoder(self.tokenizer, self._eos_ids())
-        self._stream(on_token, decoder, generated[0][-1])
-        t1, compile_before = time.perf_counter(), stats["compile_s"]
-        steps = 0
-        while steps < max_new_tokens - 1 and not done.all():
-            attend = decode_span(int(pos.max()) + 1, self.max_seq_len)
-            args = (self.params, jnp.asarray(nxt), jnp.asarray(pos), cache, jax.random.fold_in(key, steps + 1))
-            nxt, cache, aux = self._call("decode", self._decode, args, self._static(attend, sampling),
-                                         stats)
-            nxt = np.asarray(nxt)
-            if (nxt[~done] < 0).any():
-                raise _nonfinite_error(f"at generated token {steps + 1}")
-            self._accumulate_ffn_stats(aux, stats)
-            steps += 1
-            pos += 1
-            row0_open = not done[0]  # row 0 is the one streamed
-            for b in range(B):
-                if not done[b]:
-                    generated[b].append(int(nxt[b]))
-                    done[b] = int(nxt[b]) in eos
-            if row0_open:
-                self._stream(on_token, decoder, int(nxt[0]))
-        decode_s = time.perf_counter() - t1 - (stats["compile_s"] - compile_before)
-
-        stats.update(
-            prompt_tokens=int(lengths.sum()),
-            prefill_s=prefill_s,
-            prefill_tokens_per_s=float(lengths.sum()) / max(prefill_s, 1e-9),
-            decode_steps=steps,
-            decode_s=decode_s,
-            decode_tokens_per_s=steps * B / decode_s if steps else 0.0,
-        )
-        results = []
-        for b in range(B):
-            ids = generated[b]
-            if ids and ids[-1] in eos:
-                ids = ids[:-1]
-            text = self.tokenizer.decode(ids) if self.tokenizer else ""
-            results.append(GenerationResult(text=text, token_ids=ids, prompt_ids=list(rows[b]), stats=stats))
-        return results
+        # Row b draws with seed + b (wrapped into int64), so equal prompts in one batch sample differently.
+        params = [RequestParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=(seed + b + 2**63) % 2**64 - 2**63, stop_at_eos=stop_at_eos)
+                  for b in range(len(rows))]
+        done, stats = generate_rows(self, rows, params, on_token)
+        stats["prompt_truncated"] = dropped
+        return [GenerationResult(text=ev.text, token_ids=list(ev.token_ids), prompt_ids=list(r), stats=stats)
+                for ev, r in zip(done, rows)]
 
     # ---- helpers -------------------------------------------------------------------
     @staticmethod
@@ -373,16 +253,6 @@ class Engine:
 
     def _eos_ids(self) -> tuple[int, ...]:
         return self.tokenizer.eos_token_ids if self.tokenizer else self.cfg.eos_token_ids
-
-    @staticmethod
-    def _stream(on_token, decoder, token: int) -> None:
-        """Calls on_token with the token's new text (incremental: `tokenizer.IncrementalDecoder`),
-        holding back half-decoded UTF-8; with no tokenizer, with ""."""
-        if on_token is None:
-            return
-        piece = "" if decoder is None else decoder.push(token)
-        if piece is not None:
-            on_token(token, piece)
 
     def _check_ids(self, token_ids: Sequence[int], name: str = "token_ids") -> list[int]:
         return checks.token_ids(name, token_ids, self.cfg.vocab_size)

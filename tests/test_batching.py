@@ -64,6 +64,11 @@ def test_sampled_tokens_do_not_depend_on_the_batch(engine, batcher):
     others = {batcher.generate(ids[0], RequestParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=s),
                                timeout=120).text for s in (11, 12, 13)}
     assert others != {alone[0]}  # the seed matters: other seeds draw other texts
+    # Engine.generate runs the same loop: the same seed draws the same text; generate_batch row b uses seed + b.
+    sampled = dict(max_new_tokens=8, temperature=0.9, top_p=0.9, top_k=0)
+    assert engine.generate(ids[0], seed=0, **sampled).text == alone[0]
+    pair = engine.generate_batch([ids[0], ids[0]], seed=12, **sampled)
+    assert [r.text for r in pair] == [engine.generate(ids[0], seed=s, **sampled).text for s in (12, 13)]
 
 
 def test_streamed_pieces_join_to_the_text(engine, batcher):
@@ -226,3 +231,32 @@ def test_bench_serve_round_counts_every_token(engine, batcher):
     rows = [{"engine": "dense", "clients": c, "tok_s": t, "itl_p50_ms": 5.0, "itl_p99_ms": 9.0, "ttft_p50_ms": 1.0,
              "mean_batch": float(c)} for c, t in ((1, 100.0), (16, 400.0))]
     assert bench_serve._goals(rows)["dense_throughput_x16_over_x1"] == 4.0
+
+
+def test_fast_call_dispatches_in_cpp_and_gives_the_same_result(monkeypatch):
+    """An AOT program holding a host callback runs through JAX's C++ dispatch (no Python-side
+    ExecuteReplicated call once warm) and returns what the plain compiled call returns."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax._src.interpreters import pxla
+
+    from ops import linear
+    from ops.quant import to_weight
+    from powerinfer_jax.batching import fast_call
+
+    w = to_weight(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), "bfloat16")
+    assert linear.uses_host_kernel(w)
+    x = jnp.ones((1, 32), jnp.float32)
+    compiled = jax.jit(lambda x, w: linear.linear(x, w) * 2.0).lower(x, w).compile()
+    want = np.asarray(compiled(x, w))
+    fast = fast_call(compiled)
+    np.testing.assert_array_equal(np.asarray(fast(x, w)), want)  # the first call fills the C++ cache
+    calls = []
+    original = pxla.ExecuteReplicated.__call__
+    monkeypatch.setattr(pxla.ExecuteReplicated, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(fast(x, w)), want)
+    assert not calls
+    compiled(x, w)
+    assert calls  # the plain call of a program with host callbacks goes through Python

@@ -187,12 +187,14 @@ def test_generation_compiles_every_span_before_the_first_token(tiny):
     before the first token is handed out, and a second run compiles nothing."""
     from powerinfer_jax.engine import decode_spans
 
+    from powerinfer_jax.batching import programs
+
     dense, _, _, _ = tiny
     eng = pij.load(dense.model_dir, max_seq_len=512)
     seen = []
 
     def on_token(_id, _text):
-        seen.append(sum(1 for sig in eng._compiled if sig[0] == "decode"))
+        seen.append(sum(1 for sig in programs(eng).executables if sig[0] == "step"))
 
     res = eng.generate([1, 5, 9], max_new_tokens=200, temperature=0.0, stop_at_eos=False, on_token=on_token)
     spans = decode_spans(4, 3 + 199, 512)
