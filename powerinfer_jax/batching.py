@@ -124,7 +124,8 @@ class ContinuousBatcher:
         self.max_batch = checks.integer("max_batch", max_batch, lo=1)
         self.prefill_chunk = checks.integer("prefill_chunk", prefill_chunk, lo=1)
         self.sizes = sorted({min(checks.integer("batch size", s, lo=1), max_batch) for s in sizes} | {max_batch})
-        # generate_rows: every waiting prompt is prefilled before the next decode step (no one else is waiting)
+        # generate_rows: every waiting prompt is prefilled before the next decode step (no one else is waiting),
+        # and a callback's exception propagates to the caller instead of being logged
         self._admit_all = False
         self._eos = set(engine._eos_ids())
         self._waiting: collections.deque[Request] = collections.deque()
@@ -459,11 +460,12 @@ class ContinuousBatcher:
         self._cache = init_cache(self.engine.cfg, self.max_batch, self.engine.max_seq_len, self.engine.kv_dtype)
         self._stage_caches.clear()
 
-    @staticmethod
-    def _emit(req: Request, ev: Event) -> None:
+    def _emit(self, req: Request, ev: Event) -> None:
         try:
             req.on_event(ev)
-        except Exception:  # noqa: BLE001  (a caller's callback must not stop the loop)
+        except Exception:  # noqa: BLE001  (a server's callback must not stop the loop)
+            if self._admit_all:  # generate_rows: the caller's own on_token raised; its generate() raises it
+                raise
             log.exception("on_event of request %d raised", req.id)
 
 
@@ -480,7 +482,7 @@ def generate_rows(engine: Engine, rows: Sequence[Sequence[int]], params: Sequenc
     compile pauses the stream; a NaN/Inf in a row's logits raises `NonFiniteError`."""
     B = len(rows)
     loop = ContinuousBatcher(engine, max_batch=B, prefill_chunk=engine.max_seq_len, sizes=(B,))
-    loop._admit_all = True
+    loop._admit_all = True  # also: an exception from on_token propagates (a server logs its callbacks' errors)
     mode = row_mode([p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params])
     lengths = [len(r) for r in rows]
     limit = engine.max_seq_len

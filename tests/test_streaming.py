@@ -44,3 +44,19 @@ def test_generate_streams_exactly_its_text(engine):
     res = engine.generate("ROMEO:", max_new_tokens=48, temperature=0.8, seed=5,
                           on_token=lambda _id, text: pieces.append(text))
     assert "".join(pieces) == res.text and len(pieces) <= len(res.token_ids) + 1
+
+
+def test_an_exception_in_on_token_reaches_the_caller(engine):
+    """generate runs the batcher's loop in the caller's thread: the caller's own callback error is raised
+    there (the server's loop logs its callbacks' errors instead), and the engine still works afterwards."""
+    seen = []
+
+    def on_token(_id, _text):
+        seen.append(_id)
+        if len(seen) == 3:
+            raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        engine.generate("ROMEO:", max_new_tokens=20, stop_at_eos=False, on_token=on_token)
+    assert len(seen) == 3
+    assert len(engine.generate("ROMEO:", max_new_tokens=5, stop_at_eos=False).token_ids) == 5
