@@ -222,8 +222,8 @@ class ContinuousBatcher:
         """The same for a prompt chunk of `width` tokens into a staging cache of `stage_len` slots."""
         _, *rest = _settings([], 1)
         stage = self._stage_caches.get(stage_len)
-        if stage is None:
-            stage = init_cache(self.engine.cfg, 1, stage_len, self.engine.kv_dtype)
+        if stage is None:  # kept: the prompt that needs this program prefills into it
+            stage = self._stage_caches[stage_len] = init_cache(self.engine.cfg, 1, stage_len, self.engine.kv_dtype)
         args = (self.engine.params, jnp.zeros((1, width), jnp.int32), jnp.zeros((1, width), jnp.int32), stage,
                 jnp.zeros(1, jnp.int32), *rest)
         return "chunk", self._programs.chunk, args, {"attend_len": span, "mode": mode}
@@ -231,14 +231,16 @@ class ContinuousBatcher:
     def _compile(self, jobs: list[tuple]) -> float:
         """Compiles the jobs not compiled yet in parallel threads (XLA compiles without the GIL); returns
         the seconds it took (also added to the loop's compile_s)."""
-        todo = {self._signature(name, args, static): job for job in jobs
-                for name, _, args, static in [job]}
-        todo = {sig: job for sig, job in todo.items() if sig not in self._executables}
+        todo = {}
+        for name, program, args, static in jobs:
+            sig = self._signature(name, args, static)
+            if sig not in self._executables:
+                todo.setdefault(sig, (program, args, static))
         if not todo:
             return 0.0
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
-            exes = list(pool.map(lambda job: job[1].lower(*job[2], **job[3]).compile(), todo.values()))
+            exes = list(pool.map(lambda job: job[0].lower(*job[1], **job[2]).compile(), todo.values()))
         self._executables.update(zip(todo, map(fast_call, exes)))
         seconds = time.perf_counter() - t0
         self._times["compile_s"] += seconds
