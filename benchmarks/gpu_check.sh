@@ -15,6 +15,8 @@
 #   8. threshold sparsity (issue #13) on the GPU: the SwiGLU bundled model at every budget, dense / offload /
 #      hybrid predicted / CATS oracle (Pallas hot rows masked by |silu(gate x)|, host CATS for cold rows)
 #      -> bench_silu_gpu/; the question it answers: CATS or predicted, faster at equal quality on a GPU?
+#   9. the sampler (benchmarks/bench_sampling.py): bisection cuts vs the sort they replaced; on a GPU the sort
+#      is fast, so this says whether sample_rows should sort there -> sampling_gpu.*
 # Every step has its own time limit and the script goes on past a failure, so one run gives
 # everything it can.
 set -uo pipefail
@@ -50,5 +52,9 @@ fi
 if [ "${SKIP_SILU:-0}" != 1 ]; then
   timeout "${SILU_TIMEOUT:-240}" bin/bench --models bundled-silu --out_dir "$OUT/bench_silu_gpu" --tag gpu \
     --repeats 3 2>&1 | grep -v "^I1\|^W1" | tail -40 | tee "$OUT/bench_silu_gpu.log"
+fi
+if [ "${SKIP_SAMPLING:-0}" != 1 ]; then
+  timeout "${SAMPLING_TIMEOUT:-120}" python3 benchmarks/bench_sampling.py --out "$OUT/sampling_gpu" 2>&1 \
+    | grep -v "^I1\|^W1" | tail -20 | tee "$OUT/sampling_gpu.log"
 fi
 echo "gpu_check done"

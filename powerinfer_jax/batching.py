@@ -545,9 +545,19 @@ def fast_call(compiled) -> Callable:
             call = compiled._executable.create_cpp_call(compiled._params)
         finally:
             replicated.has_host_callbacks = True
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError) as err:
+        _warn_slow_dispatch(f"{type(err).__name__}: {err}")
         return compiled
-    return compiled if call is None else call
+    if call is None:
+        _warn_slow_dispatch("create_cpp_call gave no call")
+        return compiled
+    return call
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_slow_dispatch(why: str) -> None:
+    log.warning("this jax (%s) changed the internals batching.fast_call uses (%s): decode steps go through JAX's "
+                "Python dispatch, which is slower", jax.__version__, why)
 
 
 def _settings(reqs: list[Request], size: int | None = None):

