@@ -225,7 +225,8 @@ class Engine:
         on_token: Callable[[int, str], None] | None = None,
         truncate_prompt: bool = False,
     ) -> list[GenerationResult]:
-        """Generates for a batch of token-id prompts (lengths may differ); streams row 0."""
+        """Generates for a batch of token-id prompts (lengths may differ; row b samples with seed + b); streams
+        row 0. Runs the decode loop of `batching` (the server's) in this thread."""
         SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # checks the sampling settings
         self._check_generation_args(max_new_tokens, seed, stop_at_eos, on_token, truncate_prompt)
         if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__") or not len(prompts):
