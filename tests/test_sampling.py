@@ -131,3 +131,18 @@ def test_stops_at_eos_and_streams(engine):
         assert res.token_ids == greedy[: greedy.index(2)]
     else:
         assert res.token_ids == greedy
+
+
+def test_a_row_that_stops_early_leaves_the_others_untouched(engine, monkeypatch):
+    """generate_batch through the batcher's loop: a row that meets EOS retires (its cache row refilled by
+    another) while the others run on; each row equals its single-prompt generation."""
+    prompts = [[1, 5, 9], [1, 7, 7, 30], [1, 3]]
+    free = [engine.generate(p, max_new_tokens=12, stop_at_eos=False).token_ids for p in prompts]
+    stop = free[0][3]  # row 0 stops at its fourth token
+    monkeypatch.setattr(engine, "_eos_ids", lambda: (stop,))
+    alone = [engine.generate(p, max_new_tokens=12).token_ids for p in prompts]
+    assert alone[0] == free[0][:free[0].index(stop)]
+    batch = engine.generate_batch(prompts, max_new_tokens=12)
+    assert [r.token_ids for r in batch] == alone
+    # a row that kept n < 12 tokens sampled EOS at decode step n; a full row took 11 steps
+    assert batch[0].stats["decode_steps"] == max(len(a) if len(a) < 12 else 11 for a in alone)
