@@ -140,8 +140,7 @@ class ContinuousBatcher:
         self._programs = programs(engine)
         self._executables = self._programs.executables
         self._cache = init_cache(engine.cfg, max_batch, engine.max_seq_len, engine.kv_dtype)
-        # One-row staging caches by length: a prompt is prefilled into one just long enough for it (the span
-        # of its length), not a whole max_seq_len row (a second full row of KV cache is GBs at 7B size).
+        # One-row staging caches by length (see _stage_len), kept and reused.
         self._stage_caches: dict[int, KVCache] = {}
         self._row_settings: tuple = ((), None)  # (the rows' request ids and step size, their sampling arrays)
 
@@ -195,7 +194,7 @@ class ContinuousBatcher:
         jobs = []
         for mode in modes:
             jobs += [self._step_job(size, span, mode) for size in self.sizes]
-            jobs += [self._chunk_job(w, span, span, mode) for w in widths]
+            jobs += [self._chunk_job(w, self._stage_len(1), span, mode) for w in widths]
         self._compile(jobs)
         if not self._rows and self._staging is None:
             # Run each decode size and the narrowest chunk once (they touch only free rows now): the host
@@ -204,10 +203,13 @@ class ContinuousBatcher:
                 if name == "step":
                     self._cache = self._executable("step", args, static)(*args[:3], self._cache, *args[4:])[1]
                 elif args[1].shape[1] == widths[0]:
-                    stage = self._stage_caches.pop(span, None)
+                    stage_len = args[3].k[0].shape[2]
+                    stage = self._stage_caches.pop(stage_len, None)
                     stage = args[3] if stage is None else stage
-                    self._stage_caches[span] = self._executable("chunk", args, static)(*args[:3], stage, *args[4:])[1]
-            self._cache = self._programs.insert(self._cache, self._stage_caches[span], jnp.asarray(0, np.int32))
+                    self._stage_caches[stage_len] = self._executable("chunk", args, static)(*args[:3], stage,
+                                                                                            *args[4:])[1]
+            self._cache = self._programs.insert(self._cache, self._stage_caches[self._stage_len(1)],
+                                                jnp.asarray(0, np.int32))
             self._cache = self._programs.move(self._cache, jnp.asarray(0, np.int32), jnp.asarray(0, np.int32))
             jax.block_until_ready(self._cache)
         return time.perf_counter() - t0
@@ -217,6 +219,13 @@ class ContinuousBatcher:
         _, *rest = _settings([], size)
         args = (self.engine.params, jnp.zeros(size, jnp.int32), jnp.zeros(size, jnp.int32), self._cache, *rest)
         return "step", self._programs.step, args, {"attend_len": span, "mode": mode}
+
+    def _stage_len(self, prompt_len: int) -> int:
+        """Slots of the staging cache a prompt of `prompt_len` tokens is prefilled into. generate_rows: the span
+        of its length, so a 1-row generate holds no second max_seq_len row (GBs of KV cache at 7B size). The
+        server: max_seq_len, so the chunk programs `warmup` compiled serve every prompt length (a length
+        bucket in their shapes would compile while every running sequence waits)."""
+        return decode_span(prompt_len, self.engine.max_seq_len) if self._admit_all else self.engine.max_seq_len
 
     def _chunk_job(self, width: int, stage_len: int, span: int, mode: str) -> tuple:
         """The same for a prompt chunk of `width` tokens into a staging cache of `stage_len` slots."""
@@ -358,7 +367,7 @@ class ContinuousBatcher:
         positions = np.full((1, width), self.engine.max_seq_len, np.int32)  # padding writes nothing
         positions[0, :n] = np.arange(start, start + n)
         settings = _settings([req])
-        stage_len = decode_span(len(req.prompt_ids), self.engine.max_seq_len)
+        stage_len = self._stage_len(len(req.prompt_ids))
         stage = self._stage_caches.pop(stage_len, None)
         if stage is None:
             stage = init_cache(self.engine.cfg, 1, stage_len, self.engine.kv_dtype)
@@ -488,7 +497,7 @@ def generate_rows(engine: Engine, rows: Sequence[Sequence[int]], params: Sequenc
     mode = row_mode([p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params])
     lengths = [len(r) for r in rows]
     limit = engine.max_seq_len
-    jobs = [loop._chunk_job(loop._chunk_width(n), decode_span(n, limit), decode_span(n, limit), mode)
+    jobs = [loop._chunk_job(loop._chunk_width(n), loop._stage_len(n), decode_span(n, limit), mode)
             for n in sorted(set(lengths))]
     last = max(n + p.max_tokens for n, p in zip(lengths, params)) - 1
     jobs += [loop._step_job(B, span, mode) for span in decode_spans(min(lengths) + 1, last, limit)]

@@ -262,3 +262,14 @@ def test_fast_call_dispatches_in_cpp_and_gives_the_same_result(monkeypatch):
     assert not calls
     compiled(x, w)
     assert calls  # the plain call of a program with host callbacks goes through Python
+
+
+def test_staging_rows_are_full_length_for_the_server_and_prompt_sized_for_generate(engine, batcher):
+    """The server prefills into one max_seq_len row (the warmed chunk programs fit every prompt); generate's
+    loop into a row of the prompt's span, so a 1-row generate holds no second full-length row."""
+    ids = engine.encode("ROMEO:")
+    batcher.generate(ids, RequestParams(max_tokens=2), timeout=60)
+    assert set(batcher._stage_caches) == {engine.max_seq_len} == {256}
+    loop = ContinuousBatcher(engine, max_batch=1)
+    loop._admit_all = True  # what batching.generate_rows sets
+    assert loop._stage_len(len(ids)) == 128 and loop._stage_len(200) == 256
