@@ -197,11 +197,18 @@ def prepare(model_dir: str, corpus: list[str] | None, out_dir: str, ps: Placemen
         "placements": old.get("placements", []) if same_inputs else [],
         "current_placement": None,
     }
+    return finish_bundle(out_dir, manifest, cfg, profile_dir, preds.nbytes, ps, log)
+
+
+def finish_bundle(out_dir: str, manifest: dict, cfg, profile_dir: str, predictor_bytes: int,
+                  ps: PlacementSettings | None, log) -> dict:
+    """Writes the manifest, then (with `ps`) solves the placement from the profile's counts and stores it as the
+    current one; returns the manifest as stored (shared by `prepare` and the PowerInfer import)."""
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
     if ps is not None:
         counts, tokens = profiler.load_counts(profile_dir)
-        p, plan = solve_placement(cfg, counts, tokens, preds.nbytes, ps)
+        p, plan = solve_placement(cfg, counts, tokens, predictor_bytes, ps)
         name = write_placement(out_dir, p, plan, ps, make_current=True)
         log(f"placement {name}: {p.status}, gap {p.mip_gap}, {p.solve_time_s:.2f} s; hot per layer {list(p.hot_counts)}; "
             f"device plan {plan.as_dict()}")

@@ -383,13 +383,4 @@ def prepare_from_powerinfer(model_dir: str, folder: str, corpus: list[str] | Non
         "placements": old.get("placements", []) if current else [],
         "current_placement": None,
     }
-    with open(os.path.join(out_dir, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
-    if ps is not None:
-        counts, tokens = profiler.load_counts(profile_dir)
-        p, plan = bundle_lib.solve_placement(cfg, counts, tokens, preds.nbytes, ps)
-        name = bundle_lib.write_placement(out_dir, p, plan, ps, make_current=True)
-        log(f"placement {name}: {p.status}, gap {p.mip_gap}, {p.solve_time_s:.2f} s; "
-            f"hot per layer {list(p.hot_counts)}; device plan {plan.as_dict()}")
-    with open(os.path.join(out_dir, MANIFEST)) as f:
-        return json.load(f)
+    return bundle_lib.finish_bundle(out_dir, manifest, cfg, profile_dir, preds.nbytes, ps, log)

@@ -33,9 +33,7 @@ def make_llama(path: str, *, act: str = "relu", drelu: bool = False, seed: int =
     kw.update(overrides)
     if drelu:
         kw["powerinfer_ffn"] = "drelu"
-    model = LlamaForCausalLM(LlamaConfig(**kw)).float().eval()
-    _perturb_norms(model)
-    model.save_pretrained(path, safe_serialization=True)
+    model = _build_and_save(LlamaForCausalLM, LlamaConfig, kw, path)
     if drelu:
         for layer in model.model.layers:
             layer.mlp.forward = _relu_mlp_forward(layer.mlp)
@@ -54,11 +52,7 @@ def make_opt(path: str, *, seed: int = 0, **overrides):
         max_position_embeddings=256, word_embed_proj_dim=64, do_layer_norm_before=True,
         init_std=0.1, bos_token_id=2, eos_token_id=2, pad_token_id=1, dropout=0.0,
     )
-    kw.update(overrides)
-    model = OPTForCausalLM(OPTConfig(**kw)).float().eval()
-    _perturb_norms(model)
-    model.save_pretrained(path, safe_serialization=True)
-    return model
+    return _build_and_save(OPTForCausalLM, OPTConfig, {**kw, **overrides}, path)
 
 
 def make_qwen2(path: str, *, seed: int = 0, **overrides):
@@ -72,11 +66,7 @@ def make_qwen2(path: str, *, seed: int = 0, **overrides):
         hidden_act="silu", initializer_range=0.1, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
         pad_token_id=0, tie_word_embeddings=False, rope_theta=1000000.0,
     )
-    kw.update(overrides)
-    model = Qwen2ForCausalLM(Qwen2Config(**kw)).float().eval()
-    _perturb_norms(model)
-    model.save_pretrained(path, safe_serialization=True)
-    return model
+    return _build_and_save(Qwen2ForCausalLM, Qwen2Config, {**kw, **overrides}, path)
 
 
 def make_gemma(path: str, *, seed: int = 0, **overrides):
@@ -91,8 +81,12 @@ def make_gemma(path: str, *, seed: int = 0, **overrides):
         hidden_act="gelu_pytorch_tanh", initializer_range=0.1, rms_norm_eps=1e-6, bos_token_id=1,
         eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
     )
-    kw.update(overrides)
-    model = GemmaForCausalLM(GemmaConfig(**kw)).float().eval()
+    return _build_and_save(GemmaForCausalLM, GemmaConfig, {**kw, **overrides}, path)
+
+
+def _build_and_save(model_cls, config_cls, kw: dict, path: str):
+    """model_cls(config_cls(**kw)) in float32 eval mode, norms perturbed, saved to `path` as safetensors."""
+    model = model_cls(config_cls(**kw)).float().eval()
     _perturb_norms(model)
     model.save_pretrained(path, safe_serialization=True)
     return model
