@@ -248,8 +248,12 @@ class ContinuousBatcher:
         if not todo:
             return 0.0
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
-            exes = list(pool.map(lambda job: job[0].lower(*job[1], **job[2]).compile(), todo.values()))
+        compile_one = lambda job: job[0].lower(*job[1], **job[2]).compile()  # noqa: E731
+        if len(todo) == 1:
+            exes = [compile_one(next(iter(todo.values())))]
+        else:
+            with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
+                exes = list(pool.map(compile_one, todo.values()))
         self._executables.update(zip(todo, map(fast_call, exes)))
         seconds = time.perf_counter() - t0
         self._times["compile_s"] += seconds
@@ -267,12 +271,9 @@ class ContinuousBatcher:
         """Program `name` ("step" or "chunk") compiled for these argument shapes and static values, once per
         engine (jit's own cache is not filled by ahead-of-time compiles, so warmup and the loop share this)."""
         sig = self._signature(name, args, static)
-        exe = self._executables.get(sig)
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = self._executables[sig] = fast_call(getattr(self._programs, name).lower(*args, **static).compile())
-            self._times["compile_s"] += time.perf_counter() - t0
-        return exe
+        if sig not in self._executables:
+            self._compile([(name, getattr(self._programs, name), args, static)])
+        return self._executables[sig]
 
     def start(self) -> "ContinuousBatcher":
         """Starts the decode-loop thread."""
@@ -418,9 +419,7 @@ class ContinuousBatcher:
         self._counters["steps"] += 1
         self._counters["rows_computed"] += size
         self._counters["rows_decoded"] += n
-        if totals.shape[0]:
-            for name, v in zip(FFN_COUNTERS, np.asarray(totals)):
-                self._counters[name] += int(v)
+        Engine._accumulate_ffn_stats(totals, self._counters)
         for i in reversed(range(n)):  # reversed: retiring row i moves the last row, already handled, into it
             if nxt[i] < 0:
                 where = f"at generated token {len(self._rows[i].generated) + 1}"

@@ -37,12 +37,9 @@ def sample(logits: jax.Array, key: jax.Array, sp: SamplingParams) -> jax.Array:
     # (greedy) instead of every positive logit to +inf (a tie among them).
     logits = logits.astype(jnp.float32)
     logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / sp.temperature
-    if sp.top_k > 0:
-        kth = jax.lax.top_k(logits, min(sp.top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sp.top_p < 1.0:
-        cutoff = _top_p_cutoff(jnp.sort(logits, axis=-1)[:, ::-1], sp.top_p)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    if sp.top_k > 0 or sp.top_p < 1.0:
+        B = logits.shape[0]
+        logits = cut_rows_ref(logits, jnp.full(B, sp.top_k, jnp.int32), jnp.full(B, sp.top_p, jnp.float32))
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
