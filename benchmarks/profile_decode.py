@@ -65,6 +65,8 @@ def main(argv):
         """Only the predictor and the selection; the result feeds the output as 0 * count."""
         B, T, d = x_norm.shape
         plan = p.plan
+        if p.shared is not None:  # the CPU engine: one host call scores and selects (ops.cpu_sparse)
+            return jnp.zeros_like(x_norm) + 0.0 * select_only(p, x_resid.reshape(B * T, d)), {}
         active = jnp.any(predict_logits(p.predictor, x_resid.reshape(B * T, d)) >= plan.threshold, axis=0)
         hot, cold = active[:plan.n_hot], active[plan.n_hot:]  # the predictor's outputs are in hot, cold order
         n = jnp.int32(0)  # uses the index lists themselves, so XLA cannot drop the compaction
@@ -73,6 +75,27 @@ def main(argv):
         if plan.n_cold:
             n += compact_mask(cold, plan.cold_capacity)[0].sum()
         return jnp.zeros_like(x_norm) + 0.0 * n.astype(jnp.float32), {}
+
+    def select_only(p, x):
+        """The first half of `predicted_ffn_rows`: predictor mat-vecs and the union selection, one callback."""
+        from jax.experimental.buffer_callback import buffer_callback
+        from ops.host_kernels import host_matvec, host_select_union
+        from ops.quant import Weight
+
+        f1, f2 = p.predictor.fc1, p.predictor.fc2
+        leaves = [f1.data] + ([f1.scale] if f1.scale is not None else []) + [f2.data] + \
+            ([f2.scale] if f2.scale is not None else [])
+
+        def cb(ctx, out, xb, hot, cold, *bufs):
+            bufs = [np.asarray(b) for b in bufs]
+            w1 = Weight(bufs.pop(0), bufs.pop(0) if f1.scale is not None else None, f1.fmt, f1.cols)
+            w2 = Weight(bufs.pop(0), bufs.pop(0) if f2.scale is not None else None, f2.fmt, f2.cols)
+            mid = np.maximum(host_matvec(w1, np.asarray(xb)), 0.0)
+            _, count, _ = host_select_union(host_matvec(w2, mid), np.ones(mid.shape[0], bool), p.plan.threshold,
+                                            np.asarray(hot), np.asarray(cold))
+            np.asarray(out)[...] = count
+
+        return buffer_callback(cb, jax.ShapeDtypeStruct((), jnp.float32))(x, p.hot_ids, p.cold_ids, *leaves)
 
     no_ffn_layers = [dataclasses.replace(lp, ffn=jnp.zeros((1,), jnp.float32)) for lp in hybrid.params.layers]
     engines = {

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ops.host_kernels import host_sparse_ffn, host_sparse_h
+from ops.host_kernels import host_matvec, host_select_union, host_sparse_ffn, host_sparse_h
 from ops.quant import Weight
 from ops.reference import check_family
 
@@ -88,6 +88,46 @@ def _rows_call(family, w_gate, w_up, w_down_t, b_up, x, ids, count, after, act_t
     if act_threshold is not None:
         shape = (shape, jax.ShapeDtypeStruct((2,), jnp.int32))
     return _buffer_callback(cb, shape)(*operands, *deps)
+
+
+def predicted_ffn_rows(family: str, fc1: Weight, fc2: Weight, threshold: float, hot_ids: jax.Array,
+                       cold_ids: jax.Array, w_gate, w_up, w_down_t, b_up, x_pred: jax.Array, x: jax.Array,
+                       rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Inside jit on the CPU backend: a layer's whole predicted sparse FFN in one host call. The
+    predictor fc2(relu(fc1 x_pred)) scores the neurons hot_ids then cold_ids; those some row in `rows`
+    [B] (default: all) scores >= threshold (the union) are computed over the whole matrices, hot
+    first. Returns (y [B, d] f32, neurons computed, of them hot: int32). The same result as the
+    predictor, the selection and ``sparse_ffn_rows`` apart, but one callback a layer instead of two and
+    no selection ops between them (a small model's step is per-call overheads, not bytes)."""
+    if _buffer_callback is None or jax.default_backend() != "cpu":
+        raise RuntimeError("predicted_ffn_rows reads JAX buffers in place: CPU backend with buffer_callback only")
+    check_family(family, w_gate)
+    weights = (fc1, fc2, w_gate, w_up, w_down_t, b_up)
+    d = w_down_t.cols if isinstance(w_down_t, Weight) else w_down_t.shape[1]
+    x_pred, x = jnp.asarray(x_pred, jnp.float32), jnp.asarray(x, jnp.float32)
+    B = x.shape[0]
+    rows = jnp.ones((B,), bool) if rows is None else jnp.asarray(rows, bool)
+    operands = [x_pred, x, rows, jnp.asarray(hot_ids, jnp.int32), jnp.asarray(cold_ids, jnp.int32)]
+    for w in weights:
+        operands.extend(_leaves(w))
+    thr = float(threshold)
+
+    def cb(ctx, out, xpb, xb, rowsb, hotb, coldb, *rest):
+        del ctx
+        y, counts = out
+        bufs = list(rest)
+        f1, f2, wg, wu, wd, bu = (_rebuild(w, bufs) for w in weights)
+        mid = host_matvec(f1, np.asarray(xpb))
+        np.maximum(mid, 0.0, out=mid)
+        scores = host_matvec(f2, mid)
+        ids, count, hot = host_select_union(scores, np.asarray(rowsb), thr, np.asarray(hotb), np.asarray(coldb))
+        host_sparse_ffn(family, wg, wu, wd, np.asarray(xb), ids, count, bu, out=np.asarray(y))
+        counts_np = np.asarray(counts)
+        counts_np[0], counts_np[1] = count, hot
+
+    shapes = (jax.ShapeDtypeStruct((B, d), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32))
+    y, counts = _buffer_callback(cb, shapes)(*operands)
+    return y, counts[0], counts[1]
 
 
 def dense_h_rows(family: str, w_gate, w_up, b_up, x: jax.Array) -> jax.Array:

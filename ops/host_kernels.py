@@ -1135,6 +1135,50 @@ def host_sparse_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, ou
     return y[0] if np.ndim(x) == 1 else y
 
 
+@njit(cache=True)
+def _select_union_kernel(scores, rows, thr, hot_ids, cold_ids, ids):
+    n = scores.shape[1]
+    on = np.zeros(n, np.bool_)
+    for b in range(scores.shape[0]):  # row by row: each pass reads one contiguous row of scores
+        if rows[b]:
+            for j in range(n):
+                if scores[b, j] >= thr:
+                    on[j] = True
+    n_hot, count, hot = hot_ids.shape[0], 0, 0
+    for j in range(n):
+        if on[j]:
+            ids[count] = hot_ids[j] if j < n_hot else cold_ids[j - n_hot]
+            count += 1
+            if j < n_hot:
+                hot += 1
+    return count, hot
+
+
+def host_select_union(scores, rows, threshold, hot_ids, cold_ids, out=None):
+    """Neurons that some marked row scores >= threshold: (ids [n] int32 whose first `count` are them,
+    count, hot count). Position j of ``scores [B, n]`` is neuron ``hot_ids[j]`` for j < H, else
+    ``cold_ids[j - H]``; ids keep that order (hot first, then cold), ``rows [B]`` marks the rows that
+    take part (batch padding does not)."""
+    scores = _arg(np.atleast_2d(scores), np.float32)
+    rows = _arg(rows, np.bool_)
+    hot_ids, cold_ids = _arg(hot_ids, np.int32), _arg(cold_ids, np.int32)
+    n = scores.shape[1]
+    _expect(hot_ids.shape[0] + cold_ids.shape[0] == n, f"{hot_ids.shape[0]} hot + {cold_ids.shape[0]} cold ids "
+            f"for {n} scores")
+    _expect(rows.shape == (scores.shape[0],), f"rows has shape {rows.shape}, scores {scores.shape}")
+    ids = np.empty(n, np.int32) if out is None else out
+    count, hot = _select_union_kernel(scores, rows, np.float32(threshold), hot_ids, cold_ids, ids)
+    return ids, int(count), int(hot)
+
+
+def host_select_union_ref(scores, rows, threshold, hot_ids, cold_ids):
+    """numpy reference of ``host_select_union``: (ids of the selected neurons, hot count)."""
+    scores = np.atleast_2d(np.asarray(scores, np.float32))[np.asarray(rows, bool)]
+    pos = np.flatnonzero(np.any(scores >= np.float32(threshold), axis=0))
+    order = np.concatenate([np.asarray(hot_ids, np.int32), np.asarray(cold_ids, np.int32)])
+    return order[pos], int(np.count_nonzero(pos < len(hot_ids)))
+
+
 # ---------------------------------------------------------------- calling from jit
 def _host_array(a):
     """A weight (array or Weight) as contiguous numpy, captured by a host callback."""

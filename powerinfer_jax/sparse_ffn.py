@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ops.cpu_sparse import sparse_ffn_rows, threshold_ffn_rows
+from ops.cpu_sparse import predicted_ffn_rows, sparse_ffn_rows, threshold_ffn_rows
 from ops import host_async
 from ops.host_kernels import host_ffn_callback
 from ops.linear import linear, linear_relu_linear
@@ -345,6 +345,15 @@ class HybridRuntime:
         if cats and self.mode == "oracle" and p.shared is not None and self.mesh is None:
             return self._cats_shared(p, x)
 
+        if (self.mode == "predicted" and p.shared is not None and self.mesh is None
+                and isinstance(p.predictor.fc1, Weight)):
+            # One memory (the CPU engine): predictor, union, selection and the neurons' rows in one host
+            # call; its list holds the whole layer (no overflow), hot neurons first.
+            w = p.shared
+            y, count, hot = predicted_ffn_rows(family, p.predictor.fc1, p.predictor.fc2, plan.threshold, p.hot_ids,
+                                               p.cold_ids, w.w_gate, w.w_up, w.w_down_t, w.b_up, x_resid, x, rows)
+            return y, {"ffn_computed": count, "ffn_hot": hot, "ffn_total": H + C, "ffn_overflow": jnp.int32(0)}
+
         def union(scores):  # one score per neuron for the batch: its best row (the union of the rows' masks)
             return jnp.max(scores if rows is None else jnp.where(rows[:, None], scores, -jnp.inf), axis=0)
 
@@ -366,15 +375,6 @@ class HybridRuntime:
                 plan.act_threshold if cats and self.mode == "oracle" else None)
             return y, {"ffn_computed": hot_done + cold_done, "ffn_hot": hot_done, "ffn_total": H + C,
                        "ffn_overflow": (hot_true - hot_done) + (cold_true - cold_done)}
-        if p.shared is not None and self.mode == "predicted":
-            # One memory, one numba call that loops over the active count: its list can hold the whole
-            # layer (no overflow), and one compaction serves both partitions (hot positions first).
-            idx, _, count = compact_mask(active, H + C)
-            ids = jnp.take(jnp.concatenate([p.hot_ids, p.cold_ids]), idx)
-            w = p.shared
-            y = sparse_ffn_rows(family, w.w_gate, w.w_up, w.w_down_t, w.b_up, x, ids, count)
-            return y, {"ffn_computed": count, "ffn_hot": jnp.sum(hot_mask, dtype=jnp.int32), "ffn_total": H + C,
-                       "ffn_overflow": jnp.int32(0)}
         hot_idx = jnp.zeros((0,), jnp.int32)
         hot_done = hot_true = cold_done = cold_true = jnp.int32(0)
         if H:

@@ -128,3 +128,51 @@ def test_read_only_weights_are_used_in_place_and_left_untouched():
     for w, b in zip(dev, before):
         np.testing.assert_array_equal(w, b)
     assert H._kernel_weight(dev[0]).data.ctypes.data == dev[0].ctypes.data  # an alias, not a copy
+
+
+@pytest.mark.parametrize("batch,seed", [(1, 0), (4, 1), (16, 2)])
+def test_select_union_matches_numpy(batch, seed):
+    """host_select_union: the union over the marked rows, hot positions first, ties at the threshold kept."""
+    rng = np.random.default_rng(seed)
+    n, n_hot = 300, 70
+    scores = rng.standard_normal((batch, n)).astype(np.float32)
+    scores[:, ::17] = 0.5  # exactly at the threshold: active (>=)
+    rows = rng.random(batch) < 0.7
+    rows[0] = True
+    order = rng.permutation(1000)[:n].astype(np.int32)  # neuron ids of the scored positions
+    ids, count, hot = H.host_select_union(scores, rows, 0.5, order[:n_hot], order[n_hot:])
+    want, want_hot = H.host_select_union_ref(scores, rows, 0.5, order[:n_hot], order[n_hot:])
+    assert count == len(want) > 0 and hot == want_hot > 0
+    np.testing.assert_array_equal(ids[:count], want)
+    # No marked row: nothing selected.
+    assert H.host_select_union(scores, np.zeros(batch, bool), 0.5, order[:n_hot], order[n_hot:])[1] == 0
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_predicted_ffn_rows_equals_predictor_select_and_rows(fmt, batch):
+    """cpu_sparse.predicted_ffn_rows (one callback) = the reference predictor, union, selection and FFN."""
+    from ops.cpu_sparse import predicted_ffn_rows
+    from ops.linear import linear_relu_linear_ref
+    from ops.quant import dequantize, to_weight
+
+    family, d, r, n_hot = "reglu", 256, 32, 100
+    rng = np.random.default_rng(5)
+    wg, wu, wd, bu = R.random_ffn_weights(family, N, d, 4, np.float32)
+    wg, wu, wd = (to_weight(w, fmt) for w in (wg, wu, wd))
+    fc1, fc2 = to_weight(rng.standard_normal((r, d)).astype(np.float32) / 8, fmt), \
+        to_weight(rng.standard_normal((N, r)).astype(np.float32), fmt)
+    x_pred, x = (rng.standard_normal((batch, d)).astype(np.float32) for _ in range(2))
+    rows = np.array([True, False, True][:batch])
+    order = rng.permutation(N).astype(np.int32)
+    scores = linear_relu_linear_ref(x_pred, fc1, fc2)
+    s0 = np.sort(scores[0])
+    thr = float((s0[int(0.8 * N)] + s0[int(0.8 * N) + 1]) / 2)  # a fifth of row 0's neurons, no score near it
+    as_jax = lambda w: jax.tree.map(jnp.asarray, w)  # noqa: E731
+    f = jax.jit(lambda *a: predicted_ffn_rows(family, *a[:2], thr, *a[2:]))
+    y, count, hot = f(as_jax(fc1), as_jax(fc2), order[:n_hot], order[n_hot:], as_jax(wg), as_jax(wu), as_jax(wd),
+                      None, x_pred, x, rows)
+    ids, want_hot = H.host_select_union_ref(scores, rows, thr, order[:n_hot], order[n_hot:])
+    want = H.host_sparse_ffn_ref(family, *(dequantize(w) for w in (wg, wu, wd)), x, ids, len(ids))
+    assert int(count) == len(ids) > 0 and int(hot) == want_hot > 0
+    np.testing.assert_allclose(np.asarray(y), want, rtol=2e-4, atol=2e-4)
