@@ -1179,6 +1179,47 @@ def host_select_union_ref(scores, rows, threshold, hot_ids, cold_ids):
     return order[pos], int(np.count_nonzero(pos < len(hot_ids)))
 
 
+_WARM: set = set()
+
+
+def warm(formats, gated: bool = False) -> float:
+    """Runs every kernel once per weight format on small zero weights (serial and parallel variants,
+    prompt and decode sizes), so numba loads their machine code from its on-disk cache (or compiles it)
+    now and not inside the first tokens. Once per format and process; returns the seconds it took."""
+    t0 = __import__("time").perf_counter()
+    cols = 1024
+    for fmt in formats:
+        if (fmt, gated) in _WARM:
+            continue
+        for rows in (8, None):  # serial, then parallel (a call reading more than SERIAL_MAX_BYTES)
+            if rows is None:
+                rows = 2 * SERIAL_MAX_BYTES // _kernel_weight(to_weight_zeros(8, cols, fmt)).row_bytes + 8
+            w = to_weight_zeros(rows, cols, fmt)
+            idx = np.arange(rows, dtype=np.int32)
+            for n_tok in (1, BLAS_MIN_TOKENS):
+                x = np.ones((n_tok, cols), np.float32)
+                host_matvec(w, x)
+                host_sparse_ffn("reglu", w, w, w, x, idx, rows)
+                host_axpy_down(w, idx, rows, np.ones((n_tok, rows), np.float32), skip_zero_rows=False)
+                if gated:
+                    host_sparse_ffn("swiglu", w, w, w, x, idx, rows, act_threshold=0.5)
+        _WARM.add((fmt, gated))
+    host_select_union(np.zeros((1, 4), np.float32), np.ones(1, bool), 0.0, np.arange(2, dtype=np.int32),
+                      np.arange(2, 4, dtype=np.int32))
+    return __import__("time").perf_counter() - t0
+
+
+def to_weight_zeros(rows: int, cols: int, fmt: str) -> Weight:
+    """A zero Weight of `fmt` ([rows, cols]) in the layout the kernels take."""
+    if fmt == "float32":
+        return Weight(np.zeros((rows, cols), np.float32), None, fmt, cols)
+    if fmt in ("bfloat16", "float16"):
+        return Weight(np.zeros((rows, cols), np.uint16), None, fmt, cols)
+    if fmt == "int8":
+        return Weight(np.zeros((rows, cols), np.int8), np.ones(rows, np.float32), fmt, cols)
+    return Weight(np.zeros((rows, cols // 2), np.uint8), np.zeros((rows, cols // GROUP), np.uint16), fmt, cols)
+
+
 # ---------------------------------------------------------------- calling from jit
 def _host_array(a):
     """A weight (array or Weight) as contiguous numpy, captured by a host callback."""

@@ -85,6 +85,24 @@ class GenerationResult:
     stats: dict
 
 
+def warm_host_kernels(params: ModelParams, cfg: ModelConfig, sparse: bool) -> float:
+    """Loads (or compiles) the numba kernels a decode step of these params calls, once per format and
+    process (`ops.host_kernels.warm`); returns the seconds it took, 0 when no host kernel runs (float32
+    dense, or a dense engine off the CPU backend)."""
+    from ops import host_kernels
+    from ops.linear import uses_host_kernel
+    from ops.quant import Weight
+    from powerinfer_jax.config import THRESHOLD_FFN_KINDS
+
+    weights = [w for w in jax.tree_util.tree_leaves(params, is_leaf=lambda a: isinstance(a, Weight))
+               if isinstance(w, Weight)]
+    # Sparse engines read FFN rows with numba in every format (the CPU engine, or a GPU engine's cold part).
+    formats = {w.fmt for w in weights if sparse or uses_host_kernel(w)}
+    if not formats:
+        return 0.0
+    return host_kernels.warm(sorted(formats), gated=cfg.ffn_kind in THRESHOLD_FFN_KINDS)
+
+
 class Engine:
     """A loaded model ready to score and generate; see `powerinfer_jax.load`."""
 
@@ -114,6 +132,8 @@ class Engine:
                              static_argnames=("attend_len",), donate_argnames=("cache",))
         # Sparse engines (and input-sparse attention) score through decode steps: their prompt path is dense.
         self.stepwise_logits = any(lp.attn.wqkv_t is not None for lp in params.layers)
+        # numba's machine code for the host kernels this engine calls, loaded now, not in the first tokens.
+        self.host_kernel_warm_s = warm_host_kernels(self.params, cfg, sparse=ffn_fn is not None)
 
     # ---- jitted bodies -------------------------------------------------------------
     @staticmethod

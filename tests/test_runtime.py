@@ -202,3 +202,39 @@ def test_generation_compiles_every_span_before_the_first_token(tiny):
     assert seen and set(seen) == {len(spans)}
     again = eng.generate([1, 5, 9], max_new_tokens=200, temperature=0.0, stop_at_eos=False)
     assert again.stats["compile_s"] == 0.0 and again.token_ids == res.token_ids
+
+
+_NUMBA_STATE = r"""
+import json, sys
+import powerinfer_jax as pij
+from numba.core.registry import CPUDispatcher
+from ops import host_kernels
+
+def compiled():
+    return {k: len(v.overloads) for k, v in vars(host_kernels).items() if isinstance(v, CPUDispatcher)}
+
+eng = pij.load(sys.argv[1], sparsity=sys.argv[2] if sys.argv[2] != "dense" else None, max_seq_len=128)
+at_load = compiled()
+eng.generate("ROMEO:", max_new_tokens=8, temperature=0.0)
+eng.generate(list(range(1, 40)), max_new_tokens=4, temperature=0.0)  # a prompt past BLAS_MIN_TOKENS
+print(json.dumps({"load": at_load, "after": compiled(), "warm_s": eng.host_kernel_warm_s}))
+"""
+
+
+@pytest.mark.parametrize("sparsity", ["dense", "predicted"])
+def test_host_kernels_are_loaded_at_load_not_in_the_first_tokens(sparsity):
+    """A fresh process: every numba kernel the bundled (bf16) model's generation calls exists once `pij.load`
+    returns, so the first tokens neither compile nor load machine code (issue #11's warm-up)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bundle = os.path.join(repo, "models", "shakespeare-relu-llama-prepared")
+    out = subprocess.run([sys.executable, "-c", _NUMBA_STATE, bundle, sparsity], capture_output=True, text=True,
+                         timeout=600, cwd=repo, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    state = json.loads(out.stdout.strip().splitlines()[-1])
+    assert state["warm_s"] > 0 and sum(state["load"].values()) > 0
+    assert state["after"] == state["load"]
