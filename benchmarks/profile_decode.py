@@ -77,21 +77,30 @@ def main(argv):
         return jnp.zeros_like(x_norm) + 0.0 * n.astype(jnp.float32), {}
 
     def select_only(p, x):
-        """The first half of `predicted_ffn_rows`: predictor mat-vecs and the union selection, one callback."""
+        """The first half of `predicted_ffn_rows`: the predictor (in the callback when the host kernels read it,
+        else XLA's mat-vecs before it) and the union selection, one callback."""
         from jax.experimental.buffer_callback import buffer_callback
         from ops.host_kernels import host_matvec, host_select_union
+        from ops.linear import uses_host_kernel
         from ops.quant import Weight
 
         f1, f2 = p.predictor.fc1, p.predictor.fc2
-        leaves = [f1.data] + ([f1.scale] if f1.scale is not None else []) + [f2.data] + \
-            ([f2.scale] if f2.scale is not None else [])
+        in_call = uses_host_kernel(f1) and uses_host_kernel(f2)
+        if in_call:
+            leaves = [f1.data] + ([f1.scale] if f1.scale is not None else []) + [f2.data] + \
+                ([f2.scale] if f2.scale is not None else [])
+        else:
+            leaves = [predict_logits(p.predictor, x)]
 
         def cb(ctx, out, xb, hot, cold, *bufs):
             bufs = [np.asarray(b) for b in bufs]
-            w1 = Weight(bufs.pop(0), bufs.pop(0) if f1.scale is not None else None, f1.fmt, f1.cols)
-            w2 = Weight(bufs.pop(0), bufs.pop(0) if f2.scale is not None else None, f2.fmt, f2.cols)
-            mid = np.maximum(host_matvec(w1, np.asarray(xb)), 0.0)
-            _, count, _ = host_select_union(host_matvec(w2, mid), np.ones(mid.shape[0], bool), p.plan.threshold,
+            if in_call:
+                w1 = Weight(bufs.pop(0), bufs.pop(0) if f1.scale is not None else None, f1.fmt, f1.cols)
+                w2 = Weight(bufs.pop(0), bufs.pop(0) if f2.scale is not None else None, f2.fmt, f2.cols)
+                scores = host_matvec(w2, np.maximum(host_matvec(w1, np.asarray(xb)), 0.0))
+            else:
+                scores = bufs[0]
+            _, count, _ = host_select_union(scores, np.ones(scores.shape[0], bool), p.plan.threshold,
                                             np.asarray(hot), np.asarray(cold))
             np.asarray(out)[...] = count
 

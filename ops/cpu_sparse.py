@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ops.host_kernels import host_matvec, host_select_union, host_sparse_ffn, host_sparse_h
+from ops.linear import linear_relu_linear, uses_host_kernel
 from ops.quant import Weight
 from ops.reference import check_family
 
@@ -98,13 +99,17 @@ def predicted_ffn_rows(family: str, fc1: Weight, fc2: Weight, threshold: float, 
     [B] (default: all) scores >= threshold (the union) are computed over the whole matrices, hot
     first. Returns (y [B, d] f32, neurons computed, of them hot: int32). The same result as the
     predictor, the selection and ``sparse_ffn_rows`` apart, but one callback a layer instead of two and
-    no selection ops between them (a small model's step is per-call overheads, not bytes)."""
+    no selection ops between them (a small model's step is per-call overheads, not bytes). A predictor
+    the host kernels do not read (float32: XLA's mat-vec reads f32 at full bandwidth) is run by XLA
+    before the call, which then gets its scores."""
     if _buffer_callback is None or jax.default_backend() != "cpu":
         raise RuntimeError("predicted_ffn_rows reads JAX buffers in place: CPU backend with buffer_callback only")
     check_family(family, w_gate)
-    weights = (fc1, fc2, w_gate, w_up, w_down_t, b_up)
-    d = w_down_t.cols if isinstance(w_down_t, Weight) else w_down_t.shape[1]
     x_pred, x = jnp.asarray(x_pred, jnp.float32), jnp.asarray(x, jnp.float32)
+    in_call = uses_host_kernel(fc1) and uses_host_kernel(fc2)
+    predictor = (fc1, fc2) if in_call else (linear_relu_linear(x_pred, fc1, fc2),)
+    weights = predictor + (w_gate, w_up, w_down_t, b_up)
+    d = w_down_t.cols if isinstance(w_down_t, Weight) else w_down_t.shape[1]
     B = x.shape[0]
     rows = jnp.ones((B,), bool) if rows is None else jnp.asarray(rows, bool)
     operands = [x_pred, x, rows, jnp.asarray(hot_ids, jnp.int32), jnp.asarray(cold_ids, jnp.int32)]
@@ -116,10 +121,13 @@ def predicted_ffn_rows(family: str, fc1: Weight, fc2: Weight, threshold: float, 
         del ctx
         y, counts = out
         bufs = list(rest)
-        f1, f2, wg, wu, wd, bu = (_rebuild(w, bufs) for w in weights)
-        mid = host_matvec(f1, np.asarray(xpb))
-        np.maximum(mid, 0.0, out=mid)
-        scores = host_matvec(f2, mid)
+        if in_call:
+            mid = host_matvec(_rebuild(fc1, bufs), np.asarray(xpb))
+            np.maximum(mid, 0.0, out=mid)
+            scores = host_matvec(_rebuild(fc2, bufs), mid)
+        else:
+            scores = np.asarray(bufs.pop(0))
+        wg, wu, wd, bu = (_rebuild(w, bufs) for w in weights[len(predictor):])
         ids, count, hot = host_select_union(scores, np.asarray(rowsb), thr, np.asarray(hotb), np.asarray(coldb))
         host_sparse_ffn(family, wg, wu, wd, np.asarray(xb), ids, count, bu, out=np.asarray(y))
         counts_np = np.asarray(counts)

@@ -8,7 +8,8 @@ capacities, threshold) and, on an accelerator, its host handle (`ops.host_async.
 
 Where the device and the host share one memory (the CPU backend) each FFN matrix is kept whole,
 once (`HybridFFN.shared`), and one numba call per layer computes the hot and the cold neurons
-together over it (the reference engine on the CPU). On an accelerator the hot rows are copied to
+together over it (the reference engine on the CPU); in predicted mode that call also runs the
+predictor and the selection (`ops.cpu_sparse.predicted_ffn_rows`). On an accelerator the hot rows are copied to
 the device as compact arrays (`HybridFFN.hot`); the cold part runs on the host *while* the device
 computes the hot part (`ops.host_async`: launch before the hot kernel, collect after it), and the
 partial sums meet on the device. Weights may be in any stored format (`ops.quant.Weight`).
