@@ -106,6 +106,10 @@ class _Programs:
         self.insert = jax.jit(_insert_row, donate_argnames=("cache",))
         self.move = jax.jit(_move_row, donate_argnames=("cache",))
         self.executables: dict[tuple, Callable] = {}  # (program name, argument shapes, static values) -> executable
+        # The row programs are compiled ahead of time too (0.16 s the first insert cost inside a request) where
+        # every array lives on one device; over a mesh a prefilled staging cache comes back replicated over it,
+        # unlike a new one, so there they stay jit calls (compiled on first use, for the sharding they meet).
+        self.rows_ahead = all(len(a.sharding.device_set) == 1 for a in jax.tree.leaves(engine.params))
 
 
 def programs(engine: Engine) -> _Programs:
@@ -195,22 +199,22 @@ class ContinuousBatcher:
         for mode in modes:
             jobs += [self._step_job(size, span, mode) for size in self.sizes]
             jobs += [self._chunk_job(w, self._stage_len(1), span, mode) for w in widths]
+        jobs += self._row_jobs([self._stage_len(1)])
         self._compile(jobs)
         if not self._rows and self._staging is None:
-            # Run each decode size and the narrowest chunk once (they touch only free rows now): the host
-            # kernels' numba code compiles on its first call, and so do the row moves.
+            # Run each decode size, the narrowest chunk and the row programs once (they touch only free rows
+            # now): every executable's first run (buffers, thread pools) happens here, not in a request.
             for name, _, args, static in jobs:
                 if name == "step":
                     self._cache = self._executable("step", args, static)(*args[:3], self._cache, *args[4:])[1]
-                elif args[1].shape[1] == widths[0]:
+                elif name == "chunk" and args[1].shape[1] == widths[0]:
                     stage_len = args[3].k[0].shape[2]
                     stage = self._stage_caches.pop(stage_len, None)
                     stage = args[3] if stage is None else stage
                     self._stage_caches[stage_len] = self._executable("chunk", args, static)(*args[:3], stage,
                                                                                             *args[4:])[1]
-            self._cache = self._programs.insert(self._cache, self._stage_caches[self._stage_len(1)],
-                                                jnp.asarray(0, np.int32))
-            self._cache = self._programs.move(self._cache, jnp.asarray(0, np.int32), jnp.asarray(0, np.int32))
+            self._cache = self._call("insert", self._cache, self._stage_caches[self._stage_len(1)], _index(0))
+            self._cache = self._call("move", self._cache, _index(0), _index(0))
             jax.block_until_ready(self._cache)
         return time.perf_counter() - t0
 
@@ -230,12 +234,23 @@ class ContinuousBatcher:
     def _chunk_job(self, width: int, stage_len: int, span: int, mode: str) -> tuple:
         """The same for a prompt chunk of `width` tokens into a staging cache of `stage_len` slots."""
         _, *rest = _settings([], 1)
-        stage = self._stage_caches.get(stage_len)
-        if stage is None:  # kept: the prompt that needs this program prefills into it
-            stage = self._stage_caches[stage_len] = init_cache(self.engine.cfg, 1, stage_len, self.engine.kv_dtype)
-        args = (self.engine.params, jnp.zeros((1, width), jnp.int32), jnp.zeros((1, width), jnp.int32), stage,
-                jnp.zeros(1, jnp.int32), *rest)
+        args = (self.engine.params, jnp.zeros((1, width), jnp.int32), jnp.zeros((1, width), jnp.int32),
+                self._stage_cache(stage_len), jnp.zeros(1, jnp.int32), *rest)
         return "chunk", self._programs.chunk, args, {"attend_len": span, "mode": mode}
+
+    def _insert_job(self, stage_len: int) -> tuple:
+        """The same for writing a prefilled staging cache of `stage_len` slots into a row of the batch cache."""
+        return "insert", self._programs.insert, (self._cache, self._stage_cache(stage_len), _index(0)), {}
+
+    def _move_job(self) -> tuple:
+        """The same for copying one row of the batch cache into another (a retired row refilled)."""
+        return "move", self._programs.move, (self._cache, _index(0), _index(0)), {}
+
+    def _stage_cache(self, stage_len: int):
+        """The staging cache of `stage_len` slots, made once (the prompt that needs it prefills into it)."""
+        if stage_len not in self._stage_caches:
+            self._stage_caches[stage_len] = init_cache(self.engine.cfg, 1, stage_len, self.engine.kv_dtype)
+        return self._stage_caches[stage_len]
 
     def _compile(self, jobs: list[tuple]) -> float:
         """Compiles the jobs not compiled yet in parallel threads (XLA compiles without the GIL); returns
@@ -265,15 +280,28 @@ class ContinuousBatcher:
 
     @staticmethod
     def _signature(name: str, args: tuple, static: dict) -> tuple:
-        return name, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args[1:])), tuple(sorted(static.items()))
+        shaped = args[1:] if name in ("step", "chunk") else args  # the params (their first argument) never change
+        return name, tuple((a.shape, a.dtype) for a in jax.tree.leaves(shaped)), tuple(sorted(static.items()))
 
     def _executable(self, name: str, args: tuple, static: dict):
-        """Program `name` ("step" or "chunk") compiled for these argument shapes and static values, once per
+        """Program `name` ("step", "chunk", "insert" or "move") compiled for these argument shapes and static values, once per
         engine (jit's own cache is not filled by ahead-of-time compiles, so warmup and the loop share this)."""
         sig = self._signature(name, args, static)
         if sig not in self._executables:
             self._compile([(name, getattr(self._programs, name), args, static)])
         return self._executables[sig]
+
+    def _call(self, name: str, *args):
+        """Runs a row program ("insert", "move") through its executable (through jit over a mesh)."""
+        if not self._programs.rows_ahead:
+            return getattr(self._programs, name)(*args)
+        return self._executable(name, args, {})(*args)
+
+    def _row_jobs(self, stage_lens: Sequence[int], move: bool = True) -> list[tuple]:
+        """The insert jobs of these staging lengths and the move job, where they are compiled ahead of time."""
+        if not self._programs.rows_ahead:
+            return []
+        return [self._insert_job(n) for n in stage_lens] + ([self._move_job()] if move else [])
 
     def start(self) -> "ContinuousBatcher":
         """Starts the decode-loop thread."""
@@ -389,7 +417,7 @@ class ContinuousBatcher:
             self._emit(req, Event("error", error=nonfinite_message("on the prompt")))
             return True
         row = len(self._rows)
-        self._cache = self._programs.insert(self._cache, stage, jnp.asarray(row, np.int32))
+        self._cache = self._call("insert", self._cache, stage, _index(row))
         self._rows.append(req)
         if self.engine.tokenizer is not None and req.detokenize:
             req.decoder = IncrementalDecoder(self.engine.tokenizer, self.engine._eos_ids())
@@ -451,7 +479,7 @@ class ContinuousBatcher:
         """Takes row's request out of the batch; the last row moves into its place (rows stay 0..n-1)."""
         req, last = self._rows[row], len(self._rows) - 1
         if row != last:
-            self._cache = self._programs.move(self._cache, jnp.asarray(last, np.int32), jnp.asarray(row, np.int32))
+            self._cache = self._call("move", self._cache, _index(last), _index(row))
             self._rows[row] = self._rows[last]
         self._rows.pop()
         return req
@@ -500,6 +528,7 @@ def generate_rows(engine: Engine, rows: Sequence[Sequence[int]], params: Sequenc
             for n in sorted(set(lengths))]
     last = max(n + p.max_tokens for n, p in zip(lengths, params)) - 1
     jobs += [loop._step_job(B, span, mode) for span in decode_spans(min(lengths) + 1, last, limit)]
+    jobs += loop._row_jobs(sorted({loop._stage_len(n) for n in lengths}), move=B > 1)  # move: a retired row refilled
     loop._compile(jobs)
     done: list[Event | None] = [None] * B
 
@@ -602,6 +631,11 @@ def _prefill_chunk(params, tokens, positions, cache, last, keys, temps, top_ks, 
     """A prompt chunk [1, C] at `positions` into the one-row staging cache; samples after its `last` token."""
     logits, cache, _ = forward(params, cfg, tokens, positions, cache, attend_len, ffn_fn=ffn_fn, logits_at=last)
     return _sample(logits[:, 0], keys, temps, top_ks, top_ps, steps, mode), cache
+
+
+def _index(i: int) -> jax.Array:
+    """A row number as the int32 scalar the row programs take."""
+    return jnp.asarray(i, np.int32)
 
 
 def _insert_row(cache: KVCache, staging: KVCache, row: jax.Array) -> KVCache:

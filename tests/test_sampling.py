@@ -146,3 +146,11 @@ def test_a_row_that_stops_early_leaves_the_others_untouched(engine, monkeypatch)
     assert [r.token_ids for r in batch] == alone
     # a row that kept n < 12 tokens sampled EOS at decode step n; a full row took 11 steps
     assert batch[0].stats["decode_steps"] == max(len(a) if len(a) < 12 else 11 for a in alone)
+    # The row programs ran through their ahead-of-time executables (compiled before the first token), never
+    # through a jit call compiling inside the loop.
+    from powerinfer_jax.batching import programs
+
+    progs = programs(engine)
+    names = {sig[0] for sig in progs.executables}
+    assert {"insert", "move"} <= names
+    assert progs.insert._cache_size() == 0 and progs.move._cache_size() == 0
