@@ -42,6 +42,7 @@ def main(argv):
     from benchmarks import roofline, suite
     from benchmarks.subjects import bundled_subject, synthetic_subject
     from powerinfer_jax import memory
+    from ops.cpu_sparse import predicted_ffn_rows
     from ops.select import compact_mask
     from powerinfer_jax.engine import Engine
     from powerinfer_jax.sparse_ffn import predict_logits
@@ -65,8 +66,12 @@ def main(argv):
         """Only the predictor and the selection; the result feeds the output as 0 * count."""
         B, T, d = x_norm.shape
         plan = p.plan
-        if p.shared is not None:  # the CPU engine: one host call scores and selects (ops.cpu_sparse)
-            return jnp.zeros_like(x_norm) + 0.0 * select_only(p, x_resid.reshape(B * T, d)), {}
+        if p.shared is not None:  # the CPU engine: its one host call, stopped after the selection
+            w = p.shared
+            y, count, _ = predicted_ffn_rows(cfg.ffn_kind, p.predictor.fc1, p.predictor.fc2, plan.threshold, p.hot_ids,
+                                             p.cold_ids, w.w_gate, w.w_up, w.w_down_t, w.b_up,
+                                             x_resid.reshape(B * T, d), x_norm.reshape(B * T, d), compute_rows=False)
+            return y.reshape(B, T, d) + 0.0 * count.astype(jnp.float32), {}
         active = jnp.any(predict_logits(p.predictor, x_resid.reshape(B * T, d)) >= plan.threshold, axis=0)
         hot, cold = active[:plan.n_hot], active[plan.n_hot:]  # the predictor's outputs are in hot, cold order
         n = jnp.int32(0)  # uses the index lists themselves, so XLA cannot drop the compaction
@@ -75,36 +80,6 @@ def main(argv):
         if plan.n_cold:
             n += compact_mask(cold, plan.cold_capacity)[0].sum()
         return jnp.zeros_like(x_norm) + 0.0 * n.astype(jnp.float32), {}
-
-    def select_only(p, x):
-        """The first half of `predicted_ffn_rows`: the predictor (in the callback when the host kernels read it,
-        else XLA's mat-vecs before it) and the union selection, one callback."""
-        from jax.experimental.buffer_callback import buffer_callback
-        from ops.host_kernels import host_matvec, host_select_union
-        from ops.linear import uses_host_kernel
-        from ops.quant import Weight
-
-        f1, f2 = p.predictor.fc1, p.predictor.fc2
-        in_call = uses_host_kernel(f1) and uses_host_kernel(f2)
-        if in_call:
-            leaves = [f1.data] + ([f1.scale] if f1.scale is not None else []) + [f2.data] + \
-                ([f2.scale] if f2.scale is not None else [])
-        else:
-            leaves = [predict_logits(p.predictor, x)]
-
-        def cb(ctx, out, xb, hot, cold, *bufs):
-            bufs = [np.asarray(b) for b in bufs]
-            if in_call:
-                w1 = Weight(bufs.pop(0), bufs.pop(0) if f1.scale is not None else None, f1.fmt, f1.cols)
-                w2 = Weight(bufs.pop(0), bufs.pop(0) if f2.scale is not None else None, f2.fmt, f2.cols)
-                scores = host_matvec(w2, np.maximum(host_matvec(w1, np.asarray(xb)), 0.0))
-            else:
-                scores = bufs[0]
-            _, count, _ = host_select_union(scores, np.ones(scores.shape[0], bool), p.plan.threshold,
-                                            np.asarray(hot), np.asarray(cold))
-            np.asarray(out)[...] = count
-
-        return buffer_callback(cb, jax.ShapeDtypeStruct((), jnp.float32))(x, p.hot_ids, p.cold_ids, *leaves)
 
     no_ffn_layers = [dataclasses.replace(lp, ffn=jnp.zeros((1,), jnp.float32)) for lp in hybrid.params.layers]
     engines = {

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ops.host_kernels import host_matvec, host_select_union, host_sparse_ffn, host_sparse_h
-from ops.linear import linear_relu_linear, uses_host_kernel
+from ops.host_kernels import host_select_union, host_sparse_ffn, host_sparse_h
+from ops.linear import host_relu_linear2, linear_relu_linear, uses_host_kernel
 from ops.quant import Weight
 from ops.reference import check_family
 
@@ -93,7 +93,8 @@ def _rows_call(family, w_gate, w_up, w_down_t, b_up, x, ids, count, after, act_t
 
 def predicted_ffn_rows(family: str, fc1: Weight, fc2: Weight, threshold: float, hot_ids: jax.Array,
                        cold_ids: jax.Array, w_gate, w_up, w_down_t, b_up, x_pred: jax.Array, x: jax.Array,
-                       rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                       rows: jax.Array | None = None, compute_rows: bool = True
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Inside jit on the CPU backend: a layer's whole predicted sparse FFN in one host call. The
     predictor fc2(relu(fc1 x_pred)) scores the neurons hot_ids then cold_ids; those some row in `rows`
     [B] (default: all) scores >= threshold (the union) are computed over the whole matrices, hot
@@ -101,7 +102,8 @@ def predicted_ffn_rows(family: str, fc1: Weight, fc2: Weight, threshold: float, 
     predictor, the selection and ``sparse_ffn_rows`` apart, but one callback a layer instead of two and
     no selection ops between them (a small model's step is per-call overheads, not bytes). A predictor
     the host kernels do not read (float32: XLA's mat-vec reads f32 at full bandwidth) is run by XLA
-    before the call, which then gets its scores."""
+    before the call, which then gets its scores. ``compute_rows=False`` (profiling) stops after the
+    selection: y is zero."""
     if _buffer_callback is None or jax.default_backend() != "cpu":
         raise RuntimeError("predicted_ffn_rows reads JAX buffers in place: CPU backend with buffer_callback only")
     check_family(family, w_gate)
@@ -122,14 +124,15 @@ def predicted_ffn_rows(family: str, fc1: Weight, fc2: Weight, threshold: float, 
         y, counts = out
         bufs = list(rest)
         if in_call:
-            mid = host_matvec(_rebuild(fc1, bufs), np.asarray(xpb))
-            np.maximum(mid, 0.0, out=mid)
-            scores = host_matvec(_rebuild(fc2, bufs), mid)
+            scores = host_relu_linear2(np.asarray(xpb), _rebuild(fc1, bufs), _rebuild(fc2, bufs))
         else:
             scores = np.asarray(bufs.pop(0))
         wg, wu, wd, bu = (_rebuild(w, bufs) for w in weights[len(predictor):])
         ids, count, hot = host_select_union(scores, np.asarray(rowsb), thr, np.asarray(hotb), np.asarray(coldb))
-        host_sparse_ffn(family, wg, wu, wd, np.asarray(xb), ids, count, bu, out=np.asarray(y))
+        if compute_rows:
+            host_sparse_ffn(family, wg, wu, wd, np.asarray(xb), ids, count, bu, out=np.asarray(y))
+        else:
+            np.asarray(y)[...] = 0.0
         counts_np = np.asarray(counts)
         counts_np[0], counts_np[1] = count, hot
 

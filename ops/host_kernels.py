@@ -48,6 +48,7 @@ import contextlib
 import ctypes
 import functools
 import platform
+import time
 from types import FunctionType
 from typing import NamedTuple
 
@@ -1154,7 +1155,7 @@ def _select_union_kernel(scores, rows, thr, hot_ids, cold_ids, ids):
     return count, hot
 
 
-def host_select_union(scores, rows, threshold, hot_ids, cold_ids, out=None):
+def host_select_union(scores, rows, threshold, hot_ids, cold_ids):
     """Neurons that some marked row scores >= threshold: (ids [n] int32 whose first `count` are them,
     count, hot count). Position j of ``scores [B, n]`` is neuron ``hot_ids[j]`` for j < H, else
     ``cold_ids[j - H]``; ids keep that order (hot first, then cold), ``rows [B]`` marks the rows that
@@ -1166,7 +1167,7 @@ def host_select_union(scores, rows, threshold, hot_ids, cold_ids, out=None):
     _expect(hot_ids.shape[0] + cold_ids.shape[0] == n, f"{hot_ids.shape[0]} hot + {cold_ids.shape[0]} cold ids "
             f"for {n} scores")
     _expect(rows.shape == (scores.shape[0],), f"rows has shape {rows.shape}, scores {scores.shape}")
-    ids = np.empty(n, np.int32) if out is None else out
+    ids = np.empty(n, np.int32)
     count, hot = _select_union_kernel(scores, rows, np.float32(threshold), hot_ids, cold_ids, ids)
     return ids, int(count), int(hot)
 
@@ -1186,15 +1187,15 @@ def warm(formats, gated: bool = False) -> float:
     """Runs every kernel once per weight format on small zero weights (serial and parallel variants,
     prompt and decode sizes), so numba loads their machine code from its on-disk cache (or compiles it)
     now and not inside the first tokens. Once per format and process; returns the seconds it took."""
-    t0 = __import__("time").perf_counter()
+    t0 = time.perf_counter()
     cols = 1024
     for fmt in formats:
         if (fmt, gated) in _WARM:
             continue
         for rows in (8, None):  # serial, then parallel (a call reading more than SERIAL_MAX_BYTES)
             if rows is None:
-                rows = 2 * SERIAL_MAX_BYTES // _kernel_weight(to_weight_zeros(8, cols, fmt)).row_bytes + 8
-            w = to_weight_zeros(rows, cols, fmt)
+                rows = 2 * SERIAL_MAX_BYTES // _kernel_weight(_zero_weight(8, cols, fmt)).row_bytes + 8
+            w = _zero_weight(rows, cols, fmt)
             idx = np.arange(rows, dtype=np.int32)
             for n_tok in (1, BLAS_MIN_TOKENS):
                 x = np.ones((n_tok, cols), np.float32)
@@ -1206,10 +1207,10 @@ def warm(formats, gated: bool = False) -> float:
         _WARM.add((fmt, gated))
     host_select_union(np.zeros((1, 4), np.float32), np.ones(1, bool), 0.0, np.arange(2, dtype=np.int32),
                       np.arange(2, 4, dtype=np.int32))
-    return __import__("time").perf_counter() - t0
+    return time.perf_counter() - t0
 
 
-def to_weight_zeros(rows: int, cols: int, fmt: str) -> Weight:
+def _zero_weight(rows: int, cols: int, fmt: str) -> Weight:
     """A zero Weight of `fmt` ([rows, cols]) in the layout the kernels take."""
     if fmt == "float32":
         return Weight(np.zeros((rows, cols), np.float32), None, fmt, cols)

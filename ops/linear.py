@@ -155,13 +155,19 @@ def linear_relu_linear(x: jax.Array, w1, w2) -> jax.Array:
         bufs = list(bufs)
         h1 = _host_weight(w1, bufs.pop(0), bufs.pop(0) if w1.scale is not None else None)
         h2 = _host_weight(w2, bufs.pop(0), bufs.pop(0) if w2.scale is not None else None)
-        mid = np.empty((x2.shape[0], w1.rows), np.float32)
-        _host_linear(h1, np.asarray(xb), mid)
-        np.maximum(mid, 0.0, out=mid)
-        _host_linear(h2, mid, np.asarray(out))
+        host_relu_linear2(np.asarray(xb), h1, h2, out=np.asarray(out))
 
     y = _buffer_callback(cb, jax.ShapeDtypeStruct((x2.shape[0], w2.rows), f32))(*operands)
     return y.reshape(lead + (w2.rows,))
+
+
+def host_relu_linear2(x: np.ndarray, w1: Weight, w2: Weight, out: np.ndarray | None = None) -> np.ndarray:
+    """On the host (numpy-backed Weights, numba kernels): relu(x @ w1.T) @ w2.T, x [B, K] -> [B, w2 rows]."""
+    from ops.host_kernels import host_matvec
+
+    mid = host_matvec(w1, x)
+    np.maximum(mid, 0.0, out=mid)
+    return host_matvec(w2, mid, out=out)
 
 
 def linear_relu_linear_ref(x, w1, w2) -> np.ndarray:

@@ -238,14 +238,6 @@ class ContinuousBatcher:
                 self._stage_cache(stage_len), jnp.zeros(1, jnp.int32), *rest)
         return "chunk", self._programs.chunk, args, {"attend_len": span, "mode": mode}
 
-    def _insert_job(self, stage_len: int) -> tuple:
-        """The same for writing a prefilled staging cache of `stage_len` slots into a row of the batch cache."""
-        return "insert", self._programs.insert, (self._cache, self._stage_cache(stage_len), _index(0)), {}
-
-    def _move_job(self) -> tuple:
-        """The same for copying one row of the batch cache into another (a retired row refilled)."""
-        return "move", self._programs.move, (self._cache, _index(0), _index(0)), {}
-
     def _stage_cache(self, stage_len: int):
         """The staging cache of `stage_len` slots, made once (the prompt that needs it prefills into it)."""
         if stage_len not in self._stage_caches:
@@ -298,10 +290,13 @@ class ContinuousBatcher:
         return self._executable(name, args, {})(*args)
 
     def _row_jobs(self, stage_lens: Sequence[int], move: bool = True) -> list[tuple]:
-        """The insert jobs of these staging lengths and the move job, where they are compiled ahead of time."""
+        """Jobs of the row programs, where they are compiled ahead of time: writing a prefilled staging cache of
+        each length into a batch row, and (`move`) copying one batch row into another (a retired row refilled)."""
         if not self._programs.rows_ahead:
             return []
-        return [self._insert_job(n) for n in stage_lens] + ([self._move_job()] if move else [])
+        jobs = [("insert", self._programs.insert, (self._cache, self._stage_cache(n), _index(0)), {})
+                for n in stage_lens]
+        return jobs + ([("move", self._programs.move, (self._cache, _index(0), _index(0)), {})] if move else [])
 
     def start(self) -> "ContinuousBatcher":
         """Starts the decode-loop thread."""

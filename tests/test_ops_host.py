@@ -176,3 +176,8 @@ def test_predicted_ffn_rows_equals_predictor_select_and_rows(fmt, batch):
     want = H.host_sparse_ffn_ref(family, *(dequantize(w) for w in (wg, wu, wd)), x, ids, len(ids))
     assert int(count) == len(ids) > 0 and int(hot) == want_hot > 0
     np.testing.assert_allclose(np.asarray(y), want, rtol=2e-4, atol=2e-4)
+    # compute_rows=False (profile_decode's predictor part): the same selection, no rows computed.
+    g = jax.jit(lambda *a: predicted_ffn_rows(family, *a[:2], thr, *a[2:], compute_rows=False))
+    y0, count0, hot0 = g(as_jax(fc1), as_jax(fc2), order[:n_hot], order[n_hot:], as_jax(wg), as_jax(wu), as_jax(wd),
+                         None, x_pred, x, rows)
+    assert (int(count0), int(hot0)) == (int(count), int(hot)) and not np.asarray(y0).any()
