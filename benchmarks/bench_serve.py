@@ -11,6 +11,7 @@ events, p50/p99), and for sparse engines the fraction of FFN neurons computed pe
 the batch's predicted masks per layer, so it grows with the batch). Engines:
 
   bundled dense / bundled hybrid   the bundled model (f32) and its bundle's predictors, --budget hot
+  bundled dense_bfloat16           the bundled model in its stored precision (what `pij.load` gives)
   synthetic dense / hybrid         the LLaMA-7B-shaped model (benchmarks/synthetic.py), --budget hot
 
 Every configuration is warmed up first (all batch sizes and spans compiled), then measured
@@ -52,6 +53,8 @@ def define_flags() -> None:
                          lower_bound=1)
     flags.DEFINE_string("bundle", os.path.join(REPO, "models", "shakespeare-relu-llama-prepared"), "The bundled bundle.")
     flags.DEFINE_string("corpus", os.path.join(REPO, "data", "tinyshakespeare.txt"), "Text prompts are cut from.")
+    flags.DEFINE_list("dense_dtypes", ["float32", "bfloat16"], "Weight precisions of the dense engines (the "
+                      "float32 one is `dense`, the others `dense_<dtype>`); the hybrid engine is float32.")
     flags.DEFINE_string("out", None, "Output stem (default benchmarks/results/serve_<backend>).")
 
 
@@ -126,11 +129,13 @@ def _engines(name: str, log):
         n_tokens = FLAGS.synthetic_max_tokens
         rng = np.random.default_rng(7)
         prompts = [rng.integers(3, s.cfg.vocab_size, FLAGS.prompt_len).tolist() for _ in range(16)]
-    dense = Engine(s.cfg, to_device(s.host_in("float32")), max_seq_len=FLAGS.max_seq_len)
+    engines = {("dense" if dt == "float32" else f"dense_{dt}"): Engine(s.cfg, to_device(s.host_in(dt)),
+                                                                       max_seq_len=FLAGS.max_seq_len)
+               for dt in FLAGS.dense_dtypes}
     b = plan_budget(s, FLAGS.budget, FLAGS.max_seq_len)
-    hybrid = build_engines(s, b, FLAGS.max_seq_len)["hybrid"]
+    engines["hybrid"] = build_engines(s, b, FLAGS.max_seq_len)["hybrid"]
     hot = sum(len(h) for h in b.hot_indices) / (s.cfg.num_layers * s.cfg.intermediate_size)
-    return {"dense": dense, "hybrid": hybrid}, prompts, n_tokens, f"{s.description}; hybrid hot {hot:.1%}"
+    return engines, prompts, n_tokens, f"{s.description}; hybrid hot {hot:.1%}"
 
 
 def bench_model(name: str, clients: list[int], log=print) -> dict:
@@ -180,7 +185,7 @@ def _goals(rows) -> dict:
     get = {(r["engine"], r["clients"]): r for r in rows}
     out = {}
     lo, hi = min(r["clients"] for r in rows), max(r["clients"] for r in rows)
-    for k in ("dense", "hybrid"):
+    for k in sorted({r["engine"] for r in rows}):
         if (k, lo) in get and (k, hi) in get:
             out[f"{k}_throughput_x{hi}_over_x{lo}"] = get[(k, hi)]["tok_s"] / get[(k, lo)]["tok_s"]
             out[f"{k}_itl_p99_x{hi}_over_itl_p50_x{lo}"] = get[(k, hi)]["itl_p99_ms"] / get[(k, lo)]["itl_p50_ms"]

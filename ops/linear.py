@@ -14,6 +14,9 @@ Per backend:
     the numba kernels of ``ops.host_kernels`` read the stored bytes through ``buffer_callback``
     (zero-copy: the weight is an operand, the kernel writes XLA's output buffer). Prompts
     (>= ``BLAS_MIN_TOKENS`` rows) go through blocked dequantize + BLAS inside the same callback.
+  * CPU backend, bfloat16 storage, several rows (a batch, a prompt), where the CPU has bf16 dot
+    instructions: XLA's own bf16 dot, the f32 activations split into three bf16 parts
+    (``native_bf16_dot``, ``_bf16_split_dot``).
   * GPU: the weight is dequantized inside the jitted function, where XLA fuses the convert into
     the dot's operand read (bf16/f16 natively; int8/int4 unpacked in registers).
 The plain references beside them are ``linear_ref``/``linear_t_ref`` (dequantize, then f32 math).
@@ -22,12 +25,13 @@ The plain references beside them are ``linear_ref``/``linear_t_ref`` (dequantize
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ops.quant import Weight, dequantize, dequantize_jnp, dequantize_rows_jnp
+from ops.quant import Weight, dequantize, dequantize_jnp, dequantize_rows_jnp, float_data_jnp
 
 try:
     from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
@@ -40,10 +44,66 @@ f32 = jnp.float32
 USE_HOST_KERNELS = True
 
 
-def uses_host_kernel(w) -> bool:
-    """Whether `w` is read by the numba host kernels here (a half/int Weight on the CPU backend)."""
+# From this many activation rows a bfloat16 weight meets XLA:CPU's own bf16 dot where the CPU has bf16
+# dot instructions (AMX / AVX512-BF16). `linear` (x @ w.T, the weight's rows contracted along their
+# length): from 2 rows (7B up-projection at 16 rows 2.8 ms, vs 12.7 ms in f32 and ~4 ms for one row
+# through the host kernel); one row stays on the host kernel, XLA's one-row bf16 product being a
+# converting path (43 ms). `linear_t` (h @ w, contracted across rows, which XLA repacks every call):
+# from 8 rows (7B down projection at 16 rows 8.6 ms vs 16 ms for the host kernel's axpy; at 4 rows
+# the host kernel wins, 4.6 vs 6.4 ms). BENCHMARKS.md, "bf16 at batch > 1".
+NATIVE_BF16_MIN_ROWS = 2
+NATIVE_BF16_T_MIN_ROWS = 8
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16_dot() -> bool:
+    """Whether this CPU multiplies bf16 natively (amx_bf16 or avx512_bf16 in /proc/cpuinfo); the
+    environment variable POWERINFER_BF16_DOT=xla|host overrides the detection."""
+    forced = os.environ.get("POWERINFER_BF16_DOT", "").strip().lower()
+    if forced in ("xla", "host"):
+        return forced == "xla"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def native_bf16_dot(w, n_rows: int, transposed: bool = False) -> bool:
+    """Whether `n_rows` activation rows against the bfloat16 Weight `w` (in `linear_t`'s product with
+    `transposed`) go through XLA's own bf16 dot on the CPU backend (`_bf16_split_dot`) instead of
+    the host kernels."""
+    least = NATIVE_BF16_T_MIN_ROWS if transposed else NATIVE_BF16_MIN_ROWS
+    return (USE_HOST_KERNELS and isinstance(w, Weight) and w.fmt == "bfloat16" and n_rows >= least
+            and jax.default_backend() == "cpu" and cpu_has_bf16_dot())
+
+
+def uses_host_kernel(w, n_rows: int | None = None) -> bool:
+    """Whether `w` is read by the numba host kernels here (a half/int Weight on the CPU backend; for
+    `n_rows` activation rows, not a bf16 weight that XLA's own bf16 dot takes, see `native_bf16_dot`)."""
+    if n_rows is not None and native_bf16_dot(w, n_rows):
+        return False
     return (USE_HOST_KERNELS and isinstance(w, Weight) and w.fmt != "float32" and _buffer_callback is not None
             and jax.default_backend() == "cpu")
+
+
+def _bf16_split_dot(x2: jax.Array, w: Weight, transposed: bool = False) -> jax.Array:
+    """x2 [N, K] (f32) @ w.T (`transposed`: x2 [N, R] @ w) for a bfloat16 Weight through XLA's bf16 dot
+    with f32 accumulation, the f32 activations split into three bf16 parts (x = a + b + c exactly for
+    normal values: 3 x 8 mantissa bits), each product with a bf16 weight exact in f32: the result is
+    the f32 product up to summation order, as the host kernels' (two parts left ~2e-6 relative
+    error, enough to move a CATS threshold decision; one part ~2e-3). The parts are one [3N, K] dot:
+    the weight is read once."""
+    parts, rest = [], x2
+    for _ in range(3):
+        part = rest.astype(jnp.bfloat16)
+        parts.append(part)
+        rest = rest - part.astype(f32)
+    y = jax.lax.dot_general(jnp.concatenate(parts), float_data_jnp(w), (((1,), (0 if transposed else 1,)), ((), ())),
+                            preferred_element_type=f32)
+    n = x2.shape[0]
+    return (y[:n] + y[n:2 * n]) + y[2 * n:]
 
 
 def _dense(w) -> jax.Array:
@@ -117,7 +177,9 @@ def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
     """x [..., K] @ w.T (+ b) in float32; ``w [R, K]`` a float array or a ``Weight``."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K).astype(f32)
-    if uses_host_kernel(w):
+    if native_bf16_dot(w, x2.shape[0]):
+        y = _bf16_split_dot(x2, w)
+    elif uses_host_kernel(w):
         y = _callback(_host_linear, w, x2, w.rows)
     else:
         y = _rows_dot(x2, _dense(w))
@@ -131,7 +193,9 @@ def linear_t(h: jax.Array, w, skip_zero: bool = False) -> jax.Array:
     (input sparsity: TEAL's attention projections)."""
     lead, R = h.shape[:-1], h.shape[-1]
     h2 = h.reshape(-1, R).astype(f32)
-    if uses_host_kernel(w):
+    if native_bf16_dot(w, h2.shape[0], transposed=True):
+        y = _bf16_split_dot(h2, w, transposed=True)
+    elif uses_host_kernel(w):
         kernel = functools.partial(_host_linear_t, skip_zero=True) if skip_zero else _host_linear_t
         y = _callback(kernel, w, h2, w.cols)
     else:
@@ -143,9 +207,10 @@ def linear_relu_linear(x: jax.Array, w1, w2) -> jax.Array:
     """relu(x @ w1.T) @ w2.T in float32 (the predictors' fc2(relu(fc1 x))). When the host kernels
     read both weights, one callback runs both mat-vecs: a small model's decode step is dominated
     by per-call overheads (~50 us a callback on 2 cores), not by the predictor's bytes."""
-    if not (uses_host_kernel(w1) and uses_host_kernel(w2)):
-        return linear(jax.nn.relu(linear(x, w1)), w2)
     lead, K = x.shape[:-1], x.shape[-1]
+    n_rows = x.size // K
+    if not (uses_host_kernel(w1, n_rows) and uses_host_kernel(w2, n_rows)):
+        return linear(jax.nn.relu(linear(x, w1)), w2)
     x2 = x.reshape(-1, K).astype(f32)
     operands = (x2, w1.data) + (() if w1.scale is None else (w1.scale,)) + (w2.data,) + \
         (() if w2.scale is None else (w2.scale,))

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ops.quant import GROUP, Weight
+from ops.quant import GROUP, Weight, float_data_jnp
 from ops.reference import activation, check_family
 
 try:  # jax >= 0.4.31 exposes the Triton-specific API here (0.10/0.11 included).
@@ -102,7 +102,7 @@ def _parts(w) -> tuple[str, tuple]:
     if not isinstance(w, Weight):
         return "float", (w,)
     if w.fmt in ("bfloat16", "float16"):
-        return "float", (lax.bitcast_convert_type(w.data, jnp.dtype(w.fmt)),)
+        return "float", (float_data_jnp(w),)
     if w.fmt == "float32":
         return "float", (w.data,)
     scale = w.scale if w.fmt == "int8" else lax.bitcast_convert_type(w.scale, jnp.float16)

@@ -5,7 +5,8 @@ of ``FORMATS``; the host kernels (``ops.host_kernels``) read it in that precisio
 float32 in registers, because XLA:CPU upcasts half-precision dots (10x slower than f32).
 
   float32    data f32 [R, K]
-  bfloat16   data uint16 [R, K] (bf16 bit patterns)
+  bfloat16   data bfloat16 [R, K] (ml_dtypes on the host; uint16 bit patterns are accepted and viewed
+             as bfloat16: a bf16-typed device array is what XLA's own bf16 dot reads without a copy)
   float16    data uint16 [R, K] (f16 bit patterns)
   int8       data int8 [R, K], scale f32 [R]: w = q * scale[r] (symmetric, per row)
   int4       data uint8 [R, K//2], scale uint16 [R, K//32] (f16 bits), llama.cpp's Q4_0:
@@ -34,10 +35,15 @@ _FLOAT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": n
 @dataclasses.dataclass
 class Weight:
     """A row matrix [rows, cols] in a stored format: y = W x reads row r for output r."""
-    data: Any    # f32 [R, K] | uint16 [R, K] (bf16/f16 bits) | int8 [R, K] | uint8 [R, K//2] (int4)
+    data: Any    # f32 [R, K] | bf16 [R, K] | uint16 [R, K] (f16 bits) | int8 [R, K] | uint8 [R, K//2] (int4)
     scale: Any   # None (float formats) | f32 [R] (int8) | uint16 f16 bits [R, K//32] (int4)
     fmt: str     # one of FORMATS (static)
     cols: int    # logical K (static)
+
+    def __post_init__(self):
+        # bf16 bit patterns from files, zeros or older code become bf16 views (no copy)
+        if self.fmt == "bfloat16" and isinstance(self.data, np.ndarray) and self.data.dtype == np.uint16:
+            self.data = self.data.view(BF16)
 
     @property
     def rows(self) -> int:
@@ -163,7 +169,7 @@ def to_weight(w, fmt: str) -> Weight:
         # astype rounds to nearest even (from any float dtype, no double rounding); a matrix
         # already in `want` is kept as is: data is a view of w
         data = w if w.dtype == want else w.astype(want)
-        return Weight(data if fmt == "float32" else data.view(np.uint16), None, fmt, cols)
+        return Weight(data if fmt != "float16" else data.view(np.uint16), None, fmt, cols)
     wf = _as_f32_matrix(w)
     if fmt == "int8":
         q = np.empty((rows, cols), np.int8)
@@ -202,6 +208,14 @@ def dequantize(w: Weight) -> np.ndarray:
     return (q.reshape(q.shape[0], -1, GROUP) * d[:, :, None]).reshape(q.shape[0], w.cols)
 
 
+def float_data_jnp(w: Weight) -> jax.Array:
+    """jnp: a bfloat16/float16 Weight's data in its own dtype (bit patterns reinterpreted; a bf16-typed
+    array as it is: XLA:CPU copies the array to reinterpret it)."""
+    data = jnp.asarray(w.data)
+    dt = jnp.dtype(w.fmt)
+    return data if data.dtype == dt else jax.lax.bitcast_convert_type(data, dt)
+
+
 def dequantize_jnp(w: Weight) -> jax.Array:
     """jnp: the float32 matrix [R, K] that ``w`` stores (for XLA/GPU paths; traceable)."""
     check_format(w.fmt, w.cols)
@@ -209,8 +223,7 @@ def dequantize_jnp(w: Weight) -> jax.Array:
     if w.fmt == "float32":
         return data.astype(jnp.float32)
     if w.fmt in ("bfloat16", "float16"):
-        dt = jnp.bfloat16 if w.fmt == "bfloat16" else jnp.float16
-        return jax.lax.bitcast_convert_type(data, dt).astype(jnp.float32)
+        return float_data_jnp(w).astype(jnp.float32)
     if w.fmt == "int8":
         return data.astype(jnp.float32) * jnp.asarray(w.scale, jnp.float32)[:, None]
     rows = data.shape[0]

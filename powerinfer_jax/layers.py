@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ops.host_attention import decode_attention, uses_host_attention
 from ops.linear import linear, linear_t
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.params import AttentionParams, NormParams
@@ -71,6 +72,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def _attend(q, keys, values, key_pos, positions, cfg: ModelConfig) -> jax.Array:
+    """Softmax attention of q [B, T, hq, hd] over keys/values [B, hkv, S, hd] at slots key_pos [B, S]
+    (causal, and windowed under a sliding window): [B, T, hq * hd]."""
+    B, T, hq, hd = q.shape
+    hkv = keys.shape[1]
+    qg = q.reshape(B, T, hkv, hq // hkv, hd)
+    scores = jnp.einsum("btkgh,bksh->bkgts", qg, keys) / math.sqrt(hd)
+    allowed = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
+    if cfg.sliding_window:
+        allowed &= positions[:, :, None] - key_pos[:, None, :] < cfg.sliding_window
+    scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bkgts,bksh->btkgh", probs, values).reshape(B, T, hq * hd)
+
+
 def attention(
     x: jax.Array,
     p: AttentionParams,
@@ -123,15 +139,12 @@ def attention(
         values = v_cache[:B, :, :attend_len].astype(f32)
         key_pos = jnp.broadcast_to(jnp.arange(attend_len), (B, attend_len))
 
-    group = hq // hkv
-    qg = q.reshape(B, T, hkv, group, hd)
-    scores = jnp.einsum("btkgh,bksh->bkgts", qg, keys) / math.sqrt(hd)
-    allowed = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
-    if cfg.sliding_window:
-        allowed &= positions[:, :, None] - key_pos[:, None, :] < cfg.sliding_window
-    scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, values).reshape(B, T, hq * hd)
+    if k_cache is not None and uses_host_attention(B, T, k_cache.dtype):
+        # A batched decode step on the CPU backend: each row over its own slots, the cache read in place
+        # (XLA copies the strided span `keys`/`values` above before its dots; unused here, so never made).
+        out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0], cfg.sliding_window).reshape(B, T, hq * hd)
+    else:
+        out = _attend(q, keys, values, key_pos, positions, cfg)
     if sink is not None:
         sink.append(out)
     if p.wo_t is not None:

@@ -3,7 +3,8 @@
 Why not `safetensors.safe_open`: its numpy backend copies every tensor out of the file (and reads
 bf16 only when `ml_dtypes` happens to be imported). Here a file is mapped copy-on-write
 (`mmap.ACCESS_COPY`: private, never written back), each tensor is a numpy view of the mapping,
-and on the CPU backend a 64-byte-aligned view becomes a JAX array through DLPack without a copy
+and on the CPU backend a 64-byte-aligned view becomes a JAX array without a copy (through DLPack;
+bfloat16, which DLPack has no type for, through `device_put`, which aliases such memory too)
 (JAX aliases host buffers only at 64-byte alignment and only from writable arrays, which a
 copy-on-write mapping gives without touching the file). A tensor that has to be transformed
 (transposed, fused, quantized, or copied for alignment) gets its own buffer and its source
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import json
+import logging
 import math
 import mmap
 import os
@@ -31,6 +34,8 @@ import ml_dtypes
 import numpy as np
 
 from powerinfer_jax.errors import TensorFileError  # importable from here, its old home
+
+log = logging.getLogger(__name__)
 
 ALIGN = 64  # bytes: what JAX's CPU client needs to alias a host buffer
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -214,23 +219,34 @@ def aligned(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _dlpack_dtype(a: np.ndarray) -> np.ndarray:
-    # DLPack has no ml_dtypes types: bfloat16 travels as its bits (the Weight format records it).
-    return a.view(np.uint16) if a.dtype == DTYPES["BF16"] else a
-
-
 def to_jax(a, device=None) -> jax.Array:
-    """A host array as a JAX array: zero-copy on the CPU backend (aligned, via DLPack), a
-    transfer elsewhere. bfloat16 host arrays arrive as uint16 bits on the CPU backend."""
+    """A host array as a JAX array: zero-copy on the CPU backend (aligned; through DLPack, or for
+    bfloat16, which DLPack cannot carry, through `device_put`, which aliases aligned host memory on
+    that backend), a transfer elsewhere."""
     if isinstance(a, jax.Array) or a is None:
         return a
     a = np.asarray(a)
     if (device or jax.devices()[0]).platform != "cpu" or a.size == 0:
         return jax.device_put(a, device)
-    view = _dlpack_dtype(aligned(a)).view()  # its own object, referenced only by JAX from here on
-    out = jax.dlpack.from_dlpack(view)
+    view = aligned(a).view()  # its own object, referenced only by JAX from here on
+    if view.dtype == DTYPES["BF16"]:
+        # device_put holds the array that owns the memory, which a view shares with every tensor of its
+        # file: an owner of this tensor's bytes alone (over a memoryview) is what _track_zero_copy follows.
+        owner = np.frombuffer(memoryview(view.view(np.uint16).reshape(-1)).cast("B"), DTYPES["BF16"])
+        out = jax.device_put(owner.reshape(view.shape), device)
+        if out.unsafe_buffer_pointer() != owner.ctypes.data:  # this jax copied: nothing to track
+            _warn_copied_bf16()
+            return out
+        view = owner
+    else:
+        out = jax.dlpack.from_dlpack(view)
     _track_zero_copy(out, view)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_copied_bf16() -> None:
+    log.warning("this jax (%s) copies bfloat16 host arrays into device_put: weights are held twice", jax.__version__)
 
 
 def to_global(a, sharding) -> jax.Array:

@@ -12,6 +12,7 @@ import weakref
 
 import jax
 import numpy as np
+import pytest
 
 from powerinfer_jax import tensor_file
 
@@ -36,12 +37,15 @@ def test_exit_while_an_execution_holds_zero_copy_weights_is_clean():
         assert "terminate called" not in out.stderr
 
 
-def test_zero_copy_tracking_follows_the_array():
-    host = tensor_file.aligned_empty((256,), np.float32)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: through device_put, not DLPack
+def test_zero_copy_tracking_follows_the_array(dtype):
+    host = tensor_file.aligned_empty((256,), tensor_file.DTYPES["F32" if dtype == "float32" else "BF16"])
     host[:] = 3.0
+    gc.collect()  # earlier tests' arrays left in garbage cycles must not leave the count during this one
+    jax.effects_barrier()
     before = len(tensor_file._ZERO_COPY)
     arr = tensor_file.to_jax(host)
-    assert arr.unsafe_buffer_pointer() == host.ctypes.data  # zero-copy, so it is tracked
+    assert arr.unsafe_buffer_pointer() == host.ctypes.data and arr.dtype == host.dtype  # zero-copy: tracked
     assert len(tensor_file._ZERO_COPY) == before + 1
     array_ref = weakref.ref(arr)
     del arr

@@ -45,6 +45,42 @@ def test_linear_and_linear_t_match_reference(path, fmt, tokens):
     assert y3.shape == (1, tokens, ROWS)
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("tokens", [1, 2, 8, 16])
+def test_bf16_rows_take_xla_own_dot_where_the_cpu_has_one(native, tokens, monkeypatch):
+    """Several rows against a bf16 weight: XLA's bf16 dot with the activations split in two bf16 halves
+    (`linear` from 2 rows, `linear_t` from 8) where the CPU multiplies bf16; the host kernel elsewhere.
+    Either way within f32 rounding of the reference (one bf16 rounding of x would miss by ~2e-3).
+    """
+    monkeypatch.setattr(L, "cpu_has_bf16_dot", lambda: native)
+    w = _weight("bfloat16", rows=384, cols=256)
+    wj = jax.tree.map(jnp.asarray, w)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((tokens, 256), dtype=np.float32)
+    h = rng.standard_normal((tokens, 384), dtype=np.float32)
+    for fn, arg, want, least in ((L.linear, x, L.linear_ref(x, w), L.NATIVE_BF16_MIN_ROWS),
+                                 (L.linear_t, h, L.linear_t_ref(h, w), L.NATIVE_BF16_T_MIN_ROWS)):
+        fresh = jax.jit(lambda a, w, fn=fn: fn(a, w))  # a new trace: the path is chosen while tracing
+        _close(fresh(jnp.asarray(arg), wj), want)
+        hlo = fresh.lower(jnp.asarray(arg), wj).as_text()
+        xla_dot = native and tokens >= least
+        assert ("callback" not in hlo) == xla_dot, (fn.__name__, tokens)
+        if xla_dot:
+            assert "dot_general" in hlo and "bf16" in hlo
+
+
+def test_bf16_weight_data_is_bf16_typed_and_uint16_bits_are_viewed():
+    """A bf16 Weight holds bf16-typed data (XLA's bf16 dot reads it as is; a uint16 array would be
+    copied to reinterpret it every call); bit patterns passed in are viewed, not copied."""
+    from ops.quant import BF16
+
+    w = _weight("bfloat16")
+    assert w.data.dtype == BF16
+    bits = np.asarray(w.data).view(np.uint16)
+    again = Weight(bits, None, "bfloat16", COLS)
+    assert again.data.dtype == BF16 and np.shares_memory(again.data, bits)
+
+
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "float16", "int8"])
 def test_linear_relu_linear_matches_reference(path, fmt, tokens):

@@ -34,7 +34,7 @@ def _weights(fmt, rows=N, cols=D, seed=0):
 @pytest.mark.parametrize("fmt", Q.FORMATS)
 def test_to_weight_layout_and_round_trip(fmt):
     W, w = _weights(fmt)
-    want_dtype = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.uint16, "int8": np.int8,
+    want_dtype = {"float32": np.float32, "bfloat16": Q.BF16, "float16": np.uint16, "int8": np.int8,
                   "int4": np.uint8}[fmt]
     assert W.data.dtype == want_dtype and W.shape == (N, D) and W.rows == N and W.cols == D
     assert W.nbytes == N * Q.format_bytes_per_row(fmt, D)

@@ -187,7 +187,7 @@ def test_aligned_bf16_checkpoint_loads_without_a_copy(tmp_path):
     path = _write_small_checkpoint(tmp_path, write_streaming, _tensor_specs, hf_config)
     engine = pij.load(path)
     w = engine.params.layers[0].ffn.w_gate
-    assert w.fmt == "bfloat16"
+    assert w.fmt == "bfloat16" and w.data.dtype == jax.numpy.bfloat16  # bf16-typed: XLA's bf16 dot reads it as is
     assert _mapped_file_of(w.data.unsafe_buffer_pointer()) == os.path.realpath(os.path.join(path, "model.safetensors"))
     assert np.isfinite(engine.logits([1, 5, 9])).all()
 

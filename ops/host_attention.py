@@ -1,0 +1,120 @@
+"""Decode attention on the host (CPU backend): every row attends over its own cache prefix, in place.
+
+XLA:CPU's decode attention over a batch reads the attended span through a strided slice of the
+cache `[:B, :, :span]`, which it copies before its batched dots: at 16 rows of the bundled model
+the copies and dots took ~4 ms of a ~10 ms step (BENCHMARKS.md, "attention at batch > 1"). This
+kernel reads the cache where it lies (a zero-copy `buffer_callback` operand) and only each row's
+own slots (its length, not the batch's span bucket). One row is left to XLA: there the slice is
+small and a callback's fixed cost is not repaid (`HOST_ATTENTION_MIN_ROWS`).
+
+`decode_attention_ref` is the plain numpy reference; `tests/test_ops_host_attention.py` checks the
+kernel and the jitted path against it and against the XLA attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numba import njit, prange
+
+try:
+    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
+except ImportError:  # older jax: the XLA path is used
+    _buffer_callback = None
+
+HOST_ATTENTION_MIN_ROWS = 4  # decode steps of at least this many rows attend here (CPU backend, f32 cache)
+USE_HOST_ATTENTION = True  # False keeps XLA's attention everywhere (tests compare the two)
+
+
+def uses_host_attention(rows: int, tokens: int, cache_dtype) -> bool:
+    """Whether a step of `rows` x `tokens` over a cache of `cache_dtype` attends through this kernel."""
+    from ops import linear  # its USE_HOST_KERNELS = False sends everything through XLA (what a GPU runs)
+
+    return (USE_HOST_ATTENTION and linear.USE_HOST_KERNELS and _buffer_callback is not None and tokens == 1 and rows >= HOST_ATTENTION_MIN_ROWS
+            and jnp.dtype(cache_dtype) == jnp.float32 and jax.default_backend() == "cpu")
+
+
+@njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
+def _decode_attention(q, k, v, starts, ends, scale, out):
+    """out[b, h] = softmax over slots starts[b]..ends[b]-1 of (q[b, h] . k[b, h // group, s]) v[...]."""
+    rows, hq, hd = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    longest = 1
+    for b in range(rows):
+        longest = max(longest, ends[b] - starts[b])
+    for job in prange(rows * hkv):  # one (row, kv head) a job: its K/V slots are read once for the group
+        b, g = job // hkv, job % hkv
+        s0, s1 = starts[b], ends[b]
+        scores = np.empty(longest, np.float32)
+        for j in range(group):
+            h = g * group + j
+            if s1 <= s0:  # a padding row (no sequence): zeros
+                out[b, h, :] = 0.0
+                continue
+            top = -np.inf
+            for s in range(s0, s1):
+                acc = np.float32(0.0)
+                for d in range(hd):
+                    acc += q[b, h, d] * k[b, g, s, d]
+                acc *= scale
+                scores[s - s0] = acc
+                top = max(top, acc)
+            total = np.float32(0.0)
+            for s in range(s1 - s0):
+                e = np.exp(scores[s] - top)
+                scores[s] = e
+                total += e
+            inv = np.float32(1.0) / total
+            for d in range(hd):
+                out[b, h, d] = 0.0
+            for s in range(s0, s1):
+                p = scores[s - s0] * inv
+                for d in range(hd):
+                    out[b, h, d] += p * v[b, g, s, d]
+
+
+def _slot_ranges(positions: jax.Array, max_len: int, window: int | None) -> tuple[jax.Array, jax.Array]:
+    """Each row's attended slots [start, end): up to its position; none for a padding row (position
+    past the cache); the last `window` only under a sliding window."""
+    pos = positions.astype(jnp.int32)
+    ends = jnp.where(pos < max_len, pos + 1, 0)
+    starts = jnp.maximum(ends - window, 0) if window else jnp.zeros_like(ends)
+    return starts, ends
+
+
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,
+                     window: int | None = None) -> jax.Array:
+    """q [B, hq, hd] (one token a row) against the first B rows of the caches [B', hkv, S, hd] at
+    `positions` [B]: the attention output [B, hq, hd] (f32), computed on the host in place."""
+    B, hq, hd = q.shape
+    starts, ends = _slot_ranges(positions, k_cache.shape[2], window)
+    scale = np.float32(1.0 / math.sqrt(hd))
+
+    def cb(ctx, out, qb, kb, vb, sb, eb):
+        del ctx
+        _decode_attention(np.asarray(qb), np.asarray(kb), np.asarray(vb), np.asarray(sb), np.asarray(eb), scale,
+                          np.asarray(out))
+
+    shape = jax.ShapeDtypeStruct((B, hq, hd), jnp.float32)
+    return _buffer_callback(cb, shape)(q.astype(jnp.float32), k_cache, v_cache, starts, ends)
+
+
+def decode_attention_ref(q, k_cache, v_cache, positions, window: int | None = None) -> np.ndarray:
+    """numpy reference of `decode_attention` (float64 inside)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k_cache, v_cache))
+    B, hq, hd = q.shape
+    group = hq // k.shape[1]
+    out = np.zeros((B, hq, hd))
+    for b, p in enumerate(np.asarray(positions)):
+        if p >= k.shape[2]:
+            continue
+        s0 = max(0, p + 1 - window) if window else 0
+        for h in range(hq):
+            scores = k[b, h // group, s0:p + 1] @ q[b, h] / math.sqrt(hd)
+            e = np.exp(scores - scores.max())
+            out[b, h] = (e / e.sum()) @ v[b, h // group, s0:p + 1]
+    return out.astype(np.float32)

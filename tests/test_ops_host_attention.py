@@ -1,0 +1,69 @@
+"""ops.host_attention: batched decode attention on the host against its numpy reference and XLA's.
+
+Tolerance: float32 dot products and softmax in another order than the float64 reference and
+XLA's einsums: rtol 1e-5, atol 1e-5 * max|out|.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ops import host_attention as HA
+
+
+def _close(got, want):
+    want = np.asarray(want)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])  # plain and grouped-query heads
+def test_decode_attention_matches_reference(hq, hkv, window):
+    rng = np.random.default_rng(0)
+    rows, cache_rows, S, hd = 5, 8, 32, 16
+    q = rng.standard_normal((rows, hq, hd), dtype=np.float32)
+    k = rng.standard_normal((cache_rows, hkv, S, hd), dtype=np.float32)
+    v = rng.standard_normal((cache_rows, hkv, S, hd), dtype=np.float32)
+    positions = np.array([0, 7, 31, S, 12], np.int32)  # S: a padding row, which gets zeros
+    got = jax.jit(HA.decode_attention, static_argnums=4)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                                         jnp.asarray(positions), window)
+    _close(got, HA.decode_attention_ref(q, k, v, positions, window))
+    assert not np.asarray(got)[3].any()
+
+
+def test_batched_decode_step_equals_xla_attention(monkeypatch):
+    """A forward decode step of 4 rows at different positions: the host attention and XLA's agree,
+    and the step's attention really went through the callback."""
+    from powerinfer_jax.config import ModelConfig
+    from powerinfer_jax.model import forward, init_cache
+    from powerinfer_jax.params import init_params
+
+    cfg = ModelConfig(architecture="LlamaForCausalLM", family="llama", ffn_kind="reglu", vocab_size=64,
+                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                      max_position_embeddings=64, norm_eps=1e-5)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    cache = init_cache(cfg, 4, 16)
+    rng = np.random.default_rng(1)
+    prompt = jnp.asarray(rng.integers(0, 64, (4, 9)), jnp.int32)
+    _, cache, _ = forward(params, cfg, prompt, jnp.broadcast_to(jnp.arange(9), (4, 9)), cache, 16)
+    tokens = jnp.asarray(rng.integers(0, 64, (4, 1)), jnp.int32)
+    positions = jnp.asarray([[9], [4], [8], [16]], jnp.int32)  # 16: a padding row (past the cache)
+
+    def step():
+        fn = jax.jit(lambda p, t, pos, c: forward(p, cfg, t, pos, c, 16)[0])  # a new trace per path
+        return fn, np.asarray(fn(params, tokens, positions, cache))
+
+    monkeypatch.setattr(HA, "USE_HOST_ATTENTION", True)
+    host_fn, host = step()
+    assert "callback" in host_fn.lower(params, tokens, positions, cache).as_text()
+    monkeypatch.setattr(HA, "USE_HOST_ATTENTION", False)
+    xla_fn, xla = step()
+    assert "callback" not in xla_fn.lower(params, tokens, positions, cache).as_text()
+    _close(host[:3], xla[:3])  # the padding row's logits are not compared (XLA's are NaN there)
+
+
+def test_one_row_and_prompts_stay_on_xla():
+    assert not HA.uses_host_attention(1, 1, jnp.float32)
+    assert not HA.uses_host_attention(8, 4, jnp.float32)  # a prompt chunk
+    assert not HA.uses_host_attention(8, 1, jnp.bfloat16)  # a half-precision cache
+    assert HA.uses_host_attention(HA.HOST_ATTENTION_MIN_ROWS, 1, jnp.float32) == (jax.default_backend() == "cpu")
