@@ -10,7 +10,7 @@ token (submit to first token event, p50) and inter-token time (gaps between a re
 events, p50/p99), and for sparse engines the fraction of FFN neurons computed per row (the union of
 the batch's predicted masks per layer, so it grows with the batch). Engines:
 
-  bundled dense / bundled hybrid   the bundled model (f32) and its bundle's predictors, --budget hot
+  bundled dense / bundled hybrid   the bundled model (f32; --hybrid_dtype) and its bundle's predictors, --budget hot
   bundled dense_bfloat16           the bundled model in its stored precision (what `pij.load` gives)
   synthetic dense / hybrid         the LLaMA-7B-shaped model (benchmarks/synthetic.py), --budget hot
 
@@ -54,7 +54,8 @@ def define_flags() -> None:
     flags.DEFINE_string("bundle", os.path.join(REPO, "models", "shakespeare-relu-llama-prepared"), "The bundled bundle.")
     flags.DEFINE_string("corpus", os.path.join(REPO, "data", "tinyshakespeare.txt"), "Text prompts are cut from.")
     flags.DEFINE_list("dense_dtypes", ["float32", "bfloat16"], "Weight precisions of the dense engines (the "
-                      "float32 one is `dense`, the others `dense_<dtype>`); the hybrid engine is float32.")
+                      "float32 one is `dense`, the others `dense_<dtype>`).")
+    flags.DEFINE_string("hybrid_dtype", "float32", "Weight precision of the hybrid engine.")
     flags.DEFINE_string("out", None, "Output stem (default benchmarks/results/serve_<backend>).")
 
 
@@ -133,7 +134,7 @@ def _engines(name: str, log):
                                                                        max_seq_len=FLAGS.max_seq_len)
                for dt in FLAGS.dense_dtypes}
     b = plan_budget(s, FLAGS.budget, FLAGS.max_seq_len)
-    engines["hybrid"] = build_engines(s, b, FLAGS.max_seq_len)["hybrid"]
+    engines["hybrid"] = build_engines(s, b, FLAGS.max_seq_len, FLAGS.hybrid_dtype)["hybrid"]
     hot = sum(len(h) for h in b.hot_indices) / (s.cfg.num_layers * s.cfg.intermediate_size)
     return engines, prompts, n_tokens, f"{s.description}; hybrid hot {hot:.1%}"
 

@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ops.cpu_sparse import predicted_ffn_rows, sparse_ffn_rows, threshold_ffn_rows
 from ops import host_async
 from ops.host_kernels import host_ffn_callback
-from ops.linear import linear, linear_relu_linear
+from ops.linear import linear, linear_relu_linear, native_bf16_dot
 from ops.reference import gate_activation
 from ops.quant import Weight, to_weight
 from powerinfer_jax import tensor_file
@@ -57,6 +57,11 @@ from powerinfer_jax.tensor_file import to_global, to_jax
 
 f32 = jnp.float32
 MODES = ("dense", "oracle", "predicted")
+# A decode step of at least this many rows over shared bf16 matrices computes the whole FFN when XLA's own
+# bf16 dot runs it (ops.linear.native_bf16_dot): there the union of 16 rows' masks (about a third of the
+# neurons on the 7B shape) through the sparse kernels cost more than every neuron through the dot
+# (BENCHMARKS.md, "bf16 at batch > 1": 7B shape, 16 clients, bf16: dense 30.2 tok/s, predicted 21.4).
+DENSE_FFN_MIN_ROWS = 16
 MESH_AXIS = "hot"  # the 1-D device mesh the hot neurons are sharded over
 
 
@@ -318,7 +323,9 @@ class HybridRuntime:
         plan, family = p.plan, self.cfg.ffn_kind
         n = plan.n_hot + plan.n_cold
         aux: dict = {}
-        if T > 1 or self.mode == "dense":
+        whole = p.shared is not None and self.mesh is None and B * T >= DENSE_FFN_MIN_ROWS and \
+            native_bf16_dot(p.shared.w_up, B * T) and native_bf16_dot(p.shared.w_down_t, B * T, transposed=True)
+        if T > 1 or self.mode == "dense" or whole:
             # Dense split: every hot row on the device, every cold row on the host.
             if p.shared is not None:
                 y = dense_ffn(p.shared, family, x)  # one memory: the whole FFN at once

@@ -178,6 +178,35 @@ def test_padding_rows_choose_no_neurons():
     np.testing.assert_allclose(np.asarray(padded[0]), np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bf16_dot", [True, False])
+def test_a_wide_bf16_step_computes_the_whole_ffn_where_the_dot_is_native(bf16_dot, monkeypatch):
+    """Predicted mode, bf16 matrices, 16 rows: where XLA's bf16 dot runs the FFN (sparse_ffn.DENSE_FFN_MIN_ROWS)
+    every neuron is computed (the dense FFN's output, all neurons counted); elsewhere the union's rows."""
+    import jax
+    import jax.numpy as jnp
+
+    from ops import linear
+    from powerinfer_jax import sparse_ffn
+    from powerinfer_jax.ffn import dense_ffn
+
+    monkeypatch.setattr(linear, "cpu_has_bf16_dot", lambda: bf16_dot)
+    engine = pij.load("models/shakespeare-relu-llama-prepared", sparsity="predicted", max_seq_len=64)
+    layer = engine.params.layers[0].ffn
+    assert layer.shared is not None and layer.shared.w_up.fmt == "bfloat16"
+    rows, d = sparse_ffn.DENSE_FFN_MIN_ROWS, engine.cfg.hidden_size
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(rows, 1, d)).astype(np.float32))
+    resid = jnp.asarray(rng.normal(size=(rows, 1, d)).astype(np.float32))
+    held = jnp.arange(rows) < 2  # two rows hold sequences: random inputs in all 16 would fire every neuron
+    y, aux = jax.jit(lambda p, a, b, r: engine._ffn_fn(0, p, a, b, rows=r))(layer, x, resid, held)  # traced anew
+    if bf16_dot:
+        assert int(aux["ffn_computed"]) == int(aux["ffn_total"])
+        want = jax.jit(lambda p, a: dense_ffn(p, engine.cfg.ffn_kind, a))(layer.shared, x[:, 0])
+        np.testing.assert_allclose(np.asarray(y[:, 0]), np.asarray(want), rtol=1e-5, atol=1e-5)
+    else:
+        assert 0 < int(aux["ffn_computed"]) < int(aux["ffn_total"])
+
+
 def test_warmup_leaves_nothing_to_compile_and_a_stopped_batcher_refuses(engine):
     b = ContinuousBatcher(engine, max_batch=4, prefill_chunk=16)
     b.warmup()
