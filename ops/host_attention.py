@@ -20,10 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from numba import njit, prange
 
-try:
-    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
-except ImportError:  # older jax: the XLA path is used
-    _buffer_callback = None
+from ops import linear  # its USE_HOST_KERNELS = False sends everything through XLA (what a GPU runs)
 
 HOST_ATTENTION_MIN_ROWS = 4  # decode steps of at least this many rows attend here (CPU backend, f32 cache)
 USE_HOST_ATTENTION = True  # False keeps XLA's attention everywhere (tests compare the two)
@@ -31,10 +28,9 @@ USE_HOST_ATTENTION = True  # False keeps XLA's attention everywhere (tests compa
 
 def uses_host_attention(rows: int, tokens: int, cache_dtype) -> bool:
     """Whether a step of `rows` x `tokens` over a cache of `cache_dtype` attends through this kernel."""
-    from ops import linear  # its USE_HOST_KERNELS = False sends everything through XLA (what a GPU runs)
-
-    return (USE_HOST_ATTENTION and linear.USE_HOST_KERNELS and _buffer_callback is not None and tokens == 1 and rows >= HOST_ATTENTION_MIN_ROWS
-            and jnp.dtype(cache_dtype) == jnp.float32 and jax.default_backend() == "cpu")
+    return (USE_HOST_ATTENTION and linear.USE_HOST_KERNELS and linear._buffer_callback is not None and tokens == 1
+            and rows >= HOST_ATTENTION_MIN_ROWS and jnp.dtype(cache_dtype) == jnp.float32
+            and jax.default_backend() == "cpu")
 
 
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
@@ -100,7 +96,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, posit
                           np.asarray(out))
 
     shape = jax.ShapeDtypeStruct((B, hq, hd), jnp.float32)
-    return _buffer_callback(cb, shape)(q.astype(jnp.float32), k_cache, v_cache, starts, ends)
+    return linear._buffer_callback(cb, shape)(q.astype(jnp.float32), k_cache, v_cache, starts, ends)
 
 
 def decode_attention_ref(q, k_cache, v_cache, positions, window: int | None = None) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 A ``Weight`` is a row matrix ``[rows, cols]`` (``y = W x`` reads row r for output r) stored in one
 of ``FORMATS``; the host kernels (``ops.host_kernels``) read it in that precision and widen it to
-float32 in registers, because XLA:CPU upcasts half-precision dots (10x slower than f32).
+float32 in registers, because XLA:CPU upcasts half-precision dots of one row (10x slower than f32;
+several rows of bf16 meet XLA's own bf16 dot where the CPU has one, see ``ops.linear``).
 
   float32    data f32 [R, K]
   bfloat16   data bfloat16 [R, K] (ml_dtypes on the host; uint16 bit patterns are accepted and viewed

@@ -57,7 +57,8 @@ def ffn_output(p: FFNParams, h: jax.Array) -> jax.Array:
 
 def dense_ffn(p: FFNParams, kind: str, x: jax.Array) -> jax.Array:
     """Dense FFN: every neuron computed."""
-    if kind in SPARSE_FFN_KINDS and uses_host_kernel(p.w_up, x.size // x.shape[-1]) and x.size // x.shape[-1] < BLAS_MIN_TOKENS:
+    n_rows = x.size // x.shape[-1]
+    if kind in SPARSE_FFN_KINDS and uses_host_kernel(p.w_up, n_rows) and n_rows < BLAS_MIN_TOKENS:
         # Decode on the CPU backend: gate and up rows read in one pass by the host kernel.
         from ops.cpu_sparse import dense_h_rows
 

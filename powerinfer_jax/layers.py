@@ -134,22 +134,25 @@ def attention(
         at = (jnp.arange(B)[:, None, None], jnp.arange(hkv)[None, None, :], positions[:, :, None])
         k_cache = k_cache.at[at].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[at].set(v.astype(v_cache.dtype), mode="drop")
+        if uses_host_attention(B, T, k_cache.dtype):
+            # A batched decode step on the CPU backend: each row over its own slots, the cache read in
+            # place (XLA would copy the strided span below before its dots).
+            out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0], cfg.sliding_window)
+            return _project_out(out.reshape(B, T, hq * hd), p, sink), k_cache, v_cache
         # A cache may hold more rows than x (continuous batching runs its first B rows).
         keys = k_cache[:B, :, :attend_len].astype(f32)
         values = v_cache[:B, :, :attend_len].astype(f32)
         key_pos = jnp.broadcast_to(jnp.arange(attend_len), (B, attend_len))
+    return _project_out(_attend(q, keys, values, key_pos, positions, cfg), p, sink), k_cache, v_cache
 
-    if k_cache is not None and uses_host_attention(B, T, k_cache.dtype):
-        # A batched decode step on the CPU backend: each row over its own slots, the cache read in place
-        # (XLA copies the strided span `keys`/`values` above before its dots; unused here, so never made).
-        out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0], cfg.sliding_window).reshape(B, T, hq * hd)
-    else:
-        out = _attend(q, keys, values, key_pos, positions, cfg)
+
+def _project_out(out: jax.Array, p: AttentionParams, sink: list | None) -> jax.Array:
+    """The o projection of the heads' output [B, T, hq * hd] (`sink` gets its input when profiling)."""
     if sink is not None:
         sink.append(out)
     if p.wo_t is not None:
-        return _input_sparse(out, p.wo_t, p.in_threshold[1], T == 1, p.bo), k_cache, v_cache
-    return linear(out, p.wo, p.bo), k_cache, v_cache
+        return _input_sparse(out, p.wo_t, p.in_threshold[1], out.shape[1] == 1, p.bo)
+    return linear(out, p.wo, p.bo)
 
 
 def _input_sparse(x: jax.Array, w_t, threshold: jax.Array, sparse: bool, b=None) -> jax.Array:

@@ -323,8 +323,8 @@ class HybridRuntime:
         plan, family = p.plan, self.cfg.ffn_kind
         n = plan.n_hot + plan.n_cold
         aux: dict = {}
-        whole = p.shared is not None and self.mesh is None and B * T >= DENSE_FFN_MIN_ROWS and \
-            native_bf16_dot(p.shared.w_up, B * T) and native_bf16_dot(p.shared.w_down_t, B * T, transposed=True)
+        whole = (p.shared is not None and self.mesh is None and B * T >= DENSE_FFN_MIN_ROWS
+                 and native_bf16_dot(p.shared.w_up, B * T))
         if T > 1 or self.mode == "dense" or whole:
             # Dense split: every hot row on the device, every cold row on the host.
             if p.shared is not None:
