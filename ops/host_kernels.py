@@ -1000,9 +1000,28 @@ def host_axpy_down(w_down_t, idx, count, h, out=None, skip_zero_rows=True):
     return out
 
 
-# From this many tokens (prompts) the work is compute-bound: BLAS GEMMs beat the mat-vec
-# kernels (2.4x on a 32-token prompt of a 7B-shaped layer).
-BLAS_MIN_TOKENS = 8
+# From how many tokens blocked BLAS GEMMs beat the numba kernels, by product and format. The kernels'
+# cost grows with the tokens (their arithmetic: ~1 ms a token on a 7B up-projection on 2 cores); BLAS
+# first widens every row block to f32 (~30 ms a 7B matrix in a half or integer format, nothing for
+# contiguous f32 rows), then runs at GEMM speed. int4's kernels unpack nibbles per token and cross
+# first. Measured on the 7B shape (BENCHMARKS.md, "Host kernels or BLAS by batch size"): at 16 tokens
+# an int8 up-projection takes 15.8 ms in the kernel and 39.9 ms through BLAS, the transposed down
+# projection 16.8 vs 79.7 ms; at 128 tokens BLAS wins (104 vs 124 ms). "matvec": x @ w.T;
+# "axpy": h @ w (the transposed down projection); "ffn": the fused sparse FFN over listed rows.
+_BLAS_MIN_TOKENS = {
+    "matvec": {"float32": 8, "int4": 32},
+    "axpy": {"float32": 8, "int4": 32},
+    "ffn": {"float32": 32, "int4": 16},
+}
+_BLAS_MIN_DEFAULT = {"matvec": 64, "axpy": 128, "ffn": 64}  # bfloat16, float16, int8
+_WARM_BLAS_TOKENS = max(_BLAS_MIN_DEFAULT.values())  # a batch every product takes through BLAS
+BLAS_MIN_TOKENS = 8  # the smallest threshold of any product and format (tests: a batch that may take BLAS)
+
+
+def blas_min_tokens(fmt: str, product: str = "matvec") -> int:
+    """Tokens from which the host `product` ("matvec", "axpy" or "ffn") over a weight stored as `fmt`
+    goes through blocked BLAS GEMMs instead of the numba kernels."""
+    return _BLAS_MIN_TOKENS[product].get(fmt, _BLAS_MIN_DEFAULT[product])
 BLAS_BLOCK_ROWS = 512  # rows widened to f32 at a time for BLAS (bounded scratch; 256 was 10% slower)
 
 
@@ -1053,12 +1072,30 @@ def host_matmul_blocked(w, x, out=None):
     return y[0] if np.ndim(x) == 1 else y
 
 
+def host_matmul_t_blocked(w, h, out=None):
+    """``h [B, R] @ dequantize(w)`` -> [B, K] f32 through BLAS (the transposed down projection of a
+    prompt), ``BLAS_BLOCK_ROWS`` rows widened at a time by the same kernel as ``host_matmul_blocked``."""
+    kw = _kernel_weight(w)
+    h2 = _arg(np.atleast_2d(h), np.float32)
+    _expect(h2.ndim == 2 and h2.shape[1] == kw.rows, f"h has {h2.shape[-1]} columns, the weight {kw.rows} rows")
+    y = np.zeros((h2.shape[0], kw.cols), np.float32)  # in the weight's kernel order
+    idx = _all_rows(kw.rows)
+    scratch = np.empty(min(BLAS_BLOCK_ROWS, kw.rows) * kw.cols, np.float32)
+    with one_blas_thread():
+        for r0 in range(0, kw.rows, BLAS_BLOCK_ROWS):
+            r1 = min(kw.rows, r0 + BLAS_BLOCK_ROWS)
+            y += h2[:, r0:r1] @ _f32_rows(kw, idx, r0, r1, scratch)
+    res = _out(out, y.shape)
+    res[...] = _natural_order(kw.code, y)
+    return res[0] if out is None and np.ndim(h) == 1 else res
+
+
 def host_matvec(w, x, out=None):
     """``x [B, K] @ dequantize(w).T`` -> [B, R] f32 (x [K] -> [R]): every row read once for all
     tokens, at memory bandwidth in any format; BLAS blocks from ``BLAS_MIN_TOKENS`` tokens."""
     kw = _kernel_weight(w)
     xk = _kernel_x(kw, x)
-    if xk.shape[0] >= BLAS_MIN_TOKENS:
+    if xk.shape[0] >= blas_min_tokens(FORMATS[kw.code]):
         return host_matmul_blocked(w, x, out=out)
     y = _out(out, (xk.shape[0], kw.rows))
     serial = _serial(kw.rows, kw)
@@ -1118,7 +1155,7 @@ def host_sparse_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, ou
     x2 = np.atleast_2d(x)
     if live is not None:
         live[:] = 0
-    if x2.shape[0] >= BLAS_MIN_TOKENS:
+    if x2.shape[0] >= blas_min_tokens(FORMATS[_kernel_weight(w_up).code], "ffn"):
         kg, ku = _gate_up(family, w_gate, w_up)
         kd = _kernel_weight(w_down_t)
         _expect(kd.rows == ku.rows, "w_down_t and w_up disagree on the number of neurons")
@@ -1197,7 +1234,7 @@ def warm(formats, gated: bool = False) -> float:
                 rows = 2 * SERIAL_MAX_BYTES // _kernel_weight(_zero_weight(8, cols, fmt)).row_bytes + 8
             w = _zero_weight(rows, cols, fmt)
             idx = np.arange(rows, dtype=np.int32)
-            for n_tok in (1, BLAS_MIN_TOKENS):
+            for n_tok in (1, _WARM_BLAS_TOKENS):  # the mat-vec kernels, then the BLAS paths (widening)
                 x = np.ones((n_tok, cols), np.float32)
                 host_matvec(w, x)
                 host_sparse_ffn("reglu", w, w, w, x, idx, rows)

@@ -13,7 +13,7 @@ Per backend:
     every dot (a materialised f32 copy per call: 10x slower than f32, FIELD-NOTES section 4), so
     the numba kernels of ``ops.host_kernels`` read the stored bytes through ``buffer_callback``
     (zero-copy: the weight is an operand, the kernel writes XLA's output buffer). Prompts
-    (>= ``BLAS_MIN_TOKENS`` rows) go through blocked dequantize + BLAS inside the same callback.
+    (from ``host_kernels.blas_min_tokens`` rows) go through blocked dequantize + BLAS inside the same callback.
   * CPU backend, bfloat16 storage, several rows (a batch, a prompt), where the CPU has bf16 dot
     instructions: XLA's own bf16 dot, the f32 activations split into three bf16 parts
     (``native_bf16_dot``, ``_bf16_split_dot``).
@@ -144,7 +144,14 @@ def _host_linear(hw: Weight, x: np.ndarray, out: np.ndarray) -> None:
     host_matvec(hw, x, out=out)
 
 
-_BLOCK_ROWS = 512  # rows dequantized at a time for a prompt's BLAS products (bounded scratch)
+def _host_linear_t(hw: Weight, h: np.ndarray, out: np.ndarray, skip_zero: bool = False) -> None:
+    from ops.host_kernels import blas_min_tokens, host_axpy_down, host_matmul_t_blocked
+
+    rows = hw.data.shape[0]
+    if h.shape[0] < blas_min_tokens(hw.fmt, "axpy"):
+        host_axpy_down(hw, _all_rows(rows), rows, h, out=out, skip_zero_rows=skip_zero)
+    else:  # prompts: f32 blocks through BLAS, never the whole matrix
+        host_matmul_t_blocked(hw, h, out=out)
 
 
 @functools.lru_cache(maxsize=16)
@@ -157,20 +164,6 @@ def _all_rows(n: int) -> np.ndarray:
 def slice_rows(w: Weight, r0: int, r1: int) -> Weight:
     """Rows r0:r1 of a Weight (views: per-row scales slice with their rows)."""
     return Weight(w.data[r0:r1], None if w.scale is None else w.scale[r0:r1], w.fmt, w.cols)
-
-
-def _host_linear_t(hw: Weight, h: np.ndarray, out: np.ndarray, skip_zero: bool = False) -> None:
-    from ops.host_kernels import BLAS_MIN_TOKENS, host_axpy_down, one_blas_thread
-
-    rows = hw.data.shape[0]
-    if h.shape[0] < BLAS_MIN_TOKENS:
-        host_axpy_down(hw, _all_rows(rows), rows, h, out=out, skip_zero_rows=skip_zero)
-        return
-    out[...] = 0.0
-    with one_blas_thread():
-        for r0 in range(0, rows, _BLOCK_ROWS):  # prompts: f32 blocks through BLAS, never the whole matrix
-            r1 = min(rows, r0 + _BLOCK_ROWS)
-            out += h[:, r0:r1] @ dequantize(slice_rows(hw, r0, r1))
 
 
 def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:

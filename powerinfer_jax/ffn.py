@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ops.host_kernels import BLAS_MIN_TOKENS
+from ops.host_kernels import blas_min_tokens
 from ops.linear import linear, linear_t, uses_host_kernel
 from powerinfer_jax.config import SPARSE_FFN_KINDS
 from powerinfer_jax.params import FFNParams
@@ -58,7 +58,7 @@ def ffn_output(p: FFNParams, h: jax.Array) -> jax.Array:
 def dense_ffn(p: FFNParams, kind: str, x: jax.Array) -> jax.Array:
     """Dense FFN: every neuron computed."""
     n_rows = x.size // x.shape[-1]
-    if kind in SPARSE_FFN_KINDS and uses_host_kernel(p.w_up, n_rows) and n_rows < BLAS_MIN_TOKENS:
+    if kind in SPARSE_FFN_KINDS and uses_host_kernel(p.w_up, n_rows) and n_rows < blas_min_tokens(p.w_up.fmt):
         # Decode on the CPU backend: gate and up rows read in one pass by the host kernel.
         from ops.cpu_sparse import dense_h_rows
 

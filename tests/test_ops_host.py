@@ -37,8 +37,9 @@ def test_host_sparse_ffn_matches_numpy(family, dtype, d, batch, seed):
 
 @pytest.mark.parametrize("family", R.FAMILIES)
 def test_prompt_blas_path_matches_numba_kernels(family):
-    """From BLAS_MIN_TOKENS tokens f32 weights go through GEMMs; they agree with the mat-vec kernels."""
-    wg, wu, wd, bu, x, idx, count = _case(family, 256, 64, 45, H.BLAS_MIN_TOKENS + 4, 5, np.float32)
+    """From blas_min_tokens tokens f32 weights go through GEMMs; they agree with the mat-vec kernels."""
+    wg, wu, wd, bu, x, idx, count = _case(family, 256, 64, 45, H.blas_min_tokens("float32", "ffn") + 4, 5,
+                                          np.float32)
     y = H.host_sparse_ffn(family, wg, wu, wd, x, idx, count, bu)
     kernels = H.host_axpy_down(wd, idx, count, H.host_sparse_h(family, wg, wu, x, idx, count, bu))
     np.testing.assert_allclose(y, kernels, rtol=RTOL, atol=ATOL)

@@ -194,6 +194,37 @@ def test_matvec(fmt, batch):
 
 
 @pytest.mark.parametrize("fmt", Q.FORMATS)
+def test_both_sides_of_the_blas_thresholds(fmt):
+    """Below and at blas_min_tokens: x @ w.T (host_matvec) and h @ w (linear's transposed product, the
+    axpy kernel or host_matmul_t_blocked) equal the dequantize-then-f32 reference."""
+    from ops.linear import _host_linear_t
+
+    W, _ = _weights(fmt, seed=8)
+    wf = Q.dequantize(W)
+    rng = np.random.default_rng(9)
+    for product in ("matvec", "axpy"):
+        least = H.blas_min_tokens(fmt, product)
+        assert least >= 1
+        for n in (least - 1, least):
+            if n < 1:
+                continue
+            if product == "matvec":
+                x = rng.standard_normal((n, D)).astype(np.float32)
+                _assert_close(H.host_matvec(W, x), x @ wf.T)
+            else:
+                h = rng.standard_normal((n, N)).astype(np.float32)
+                out = np.full((n, D), np.nan, np.float32)
+                _host_linear_t(W, h, out)
+                _assert_close(out, h @ wf)
+    h = rng.standard_normal((3, N)).astype(np.float32)
+    _assert_close(H.host_matmul_t_blocked(W, h), h @ wf)
+    _assert_close(H.host_matmul_t_blocked(W, h[0]), h[0] @ wf)
+    tall, _ = _weights(fmt, rows=2 * H.BLAS_BLOCK_ROWS + 37, cols=64, seed=10)  # three row blocks
+    h = rng.standard_normal((2, tall.rows)).astype(np.float32)
+    _assert_close(H.host_matmul_t_blocked(tall, h), h @ Q.dequantize(tall))
+
+
+@pytest.mark.parametrize("fmt", Q.FORMATS)
 def test_read_only_and_jax_backed_weights(fmt):
     W, _ = _weights(fmt, seed=4)
     x = np.random.default_rng(5).standard_normal((2, D)).astype(np.float32)
@@ -212,7 +243,7 @@ def test_sparse_kernels(fmt, family):
     rng = np.random.default_rng(7)
     idx = rng.choice(N, 80, replace=False).astype(np.int32)
     count = 61  # idx[61:] is padding
-    for batch in (None, 3, H.BLAS_MIN_TOKENS + 1):  # the last goes through blocked BLAS
+    for batch in (None, 3, H.blas_min_tokens(fmt, "ffn") + 1):  # the last goes through blocked BLAS
         x = rng.standard_normal(D if batch is None else (batch, D)).astype(np.float32)
         want_h = H.host_h_ref(family, wg, wu, x, idx, count, bu)  # refs dequantize Weights first
         h = H.host_sparse_h(family, wg, wu, x, idx, count, bu)

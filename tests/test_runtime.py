@@ -216,7 +216,7 @@ def compiled():
 eng = pij.load(sys.argv[1], sparsity=sys.argv[2] if sys.argv[2] != "dense" else None, max_seq_len=128)
 at_load = compiled()
 eng.generate("ROMEO:", max_new_tokens=8, temperature=0.0)
-eng.generate(list(range(1, 40)), max_new_tokens=4, temperature=0.0)  # a prompt past BLAS_MIN_TOKENS
+eng.generate(list(range(1, 101)), max_new_tokens=4, temperature=0.0)  # a prompt past every blas_min_tokens
 print(json.dumps({"load": at_load, "after": compiled(), "warm_s": eng.host_kernel_warm_s}))
 """
 

@@ -59,9 +59,9 @@ def test_threshold_kernel_matches_reference(family, fmt, batch):
 
 @pytest.mark.parametrize("family", ["swiglu", "geglu"])
 def test_threshold_prompt_path_matches_decode_path(family):
-    """Prompts (>= BLAS_MIN_TOKENS tokens) threshold in the BLAS path; each token equals its own decode call."""
+    """Prompts (from blas_min_tokens tokens) threshold in the BLAS path; each token equals its own decode call."""
     wg, wu, wd = _weights(family, "float32", 2)
-    x = np.random.default_rng(3).standard_normal((H.BLAS_MIN_TOKENS + 1, D)).astype(np.float32)
+    x = np.random.default_rng(3).standard_normal((H.blas_min_tokens("float32", "ffn") + 1, D)).astype(np.float32)
     idx = np.arange(N, dtype=np.int32)
     t = _median_threshold(family, wg, x)
     y = H.host_sparse_ffn(family, wg, wu, wd, x, idx, N, act_threshold=t)
