@@ -56,6 +56,9 @@ def define_flags() -> None:
     flags.DEFINE_list("dense_dtypes", ["float32", "bfloat16"], "Weight precisions of the dense engines (the "
                       "float32 one is `dense`, the others `dense_<dtype>`).")
     flags.DEFINE_string("hybrid_dtype", "float32", "Weight precision of the hybrid engine.")
+    flags.DEFINE_integer("mixed_chunk", 32, "Prompt tokens a decode step carries while sequences run "
+                         "(ContinuousBatcher.mixed_chunk); 0: separate prompt chunks between decode steps.",
+                         lower_bound=0)
     flags.DEFINE_string("out", None, "Output stem (default benchmarks/results/serve_<backend>).")
 
 
@@ -146,7 +149,8 @@ def bench_model(name: str, clients: list[int], log=print) -> dict:
     from powerinfer_jax.batching import ContinuousBatcher, RequestParams
 
     engines, prompts, n_tokens, description = _engines(name, log)
-    batchers = {k: ContinuousBatcher(e, max_batch=max(clients), prefill_chunk=64).start() for k, e in engines.items()}
+    batchers = {k: ContinuousBatcher(e, max_batch=max(clients), prefill_chunk=64,
+                                     mixed_chunk=FLAGS.mixed_chunk or None).start() for k, e in engines.items()}
     try:
         for k, b in batchers.items():  # warm-up: compile every batch size and span these rounds reach
             for c in clients:

@@ -6,9 +6,11 @@ step computes only the first `b` rows, b the smallest of a few static sizes (1, 
 finished sequences stop costing compute and no request compiles anything new. Each row has its own
 position, sampling settings and random stream (a per-request key folded with its step), so a
 sequence's tokens do not depend on which others share the batch. A new request is prefilled into a
-one-row staging cache in chunks of `prefill_chunk` tokens, one chunk between two decode steps, so a
-long prompt never stalls the running sequences for more than one chunk; its finished row is then
-copied into the batch. Text is detokenized incrementally (`tokenizer.IncrementalDecoder`).
+one-row staging cache: while sequences are running, `mixed_chunk` tokens at a time inside each decode
+step (one program over `model.forward_groups`, which reads every weight once for the batch and the
+chunk), otherwise in chunks of `prefill_chunk` tokens, one chunk between two decode steps, so a long
+prompt never stalls the running sequences for more than one chunk; its finished row is then copied
+into the batch. Text is detokenized incrementally (`tokenizer.IncrementalDecoder`).
 
 This is the engine's one decode loop: `ContinuousBatcher.start()` runs it on a thread for the server,
 and `Engine.generate`/`generate_batch` run the same steps in the caller's thread (`generate_rows`),
@@ -40,12 +42,19 @@ from powerinfer_jax import checks
 from powerinfer_jax.engine import (FFN_COUNTERS, Engine, _ffn_totals, _finite_or_flag, _nonfinite_error, bucket,
                                    decode_span, decode_spans)
 from powerinfer_jax.errors import ArgumentError, NonFiniteError
-from powerinfer_jax.model import KVCache, forward, init_cache
+from powerinfer_jax.model import KVCache, RowGroup, forward, forward_groups, init_cache
 from powerinfer_jax.sampling import SamplingParams, row_mode, sample_rows
 from powerinfer_jax.tokenizer import IncrementalDecoder
 
 log = logging.getLogger(__name__)
 BATCH_SIZES = (1, 4, 16, 64)  # the static batch sizes a step runs at (capped at max_batch)
+# Prompt tokens a decode step carries for a waiting request (ContinuousBatcher.mixed_chunk). Bundled model,
+# bf16, 16 running rows: a step alone 6.5-7.1 ms, carrying 16 prompt tokens 9.5 ms, 32 tokens 11.8 ms, where
+# separately a 16-token chunk took 5.6 ms and a 32-token one 7.2 ms, +0.5 ms to insert its row. Served at 16
+# clients (BENCHMARKS.md, "Prompt chunks inside decode steps"): 16 cut the inter-token p99 most (20.6 -> 12.7
+# ms) but a 25-token prompt then needs two steps to join, and the batch ran emptier (hybrid throughput 639 ->
+# 542 tok/s); 32 gave the throughput (dense bf16 1126 -> 1321 tok/s, hybrid 660) with a p99 of 16.9 ms.
+MIXED_CHUNK = 32
 _RUNNING: weakref.WeakSet = weakref.WeakSet()  # started batchers, stopped at exit (see _stop_at_exit)
 
 
@@ -103,6 +112,8 @@ class _Programs:
                             static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
         self.chunk = jax.jit(functools.partial(_prefill_chunk, cfg=cfg, ffn_fn=ffn_fn),
                              static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
+        self.mixed = jax.jit(functools.partial(_decode_and_chunk, cfg=cfg, ffn_fn=ffn_fn),
+                             static_argnames=("attend_len", "mode"), donate_argnames=("cache", "stage"))
         self.insert = jax.jit(_insert_row, donate_argnames=("cache",))
         self.move = jax.jit(_move_row, donate_argnames=("cache",))
         self.executables: dict[tuple, Callable] = {}  # (program name, argument shapes, static values) -> executable
@@ -123,10 +134,15 @@ class ContinuousBatcher:
     """Serves many generation requests with one decode loop over a shared, continuously refilled batch."""
 
     def __init__(self, engine: Engine, max_batch: int = 16, prefill_chunk: int = 128,
-                 sizes: Sequence[int] = BATCH_SIZES):
+                 sizes: Sequence[int] = BATCH_SIZES, mixed_chunk: int | None = MIXED_CHUNK):
         self.engine = engine
         self.max_batch = checks.integer("max_batch", max_batch, lo=1)
         self.prefill_chunk = checks.integer("prefill_chunk", prefill_chunk, lo=1)
+        # While sequences are running, a new prompt advances `mixed_chunk` tokens inside each decode step
+        # (one program: the projections read each weight once for both); None: separate chunk programs.
+        # Over a mesh the staging cache's sharding differs from the batch's: separate programs there.
+        self.mixed_chunk = None if mixed_chunk is None else min(checks.integer("mixed_chunk", mixed_chunk, lo=1),
+                                                                engine.max_seq_len)
         self.sizes = sorted({min(checks.integer("batch size", s, lo=1), max_batch) for s in sizes} | {max_batch})
         # generate_rows: every waiting prompt is prefilled before the next decode step (no one else is waiting),
         # and a callback's exception propagates to the caller instead of being logged
@@ -143,6 +159,8 @@ class ContinuousBatcher:
         self._times = collections.Counter()  # seconds: prefill_s, decode_s (compiles excluded), compile_s
         self._programs = programs(engine)
         self._executables = self._programs.executables
+        if not self._programs.rows_ahead:
+            self.mixed_chunk = None
         self._cache = init_cache(engine.cfg, max_batch, engine.max_seq_len, engine.kv_dtype)
         # One-row staging caches by length (see _stage_len), kept and reused.
         self._stage_caches: dict[int, KVCache] = {}
@@ -199,6 +217,8 @@ class ContinuousBatcher:
         for mode in modes:
             jobs += [self._step_job(size, span, mode) for size in self.sizes]
             jobs += [self._chunk_job(w, self._stage_len(1), span, mode) for w in widths]
+            if self.mixed_chunk is not None:
+                jobs += [self._mixed_job(size, span, mode) for size in self.sizes]
         jobs += self._row_jobs([self._stage_len(1)])
         self._compile(jobs)
         if not self._rows and self._staging is None:
@@ -223,6 +243,15 @@ class ContinuousBatcher:
         _, *rest = _settings([], size)
         args = (self.engine.params, jnp.zeros(size, jnp.int32), jnp.zeros(size, jnp.int32), self._cache, *rest)
         return "step", self._programs.step, args, {"attend_len": span, "mode": mode}
+
+    def _mixed_job(self, size: int, span: int, mode: str) -> tuple:
+        """The same for a decode step of `size` rows carrying a `mixed_chunk`-token prompt chunk."""
+        _, *rest = _settings([], size + 1)
+        width = self.mixed_chunk
+        args = (self.engine.params, jnp.zeros(size, jnp.int32), jnp.zeros(size, jnp.int32), self._cache,
+                jnp.zeros((1, width), jnp.int32), jnp.zeros((1, width), jnp.int32),
+                self._stage_cache(self._stage_len(1)), jnp.zeros(1, jnp.int32), *rest)
+        return "mixed", self._programs.mixed, args, {"attend_len": span, "mode": mode}
 
     def _stage_len(self, prompt_len: int) -> int:
         """Slots of the staging cache a prompt of `prompt_len` tokens is prefilled into. generate_rows: the span
@@ -272,11 +301,11 @@ class ContinuousBatcher:
 
     @staticmethod
     def _signature(name: str, args: tuple, static: dict) -> tuple:
-        shaped = args[1:] if name in ("step", "chunk") else args  # the params (their first argument) never change
+        shaped = args[1:] if name in ("step", "chunk", "mixed") else args  # the params (their first argument) never change
         return name, tuple((a.shape, a.dtype) for a in jax.tree.leaves(shaped)), tuple(sorted(static.items()))
 
     def _executable(self, name: str, args: tuple, static: dict):
-        """Program `name` ("step", "chunk", "insert" or "move") compiled for these argument shapes and static values, once per
+        """Program `name` ("step", "chunk", "mixed", "insert" or "move") compiled for these argument shapes and static values, once per
         engine (jit's own cache is not filled by ahead-of-time compiles, so warmup and the loop share this)."""
         sig = self._signature(name, args, static)
         if sig not in self._executables:
@@ -350,6 +379,9 @@ class ContinuousBatcher:
         """One turn of the loop: drop cancelled requests, advance a prompt by one chunk (with `_admit_all`,
         every waiting prompt whole), then one decode step over the running rows."""
         self._drop_cancelled()
+        if self._rows and self.mixed_chunk is not None and not self._admit_all and self._stage_next():
+            self._decode_step(carry=self._staging)  # the staged prompt's next chunk rides in the step
+            return
         while self._prefill_one_chunk() and self._admit_all:
             pass
         if self._rows:
@@ -372,9 +404,9 @@ class ContinuousBatcher:
                 self._waiting.remove(req)
                 self._finish(req, "cancelled")
 
-    def _prefill_one_chunk(self) -> bool:
-        """Advances the staged request by one prompt chunk; a finished prefill joins the batch. Returns
-        whether there was a chunk to run."""
+    def _stage_next(self) -> bool:
+        """Makes the next waiting request the staged one when none is and the batch has room; returns
+        whether a request is staged."""
         if self._staging is None:
             if len(self._rows) >= self.max_batch:
                 return False
@@ -382,44 +414,67 @@ class ContinuousBatcher:
                 if not self._waiting:
                     return False
                 self._staging = self._waiting.popleft()
-        t0, compiled = time.perf_counter(), self._times["compile_s"]
-        req = self._staging
-        start, n = req.prefilled, min(self.prefill_chunk, len(req.prompt_ids) - req.prefilled)
-        width = self._chunk_width(n)
+        return True
+
+    def _chunk_arrays(self, req: Request, limit: int, width: int | None = None):
+        """(start, n, tokens [1, width], positions [1, width]) of the staged request's next chunk of at most
+        `limit` tokens (width: given, or the chunk's padded width; padding positions write nothing)."""
+        start, n = req.prefilled, min(limit, len(req.prompt_ids) - req.prefilled)
+        width = self._chunk_width(n) if width is None else width
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :n] = req.prompt_ids[start:start + n]
-        positions = np.full((1, width), self.engine.max_seq_len, np.int32)  # padding writes nothing
+        positions = np.full((1, width), self.engine.max_seq_len, np.int32)
         positions[0, :n] = np.arange(start, start + n)
-        settings = _settings([req])
+        return start, n, tokens, positions
+
+    def _take_stage(self, req: Request) -> tuple[int, KVCache]:
+        """The staging cache `req` prefills into (made on first use), taken out until `_chunk_done` returns it."""
         stage_len = self._stage_len(len(req.prompt_ids))
         stage = self._stage_caches.pop(stage_len, None)
-        if stage is None:
-            stage = init_cache(self.engine.cfg, 1, stage_len, self.engine.kv_dtype)
+        return stage_len, init_cache(self.engine.cfg, 1, stage_len, self.engine.kv_dtype) if stage is None else stage
+
+    def _prefill_one_chunk(self) -> bool:
+        """Advances the staged request by one prompt chunk; a finished prefill joins the batch. Returns
+        whether there was a chunk to run."""
+        if not self._stage_next():
+            return False
+        t0, compiled = time.perf_counter(), self._times["compile_s"]
+        req = self._staging
+        start, n, tokens, positions = self._chunk_arrays(req, self.prefill_chunk)
+        settings = _settings([req])
+        stage_len, stage = self._take_stage(req)
         args = (self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), stage,
                 jnp.asarray([n - 1], np.int32), *settings[1:])
         static = {"attend_len": decode_span(start + n, self.engine.max_seq_len), "mode": settings[0]}
         tok, stage = self._executable("chunk", args, static)(*args)
+        self._chunk_done(req, n, stage_len, stage, tok, 0)
+        self._times["prefill_s"] += time.perf_counter() - t0 - (self._times["compile_s"] - compiled)
+        return True
+
+    def _chunk_done(self, req: Request, n: int, stage_len: int, stage: KVCache, tok, at: int) -> None:
+        """Books a prompt chunk of n tokens that ran; when the prompt is complete, its staging row joins the
+        batch with its first token tok[at] (sampled after the prompt's last token)."""
         self._stage_caches[stage_len] = stage
         req.prefilled += n
         self._counters["prefill_tokens"] += n
         if req.prefilled < len(req.prompt_ids):
-            self._times["prefill_s"] += time.perf_counter() - t0 - (self._times["compile_s"] - compiled)
-            return True
+            return
         self._staging = None
-        first = int(np.asarray(tok)[0])
-        self._times["prefill_s"] += time.perf_counter() - t0 - (self._times["compile_s"] - compiled)
+        first = int(np.asarray(tok)[at])
         if first < 0:
             self._emit(req, Event("error", error=nonfinite_message("on the prompt")))
-            return True
+            return
         row = len(self._rows)
         self._cache = self._call("insert", self._cache, stage, _index(row))
         self._rows.append(req)
         if self.engine.tokenizer is not None and req.detokenize:
             req.decoder = IncrementalDecoder(self.engine.tokenizer, self.engine._eos_ids())
         self._accept(row, first)
-        return True
 
-    def _decode_step(self) -> None:
+    def _decode_step(self, carry: Request | None = None) -> None:
+        """One decode step over the running rows. With `carry` (the staged request) the same program also
+        runs that prompt's next `mixed_chunk` tokens into its staging cache (each weight read once for
+        both), and the request joins the batch when they complete its prompt."""
         t0, compiled = time.perf_counter(), self._times["compile_s"]
         n = len(self._rows)
         size = next(s for s in self.sizes if s >= n)
@@ -428,16 +483,28 @@ class ContinuousBatcher:
         for i, req in enumerate(self._rows):
             tokens[i] = req.generated[-1]
             positions[i] = len(req.prompt_ids) + len(req.generated) - 1
-        members = (tuple(r.id for r in self._rows), size)
+        members = (tuple(r.id for r in self._rows), size, None if carry is None else carry.id)
         if self._row_settings[0] != members:  # rows' settings change only when a row joins or leaves
-            self._row_settings = (members, _settings(self._rows, size)[:5])
+            padded = list(self._rows) + [None] * (size - n) + ([] if carry is None else [carry])
+            self._row_settings = (members, _settings(padded)[:5])
         mode, keys, temps, top_ks, top_ps = self._row_settings[1]
-        steps = np.zeros(size, np.int32)  # each row's token index: its random stream's position
-        steps[:n] = [len(r.generated) for r in self._rows]
-        args = (self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._cache, keys, temps, top_ks,
-                top_ps, jnp.asarray(steps))
-        static = {"attend_len": decode_span(int(positions[:n].max()) + 1, self.engine.max_seq_len), "mode": mode}
-        nxt, self._cache, totals = self._executable("step", args, static)(*args)
+        steps = np.zeros(size + (carry is not None), np.int32)  # each row's token index: its random stream's
+        steps[:n] = [len(r.generated) for r in self._rows]     # position (the carried prompt's first: 0)
+        span = int(positions[:n].max()) + 1
+        if carry is None:
+            args = (self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._cache, keys, temps,
+                    top_ks, top_ps, jnp.asarray(steps))
+            static = {"attend_len": decode_span(span, self.engine.max_seq_len), "mode": mode}
+            nxt, self._cache, totals = self._executable("step", args, static)(*args)
+        else:
+            start, c, chunk_tokens, chunk_positions = self._chunk_arrays(carry, self.mixed_chunk, self.mixed_chunk)
+            stage_len, stage = self._take_stage(carry)
+            args = (self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._cache,
+                    jnp.asarray(chunk_tokens), jnp.asarray(chunk_positions), stage, jnp.asarray([c - 1], np.int32),
+                    keys, temps, top_ks, top_ps, jnp.asarray(steps))
+            static = {"attend_len": decode_span(max(span, start + c), self.engine.max_seq_len), "mode": mode}
+            nxt, self._cache, stage, totals = self._executable("mixed", args, static)(*args)
+            self._counters["mixed_steps"] += 1
         nxt = np.asarray(nxt)
         self._counters["steps"] += 1
         self._counters["rows_computed"] += size
@@ -449,6 +516,8 @@ class ContinuousBatcher:
                 self._emit(self._remove_row(i), Event("error", error=nonfinite_message(where)))
             else:
                 self._accept(i, int(nxt[i]))
+        if carry is not None:
+            self._chunk_done(carry, c, stage_len, stage, nxt, size)
         self._times["decode_s"] += time.perf_counter() - t0 - (self._times["compile_s"] - compiled)
 
     def _accept(self, row: int, token: int) -> None:
@@ -592,16 +661,20 @@ def _warn_slow_dispatch(why: str) -> None:
                 "Python dispatch, which is slower", jax.__version__, why)
 
 
-def _settings(reqs: list[Request], size: int | None = None):
-    """(mode, keys [b, 2], temperatures, top_ks, top_ps, steps) for rows of `reqs`, padded to `size`."""
+def _settings(reqs: list[Request | None], size: int | None = None):
+    """(mode, keys [b, 2], temperatures, top_ks, top_ps, steps) for rows of `reqs` (None: a padding row),
+    padded to `size`."""
     size = size or len(reqs)
     keys = np.zeros((size, 2), np.uint32)
     temps, top_ps = np.zeros(size, np.float32), np.ones(size, np.float32)
     top_ks, steps = np.zeros(size, np.int32), np.zeros(size, np.int32)
+    real = np.zeros(size, bool)
     for i, r in enumerate(reqs):
+        if r is None:
+            continue
         keys[i], temps[i], top_ks[i], top_ps[i] = r.key, r.params.temperature, r.params.top_k, r.params.top_p
-        steps[i] = len(r.generated)
-    mode = row_mode(temps[:len(reqs)], top_ks[:len(reqs)], top_ps[:len(reqs)])
+        steps[i], real[i] = len(r.generated), True
+    mode = row_mode(temps[real], top_ks[real], top_ps[real])
     return mode, *(jnp.asarray(a) for a in (keys, temps, top_ks, top_ps, steps))
 
 
@@ -619,6 +692,19 @@ def _decode_rows(params, tokens, positions, cache, keys, temps, top_ks, top_ps, 
     logits, cache, extras = forward(params, cfg, tokens[:, None], positions[:, None], cache, attend_len,
                                     ffn_fn=ffn_fn, rows=holds)
     return _sample(logits[:, 0], keys, temps, top_ks, top_ps, steps, mode), cache, _ffn_totals(extras["ffn_aux"])
+
+
+def _decode_and_chunk(params, tokens, positions, cache, chunk_tokens, chunk_positions, stage, last, keys, temps, top_ks,
+                      top_ps, steps, *, cfg, ffn_fn, attend_len, mode):
+    """`_decode_rows` for the batch and a prompt chunk [1, C] at `chunk_positions` into the one-row staging
+    cache `stage`, in one program (`forward_groups`: each weight read once for both). Samples
+    len(tokens) + 1 tokens: the rows', then the prompt's after its chunk's `last` token."""
+    holds = positions < cache.max_len
+    groups = [RowGroup(tokens[:, None], positions[:, None], cache, rows=holds),
+              RowGroup(chunk_tokens, chunk_positions, stage, logits_at=last)]
+    (rows_logits, cache, aux), (chunk_logits, stage, _) = forward_groups(params, cfg, groups, attend_len, ffn_fn)
+    logits = jnp.concatenate([rows_logits[:, 0], chunk_logits[:, 0]])
+    return _sample(logits, keys, temps, top_ks, top_ps, steps, mode), cache, stage, _ffn_totals(aux)
 
 
 def _prefill_chunk(params, tokens, positions, cache, last, keys, temps, top_ks, top_ps, steps, *, cfg, ffn_fn,

@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ops.host_attention import decode_attention, uses_host_attention
 from ops.linear import linear, linear_t
@@ -108,10 +109,44 @@ def attention(
     projections' input entries at or below `p.in_threshold` and reads only the other rows (TEAL).
     """
     B, T, _ = x.shape
+    sparse = T == 1
+    q, k, v = _project_qkv(x, p, cfg, sparse)
+    out, k_cache, v_cache = _attend_cached(q, k, v, positions, k_cache, v_cache, attend_len, cfg)
+    return _project_out(out, p, sink, sparse), k_cache, v_cache
+
+
+def attention_groups(xs: list[jax.Array], p: AttentionParams, cfg: ModelConfig, positions: list[jax.Array],
+                     caches: list[tuple[jax.Array, jax.Array]], attend_len: int) -> tuple[list[jax.Array], list]:
+    """`attention` for several groups of rows at once (a decode batch and a prompt chunk): group g is
+    xs[g] [B_g, T_g, d] at positions[g] over its own cache caches[g] = (k, v). The q/k/v and o projections
+    run over every group's rows together, so each weight is read once; attention runs per group.
+    Returns each group's output and (k, v) caches. Input sparsity (TEAL) applies only when every group is
+    one token a row."""
+    d = xs[0].shape[-1]
+    sparse = all(x.shape[1] == 1 for x in xs)
+    sizes = [x.shape[0] * x.shape[1] for x in xs]
+    flat = jnp.concatenate([x.reshape(-1, d) for x in xs])[None]  # [1, N, d]
+    q, k, v = _project_qkv(flat, p, cfg, sparse)
+    outs, new_caches, at = [], [], 0
+    for x, pos, (kc, vc), n in zip(xs, positions, caches, sizes):
+        B, T = x.shape[:2]
+        part = lambda a: a[0, at:at + n].reshape((B, T) + a.shape[2:])  # noqa: E731
+        out, kc, vc = _attend_cached(part(q), part(k), part(v), pos, kc, vc, attend_len, cfg)
+        outs.append(out.reshape(n, -1))
+        new_caches.append((kc, vc))
+        at += n
+    y = _project_out(jnp.concatenate(outs)[None], p, None, sparse)[0]
+    bounds = np.cumsum(sizes)[:-1].tolist()
+    return [part.reshape(x.shape[:2] + (-1,)) for part, x in zip(jnp.split(y, bounds), xs)], new_caches
+
+
+def _project_qkv(x: jax.Array, p: AttentionParams, cfg: ModelConfig, sparse: bool):
+    """q [B, T, hq, hd], k and v [B, T, hkv, hd] of x [B, T, d] (`sparse`: TEAL's input sparsity applies)."""
+    B, T, _ = x.shape
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if p.wqkv_t is not None or p.wqkv is not None:  # the engine's fused layout (params.fuse_qkv)
         if p.wqkv_t is not None:
-            qkv = _input_sparse(x, p.wqkv_t, p.in_threshold[0], T == 1, p.bqkv)
+            qkv = _input_sparse(x, p.wqkv_t, p.in_threshold[0], sparse, p.bqkv)
         else:
             qkv = linear(x, p.wqkv, p.bqkv)
         q = qkv[..., : hq * hd].reshape(B, T, hq, hd)
@@ -121,6 +156,14 @@ def attention(
         q = linear(x, p.wq, p.bq).reshape(B, T, hq, hd)
         k = linear(x, p.wk, p.bk).reshape(B, T, hkv, hd)
         v = linear(x, p.wv, p.bv).reshape(B, T, hkv, hd)
+    return q, k, v
+
+
+def _attend_cached(q, k, v, positions, k_cache, v_cache, attend_len: int, cfg: ModelConfig):
+    """Rotary positions, the cache write and the attention of q [B, T, hq, hd] (k, v: this step's keys and
+    values) over the cache (or, without one, within the sequence): [B, T, hq * hd] and the caches."""
+    B, T, hq, hd = q.shape
+    hkv = k.shape[2]
     if cfg.family == "llama":
         inv_freq = rope_inv_freq(cfg)
         q = apply_rope(q, positions, inv_freq)
@@ -138,20 +181,21 @@ def attention(
             # A batched decode step on the CPU backend: each row over its own slots, the cache read in
             # place (XLA would copy the strided span below before its dots).
             out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0], cfg.sliding_window)
-            return _project_out(out.reshape(B, T, hq * hd), p, sink), k_cache, v_cache
+            return out.reshape(B, T, hq * hd), k_cache, v_cache
         # A cache may hold more rows than x (continuous batching runs its first B rows).
         keys = k_cache[:B, :, :attend_len].astype(f32)
         values = v_cache[:B, :, :attend_len].astype(f32)
         key_pos = jnp.broadcast_to(jnp.arange(attend_len), (B, attend_len))
-    return _project_out(_attend(q, keys, values, key_pos, positions, cfg), p, sink), k_cache, v_cache
+    return _attend(q, keys, values, key_pos, positions, cfg), k_cache, v_cache
 
 
-def _project_out(out: jax.Array, p: AttentionParams, sink: list | None) -> jax.Array:
-    """The o projection of the heads' output [B, T, hq * hd] (`sink` gets its input when profiling)."""
+def _project_out(out: jax.Array, p: AttentionParams, sink: list | None, sparse: bool) -> jax.Array:
+    """The o projection of the heads' output [B, T, hq * hd] (`sink` gets its input when profiling;
+    `sparse`: TEAL's input sparsity applies)."""
     if sink is not None:
         sink.append(out)
     if p.wo_t is not None:
-        return _input_sparse(out, p.wo_t, p.in_threshold[1], out.shape[1] == 1, p.bo)
+        return _input_sparse(out, p.wo_t, p.in_threshold[1], sparse, p.bo)
     return linear(out, p.wo, p.bo)
 
 

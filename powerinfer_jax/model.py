@@ -149,3 +149,62 @@ def forward(
     extras = ({"ffn_in": ffn_in, "ffn_act": ffn_act, "attn_in": attn_in, "attn_o_in": attn_o_in} if collect
               else {"ffn_aux": ffn_aux})
     return logits, new_cache, extras
+
+
+@dataclasses.dataclass(frozen=True)
+class RowGroup:
+    """One group of rows for `forward_groups`: tokens and positions [B, T] over its own `cache`; `rows`
+    [B] marks the rows holding a sequence (as `forward`'s), `logits_at` [B] picks one position a row."""
+
+    tokens: jax.Array
+    positions: jax.Array
+    cache: KVCache
+    rows: jax.Array | None = None
+    logits_at: jax.Array | None = None
+
+
+def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup], attend_len: int,
+                   ffn_fn: FFNFn | None = None) -> list[tuple[jax.Array, KVCache, list]]:
+    """`forward` over several groups of rows at once (continuous batching: the running sequences' decode
+    rows and a new prompt's chunk), each over its own cache and attending its first `attend_len` slots.
+    Every projection (q/k/v, o, the dense FFN, lm_head) runs over all the groups' rows together, so each
+    weight is read once for all of them; attention, and a sparse `ffn_fn` (which chooses its neurons for
+    the rows it gets: a prompt's all, a decode batch's union), run per group.
+    Returns (logits, new cache, per-layer ffn aux) per group."""
+    xs = [embed(params, cfg, g.tokens, g.positions) for g in groups]
+    ks = [list(g.cache.k) for g in groups]
+    vs = [list(g.cache.v) for g in groups]
+    aux: list[list] = [[] for _ in groups]
+    pre = cfg.pre_layer_norm
+    for i, lp in enumerate(params.layers):
+        h_in = [layers.norm(x, lp.attn_norm, cfg) if pre else x for x in xs]
+        outs, kv = layers.attention_groups(h_in, lp.attn, cfg, [g.positions for g in groups],
+                                           [(k[i], v[i]) for k, v in zip(ks, vs)], attend_len)
+        for k, v, (kc, vc) in zip(ks, vs, kv):
+            k[i], v[i] = kc, vc
+        xs = [x + a if pre else layers.norm(x + a, lp.attn_norm, cfg) for x, a in zip(xs, outs)]
+        f_in = [layers.norm(x, lp.ffn_norm, cfg) if pre else x for x in xs]
+        if ffn_fn is None:
+            ys = _split_rows(dense_ffn(lp.ffn, cfg.ffn_kind, _concat_rows(f_in)), f_in)
+        else:
+            ys = []
+            for g, f, x, a in zip(groups, f_in, xs, aux):
+                y, layer_aux = ffn_fn(i, lp.ffn, f, x, g.rows)
+                ys.append(y)
+                a.append(layer_aux)
+        xs = [x + y if pre else layers.norm(x + y, lp.ffn_norm, cfg) for x, y in zip(xs, ys)]
+    heads = [x if g.logits_at is None else x[jnp.arange(x.shape[0]), g.logits_at][:, None, :]
+             for g, x in zip(groups, xs)]
+    logits = _split_rows(lm_head(params, cfg, _concat_rows(heads)), heads)
+    return [(lg, KVCache(k=k, v=v), a) for lg, k, v, a in zip(logits, ks, vs, aux)]
+
+
+def _concat_rows(xs: list[jax.Array]) -> jax.Array:
+    """Groups' [B, T, d] arrays as one [N, d]."""
+    return jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in xs])
+
+
+def _split_rows(y: jax.Array, like: list[jax.Array]) -> list[jax.Array]:
+    """[N, e] back into the groups' [B, T, e] (the inverse of _concat_rows)."""
+    bounds = np.cumsum([x.shape[0] * x.shape[1] for x in like])[:-1].tolist()
+    return [part.reshape(x.shape[:2] + (-1,)) for part, x in zip(jnp.split(y, bounds), like)]

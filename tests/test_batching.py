@@ -21,7 +21,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def batcher(engine):
-    with ContinuousBatcher(engine, max_batch=4, prefill_chunk=16) as b:
+    with ContinuousBatcher(engine, max_batch=4, prefill_chunk=16, mixed_chunk=16) as b:
         yield b
 
 
@@ -53,6 +53,54 @@ def test_batched_greedy_equals_alone_and_generate(engine, batcher):
     stats = batcher.stats()
     assert stats["active"] == 0 and stats["waiting"] == 0
     assert stats["rows_computed"] < stats["steps"] * 4  # batches shrink as sequences finish
+    assert stats["mixed_steps"] > 0  # prompts that arrived while others ran were prefilled inside decode steps
+
+
+def test_prompts_carried_in_decode_steps_equal_separate_chunks(engine):
+    """mixed_chunk=None (every prompt chunk its own program) gives the same greedy tokens as prompt chunks
+    carried inside the decode steps, sampled requests included; only the mixed batcher runs mixed steps."""
+    ids = [engine.encode(p) for p in PROMPTS]
+    params = [RequestParams(max_tokens=9, temperature=0.8 if k % 2 else 0.0, top_p=0.9, seed=k)
+              for k in range(len(ids))]
+    texts, mixed = {}, {}
+    for chunk in (None, 4):
+        with ContinuousBatcher(engine, max_batch=4, prefill_chunk=16, mixed_chunk=chunk) as b:
+            texts[chunk] = [ev.text for ev in _together(b, ids, params)]
+            mixed[chunk] = b.stats().get("mixed_steps", 0)
+    assert texts[None] == texts[4]
+    assert mixed[None] == 0 and mixed[4] > 0
+
+
+@pytest.mark.parametrize("sparsity", [None, "oracle"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_forward_groups_equals_forward_per_group(sparsity, dtype):
+    """A decode batch and a prompt chunk through forward_groups (one pass, shared projections) give each
+    group's logits and caches of its own forward (dense and hybrid oracle; 1e-5 of the logits' scale)."""
+    import jax.numpy as jnp
+
+    from powerinfer_jax.model import RowGroup, forward, forward_groups, init_cache
+
+    eng = pij.load(max_seq_len=128, dtype=dtype, sparsity=sparsity)
+    cfg, params, ffn = eng.cfg, eng.params, eng._ffn_fn
+    rng = np.random.default_rng(0)
+    cache = init_cache(cfg, 4, 128)
+    prompt = jnp.asarray(rng.integers(3, cfg.vocab_size, (4, 10)), jnp.int32)
+    _, cache, _ = forward(params, cfg, prompt, jnp.broadcast_to(jnp.arange(10), (4, 10)), cache, 128, ffn_fn=ffn)
+    rows = jnp.asarray(rng.integers(3, cfg.vocab_size, (4, 1)), jnp.int32)
+    rows_at = jnp.asarray([[10], [10], [10], [128]], jnp.int32)  # the last row is padding: writes nothing
+    holds = rows_at[:, 0] < 128
+    chunk = jnp.asarray(rng.integers(3, cfg.vocab_size, (1, 16)), jnp.int32)
+    chunk_at = jnp.where(jnp.arange(16) < 12, jnp.arange(16), 128)[None]  # 12 tokens, 4 padding
+    stage = init_cache(cfg, 1, 128)
+    want_rows = forward(params, cfg, rows, rows_at, cache, 128, ffn_fn=ffn, rows=holds)
+    want_chunk = forward(params, cfg, chunk, chunk_at, stage, 128, ffn_fn=ffn, logits_at=jnp.asarray([11]))
+    got = forward_groups(params, cfg, [RowGroup(rows, rows_at, cache, rows=holds),
+                                       RowGroup(chunk, chunk_at, stage, logits_at=jnp.asarray([11]))], 128, ffn)
+    for (logits, new_cache, _), (want, want_cache, _) in zip(got, (want_rows, want_chunk)):
+        scale = float(np.abs(np.asarray(want)).max())
+        np.testing.assert_allclose(np.asarray(logits)[:3], np.asarray(want)[:3], rtol=0, atol=1e-5 * scale)
+        for a, b in zip(new_cache.k + new_cache.v, want_cache.k + want_cache.v):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale)
 
 
 def test_sampled_tokens_do_not_depend_on_the_batch(engine, batcher):
@@ -144,15 +192,17 @@ def test_bad_requests_are_refused_up_front(engine, batcher):
 
 def test_oracle_sparsity_batched_equals_dense(engine):
     """Sparse at batch > 1: the oracle mask (the union over the batch's rows per layer) gives the
-    dense tokens, and counts what it computed."""
+    dense tokens, and counts what it computed; also with prompt chunks carried in its decode steps."""
     oracle = pij.load(max_seq_len=256, sparsity="oracle")
     ids = [engine.encode(p) for p in PROMPTS[:4]]
     params = [RequestParams(max_tokens=8)] * 4
-    with ContinuousBatcher(engine, max_batch=4) as dense_b, ContinuousBatcher(oracle, max_batch=4) as sparse_b:
+    with ContinuousBatcher(engine, max_batch=4) as dense_b, \
+            ContinuousBatcher(oracle, max_batch=4, mixed_chunk=4) as sparse_b:
         dense = [e.text for e in _together(dense_b, ids, params)]
         sparse = [e.text for e in _together(sparse_b, ids, params)]
         stats = sparse_b.stats()
     assert sparse == dense
+    assert stats["mixed_steps"] > 0
     assert 0 < stats["ffn_computed"] < stats["ffn_total"]
     assert np.isfinite(stats["ffn_computed"] / stats["ffn_total"])
 
@@ -221,7 +271,8 @@ def test_warmup_leaves_nothing_to_compile_and_a_stopped_batcher_refuses(engine):
 
 
 def test_the_batched_decode_step_and_prompt_chunk_lower_for_cuda(engine, monkeypatch):
-    """What a GPU runs: the batcher's two programs export for CUDA (XLA path for every weight)."""
+    """What a GPU runs: the batcher's three programs (decode step, prompt chunk, both in one) export for CUDA
+    (XLA path for every weight)."""
     import functools
 
     import jax
@@ -246,6 +297,12 @@ def test_the_batched_decode_step_and_prompt_chunk_lower_for_cuda(engine, monkeyp
     one = [sds(a) for a in batching._settings([], 1)[1:]]
     exp = jax.export.export(chunk, platforms=["cuda"])(params, tok, tok, jax.tree.map(sds, init_cache(cfg, 1, 256)),
                                                        jax.ShapeDtypeStruct((1,), jnp.int32), *one)
+    assert "stablehlo.dot_general" in exp.mlir_module()
+    mixed = jax.jit(functools.partial(batching._decode_and_chunk, cfg=cfg, ffn_fn=None, attend_len=128, mode="greedy"))
+    carried = [sds(a) for a in batching._settings([], rows + 1)[1:]]
+    exp = jax.export.export(mixed, platforms=["cuda"])(params, i32, i32, cache, tok, tok,
+                                                       jax.tree.map(sds, init_cache(cfg, 1, 256)),
+                                                       jax.ShapeDtypeStruct((1,), jnp.int32), *carried)
     assert "stablehlo.dot_general" in exp.mlir_module()
 
 
