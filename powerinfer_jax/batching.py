@@ -114,8 +114,8 @@ class _Programs:
                              static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
         self.mixed = jax.jit(functools.partial(_decode_and_chunk, cfg=cfg, ffn_fn=ffn_fn),
                              static_argnames=("attend_len", "mode"), donate_argnames=("cache", "stage"))
-        self.insert = jax.jit(_insert_row, donate_argnames=("cache",))
-        self.move = jax.jit(_move_row, donate_argnames=("cache",))
+        self.insert = jax.jit(_insert_row, static_argnames=("span",), donate_argnames=("cache",))
+        self.move = jax.jit(_move_row, static_argnames=("span",), donate_argnames=("cache",))
         self.executables: dict[tuple, Callable] = {}  # (program name, argument shapes, static values) -> executable
         # The row programs are compiled ahead of time too (0.16 s the first insert cost inside a request) where
         # every array lives on one device; over a mesh a prefilled staging cache comes back replicated over it,
@@ -219,7 +219,8 @@ class ContinuousBatcher:
             jobs += [self._chunk_job(w, self._stage_len(1), span, mode) for w in widths]
             if self.mixed_chunk is not None:
                 jobs += [self._mixed_job(size, span, mode) for size in self.sizes]
-        jobs += self._row_jobs([self._stage_len(1)])
+        spans = decode_spans(1, self.engine.max_seq_len, self.engine.max_seq_len)
+        jobs += self._row_jobs([(self._stage_len(1), s) for s in spans], spans)
         self._compile(jobs)
         if not self._rows and self._staging is None:
             # Run each decode size, the narrowest chunk and the row programs once (they touch only free rows
@@ -233,8 +234,9 @@ class ContinuousBatcher:
                     stage = args[3] if stage is None else stage
                     self._stage_caches[stage_len] = self._executable("chunk", args, static)(*args[:3], stage,
                                                                                             *args[4:])[1]
-            self._cache = self._call("insert", self._cache, self._stage_caches[self._stage_len(1)], _index(0))
-            self._cache = self._call("move", self._cache, _index(0), _index(0))
+            self._cache = self._call("insert", self._cache, self._stage_caches[self._stage_len(1)], _index(0),
+                                     span=spans[0])
+            self._cache = self._call("move", self._cache, _index(0), _index(0), span=spans[0])
             jax.block_until_ready(self._cache)
         return time.perf_counter() - t0
 
@@ -312,20 +314,23 @@ class ContinuousBatcher:
             self._compile([(name, getattr(self._programs, name), args, static)])
         return self._executables[sig]
 
-    def _call(self, name: str, *args):
-        """Runs a row program ("insert", "move") through its executable (through jit over a mesh)."""
+    def _call(self, name: str, *args, span: int):
+        """Runs a row program ("insert", "move") over a row's first `span` cache slots through its executable
+        (through jit over a mesh)."""
         if not self._programs.rows_ahead:
-            return getattr(self._programs, name)(*args)
-        return self._executable(name, args, {})(*args)
+            return getattr(self._programs, name)(*args, span=span)
+        return self._executable(name, args, {"span": span})(*args)
 
-    def _row_jobs(self, stage_lens: Sequence[int], move: bool = True) -> list[tuple]:
-        """Jobs of the row programs, where they are compiled ahead of time: writing a prefilled staging cache of
-        each length into a batch row, and (`move`) copying one batch row into another (a retired row refilled)."""
+    def _row_jobs(self, inserts: Sequence[tuple[int, int]], move_spans: Sequence[int] = ()) -> list[tuple]:
+        """Jobs of the row programs, where they are compiled ahead of time: writing the first `span` slots of a
+        prefilled staging cache of `stage_len` slots into a batch row, per (stage_len, span) in `inserts`, and
+        copying the first `span` slots of one batch row into another (a retired row refilled) per span."""
         if not self._programs.rows_ahead:
             return []
-        jobs = [("insert", self._programs.insert, (self._cache, self._stage_cache(n), _index(0)), {})
-                for n in stage_lens]
-        return jobs + ([("move", self._programs.move, (self._cache, _index(0), _index(0)), {})] if move else [])
+        jobs = [("insert", self._programs.insert, (self._cache, self._stage_cache(n), _index(0)), {"span": span})
+                for n, span in inserts]
+        return jobs + [("move", self._programs.move, (self._cache, _index(0), _index(0)), {"span": span})
+                       for span in move_spans]
 
     def start(self) -> "ContinuousBatcher":
         """Starts the decode-loop thread."""
@@ -465,7 +470,10 @@ class ContinuousBatcher:
             self._emit(req, Event("error", error=nonfinite_message("on the prompt")))
             return
         row = len(self._rows)
-        self._cache = self._call("insert", self._cache, stage, _index(row))
+        # Only the prompt's span of slots: the row's later slots (a previous sequence's) are masked until
+        # overwritten, and a whole server-length row is ~1 GB of KV cache on a 7B model.
+        span = decode_span(len(req.prompt_ids), stage.max_len)
+        self._cache = self._call("insert", self._cache, stage, _index(row), span=span)
         self._rows.append(req)
         if self.engine.tokenizer is not None and req.detokenize:
             req.decoder = IncrementalDecoder(self.engine.tokenizer, self.engine._eos_ids())
@@ -543,7 +551,9 @@ class ContinuousBatcher:
         """Takes row's request out of the batch; the last row moves into its place (rows stay 0..n-1)."""
         req, last = self._rows[row], len(self._rows) - 1
         if row != last:
-            self._cache = self._call("move", self._cache, _index(last), _index(row))
+            moved = self._rows[last]  # its slots written so far: the prompt and every generated token but the last
+            span = decode_span(len(moved.prompt_ids) + len(moved.generated), self.engine.max_seq_len)
+            self._cache = self._call("move", self._cache, _index(last), _index(row), span=span)
             self._rows[row] = self._rows[last]
         self._rows.pop()
         return req
@@ -592,7 +602,9 @@ def generate_rows(engine: Engine, rows: Sequence[Sequence[int]], params: Sequenc
             for n in sorted(set(lengths))]
     last = max(n + p.max_tokens for n, p in zip(lengths, params)) - 1
     jobs += [loop._step_job(B, span, mode) for span in decode_spans(min(lengths) + 1, last, limit)]
-    jobs += loop._row_jobs(sorted({loop._stage_len(n) for n in lengths}), move=B > 1)  # move: a retired row refilled
+    inserts = sorted({(loop._stage_len(n), decode_span(n, loop._stage_len(n))) for n in lengths})
+    moves = decode_spans(min(lengths), last, limit) if B > 1 else []  # a retired row refilled by the last one
+    jobs += loop._row_jobs(inserts, moves)
     loop._compile(jobs)
     done: list[Event | None] = [None] * B
 
@@ -719,13 +731,20 @@ def _index(i: int) -> jax.Array:
     return jnp.asarray(i, np.int32)
 
 
-def _insert_row(cache: KVCache, staging: KVCache, row: jax.Array) -> KVCache:
-    """The staging cache's one row written into `row` of the batch cache."""
-    put = lambda c, s: jax.lax.dynamic_update_slice_in_dim(c, s.astype(c.dtype), row, 0)  # noqa: E731
+def _insert_row(cache: KVCache, staging: KVCache, row: jax.Array, *, span: int) -> KVCache:
+    """The first `span` slots of the staging cache's one row written into `row` of the batch cache."""
+    zero = jnp.zeros((), jnp.int32)
+    put = lambda c, s: jax.lax.dynamic_update_slice(c, s[:, :, :span].astype(c.dtype), (row, zero, zero, zero))  # noqa: E731
     return KVCache(k=[put(c, s) for c, s in zip(cache.k, staging.k)], v=[put(c, s) for c, s in zip(cache.v, staging.v)])
 
 
-def _move_row(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
-    """Row `src` of the batch cache copied into row `dst` (a retired row refilled by the last one)."""
-    move = lambda c: c.at[dst].set(c[src])  # noqa: E731
+def _move_row(cache: KVCache, src: jax.Array, dst: jax.Array, *, span: int) -> KVCache:
+    """The first `span` slots of row `src` of the batch cache copied into row `dst` (a retired row refilled by
+    the last one)."""
+    zero = jnp.zeros((), jnp.int32)
+
+    def move(c):
+        part = jax.lax.dynamic_slice(c, (src, zero, zero, zero), (1, c.shape[1], span, c.shape[3]))
+        return jax.lax.dynamic_update_slice(c, part, (dst, zero, zero, zero))
+
     return KVCache(k=[move(c) for c in cache.k], v=[move(c) for c in cache.v])

@@ -359,3 +359,30 @@ def test_staging_rows_are_full_length_for_the_server_and_prompt_sized_for_genera
     loop = ContinuousBatcher(engine, max_batch=1)
     loop._admit_all = True  # what batching.generate_rows sets
     assert loop._stage_len(len(ids)) == 128 and loop._stage_len(200) == 256
+
+
+def test_row_programs_copy_only_the_span():
+    """Joining and refilling rows copy a row's first `span` slots (what its sequence wrote; the later ones
+    are masked until overwritten), not the whole max_seq_len row, and leave every other row as it was."""
+    import jax.numpy as jnp
+
+    from powerinfer_jax.batching import _insert_row, _move_row
+    from powerinfer_jax.model import KVCache
+
+    rng = np.random.default_rng(0)
+    shape = (3, 2, 8, 4)
+    cache = KVCache(k=[jnp.asarray(rng.standard_normal(shape), jnp.float32)],
+                    v=[jnp.asarray(rng.standard_normal(shape), jnp.float32)])
+    stage = KVCache(k=[jnp.asarray(rng.standard_normal((1,) + shape[1:]), jnp.float32)],
+                    v=[jnp.asarray(rng.standard_normal((1,) + shape[1:]), jnp.float32)])
+    before = np.asarray(cache.k[0]), np.asarray(cache.v[0])
+    got = _insert_row(cache, stage, jnp.int32(1), span=5)
+    for a, old, s in zip((got.k[0], got.v[0]), before, (stage.k[0], stage.v[0])):
+        want = old.copy()
+        want[1, :, :5] = np.asarray(s)[0, :, :5]
+        np.testing.assert_array_equal(np.asarray(a), want)
+    moved = _move_row(got, jnp.int32(2), jnp.int32(0), span=3)
+    for a, old in zip((moved.k[0], moved.v[0]), (np.asarray(got.k[0]), np.asarray(got.v[0]))):
+        want = old.copy()
+        want[0, :, :3] = old[2, :, :3]
+        np.testing.assert_array_equal(np.asarray(a), want)
