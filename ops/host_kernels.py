@@ -1015,7 +1015,11 @@ _BLAS_MIN_TOKENS = {
 }
 _BLAS_MIN_DEFAULT = {"matvec": 64, "axpy": 128, "ffn": 64}  # bfloat16, float16, int8
 _WARM_BLAS_TOKENS = max(_BLAS_MIN_DEFAULT.values())  # a batch every product takes through BLAS
-BLAS_MIN_TOKENS = 8  # the smallest threshold of any product and format (tests: a batch that may take BLAS)
+
+
+def _format_of(w) -> str:
+    """A weight argument's stored format (a Weight's own; a plain array's from its dtype), unchecked."""
+    return w.fmt if isinstance(w, Weight) else np.dtype(w.dtype).name
 
 
 def blas_min_tokens(fmt: str, product: str = "matvec") -> int:
@@ -1055,18 +1059,25 @@ def _all_rows(n):
     return np.arange(n, dtype=np.int32)
 
 
+def _widened_blocks(kw: _KW):
+    """(r0, r1, rows r0:r1 as f32 [n, K] in kernel order) for each ``BLAS_BLOCK_ROWS`` block of the weight,
+    one scratch buffer reused (a block is valid until the next is yielded)."""
+    idx = _all_rows(kw.rows)
+    scratch = np.empty(min(BLAS_BLOCK_ROWS, kw.rows) * kw.cols, np.float32)
+    for r0 in range(0, kw.rows, BLAS_BLOCK_ROWS):
+        r1 = min(kw.rows, r0 + BLAS_BLOCK_ROWS)
+        yield r0, r1, _f32_rows(kw, idx, r0, r1, scratch)
+
+
 def host_matmul_blocked(w, x, out=None):
     """``x [B, K] @ dequantize(w).T`` -> [B, R] f32 through BLAS, ``BLAS_BLOCK_ROWS`` rows widened
     at a time (for prompts: the f32 matrix is never materialised)."""
     kw = _kernel_weight(w)
     xk = _kernel_x(kw, x)
     y = _out(out, (xk.shape[0], kw.rows))
-    idx = _all_rows(kw.rows)
-    scratch = np.empty(min(BLAS_BLOCK_ROWS, kw.rows) * kw.cols, np.float32)
     with one_blas_thread():
-        for r0 in range(0, kw.rows, BLAS_BLOCK_ROWS):
-            r1 = min(kw.rows, r0 + BLAS_BLOCK_ROWS)
-            y[:, r0:r1] = xk @ _f32_rows(kw, idx, r0, r1, scratch).T
+        for r0, r1, block in _widened_blocks(kw):
+            y[:, r0:r1] = xk @ block.T
     if out is not None:
         return out
     return y[0] if np.ndim(x) == 1 else y
@@ -1074,17 +1085,14 @@ def host_matmul_blocked(w, x, out=None):
 
 def host_matmul_t_blocked(w, h, out=None):
     """``h [B, R] @ dequantize(w)`` -> [B, K] f32 through BLAS (the transposed down projection of a
-    prompt), ``BLAS_BLOCK_ROWS`` rows widened at a time by the same kernel as ``host_matmul_blocked``."""
+    prompt), ``BLAS_BLOCK_ROWS`` rows widened at a time as in ``host_matmul_blocked``."""
     kw = _kernel_weight(w)
     h2 = _arg(np.atleast_2d(h), np.float32)
     _expect(h2.ndim == 2 and h2.shape[1] == kw.rows, f"h has {h2.shape[-1]} columns, the weight {kw.rows} rows")
     y = np.zeros((h2.shape[0], kw.cols), np.float32)  # in the weight's kernel order
-    idx = _all_rows(kw.rows)
-    scratch = np.empty(min(BLAS_BLOCK_ROWS, kw.rows) * kw.cols, np.float32)
     with one_blas_thread():
-        for r0 in range(0, kw.rows, BLAS_BLOCK_ROWS):
-            r1 = min(kw.rows, r0 + BLAS_BLOCK_ROWS)
-            y += h2[:, r0:r1] @ _f32_rows(kw, idx, r0, r1, scratch)
+        for r0, r1, block in _widened_blocks(kw):
+            y += h2[:, r0:r1] @ block
     res = _out(out, y.shape)
     res[...] = _natural_order(kw.code, y)
     return res[0] if out is None and np.ndim(h) == 1 else res
@@ -1092,7 +1100,7 @@ def host_matmul_t_blocked(w, h, out=None):
 
 def host_matvec(w, x, out=None):
     """``x [B, K] @ dequantize(w).T`` -> [B, R] f32 (x [K] -> [R]): every row read once for all
-    tokens, at memory bandwidth in any format; BLAS blocks from ``BLAS_MIN_TOKENS`` tokens."""
+    tokens, at memory bandwidth in any format; BLAS blocks from ``blas_min_tokens`` tokens."""
     kw = _kernel_weight(w)
     xk = _kernel_x(kw, x)
     if xk.shape[0] >= blas_min_tokens(FORMATS[kw.code]):
@@ -1155,7 +1163,7 @@ def host_sparse_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, ou
     x2 = np.atleast_2d(x)
     if live is not None:
         live[:] = 0
-    if x2.shape[0] >= blas_min_tokens(FORMATS[_kernel_weight(w_up).code], "ffn"):
+    if x2.shape[0] >= blas_min_tokens(_format_of(w_up), "ffn"):
         kg, ku = _gate_up(family, w_gate, w_up)
         kd = _kernel_weight(w_down_t)
         _expect(kd.rows == ku.rows, "w_down_t and w_up disagree on the number of neurons")

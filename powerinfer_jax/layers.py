@@ -122,22 +122,25 @@ def attention_groups(xs: list[jax.Array], p: AttentionParams, cfg: ModelConfig, 
     run over every group's rows together, so each weight is read once; attention runs per group.
     Returns each group's output and (k, v) caches. Input sparsity (TEAL) applies only when every group is
     one token a row."""
-    d = xs[0].shape[-1]
     sparse = all(x.shape[1] == 1 for x in xs)
-    sizes = [x.shape[0] * x.shape[1] for x in xs]
-    flat = jnp.concatenate([x.reshape(-1, d) for x in xs])[None]  # [1, N, d]
-    q, k, v = _project_qkv(flat, p, cfg, sparse)
-    outs, new_caches, at = [], [], 0
-    for x, pos, (kc, vc), n in zip(xs, positions, caches, sizes):
-        B, T = x.shape[:2]
-        part = lambda a: a[0, at:at + n].reshape((B, T) + a.shape[2:])  # noqa: E731
-        out, kc, vc = _attend_cached(part(q), part(k), part(v), pos, kc, vc, attend_len, cfg)
-        outs.append(out.reshape(n, -1))
+    q, k, v = _project_qkv(concat_rows(xs)[None], p, cfg, sparse)  # over [1, N, d]
+    outs, new_caches = [], []
+    for qg, kg, vg, pos, (kc, vc) in zip(*(split_rows(a[0], xs) for a in (q, k, v)), positions, caches):
+        out, kc, vc = _attend_cached(qg, kg, vg, pos, kc, vc, attend_len, cfg)
+        outs.append(out)
         new_caches.append((kc, vc))
-        at += n
-    y = _project_out(jnp.concatenate(outs)[None], p, None, sparse)[0]
-    bounds = np.cumsum(sizes)[:-1].tolist()
-    return [part.reshape(x.shape[:2] + (-1,)) for part, x in zip(jnp.split(y, bounds), xs)], new_caches
+    return split_rows(_project_out(concat_rows(outs)[None], p, None, sparse)[0], xs), new_caches
+
+
+def concat_rows(xs: list[jax.Array]) -> jax.Array:
+    """Groups' [B, T, ...] arrays as one [N, ...] (N the sum of B * T)."""
+    return jnp.concatenate([x.reshape((-1,) + x.shape[2:]) for x in xs])
+
+
+def split_rows(y: jax.Array, like: list[jax.Array]) -> list[jax.Array]:
+    """[N, ...] back into the groups' [B, T, ...] (the inverse of concat_rows; `like`: the groups' arrays)."""
+    bounds = np.cumsum([x.shape[0] * x.shape[1] for x in like])[:-1].tolist()
+    return [part.reshape(x.shape[:2] + part.shape[1:]) for part, x in zip(jnp.split(y, bounds), like)]
 
 
 def _project_qkv(x: jax.Array, p: AttentionParams, cfg: ModelConfig, sparse: bool):

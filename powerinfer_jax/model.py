@@ -115,50 +115,44 @@ def forward(
     `rows` [B] bool marks the rows that hold a sequence (continuous batching pads the batch to a
     static size); a sparse FFN leaves the others out of the batch's union of active neurons.
     """
+    if not collect:
+        group = RowGroup(tokens, positions, cache, rows=rows, logits_at=logits_at)
+        logits, new_cache, ffn_aux = forward_groups(params, cfg, [group], attend_len, ffn_fn)[0]
+        return logits, new_cache, {"ffn_aux": ffn_aux}
+    # Profiling and training: the dense model, each layer's inputs and activations kept.
     x = embed(params, cfg, tokens, positions)
-    new_k, new_v, ffn_in, ffn_act, ffn_aux = [], [], [], [], []
-    attn_in, attn_o_in = [], []  # collect: the attention projections' inputs (TEAL calibration)
+    new_k, new_v, ffn_in, ffn_act, attn_in, attn_o_in = [], [], [], [], [], []
+    pre = cfg.pre_layer_norm
     for i, lp in enumerate(params.layers):
-        kc = None if cache is None else cache.k[i]
-        vc = None if cache is None else cache.v[i]
-        pre = cfg.pre_layer_norm
         h_in = layers.norm(x, lp.attn_norm, cfg) if pre else x
-        a, kc, vc = layers.attention(h_in, lp.attn, cfg, positions, kc, vc, attend_len,
-                                     sink=attn_o_in if collect else None)
-        if collect:
-            attn_in.append(h_in)
+        a, kc, vc = layers.attention(h_in, lp.attn, cfg, positions, None if cache is None else cache.k[i],
+                                     None if cache is None else cache.v[i], attend_len, sink=attn_o_in)
+        attn_in.append(h_in)
         new_k.append(kc)
         new_v.append(vc)
         x = x + a if pre else layers.norm(x + a, lp.attn_norm, cfg)
         f_in = layers.norm(x, lp.ffn_norm, cfg) if pre else x
-        if collect:
-            h, act = ffn_activation(lp.ffn, cfg.ffn_kind, f_in)
-            ffn_in.append(x)
-            ffn_act.append(act)
-            y = ffn_output(lp.ffn, h)
-        elif ffn_fn is not None:
-            y, aux = ffn_fn(i, lp.ffn, f_in, x, rows)
-            ffn_aux.append(aux)
-        else:
-            y = dense_ffn(lp.ffn, cfg.ffn_kind, f_in)
+        h, act = ffn_activation(lp.ffn, cfg.ffn_kind, f_in)
+        ffn_in.append(x)
+        ffn_act.append(act)
+        y = ffn_output(lp.ffn, h)
         x = x + y if pre else layers.norm(x + y, lp.ffn_norm, cfg)
     if logits_at is not None:
         x = x[jnp.arange(x.shape[0]), logits_at][:, None, :]
     logits = lm_head(params, cfg, x)
     new_cache = None if cache is None else KVCache(k=new_k, v=new_v)
-    extras = ({"ffn_in": ffn_in, "ffn_act": ffn_act, "attn_in": attn_in, "attn_o_in": attn_o_in} if collect
-              else {"ffn_aux": ffn_aux})
-    return logits, new_cache, extras
+    return logits, new_cache, {"ffn_in": ffn_in, "ffn_act": ffn_act, "attn_in": attn_in, "attn_o_in": attn_o_in}
 
 
 @dataclasses.dataclass(frozen=True)
 class RowGroup:
-    """One group of rows for `forward_groups`: tokens and positions [B, T] over its own `cache`; `rows`
-    [B] marks the rows holding a sequence (as `forward`'s), `logits_at` [B] picks one position a row."""
+    """One group of rows for `forward_groups`: tokens and positions [B, T] over its own `cache` (None: the
+    rows attend within themselves); `rows` [B] marks the rows holding a sequence (as `forward`'s),
+    `logits_at` [B] picks one position a row."""
 
     tokens: jax.Array
     positions: jax.Array
-    cache: KVCache
+    cache: KVCache | None
     rows: jax.Array | None = None
     logits_at: jax.Array | None = None
 
@@ -170,10 +164,11 @@ def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup]
     Every projection (q/k/v, o, the dense FFN, lm_head) runs over all the groups' rows together, so each
     weight is read once for all of them; attention, and a sparse `ffn_fn` (which chooses its neurons for
     the rows it gets: a prompt's all, a decode batch's union), run per group.
-    Returns (logits, new cache, per-layer ffn aux) per group."""
+    Returns (logits, new cache, per-layer ffn aux) per group (`forward` is the one-group case)."""
     xs = [embed(params, cfg, g.tokens, g.positions) for g in groups]
-    ks = [list(g.cache.k) for g in groups]
-    vs = [list(g.cache.v) for g in groups]
+    n_layers = len(params.layers)
+    ks = [[None] * n_layers if g.cache is None else list(g.cache.k) for g in groups]
+    vs = [[None] * n_layers if g.cache is None else list(g.cache.v) for g in groups]
     aux: list[list] = [[] for _ in groups]
     pre = cfg.pre_layer_norm
     for i, lp in enumerate(params.layers):
@@ -185,7 +180,7 @@ def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup]
         xs = [x + a if pre else layers.norm(x + a, lp.attn_norm, cfg) for x, a in zip(xs, outs)]
         f_in = [layers.norm(x, lp.ffn_norm, cfg) if pre else x for x in xs]
         if ffn_fn is None:
-            ys = _split_rows(dense_ffn(lp.ffn, cfg.ffn_kind, _concat_rows(f_in)), f_in)
+            ys = layers.split_rows(dense_ffn(lp.ffn, cfg.ffn_kind, layers.concat_rows(f_in)), f_in)
         else:
             ys = []
             for g, f, x, a in zip(groups, f_in, xs, aux):
@@ -195,16 +190,7 @@ def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup]
         xs = [x + y if pre else layers.norm(x + y, lp.ffn_norm, cfg) for x, y in zip(xs, ys)]
     heads = [x if g.logits_at is None else x[jnp.arange(x.shape[0]), g.logits_at][:, None, :]
              for g, x in zip(groups, xs)]
-    logits = _split_rows(lm_head(params, cfg, _concat_rows(heads)), heads)
-    return [(lg, KVCache(k=k, v=v), a) for lg, k, v, a in zip(logits, ks, vs, aux)]
+    logits = layers.split_rows(lm_head(params, cfg, layers.concat_rows(heads)), heads)
+    return [(lg, None if g.cache is None else KVCache(k=k, v=v), a)
+            for lg, g, k, v, a in zip(logits, groups, ks, vs, aux)]
 
-
-def _concat_rows(xs: list[jax.Array]) -> jax.Array:
-    """Groups' [B, T, d] arrays as one [N, d]."""
-    return jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in xs])
-
-
-def _split_rows(y: jax.Array, like: list[jax.Array]) -> list[jax.Array]:
-    """[N, e] back into the groups' [B, T, e] (the inverse of _concat_rows)."""
-    bounds = np.cumsum([x.shape[0] * x.shape[1] for x in like])[:-1].tolist()
-    return [part.reshape(x.shape[:2] + (-1,)) for part, x in zip(jnp.split(y, bounds), like)]
