@@ -16,6 +16,7 @@ top_p 1, max_tokens 16 for completions and the rest of the context for chat; no 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import secrets
 import time
@@ -399,6 +400,22 @@ async def drain(app: FastAPI) -> None:
     state: _State = app.state.serving
     state.stopping = True  # set on the event loop, where _start checks it: nothing is submitted after this
     await run_in_threadpool(state.batcher.stop)  # the loop keeps running: the requests' last events arrive
+
+
+def freeze_startup_heap() -> tuple[int, float]:
+    """Takes every object alive now (the loaded model, JAX, the compiled programs) out of the garbage
+    collector's full passes; returns (objects frozen, seconds a full collection took before).
+
+    A full (generation-2) collection walks every tracked object: ~135 ms in a server holding the bundled
+    model, while every stream waits. It runs whenever enough objects have survived since the last one, so a
+    busy server stalls every so often; frozen startup objects are never walked again (what Instagram's and
+    vLLM's servers do). Objects made later are collected as usual. For a process serving one model for its
+    whole life: frozen garbage is never freed."""
+    t0 = time.perf_counter()
+    gc.collect()
+    seconds = time.perf_counter() - t0
+    gc.freeze()
+    return gc.get_freeze_count(), seconds
 
 
 # ---- checks and errors ------------------------------------------------------------------------------------

@@ -194,6 +194,26 @@ def test_matvec(fmt, batch):
 
 
 @pytest.mark.parametrize("fmt", Q.FORMATS)
+def test_matvec_wide_rows(fmt, monkeypatch):
+    """Rows of ONE_ROW_MIN_BYTES or more: one token through the one-row kernel (bf16, f16), two tokens and
+    the one-thread build through the eight-stream one; each equals the reference and repeats its bits."""
+    W, _ = _weights(fmt, rows=37, cols=4096, seed=11)
+    assert H._kernel_weight(W).row_bytes >= H.ONE_ROW_MIN_BYTES or fmt in ("int8", "int4")
+    wf = Q.dequantize(W)
+    x = np.random.default_rng(12).standard_normal((2, 4096)).astype(np.float32)
+    calls = []
+    one_row = H._one_row_matvec_kernel
+    monkeypatch.setattr(H, "_one_row_matvec_kernel", lambda *a: calls.append(a[2].shape) or one_row(*a))
+    for serial_bytes in (0, 1 << 40):  # parallel, then serial kernels
+        monkeypatch.setattr(H, "SERIAL_MAX_BYTES", serial_bytes)
+        for n in (1, 2):
+            got = H.host_matvec(W, x[:n])
+            _assert_close(got, x[:n] @ wf.T)
+            np.testing.assert_array_equal(H.host_matvec(W, x[:n]), got)
+    assert calls == ([(1, 4096)] * 2 if fmt in ("bfloat16", "float16") else [])  # one token, parallel
+
+
+@pytest.mark.parametrize("fmt", Q.FORMATS)
 def test_both_sides_of_the_blas_thresholds(fmt):
     """Below and at blas_min_tokens: x @ w.T (host_matvec) and h @ w (linear's transposed product, the
     axpy kernel or host_matmul_t_blocked) equal the dequantize-then-f32 reference."""
