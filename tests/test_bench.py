@@ -120,6 +120,24 @@ def test_bench_subject_end_to_end(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 1000 and (tmp_path / "f.png").stat().st_size > 1000
 
 
+def test_formats_suite_sets_each_round_against_its_own_bandwidth():
+    """The formats suite: floors from the best bandwidth, and per round against the bandwidth measured after it."""
+    from benchmarks import precision
+
+    s = synthetic_subject(1, 257, 64, prompt_len=8, calib_tokens=128, shape=SMALL, log=lambda *_: None)
+    bws = iter([3e10, 1e10, 2e10])  # before the rounds, after round 1, after round 2
+    m = precision.bench_formats(s, ["bfloat16"], fraction=0.3, repeats=2, new_tokens=4, max_seq_len=64,
+                                measure_bandwidth=lambda: next(bws), log=lambda *_: None)
+    assert m["bandwidth_gbps"] == [30.0, 10.0, 20.0] and m["floor_bandwidth_gbps"] == 30.0
+    for r in m["rows"]:
+        tok_s = r["decode_tok_s_all"]
+        assert r["achieved_over_floor"] == pytest.approx(r["bytes_per_token"] / 3e10 * np.median(tok_s))
+        per_round = [r["bytes_per_token"] / 1e10 * tok_s[0], r["bytes_per_token"] / 2e10 * tok_s[1]]
+        assert r["achieved_over_round_floor"] == pytest.approx(np.median(per_round))
+    md = precision.markdown(m)
+    assert "achieved/floor, per round" in md and "measured 10.0-30.0 GB/s" in md
+
+
 def test_swiglu_synthetic_subject_has_a_cats_row():
     """The SwiGLU synthetic model: thresholds calibrated to the target, a CATS configuration computing about
     that share of neurons, its bytes counted as the gate's plus up/down of the computed neurons."""
