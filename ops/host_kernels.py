@@ -72,7 +72,6 @@ try:
 except ImportError:  # older jax
     _buffer_callback = None
 
-_COL_BLOCK = 256  # output columns per thread task in the down kernel's final sum
 _FAMILY_CODE = {"reglu": 0, "drelu": 1, "relu": 2, "swiglu": 4, "geglu": 5}  # _h_kernel also has 3: plain mat-vec
 _GELU_C = 0.7978845608028654  # sqrt(2 / pi), tanh-GELU
 _F32, _BF16, _F16, _I8, _I4 = range(5)  # format codes: FORMATS.index(fmt)
@@ -709,9 +708,9 @@ def _matvec_kernel(code, w, s, x, out):
 def _one_row_matvec_kernel(code, w, x, out):
     """out[0, r] = row r . x[0] for one token over bf16/f16 rows (the engine reads f32 ones with XLA): each
     thread reads its rows one after another, one sequential stream, the access pattern the roofline's
-    bandwidth is measured with (benchmarks/roofline.py). For rows of ONE_ROW_MIN_BYTES or more, where it
-    beats `_matvec_kernel`'s eight half-row streams (7B gate/up, old and new alternating in one process:
-    bf16 1.05-1.11x, f16 1.08-1.12x; BENCHMARKS.md, "One row a pass")."""
+    bandwidth is measured with (benchmarks/roofline.py). Beats `_matvec_kernel`'s eight streams at every
+    row length measured (old and new alternating on rotating matrices from DRAM, bf16: 7B gate/up 1.05-1.11x,
+    the predictor's fc2 [11008, 1024] 1.52x, [32000, 512] 1.87x; BENCHMARKS.md, "One row a pass")."""
     rows = w.shape[0]
     step = (rows + _MV_CHUNKS - 1) // _MV_CHUNKS
     for c in prange(_MV_CHUNKS):
@@ -719,7 +718,6 @@ def _one_row_matvec_kernel(code, w, x, out):
             out[0, r] = _dot1(code, w[r], x[0])
 
 
-ONE_ROW_MIN_BYTES = 8192  # row bytes from which one token's mat-vec reads one row at a time
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -804,15 +802,22 @@ def _down_kernel(code, wd, sd, idx, count, h, skip_zero, out, parts, sels, coefs
                     coef[j] = h[b, sel[j]] if j < m else zero
                 # acc[b]: 1-D views vectorise; acc[b, k] indexing did not as well
                 _axpy8(code, acc[b], coef, wd, sd, rows, scratch[c])
-    n_blk = (d + _COL_BLOCK - 1) // _COL_BLOCK
-    half = d // 2
-    for blk in prange(n_blk):
-        for b in range(n_tok):
-            for k in range(blk * _COL_BLOCK, min(d, (blk + 1) * _COL_BLOCK)):
-                s = np.float32(0.0)
-                for c in range(n_chunks):
-                    s += parts[c, b, k]
-                out[b, k if code != _I4 else _natural_col(k, half)] = s
+    # The partials are added on the calling thread, chunk after chunk over whole rows (vectorised):
+    # a second parallel loop cost more to start (~35 us waking the team, OMP_WAIT_POLICY=PASSIVE)
+    # than the adds, and summing each column across chunks (a strided inner loop) took ~65 us a
+    # 4096-wide token.
+    for b in range(n_tok):
+        total = parts[0, b]
+        for c in range(1, n_chunks):
+            part = parts[c, b]
+            for k in range(d):
+                total[k] += part[k]
+        if code == _I4:
+            half = d // 2
+            for k in range(d):
+                out[b, _natural_col(k, half)] = total[k]
+        else:
+            out[b, :] = total
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -841,6 +846,7 @@ _h_kernel_serial = _serial_twin(_h_kernel)
 _h_threshold_kernel_serial = _serial_twin(_h_threshold_kernel)
 _down_kernel_serial = _serial_twin(_down_kernel)
 _matvec_kernel_serial = _serial_twin(_matvec_kernel)
+_one_row_matvec_kernel_serial = _serial_twin(_one_row_matvec_kernel)
 _matvec_q4_kernel_serial = _serial_twin(_matvec_q4_kernel)
 SERIAL_MAX_BYTES = 1 << 21  # weight bytes a call reads below which it runs on one thread
 
@@ -1153,8 +1159,8 @@ def host_matvec(w, x, out=None):
         xsum = (xk[:, :half] + xk[:, half:]).reshape(xk.shape[0], groups, GROUP // 2).sum(-1, dtype=np.float32)
         kernel = _matvec_q4_kernel_serial if serial else _matvec_q4_kernel
         kernel(kw.data, kw.scale, xk, xsum, y, np.empty((_MV_CHUNKS, groups), np.float32))
-    elif xk.shape[0] == 1 and kw.code in (_BF16, _F16) and kw.row_bytes >= ONE_ROW_MIN_BYTES and not serial:
-        _one_row_matvec_kernel(kw.code, kw.data, xk, y)
+    elif xk.shape[0] == 1 and kw.code in (_BF16, _F16):  # one token in half precision: one stream a thread
+        (_one_row_matvec_kernel_serial if serial else _one_row_matvec_kernel)(kw.code, kw.data, xk, y)
     else:
         kernel = _matvec_kernel_serial if serial else _matvec_kernel
         kernel(kw.code, kw.data, kw.scale, xk, y)
@@ -1292,9 +1298,6 @@ def warm(formats, gated: bool = False) -> float:
                 host_axpy_down(w, idx, rows, np.ones((n_tok, rows), np.float32), skip_zero_rows=False)
                 if gated:
                     host_sparse_ffn("swiglu", w, w, w, x, idx, rows, act_threshold=0.5)
-        if fmt in ("bfloat16", "float16"):  # one token over wide rows: its own kernel (the last weight, reshaped)
-            wide = ONE_ROW_MIN_BYTES // 2
-            host_matvec(Weight(w.data.reshape(-1, wide), None, fmt, wide), np.ones((1, wide), np.float32))
         del w  # a large weight held into the next format's warm-up would add to the load's peak memory
         _WARM.add((fmt, gated))
     host_select_union(np.zeros((1, 4), np.float32), np.ones(1, bool), 0.0, np.arange(2, dtype=np.int32),

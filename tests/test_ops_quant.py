@@ -194,23 +194,27 @@ def test_matvec(fmt, batch):
 
 
 @pytest.mark.parametrize("fmt", Q.FORMATS)
-def test_matvec_wide_rows(fmt, monkeypatch):
-    """Rows of ONE_ROW_MIN_BYTES or more: one token through the one-row kernel (bf16, f16), two tokens and
-    the one-thread build through the eight-stream one; each equals the reference and repeats its bits."""
-    W, _ = _weights(fmt, rows=37, cols=4096, seed=11)
-    assert H._kernel_weight(W).row_bytes >= H.ONE_ROW_MIN_BYTES or fmt in ("int8", "int4")
+@pytest.mark.parametrize("cols", [384, 4096])
+def test_matvec_one_row_kernels(fmt, cols, monkeypatch):
+    """One token in bf16/f16 goes through the one-row kernel (parallel, or its one-thread twin below
+    SERIAL_MAX_BYTES), two tokens and the other formats through the eight-stream ones; each result equals
+    the reference and repeats its bits."""
+    W, _ = _weights(fmt, rows=37, cols=cols, seed=11)
     wf = Q.dequantize(W)
-    x = np.random.default_rng(12).standard_normal((2, 4096)).astype(np.float32)
+    x = np.random.default_rng(12).standard_normal((2, cols)).astype(np.float32)
     calls = []
-    one_row = H._one_row_matvec_kernel
-    monkeypatch.setattr(H, "_one_row_matvec_kernel", lambda *a: calls.append(a[2].shape) or one_row(*a))
+    for name in ("_one_row_matvec_kernel", "_one_row_matvec_kernel_serial"):
+        kernel = getattr(H, name)
+        monkeypatch.setattr(H, name, lambda *a, k=kernel, n=name: calls.append((n, a[2].shape)) or k(*a))
     for serial_bytes in (0, 1 << 40):  # parallel, then serial kernels
         monkeypatch.setattr(H, "SERIAL_MAX_BYTES", serial_bytes)
         for n in (1, 2):
             got = H.host_matvec(W, x[:n])
             _assert_close(got, x[:n] @ wf.T)
             np.testing.assert_array_equal(H.host_matvec(W, x[:n]), got)
-    assert calls == ([(1, 4096)] * 2 if fmt in ("bfloat16", "float16") else [])  # one token, parallel
+    half = fmt in ("bfloat16", "float16")
+    assert calls == ([("_one_row_matvec_kernel", (1, cols))] * 2 + [("_one_row_matvec_kernel_serial", (1, cols))] * 2
+                     if half else [])
 
 
 @pytest.mark.parametrize("fmt", Q.FORMATS)
