@@ -4,8 +4,11 @@ XLA:CPU's decode attention over a batch reads the attended span through a stride
 cache `[:B, :, :span]`, which it copies before its batched dots: at 16 rows of the bundled model
 the copies and dots took ~4 ms of a ~10 ms step (BENCHMARKS.md, "attention at batch > 1"). This
 kernel reads the cache where it lies (a zero-copy `buffer_callback` operand) and only each row's
-own slots (its length, not the batch's span bucket). One row is left to XLA: there the slice is
-small and a callback's fixed cost is not repaid (`HOST_ATTENTION_MIN_ROWS`).
+own slots (its length, not the batch's span bucket). A step of fewer rows comes here too once the
+span it would copy is large (`HOST_ATTENTION_MIN_SPAN_BYTES`): one row of a 7B-shaped model copies
+4 MiB of K/V a layer at the shortest span, and the kernel made its decode 1.03x faster at a 32-token
+prompt and 1.25x at 400; the bundled model's shortest span (384 KiB) was even either way, its longer
+ones 1.18-1.43x faster here (BENCHMARKS.md, "one-row attention").
 
 `decode_attention_ref` is the plain numpy reference; `tests/test_ops_host_attention.py` checks the
 kernel and the jitted path against it and against the XLA attention.
@@ -23,14 +26,16 @@ from numba import njit, prange
 from ops import linear  # its USE_HOST_KERNELS = False sends everything through XLA (what a GPU runs)
 
 HOST_ATTENTION_MIN_ROWS = 4  # decode steps of at least this many rows attend here (CPU backend, f32 cache)
+HOST_ATTENTION_MIN_SPAN_BYTES = 512 << 10  # ... and smaller ones whose attended K+V span is at least this big
 USE_HOST_ATTENTION = True  # False keeps XLA's attention everywhere (tests compare the two)
 
 
-def uses_host_attention(rows: int, tokens: int, cache_dtype) -> bool:
-    """Whether a step of `rows` x `tokens` over a cache of `cache_dtype` attends through this kernel."""
+def uses_host_attention(rows: int, tokens: int, cache_dtype, span_bytes: int = 0) -> bool:
+    """Whether a step of `rows` x `tokens` over a cache of `cache_dtype` attends through this kernel
+    (`span_bytes`: the K and V bytes of the attended span of those rows, what XLA would copy)."""
+    large = rows >= HOST_ATTENTION_MIN_ROWS or span_bytes >= HOST_ATTENTION_MIN_SPAN_BYTES
     return (USE_HOST_ATTENTION and linear.USE_HOST_KERNELS and linear._buffer_callback is not None and tokens == 1
-            and rows >= HOST_ATTENTION_MIN_ROWS and jnp.dtype(cache_dtype) == jnp.float32
-            and jax.default_backend() == "cpu")
+            and large and jnp.dtype(cache_dtype) == jnp.float32 and jax.default_backend() == "cpu")
 
 
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)

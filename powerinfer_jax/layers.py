@@ -180,9 +180,10 @@ def _attend_cached(q, k, v, positions, k_cache, v_cache, attend_len: int, cfg: M
         at = (jnp.arange(B)[:, None, None], jnp.arange(hkv)[None, None, :], positions[:, :, None])
         k_cache = k_cache.at[at].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[at].set(v.astype(v_cache.dtype), mode="drop")
-        if uses_host_attention(B, T, k_cache.dtype):
-            # A batched decode step on the CPU backend: each row over its own slots, the cache read in
-            # place (XLA would copy the strided span below before its dots).
+        span_bytes = 2 * B * hkv * attend_len * hd * k_cache.dtype.itemsize
+        if uses_host_attention(B, T, k_cache.dtype, span_bytes):
+            # A batched or long-span decode step on the CPU backend: each row over its own slots, the cache
+            # read in place (XLA would copy the strided span below before its dots).
             out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0], cfg.sliding_window)
             return out.reshape(B, T, hq * hd), k_cache, v_cache
         # A cache may hold more rows than x (continuous batching runs its first B rows).

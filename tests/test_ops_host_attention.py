@@ -62,8 +62,41 @@ def test_batched_decode_step_equals_xla_attention(monkeypatch):
     _close(host[:3], xla[:3])  # the padding row's logits are not compared (XLA's are NaN there)
 
 
-def test_one_row_and_prompts_stay_on_xla():
+def test_one_row_long_span_attends_on_the_host(monkeypatch):
+    """A one-row decode step attends here once its span's K+V bytes reach the threshold (lowered to
+    this tiny model's span), matches XLA's attention, and below the threshold stays on XLA."""
+    from powerinfer_jax.config import ModelConfig
+    from powerinfer_jax.model import forward, init_cache
+    from powerinfer_jax.params import init_params
+
+    cfg = ModelConfig(architecture="LlamaForCausalLM", family="llama", ffn_kind="reglu", vocab_size=64,
+                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                      max_position_embeddings=64, norm_eps=1e-5)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    span = 32
+    rng = np.random.default_rng(2)
+    prompt = jnp.asarray(rng.integers(0, 64, (1, 20)), jnp.int32)
+    _, cache, _ = forward(params, cfg, prompt, jnp.arange(20)[None], init_cache(cfg, 1, span), span)
+    token, position = jnp.asarray([[5]], jnp.int32), jnp.asarray([[20]], jnp.int32)
+    span_bytes = 2 * cfg.num_kv_heads * span * cfg.head_dim * 4
+
+    def step(threshold):
+        monkeypatch.setattr(HA, "HOST_ATTENTION_MIN_SPAN_BYTES", threshold)
+        fn = jax.jit(lambda p, t, pos, c: forward(p, cfg, t, pos, c, span)[0])  # a new trace per threshold
+        return "callback" in fn.lower(params, token, position, cache).as_text(), np.asarray(fn(params, token,
+                                                                                               position, cache))
+
+    host_called, host = step(span_bytes)
+    xla_called, xla = step(span_bytes + 1)
+    assert host_called and not xla_called
+    _close(host, xla)
+
+
+def test_small_steps_and_prompts_stay_on_xla():
     assert not HA.uses_host_attention(1, 1, jnp.float32)
-    assert not HA.uses_host_attention(8, 4, jnp.float32)  # a prompt chunk
+    assert not HA.uses_host_attention(1, 1, jnp.float32, HA.HOST_ATTENTION_MIN_SPAN_BYTES - 1)
+    assert not HA.uses_host_attention(8, 4, jnp.float32, 1 << 30)  # a prompt chunk
     assert not HA.uses_host_attention(8, 1, jnp.bfloat16)  # a half-precision cache
-    assert HA.uses_host_attention(HA.HOST_ATTENTION_MIN_ROWS, 1, jnp.float32) == (jax.default_backend() == "cpu")
+    on_cpu = jax.default_backend() == "cpu"
+    assert HA.uses_host_attention(HA.HOST_ATTENTION_MIN_ROWS, 1, jnp.float32) == on_cpu
+    assert HA.uses_host_attention(1, 1, jnp.float32, HA.HOST_ATTENTION_MIN_SPAN_BYTES) == on_cpu
