@@ -107,11 +107,12 @@ def main(argv):
     base = roofline.decode_bytes(cfg, fmt, ffn_neurons_per_token=0, attend_len=attend, table_dtype=table)
     nb = memory.neuron_bytes(cfg, fmt)
     ffn_bytes = float(np.median(computed)) * nb
+    pred_bytes = roofline.predictor_bytes(s.predictor_shapes(), fmt)  # as the engine stores them, not f32
     parts = {
         "attention, head, norms, sampling (no_ffn)": (ms["no_ffn"], base),
-        "predictors + selection (predictor - no_ffn)": (ms["predictor"] - ms["no_ffn"], s.predictor_bytes),
+        "predictors + selection (predictor - no_ffn)": (ms["predictor"] - ms["no_ffn"], pred_bytes),
         "sparse FFN kernels + callbacks (hybrid - predictor)": (ms["hybrid"] - ms["predictor"], ffn_bytes),
-        "whole hybrid step": (ms["hybrid"], base + s.predictor_bytes + ffn_bytes),
+        "whole hybrid step": (ms["hybrid"], base + pred_bytes + ffn_bytes),
         "whole dense step": (ms["dense"], base + cfg.num_layers * cfg.intermediate_size * nb),
     }
     print(f"{s.name} ({fmt}): backend {jax.default_backend()}; read bandwidth {bw / 1e9:.1f} GB/s; budget {FLAGS.budget:.0%}; "

@@ -268,7 +268,7 @@ def _elementwise_ops(cvt):
 _, _f32_dot4, _f32_dot8, _f32_axpy8, _f32_widen = _elementwise_ops(_f32)
 _bf16_dot1, _bf16_dot4, _bf16_dot8, _bf16_axpy8, _bf16_widen = _elementwise_ops(_bf16)
 _f16_dot1, _f16_dot4, _f16_dot8, _f16_axpy8, _f16_widen = _elementwise_ops(_f16)
-_, _i8_dot4, _i8_dot8, _i8_axpy8, _i8_widen = _elementwise_ops(_i8)
+_i8_dot1, _i8_dot4, _i8_dot8, _i8_axpy8, _i8_widen = _elementwise_ops(_i8)
 
 
 @njit(fastmath=_FASTMATH, inline="always")
@@ -344,13 +344,15 @@ def _q4_widen(a, sa, out):
 # at compile time, and bf16/f16 (both uint16 bits) by the format code, outside the loops.
 # ``sa`` is the row's scale row: [1] f32 for int8, [K/32] f16 bits for int4, [0] otherwise.
 def _dot1(code, a, xb):
-    """Stub: one stored row's dot with xb (bf16/f16 bits)."""
+    """Stub: one stored row's dot with xb (bf16/f16 bits; int8 without its row scale)."""
     raise NotImplementedError
 
 
 @overload(_dot1)
 def _dot1_impl(code, a, xb):
     dt = a.dtype
+    if dt == types.int8:
+        return lambda code, a, xb: _i8_dot1(a, xb)
     if dt == types.uint16:
         def impl(code, a, xb):
             if code == _BF16:
@@ -705,17 +707,19 @@ def _matvec_kernel(code, w, s, x, out):
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _one_row_matvec_kernel(code, w, x, out):
-    """out[0, r] = row r . x[0] for one token over bf16/f16 rows (the engine reads f32 ones with XLA): each
-    thread reads its rows one after another, one sequential stream, the access pattern the roofline's
-    bandwidth is measured with (benchmarks/roofline.py). Beats `_matvec_kernel`'s eight streams at every
-    row length measured (old and new alternating on rotating matrices from DRAM, bf16: 7B gate/up 1.05-1.11x,
-    the predictor's fc2 [11008, 1024] 1.52x, [32000, 512] 1.87x; BENCHMARKS.md, "One row a pass")."""
+def _one_row_matvec_kernel(code, w, s, x, out):
+    """out[0, r] = row r . x[0] for one token over bf16/f16 rows, or int8 rows under 4 KiB (the engine reads
+    f32 ones with XLA): each thread reads its rows one after another, one sequential stream, the access
+    pattern the roofline's bandwidth is measured with (benchmarks/roofline.py). Beats `_matvec_kernel`'s
+    eight streams at every bf16/f16 row length measured (old and new alternating on rotating matrices from
+    DRAM, bf16: 7B gate/up 1.05-1.11x, the predictor's fc2 [11008, 1024] 1.52x, [32000, 512] 1.87x) and at
+    short int8 rows ([11008, 1024] 2.1x, [32000, 512] 2.7x, 384-wide 1.4-1.5x; even at 2 KiB, 0.92x at 4 KiB;
+    BENCHMARKS.md, "One row a pass")."""
     rows = w.shape[0]
     step = (rows + _MV_CHUNKS - 1) // _MV_CHUNKS
     for c in prange(_MV_CHUNKS):
         for r in range(c * step, min(rows, (c + 1) * step)):
-            out[0, r] = _dot1(code, w[r], x[0])
+            out[0, r] = _dot1(code, w[r], x[0]) * _row_scale(s, r)
 
 
 
@@ -849,6 +853,7 @@ _matvec_kernel_serial = _serial_twin(_matvec_kernel)
 _one_row_matvec_kernel_serial = _serial_twin(_one_row_matvec_kernel)
 _matvec_q4_kernel_serial = _serial_twin(_matvec_q4_kernel)
 SERIAL_MAX_BYTES = 1 << 21  # weight bytes a call reads below which it runs on one thread
+I8_ONE_ROW_BELOW_COLS = 4096  # int8 rows shorter than this take the one-row kernel for one token
 
 
 # ---------------------------------------------------------------- argument handling
@@ -1159,8 +1164,9 @@ def host_matvec(w, x, out=None):
         xsum = (xk[:, :half] + xk[:, half:]).reshape(xk.shape[0], groups, GROUP // 2).sum(-1, dtype=np.float32)
         kernel = _matvec_q4_kernel_serial if serial else _matvec_q4_kernel
         kernel(kw.data, kw.scale, xk, xsum, y, np.empty((_MV_CHUNKS, groups), np.float32))
-    elif xk.shape[0] == 1 and kw.code in (_BF16, _F16):  # one token in half precision: one stream a thread
-        (_one_row_matvec_kernel_serial if serial else _one_row_matvec_kernel)(kw.code, kw.data, xk, y)
+    elif xk.shape[0] == 1 and (kw.code in (_BF16, _F16) or kw.code == _I8 and kw.cols < I8_ONE_ROW_BELOW_COLS):
+        # one token in half precision or over short int8 rows: one stream a thread
+        (_one_row_matvec_kernel_serial if serial else _one_row_matvec_kernel)(kw.code, kw.data, kw.scale, xk, y)
     else:
         kernel = _matvec_kernel_serial if serial else _matvec_kernel
         kernel(kw.code, kw.data, kw.scale, xk, y)
@@ -1291,7 +1297,7 @@ def warm(formats, gated: bool = False) -> float:
                 rows = 2 * SERIAL_MAX_BYTES // _kernel_weight(_zero_weight(8, cols, fmt)).row_bytes + 8
             w = _zero_weight(rows, cols, fmt)
             idx = np.arange(rows, dtype=np.int32)
-            for n_tok in (1, _WARM_BLAS_TOKENS):  # the mat-vec kernels, then the BLAS paths (widening)
+            for n_tok in (1, 2, _WARM_BLAS_TOKENS):  # the mat-vec kernels (one row, eight streams), then BLAS
                 x = np.ones((n_tok, cols), np.float32)
                 host_matvec(w, x)
                 host_sparse_ffn("reglu", w, w, w, x, idx, rows)

@@ -196,25 +196,25 @@ def test_matvec(fmt, batch):
 @pytest.mark.parametrize("fmt", Q.FORMATS)
 @pytest.mark.parametrize("cols", [384, 4096])
 def test_matvec_one_row_kernels(fmt, cols, monkeypatch):
-    """One token in bf16/f16 goes through the one-row kernel (parallel, or its one-thread twin below
-    SERIAL_MAX_BYTES), two tokens and the other formats through the eight-stream ones; each result equals
-    the reference and repeats its bits."""
+    """One token in bf16/f16, or over int8 rows shorter than I8_ONE_ROW_BELOW_COLS, goes through the one-row
+    kernel (parallel, or its one-thread twin below SERIAL_MAX_BYTES), two tokens and the other cases through
+    the eight-stream ones; each result equals the reference and repeats its bits."""
     W, _ = _weights(fmt, rows=37, cols=cols, seed=11)
     wf = Q.dequantize(W)
     x = np.random.default_rng(12).standard_normal((2, cols)).astype(np.float32)
     calls = []
     for name in ("_one_row_matvec_kernel", "_one_row_matvec_kernel_serial"):
         kernel = getattr(H, name)
-        monkeypatch.setattr(H, name, lambda *a, k=kernel, n=name: calls.append((n, a[2].shape)) or k(*a))
+        monkeypatch.setattr(H, name, lambda *a, k=kernel, n=name: calls.append((n, a[3].shape)) or k(*a))
     for serial_bytes in (0, 1 << 40):  # parallel, then serial kernels
         monkeypatch.setattr(H, "SERIAL_MAX_BYTES", serial_bytes)
         for n in (1, 2):
             got = H.host_matvec(W, x[:n])
             _assert_close(got, x[:n] @ wf.T)
             np.testing.assert_array_equal(H.host_matvec(W, x[:n]), got)
-    half = fmt in ("bfloat16", "float16")
+    one_row = fmt in ("bfloat16", "float16") or fmt == "int8" and cols < H.I8_ONE_ROW_BELOW_COLS
     assert calls == ([("_one_row_matvec_kernel", (1, cols))] * 2 + [("_one_row_matvec_kernel_serial", (1, cols))] * 2
-                     if half else [])
+                     if one_row else [])
 
 
 @pytest.mark.parametrize("fmt", Q.FORMATS)
