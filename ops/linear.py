@@ -53,6 +53,12 @@ USE_HOST_KERNELS = True
 # the host kernel wins, 4.6 vs 6.4 ms). BENCHMARKS.md, "bf16 at batch > 1".
 NATIVE_BF16_MIN_ROWS = 2
 NATIVE_BF16_T_MIN_ROWS = 8
+# Without AMX (AVX512-BF16 only: AMD Zen 4, Cooper Lake) the three-part bf16 dot is compute-bound: a large
+# weight at a few rows reads faster through the host kernel (AMD EPYC, one process, split / host: 7B
+# up-projection [11008, 4096] 1.49x at 4 rows, 1.07x at 8, 1.01x at 16; [4096, 4096] 1.21x at 4, 1.08x at 8),
+# while small weights keep the bf16 dot (bundled [1536, 384] 0.72x at 4 rows). BENCHMARKS.md, "Serving".
+NO_AMX_HOST_MAX_ROWS = 8
+NO_AMX_HOST_MIN_BYTES = 8 << 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,13 +76,29 @@ def cpu_has_bf16_dot() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles for bf16 (amx_bf16 in /proc/cpuinfo); POWERINFER_BF16_DOT=xla counts
+    as AMX (XLA's dot at every row count from NATIVE_BF16_MIN_ROWS)."""
+    if os.environ.get("POWERINFER_BF16_DOT", "").strip().lower() == "xla":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+
+
 def native_bf16_dot(w, n_rows: int, transposed: bool = False) -> bool:
     """Whether `n_rows` activation rows against the bfloat16 Weight `w` (in `linear_t`'s product with
     `transposed`) go through XLA's own bf16 dot on the CPU backend (`_bf16_split_dot`) instead of
     the host kernels."""
     least = NATIVE_BF16_T_MIN_ROWS if transposed else NATIVE_BF16_MIN_ROWS
-    return (USE_HOST_KERNELS and isinstance(w, Weight) and w.fmt == "bfloat16" and n_rows >= least
-            and jax.default_backend() == "cpu" and cpu_has_bf16_dot())
+    native = (USE_HOST_KERNELS and isinstance(w, Weight) and w.fmt == "bfloat16" and n_rows >= least
+              and jax.default_backend() == "cpu" and cpu_has_bf16_dot())
+    if native and n_rows <= NO_AMX_HOST_MAX_ROWS and not cpu_has_amx():
+        return w.data.size * 2 < NO_AMX_HOST_MIN_BYTES  # a large weight at a few rows: the host kernel
+    return native
 
 
 def uses_host_kernel(w, n_rows: int | None = None) -> bool:

@@ -69,6 +69,27 @@ def test_bf16_rows_take_xla_own_dot_where_the_cpu_has_one(native, tokens, monkey
             assert "dot_general" in hlo and "bf16" in hlo
 
 
+@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("tokens", [4, 16])
+def test_large_bf16_weight_at_few_rows_stays_on_the_host_without_amx(amx, tokens, monkeypatch):
+    """A bf16 CPU without AMX: a weight of NO_AMX_HOST_MIN_BYTES or more at up to NO_AMX_HOST_MAX_ROWS rows
+    goes through the host kernel (XLA's three-part bf16 dot is compute-bound there); with AMX, or at more
+    rows, XLA's dot. Either way within f32 rounding of the reference."""
+    monkeypatch.setattr(L, "cpu_has_bf16_dot", lambda: True)
+    monkeypatch.setattr(L, "cpu_has_amx", lambda: amx)
+    cols = 1024
+    rows = L.NO_AMX_HOST_MIN_BYTES // (2 * cols)  # exactly the threshold
+    w = _weight("bfloat16", rows=rows, cols=cols)
+    wj = jax.tree.map(jnp.asarray, w)
+    x = np.random.default_rng(6).standard_normal((tokens, cols), dtype=np.float32)
+    fresh = jax.jit(lambda a, w: L.linear(a, w))
+    _close(fresh(jnp.asarray(x), wj), L.linear_ref(x, w))
+    host = not amx and tokens <= L.NO_AMX_HOST_MAX_ROWS
+    assert ("callback" in fresh.lower(jnp.asarray(x), wj).as_text()) == host
+    small = jax.tree.map(jnp.asarray, _weight("bfloat16", rows=384, cols=256))  # small weights keep XLA's dot
+    assert "callback" not in jax.jit(lambda a, w: L.linear(a, w)).lower(jnp.ones((tokens, 256)), small).as_text()
+
+
 def test_bf16_weight_data_is_bf16_typed_and_uint16_bits_are_viewed():
     """A bf16 Weight holds bf16-typed data (XLA's bf16 dot reads it as is; a uint16 array would be
     copied to reinterpret it every call); bit patterns passed in are viewed, not copied."""
