@@ -62,31 +62,33 @@ NO_AMX_HOST_MIN_BYTES = 8 << 20
 
 
 @functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset:
+    """The CPU feature flags of /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return frozenset()
+
+
+def _forced_bf16_dot() -> str:
+    """POWERINFER_BF16_DOT=xla|host, or "" (detect from the CPU's flags)."""
+    forced = os.environ.get("POWERINFER_BF16_DOT", "").strip().lower()
+    return forced if forced in ("xla", "host") else ""
+
+
 def cpu_has_bf16_dot() -> bool:
     """Whether this CPU multiplies bf16 natively (amx_bf16 or avx512_bf16 in /proc/cpuinfo); the
     environment variable POWERINFER_BF16_DOT=xla|host overrides the detection."""
-    forced = os.environ.get("POWERINFER_BF16_DOT", "").strip().lower()
-    if forced in ("xla", "host"):
-        return forced == "xla"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    if _forced_bf16_dot():
+        return _forced_bf16_dot() == "xla"
+    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles for bf16 (amx_bf16 in /proc/cpuinfo); POWERINFER_BF16_DOT=xla counts
-    as AMX (XLA's dot at every row count from NATIVE_BF16_MIN_ROWS)."""
-    if os.environ.get("POWERINFER_BF16_DOT", "").strip().lower() == "xla":
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    """Whether this CPU has AMX tiles for bf16 (amx_bf16); POWERINFER_BF16_DOT=xla counts as AMX (XLA's
+    dot at every row count from NATIVE_BF16_MIN_ROWS)."""
+    return _forced_bf16_dot() == "xla" or "amx_bf16" in _cpu_flags()
 
 
 def native_bf16_dot(w, n_rows: int, transposed: bool = False) -> bool:
@@ -97,7 +99,7 @@ def native_bf16_dot(w, n_rows: int, transposed: bool = False) -> bool:
     native = (USE_HOST_KERNELS and isinstance(w, Weight) and w.fmt == "bfloat16" and n_rows >= least
               and jax.default_backend() == "cpu" and cpu_has_bf16_dot())
     if native and n_rows <= NO_AMX_HOST_MAX_ROWS and not cpu_has_amx():
-        return w.data.size * 2 < NO_AMX_HOST_MIN_BYTES  # a large weight at a few rows: the host kernel
+        return w.data.nbytes < NO_AMX_HOST_MIN_BYTES  # a large weight at a few rows: the host kernel
     return native
 
 
