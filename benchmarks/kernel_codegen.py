@@ -17,7 +17,6 @@ Gathers and scatters show up on AVX-512 machines; elsewhere LLVM writes the same
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -58,10 +57,11 @@ def instruction_counts(asm: str) -> dict:
     """Counts of the instructions this script reports, from x86 assembly text."""
     lines = [ln.strip() for ln in asm.splitlines()]
     ops = [ln for ln in lines if ln and not ln.startswith((".", "#")) and not ln.endswith(":")]
+    names = [ln.split()[0] for ln in ops]
     return {"zmm": sum("zmm" in ln for ln in ops), "ymm": sum("ymm" in ln for ln in ops),
-            "gather": sum(ln.split()[0].startswith("vgather") or ln.split()[0].startswith("vpgather") for ln in ops),
-            "scatter": sum(ln.split()[0].startswith("vscatter") or ln.split()[0].startswith("vpscatter") for ln in ops),
-            "insert": sum(ln.split()[0].startswith("vpinsr") for ln in ops)}
+            "gather": sum(n.startswith(("vgather", "vpgather")) for n in names),
+            "scatter": sum(n.startswith(("vscatter", "vpscatter")) for n in names),
+            "insert": sum(n.startswith("vpinsr") for n in names)}
 
 
 def kernel_report(dispatcher, signatures=None) -> list[tuple[str, dict]]:
@@ -100,5 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     main()
