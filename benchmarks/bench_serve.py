@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags  # noqa: E402
 
 from powerinfer_jax import cli  # noqa: E402
+from powerinfer_jax.batching import MIXED_CHUNK, STAGE_ROWS  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -56,9 +57,14 @@ def define_flags() -> None:
     flags.DEFINE_list("dense_dtypes", ["float32", "bfloat16"], "Weight precisions of the dense engines (the "
                       "float32 one is `dense`, the others `dense_<dtype>`).")
     flags.DEFINE_string("hybrid_dtype", "float32", "Weight precision of the hybrid engine.")
-    flags.DEFINE_integer("mixed_chunk", 32, "Prompt tokens a decode step carries while sequences run "
+    flags.DEFINE_integer("mixed_chunk", MIXED_CHUNK, "Prompt tokens a decode step carries while sequences run "
                          "(ContinuousBatcher.mixed_chunk); 0: separate prompt chunks between decode steps.",
                          lower_bound=0)
+    flags.DEFINE_integer("stage_rows", STAGE_ROWS, "Waiting prompts whose pieces one decode step can carry "
+                         "(ContinuousBatcher.stage_rows).", lower_bound=1)
+    flags.DEFINE_list("carry", [], "Batcher settings compared side by side, as mixed_chunk x stage_rows (e.g. "
+                      "32x1,24x4): each engine gets one batcher per setting, named engine@WxR, in the same "
+                      "alternating rounds. Default: the one setting --mixed_chunk/--stage_rows give.")
     flags.DEFINE_string("out", None, "Output stem (default benchmarks/results/serve_<backend>).")
 
 
@@ -105,10 +111,12 @@ def run_round(batcher, prompts, clients: int, per_client: int, max_tokens: int) 
         t.join()
     wall = time.perf_counter() - t0
     after = batcher.stats()
-    d = {k: after.get(k, 0) - before.get(k, 0) for k in ("steps", "rows_computed", "ffn_computed", "ffn_total")}
+    d = {k: after.get(k, 0) - before.get(k, 0)
+         for k in ("steps", "rows_computed", "ffn_computed", "ffn_total", "mixed_steps")}
     out = {"tokens": tokens[0], "wall_s": wall, "tok_s": tokens[0] / wall, "ttft_p50_ms": 1e3 * _percentile(ttft, 50),
            "itl_p50_ms": 1e3 * _percentile(gaps, 50), "itl_p99_ms": 1e3 * _percentile(gaps, 99),
-           "mean_batch": d["rows_computed"] / max(d["steps"], 1), "texts": texts}
+           "mean_batch": d["rows_computed"] / max(d["steps"], 1), "carrying": d["mixed_steps"] / max(d["steps"], 1),
+           "texts": texts}
     if d["ffn_total"]:  # per step and layer: the neurons of the union of the batch's masks, and all neurons
         out["ffn_computed_fraction"] = d["ffn_computed"] / d["ffn_total"]
     return out
@@ -149,8 +157,11 @@ def bench_model(name: str, clients: list[int], log=print) -> dict:
     from powerinfer_jax.batching import ContinuousBatcher, RequestParams
 
     engines, prompts, n_tokens, description = _engines(name, log)
-    batchers = {k: ContinuousBatcher(e, max_batch=max(clients), prefill_chunk=64,
-                                     mixed_chunk=FLAGS.mixed_chunk or None).start() for k, e in engines.items()}
+    batchers = {}
+    for k, e in engines.items():
+        for label, (width, stage_rows) in carry_settings(FLAGS.carry, FLAGS.mixed_chunk, FLAGS.stage_rows):
+            batchers[k + label] = ContinuousBatcher(e, max_batch=max(clients), prefill_chunk=64,
+                                                    mixed_chunk=width or None, stage_rows=stage_rows).start()
     try:
         for k, b in batchers.items():  # warm-up: compile every batch size and span these rounds reach
             for c in clients:
@@ -165,7 +176,8 @@ def bench_model(name: str, clients: list[int], log=print) -> dict:
         rows = []
         for (k, c), rs in runs.items():
             row = {"engine": k, "clients": c}
-            for key in ("tok_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms", "mean_batch", "ffn_computed_fraction"):
+            for key in ("tok_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms", "mean_batch", "carrying",
+                        "ffn_computed_fraction"):
                 vals = [r[key] for r in rs if key in r]
                 if vals:
                     row[key] = float(np.median(vals))
@@ -186,6 +198,22 @@ def bench_model(name: str, clients: list[int], log=print) -> dict:
             b.stop()
 
 
+def carry_settings(carry: list[str], mixed_chunk: int, stage_rows: int) -> list[tuple[str, tuple[int, int]]]:
+    """(name suffix, (mixed_chunk, stage_rows)) per batcher setting: "" and the flags' one without --carry."""
+    if not carry:
+        return [("", (mixed_chunk, stage_rows))]
+    out = []
+    for item in carry:
+        try:
+            width, rows = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            from powerinfer_jax.errors import ArgumentError
+
+            raise ArgumentError(f"--carry: {item!r} is not mixed_chunk x stage_rows, e.g. 24x4") from None
+        out.append((f"@{width}x{rows}", (width, rows)))
+    return out
+
+
 def _goals(rows) -> dict:
     get = {(r["engine"], r["clients"]): r for r in rows}
     out = {}
@@ -194,7 +222,7 @@ def _goals(rows) -> dict:
         if (k, lo) in get and (k, hi) in get:
             out[f"{k}_throughput_x{hi}_over_x{lo}"] = get[(k, hi)]["tok_s"] / get[(k, lo)]["tok_s"]
             out[f"{k}_itl_p99_x{hi}_over_itl_p50_x{lo}"] = get[(k, hi)]["itl_p99_ms"] / get[(k, lo)]["itl_p50_ms"]
-    if ("dense", hi) in get and ("hybrid", hi) in get:
+    if ("dense", hi) in get and ("hybrid", hi) in get:  # (without --carry)
         out[f"hybrid_over_dense_throughput_x{hi}"] = get[("hybrid", hi)]["tok_s"] / get[("dense", hi)]["tok_s"]
     if ("hybrid", lo) in get and ("dense", lo) in get:
         out[f"hybrid_over_dense_throughput_x{lo}"] = get[("hybrid", lo)]["tok_s"] / get[("dense", lo)]["tok_s"]
@@ -205,12 +233,15 @@ def to_markdown(res: dict) -> str:
     lines = [f"Serving benchmark ({res['machine']}, jax {res['jax']}, {res['date']}); `{res['command']}`", ""]
     for m in res["models"]:
         lines += [f"### {m['model']}: {m['description']}; {m['tokens_per_request']} tokens per request", "",
-                  "| engine | clients | tok/s | TTFT p50 ms | inter-token p50 ms | p99 ms | mean batch | FFN neurons computed per step |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| engine | clients | tok/s | TTFT p50 ms | inter-token p50 ms | p99 ms | mean batch | "
+                  "steps carrying prompt tokens | FFN neurons computed per step |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
             ffn = f"{r['ffn_computed_fraction']:.1%}" if "ffn_computed_fraction" in r else "-"
+            carrying = f"{r['carrying']:.0%}" if "carrying" in r else "-"
             lines.append(f"| {r['engine']} | {r['clients']} | {r['tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | "
-                         f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | {r['mean_batch']:.1f} | {ffn} |")
+                         f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | {r['mean_batch']:.1f} | {carrying} | "
+                         f"{ffn} |")
         lines += ["", "Ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in m["goals"].items()),
                   "Batched vs alone (greedy, first request of each client): " +
                   ", ".join(f"{k} {v['differing']}/{v['compared']} differ" for k, v in m["batched_vs_alone"].items()),
@@ -235,6 +266,7 @@ def main(argv):
     res = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "backend": jax.default_backend(),
            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(["python benchmarks/bench_serve.py", *sys.argv[1:]]), "wall_s": time.time() - t0,
+           "mixed_chunk": FLAGS.mixed_chunk, "stage_rows": FLAGS.stage_rows,
            "models": models}
     md = to_markdown(res)
     print("\n" + md)

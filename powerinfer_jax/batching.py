@@ -6,11 +6,13 @@ step computes only the first `b` rows, b the smallest of a few static sizes (1, 
 finished sequences stop costing compute and no request compiles anything new. Each row has its own
 position, sampling settings and random stream (a per-request key folded with its step), so a
 sequence's tokens do not depend on which others share the batch. A new request is prefilled into a
-one-row staging cache: while sequences are running, `mixed_chunk` tokens at a time inside each decode
-step (one program over `model.forward_groups`, which reads every weight once for the batch and the
-chunk), otherwise in chunks of `prefill_chunk` tokens, one chunk between two decode steps, so a long
-prompt never stalls the running sequences for more than one chunk; its finished row is then copied
-into the batch. Text is detokenized incrementally (`tokenizer.IncrementalDecoder`).
+row of a staging cache. While sequences are running, each decode step carries a packed chunk of
+`mixed_chunk` prompt tokens: the next pieces of up to `stage_rows` waiting prompts, oldest first, each
+piece writing its prompt's own staging row (one program over `model.forward_groups`, which reads every
+weight once for the batch and the chunk). So every step carries about the same number of prompt tokens
+whatever the prompts' lengths, which keeps the inter-token times even. With nothing running, a prompt
+goes in chunks of `prefill_chunk` tokens on its own. A prompt's finished staging row is then copied into
+the batch. Text is detokenized incrementally (`tokenizer.IncrementalDecoder`).
 
 This is the engine's one decode loop: `ContinuousBatcher.start()` runs it on a thread for the server,
 and `Engine.generate`/`generate_batch` run the same steps in the caller's thread (`generate_rows`),
@@ -48,13 +50,17 @@ from powerinfer_jax.tokenizer import IncrementalDecoder
 
 log = logging.getLogger(__name__)
 BATCH_SIZES = (1, 4, 16, 64)  # the static batch sizes a step runs at (capped at max_batch)
-# Prompt tokens a decode step carries for a waiting request (ContinuousBatcher.mixed_chunk). Bundled model,
+# Prompt tokens a decode step carries for the waiting requests (ContinuousBatcher.mixed_chunk). Bundled model,
 # bf16, 16 running rows: a step alone 6.5-7.1 ms, carrying 16 prompt tokens 9.5 ms, 32 tokens 11.8 ms, where
 # separately a 16-token chunk took 5.6 ms and a 32-token one 7.2 ms, +0.5 ms to insert its row. Served at 16
 # clients (BENCHMARKS.md, "Prompt chunks inside decode steps"): 16 cut the inter-token p99 most (20.6 -> 12.7
 # ms) but a 25-token prompt then needs two steps to join, and the batch ran emptier (hybrid throughput 639 ->
 # 542 tok/s); 32 gave the throughput (dense bf16 1126 -> 1321 tok/s, hybrid 660) with a p99 of 16.9 ms.
 MIXED_CHUNK = 32
+# Prompts prefilled at once, each in a staging row (ContinuousBatcher.stage_rows): with 4, 16 clients with
+# 7-token prompts got 1.30x the throughput of one prompt a chunk (four join in one step); 25-token prompts, which
+# fill a 32-token chunk alone, the same (BENCHMARKS.md, "Several prompts in one carried chunk").
+STAGE_ROWS = 4
 _RUNNING: weakref.WeakSet = weakref.WeakSet()  # started batchers, stopped at exit (see _stop_at_exit)
 
 
@@ -96,6 +102,7 @@ class Request:
         self.key = np.asarray(jax.random.key_data(jax.random.PRNGKey(params.seed)), np.uint32)
         self.generated: list[int] = []
         self.prefilled = 0  # prompt tokens already in the staging cache
+        self.stage_row = 0  # its row of the staging cache
         self.decoder: IncrementalDecoder | None = None
 
     def cancel(self) -> None:
@@ -112,7 +119,7 @@ class _Programs:
                             static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
         self.chunk = jax.jit(functools.partial(_prefill_chunk, cfg=cfg, ffn_fn=ffn_fn),
                              static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
-        self.mixed = jax.jit(functools.partial(_decode_and_chunk, cfg=cfg, ffn_fn=ffn_fn),
+        self.mixed = jax.jit(functools.partial(_decode_and_pack, cfg=cfg, ffn_fn=ffn_fn),
                              static_argnames=("attend_len", "mode"), donate_argnames=("cache", "stage"))
         self.insert = jax.jit(_insert_row, static_argnames=("span",), donate_argnames=("cache",))
         self.move = jax.jit(_move_row, static_argnames=("span",), donate_argnames=("cache",))
@@ -134,7 +141,8 @@ class ContinuousBatcher:
     """Serves many generation requests with one decode loop over a shared, continuously refilled batch."""
 
     def __init__(self, engine: Engine, max_batch: int = 16, prefill_chunk: int = 128,
-                 sizes: Sequence[int] = BATCH_SIZES, mixed_chunk: int | None = MIXED_CHUNK):
+                 sizes: Sequence[int] = BATCH_SIZES, mixed_chunk: int | None = MIXED_CHUNK,
+                 stage_rows: int = STAGE_ROWS):
         self.engine = engine
         self.max_batch = checks.integer("max_batch", max_batch, lo=1)
         self.prefill_chunk = checks.integer("prefill_chunk", prefill_chunk, lo=1)
@@ -143,6 +151,9 @@ class ContinuousBatcher:
         # Over a mesh the staging cache's sharding differs from the batch's: separate programs there.
         self.mixed_chunk = None if mixed_chunk is None else min(checks.integer("mixed_chunk", mixed_chunk, lo=1),
                                                                 engine.max_seq_len)
+        # Waiting prompts prefilled at once, each in its own row of the staging cache (a packed chunk holds
+        # pieces of each); the staging cache holds this many max_seq_len rows.
+        self.stage_rows = min(checks.integer("stage_rows", stage_rows, lo=1), max_batch)
         self.sizes = sorted({min(checks.integer("batch size", s, lo=1), max_batch) for s in sizes} | {max_batch})
         # generate_rows: every waiting prompt is prefilled before the next decode step (no one else is waiting),
         # and a callback's exception propagates to the caller instead of being logged
@@ -150,7 +161,8 @@ class ContinuousBatcher:
         self._eos = set(engine._eos_ids())
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[Request] = []  # row i of the batch cache decodes self._rows[i]
-        self._staging: Request | None = None  # the request being prefilled
+        self._staging: Request | None = None  # the request being prefilled on its own (_prefill_one_chunk)
+        self._packed: list[Request] = []  # requests prefilled in packed chunks inside decode steps (_decode_step)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -162,8 +174,8 @@ class ContinuousBatcher:
         if not self._programs.rows_ahead:
             self.mixed_chunk = None
         self._cache = init_cache(engine.cfg, max_batch, engine.max_seq_len, engine.kv_dtype)
-        # One-row staging caches by length (see _stage_len), kept and reused.
-        self._stage_caches: dict[int, KVCache] = {}
+        # Staging caches by (rows, slots) (see _stage_key), kept and reused.
+        self._stage_caches: dict[tuple[int, int], KVCache] = {}
         self._row_settings: tuple = ((), None)  # (the rows' request ids and step size, their sampling arrays)
 
     # ---- public API ----------------------------------------------------------------
@@ -216,26 +228,25 @@ class ContinuousBatcher:
         jobs = []
         for mode in modes:
             jobs += [self._step_job(size, span, mode) for size in self.sizes]
-            jobs += [self._chunk_job(w, self._stage_len(1), span, mode) for w in widths]
-            if self.mixed_chunk is not None:
+            jobs += [self._chunk_job(w, self._stage_key(1), span, mode) for w in widths]
+            if self._packing:
                 jobs += [self._mixed_job(size, span, mode) for size in self.sizes]
         spans = decode_spans(1, self.engine.max_seq_len, self.engine.max_seq_len)
-        jobs += self._row_jobs([(self._stage_len(1), s) for s in spans], spans)
+        jobs += self._row_jobs([(self._stage_key(1), s) for s in spans], spans)
         self._compile(jobs)
-        if not self._rows and self._staging is None:
+        if not self._rows and self._staging is None and not self._packed:
             # Run each decode size, the narrowest chunk and the row programs once (they touch only free rows
             # now): every executable's first run (buffers, thread pools) happens here, not in a request.
             for name, _, args, static in jobs:
                 if name == "step":
                     self._cache = self._executable("step", args, static)(*args[:3], self._cache, *args[4:])[1]
                 elif name == "chunk" and args[1].shape[1] == widths[0]:
-                    stage_len = args[3].k[0].shape[2]
-                    stage = self._stage_caches.pop(stage_len, None)
+                    key = args[3].k[0].shape[0], args[3].k[0].shape[2]
+                    stage = self._stage_caches.pop(key, None)
                     stage = args[3] if stage is None else stage
-                    self._stage_caches[stage_len] = self._executable("chunk", args, static)(*args[:3], stage,
-                                                                                            *args[4:])[1]
-            self._cache = self._call("insert", self._cache, self._stage_caches[self._stage_len(1)], _index(0),
-                                     span=spans[0])
+                    self._stage_caches[key] = self._executable("chunk", args, static)(*args[:3], stage, *args[4:])[1]
+            self._cache = self._call("insert", self._cache, self._stage_cache(self._stage_key(1)), _index(0),
+                                     _index(0), span=spans[0])
             self._cache = self._call("move", self._cache, _index(0), _index(0), span=spans[0])
             jax.block_until_ready(self._cache)
         return time.perf_counter() - t0
@@ -247,13 +258,24 @@ class ContinuousBatcher:
         return "step", self._programs.step, args, {"attend_len": span, "mode": mode}
 
     def _mixed_job(self, size: int, span: int, mode: str) -> tuple:
-        """The same for a decode step of `size` rows carrying a `mixed_chunk`-token prompt chunk."""
-        _, *rest = _settings([], size + 1)
-        width = self.mixed_chunk
+        """The same for a decode step of `size` rows carrying a packed `mixed_chunk`-token prompt chunk."""
+        _, *rest = _settings([], size + self.stage_rows)
+        chunk = jnp.zeros((1, self.mixed_chunk), jnp.int32)
         args = (self.engine.params, jnp.zeros(size, jnp.int32), jnp.zeros(size, jnp.int32), self._cache,
-                jnp.zeros((1, width), jnp.int32), jnp.zeros((1, width), jnp.int32),
-                self._stage_cache(self._stage_len(1)), jnp.zeros(1, jnp.int32), *rest)
+                chunk, chunk, chunk, self._stage_cache(self._stage_key(1)), jnp.zeros(self.stage_rows, jnp.int32),
+                *rest)
         return "mixed", self._programs.mixed, args, {"attend_len": span, "mode": mode}
+
+    @property
+    def _packing(self) -> bool:
+        """Whether prompts are prefilled in packed chunks inside the decode steps while sequences run (the
+        server; generate_rows admits every prompt before the first step, and over a mesh it is off)."""
+        return self.mixed_chunk is not None and not self._admit_all
+
+    def _stage_key(self, prompt_len: int) -> tuple[int, int]:
+        """(rows, slots) of the staging cache a prompt of `prompt_len` tokens is prefilled into: the server's
+        `stage_rows` rows of max_seq_len slots (one per prompt prefilled at once); generate_rows' one row."""
+        return (self.stage_rows if self._packing else 1), self._stage_len(prompt_len)
 
     def _stage_len(self, prompt_len: int) -> int:
         """Slots of the staging cache a prompt of `prompt_len` tokens is prefilled into. generate_rows: the span
@@ -262,18 +284,18 @@ class ContinuousBatcher:
         bucket in their shapes would compile while every running sequence waits)."""
         return decode_span(prompt_len, self.engine.max_seq_len) if self._admit_all else self.engine.max_seq_len
 
-    def _chunk_job(self, width: int, stage_len: int, span: int, mode: str) -> tuple:
-        """The same for a prompt chunk of `width` tokens into a staging cache of `stage_len` slots."""
+    def _chunk_job(self, width: int, stage_key: tuple[int, int], span: int, mode: str) -> tuple:
+        """The same for a prompt chunk of `width` tokens into row 0 of the staging cache `stage_key`."""
         _, *rest = _settings([], 1)
         args = (self.engine.params, jnp.zeros((1, width), jnp.int32), jnp.zeros((1, width), jnp.int32),
-                self._stage_cache(stage_len), jnp.zeros(1, jnp.int32), *rest)
+                self._stage_cache(stage_key), jnp.zeros(1, jnp.int32), *rest)
         return "chunk", self._programs.chunk, args, {"attend_len": span, "mode": mode}
 
-    def _stage_cache(self, stage_len: int):
-        """The staging cache of `stage_len` slots, made once (the prompt that needs it prefills into it)."""
-        if stage_len not in self._stage_caches:
-            self._stage_caches[stage_len] = init_cache(self.engine.cfg, 1, stage_len, self.engine.kv_dtype)
-        return self._stage_caches[stage_len]
+    def _stage_cache(self, key: tuple[int, int]):
+        """The staging cache of `key` = (rows, slots), made once (the prompt that needs it prefills into it)."""
+        if key not in self._stage_caches:
+            self._stage_caches[key] = init_cache(self.engine.cfg, key[0], key[1], self.engine.kv_dtype)
+        return self._stage_caches[key]
 
     def _compile(self, jobs: list[tuple]) -> float:
         """Compiles the jobs not compiled yet in parallel threads (XLA compiles without the GIL); returns
@@ -323,12 +345,12 @@ class ContinuousBatcher:
 
     def _row_jobs(self, inserts: Sequence[tuple[int, int]], move_spans: Sequence[int] = ()) -> list[tuple]:
         """Jobs of the row programs, where they are compiled ahead of time: writing the first `span` slots of a
-        prefilled staging cache of `stage_len` slots into a batch row, per (stage_len, span) in `inserts`, and
-        copying the first `span` slots of one batch row into another (a retired row refilled) per span."""
+        row of the staging cache `key` into a batch row, per (key, span) in `inserts`, and copying the first
+        `span` slots of one batch row into another (a retired row refilled) per span."""
         if not self._programs.rows_ahead:
             return []
-        jobs = [("insert", self._programs.insert, (self._cache, self._stage_cache(n), _index(0)), {"span": span})
-                for n, span in inserts]
+        jobs = [("insert", self._programs.insert, (self._cache, self._stage_cache(key), _index(0), _index(0)),
+                 {"span": span}) for key, span in inserts]
         return jobs + [("move", self._programs.move, (self._cache, _index(0), _index(0)), {"span": span})
                        for span in move_spans]
 
@@ -359,14 +381,14 @@ class ContinuousBatcher:
     def stats(self) -> dict:
         """Running counts: active/waiting requests, steps, generated tokens, rows computed."""
         with self._wake:
-            waiting = len(self._waiting) + (self._staging is not None)
+            waiting = len(self._waiting) + len(self._prefilling())
         return {"active": len(self._rows), "waiting": waiting, **self._counters}
 
     # ---- the loop ----------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._stop and not self._waiting and not self._rows and self._staging is None:
+                while not self._stop and not self._waiting and not self._rows and not self._prefilling():
                     self._wake.wait()
                 if self._stop:
                     break
@@ -375,17 +397,23 @@ class ContinuousBatcher:
             except Exception as err:  # noqa: BLE001  (a bug or a broken model: fail the requests, keep serving)
                 log.exception("batcher step failed")
                 self._fail_all(f"{type(err).__name__}: {err}")
-        for req in list(self._rows) + ([self._staging] if self._staging else []) + list(self._waiting):
+        for req in list(self._rows) + self._prefilling() + list(self._waiting):
             self._finish(req, "cancelled")
-        self._rows, self._staging = [], None
+        self._rows, self._staging, self._packed = [], None, []
         self._waiting.clear()
 
+    def _prefilling(self) -> list[Request]:
+        """The requests whose prompts are being prefilled (staged on their own or packed)."""
+        return ([self._staging] if self._staging is not None else []) + list(self._packed)
+
     def _step_once(self) -> None:
-        """One turn of the loop: drop cancelled requests, advance a prompt by one chunk (with `_admit_all`,
-        every waiting prompt whole), then one decode step over the running rows."""
+        """One turn of the loop: drop cancelled requests, then either one decode step carrying the next
+        pieces of the waiting prompts (`_packing`, while sequences run or prompts are packed), or one prompt
+        chunk on its own (with `_admit_all`, every waiting prompt whole) and a decode step over the rows."""
         self._drop_cancelled()
-        if self._rows and self.mixed_chunk is not None and not self._admit_all and self._stage_next():
-            self._decode_step(carry=self._staging)  # the staged prompt's next chunk rides in the step
+        if self._packing and self._staging is None and (self._rows or self._packed):
+            self._fill_packed()
+            self._decode_step(carry=bool(self._packed))
             return
         while self._prefill_one_chunk() and self._admit_all:
             pass
@@ -394,7 +422,7 @@ class ContinuousBatcher:
 
     def _run_inline(self) -> None:
         """Runs the loop in this thread until every queued request is done (`generate_rows`)."""
-        while self._rows or self._staging is not None or self._waiting:
+        while self._rows or self._prefilling() or self._waiting:
             self._step_once()
 
     def _drop_cancelled(self) -> None:
@@ -404,10 +432,45 @@ class ContinuousBatcher:
         if self._staging is not None and self._staging.cancelled:
             self._finish(self._staging, "cancelled")
             self._staging = None
+        for req in [r for r in self._packed if r.cancelled]:  # its staging row is free for the next prompt
+            self._packed.remove(req)
+            self._finish(req, "cancelled")
         with self._wake:
             for req in [r for r in self._waiting if r.cancelled]:
                 self._waiting.remove(req)
                 self._finish(req, "cancelled")
+
+    def _fill_packed(self) -> None:
+        """Moves waiting requests into free staging rows, while the batch has room for them."""
+        while len(self._packed) < self.stage_rows and len(self._rows) + len(self._packed) < self.max_batch:
+            with self._wake:
+                if not self._waiting:
+                    return
+                req = self._waiting.popleft()
+            req.stage_row = min(set(range(self.stage_rows)) - {r.stage_row for r in self._packed})
+            self._packed.append(req)
+
+    def _packed_chunk(self):
+        """The next packed chunk: the oldest prompts' next pieces filling `mixed_chunk` tokens. Returns
+        (pieces [(request, tokens)], tokens, positions, cache rows [1, W], logits_at [stage_rows]: where
+        each completed prompt's last token sits; padding positions write nothing)."""
+        width, limit = self.mixed_chunk, self.engine.max_seq_len
+        tokens, positions = np.zeros((1, width), np.int32), np.full((1, width), limit, np.int32)
+        rows, last = np.zeros((1, width), np.int32), np.zeros(self.stage_rows, np.int32)
+        pieces, used = [], 0
+        for req in self._packed:
+            if used == width:
+                break
+            start = req.prefilled
+            n = min(width - used, len(req.prompt_ids) - start)
+            tokens[0, used:used + n] = req.prompt_ids[start:start + n]
+            positions[0, used:used + n] = np.arange(start, start + n)
+            rows[0, used:used + n] = req.stage_row
+            if start + n == len(req.prompt_ids):
+                last[req.stage_row] = used + n - 1
+            pieces.append((req, n))
+            used += n
+        return pieces, tokens, positions, rows, last
 
     def _stage_next(self) -> bool:
         """Makes the next waiting request the staged one when none is and the batch has room; returns
@@ -421,22 +484,23 @@ class ContinuousBatcher:
                 self._staging = self._waiting.popleft()
         return True
 
-    def _chunk_arrays(self, req: Request, limit: int, width: int | None = None):
+    def _chunk_arrays(self, req: Request, limit: int):
         """(start, n, tokens [1, width], positions [1, width]) of the staged request's next chunk of at most
-        `limit` tokens (width: given, or the chunk's padded width; padding positions write nothing)."""
+        `limit` tokens (width: the chunk's padded width; padding positions write nothing)."""
         start, n = req.prefilled, min(limit, len(req.prompt_ids) - req.prefilled)
-        width = self._chunk_width(n) if width is None else width
+        width = self._chunk_width(n)
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :n] = req.prompt_ids[start:start + n]
         positions = np.full((1, width), self.engine.max_seq_len, np.int32)
         positions[0, :n] = np.arange(start, start + n)
         return start, n, tokens, positions
 
-    def _take_stage(self, req: Request) -> tuple[int, KVCache]:
-        """The staging cache `req` prefills into (made on first use), taken out until `_chunk_done` returns it."""
-        stage_len = self._stage_len(len(req.prompt_ids))
-        stage = self._stage_caches.pop(stage_len, None)
-        return stage_len, init_cache(self.engine.cfg, 1, stage_len, self.engine.kv_dtype) if stage is None else stage
+    def _take_stage(self, prompt_len: int) -> tuple[tuple[int, int], KVCache]:
+        """The staging cache a prompt of `prompt_len` tokens prefills into (made on first use) and its key, taken
+        out (its buffers are donated to the program) until the caller puts the program's result back."""
+        key = self._stage_key(prompt_len)
+        self._stage_cache(key)
+        return key, self._stage_caches.pop(key)
 
     def _prefill_one_chunk(self) -> bool:
         """Advances the staged request by one prompt chunk; a finished prefill joins the batch. Returns
@@ -447,25 +511,27 @@ class ContinuousBatcher:
         req = self._staging
         start, n, tokens, positions = self._chunk_arrays(req, self.prefill_chunk)
         settings = _settings([req])
-        stage_len, stage = self._take_stage(req)
+        key, stage = self._take_stage(len(req.prompt_ids))
         args = (self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), stage,
                 jnp.asarray([n - 1], np.int32), *settings[1:])
         static = {"attend_len": decode_span(start + n, self.engine.max_seq_len), "mode": settings[0]}
         tok, stage = self._executable("chunk", args, static)(*args)
-        self._chunk_done(req, n, stage_len, stage, tok, 0)
+        self._stage_caches[key] = stage
+        if self._prefilled(req, n):
+            self._staging = None
+            self._join(req, stage, int(np.asarray(tok)[0]))
         self._times["prefill_s"] += time.perf_counter() - t0 - (self._times["compile_s"] - compiled)
         return True
 
-    def _chunk_done(self, req: Request, n: int, stage_len: int, stage: KVCache, tok, at: int) -> None:
-        """Books a prompt chunk of n tokens that ran; when the prompt is complete, its staging row joins the
-        batch with its first token tok[at] (sampled after the prompt's last token)."""
-        self._stage_caches[stage_len] = stage
+    def _prefilled(self, req: Request, n: int) -> bool:
+        """Books n more of req's prompt tokens as prefilled; returns whether its prompt is complete."""
         req.prefilled += n
         self._counters["prefill_tokens"] += n
-        if req.prefilled < len(req.prompt_ids):
-            return
-        self._staging = None
-        first = int(np.asarray(tok)[at])
+        return req.prefilled == len(req.prompt_ids)
+
+    def _join(self, req: Request, stage: KVCache, first: int) -> None:
+        """A prefilled prompt's staging row (req.stage_row of `stage`) joins the batch with its first token
+        (sampled after the prompt's last token; negative: the logits were not finite)."""
         if first < 0:
             self._emit(req, Event("error", error=nonfinite_message("on the prompt")))
             return
@@ -473,16 +539,17 @@ class ContinuousBatcher:
         # Only the prompt's span of slots: the row's later slots (a previous sequence's) are masked until
         # overwritten, and a whole server-length row is ~1 GB of KV cache on a 7B model.
         span = decode_span(len(req.prompt_ids), stage.max_len)
-        self._cache = self._call("insert", self._cache, stage, _index(row), span=span)
+        self._cache = self._call("insert", self._cache, stage, _index(row), _index(req.stage_row), span=span)
         self._rows.append(req)
         if self.engine.tokenizer is not None and req.detokenize:
             req.decoder = IncrementalDecoder(self.engine.tokenizer, self.engine._eos_ids())
         self._accept(row, first)
 
-    def _decode_step(self, carry: Request | None = None) -> None:
-        """One decode step over the running rows. With `carry` (the staged request) the same program also
-        runs that prompt's next `mixed_chunk` tokens into its staging cache (each weight read once for
-        both), and the request joins the batch when they complete its prompt."""
+    def _decode_step(self, carry: bool = False) -> None:
+        """One decode step over the running rows (none: a padding row). With `carry` the same program also
+        runs a packed chunk of the prefilling prompts' next pieces (`_packed_chunk`), each into its staging
+        row (each weight read once for the rows and the chunk); a prompt the chunk completes joins the
+        batch."""
         t0, compiled = time.perf_counter(), self._times["compile_s"]
         n = len(self._rows)
         size = next(s for s in self.sizes if s >= n)
@@ -491,28 +558,34 @@ class ContinuousBatcher:
         for i, req in enumerate(self._rows):
             tokens[i] = req.generated[-1]
             positions[i] = len(req.prompt_ids) + len(req.generated) - 1
-        members = (tuple(r.id for r in self._rows), size, None if carry is None else carry.id)
+        staged: list[Request | None] = [None] * (self.stage_rows if carry else 0)  # by staging row
+        for req in self._packed if carry else ():
+            staged[req.stage_row] = req
+        members = (tuple(r.id for r in self._rows), size, tuple(r and r.id for r in staged))
         if self._row_settings[0] != members:  # rows' settings change only when a row joins or leaves
-            padded = list(self._rows) + [None] * (size - n) + ([] if carry is None else [carry])
+            padded = list(self._rows) + [None] * (size - n) + staged
             self._row_settings = (members, _settings(padded)[:5])
         mode, keys, temps, top_ks, top_ps = self._row_settings[1]
-        steps = np.zeros(size + (carry is not None), np.int32)  # each row's token index: its random stream's
-        steps[:n] = [len(r.generated) for r in self._rows]     # position (the carried prompt's first: 0)
-        span = int(positions[:n].max()) + 1
-        if carry is None:
+        steps = np.zeros(size + len(staged), np.int32)  # each row's token index: its random stream's
+        steps[:n] = [len(r.generated) for r in self._rows]  # position (a prompt's first token: 0)
+        span = int(positions[:n].max()) + 1 if n else 1
+        if not carry:
             args = (self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._cache, keys, temps,
                     top_ks, top_ps, jnp.asarray(steps))
             static = {"attend_len": decode_span(span, self.engine.max_seq_len), "mode": mode}
             nxt, self._cache, totals = self._executable("step", args, static)(*args)
         else:
-            start, c, chunk_tokens, chunk_positions = self._chunk_arrays(carry, self.mixed_chunk, self.mixed_chunk)
-            stage_len, stage = self._take_stage(carry)
+            pieces, chunk_tokens, chunk_positions, chunk_rows, last = self._packed_chunk()
+            key, stage = self._take_stage(1)  # the server's staging cache: the same for every prompt length
             args = (self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._cache,
-                    jnp.asarray(chunk_tokens), jnp.asarray(chunk_positions), stage, jnp.asarray([c - 1], np.int32),
-                    keys, temps, top_ks, top_ps, jnp.asarray(steps))
-            static = {"attend_len": decode_span(max(span, start + c), self.engine.max_seq_len), "mode": mode}
+                    jnp.asarray(chunk_tokens), jnp.asarray(chunk_positions), jnp.asarray(chunk_rows), stage,
+                    jnp.asarray(last), keys, temps, top_ks, top_ps, jnp.asarray(steps))
+            reach = max(r.prefilled + c for r, c in pieces)
+            static = {"attend_len": decode_span(max(span, reach), self.engine.max_seq_len), "mode": mode}
             nxt, self._cache, stage, totals = self._executable("mixed", args, static)(*args)
+            self._stage_caches[key] = stage
             self._counters["mixed_steps"] += 1
+            self._counters["packed_pieces"] += len(pieces)
         nxt = np.asarray(nxt)
         self._counters["steps"] += 1
         self._counters["rows_computed"] += size
@@ -524,8 +597,10 @@ class ContinuousBatcher:
                 self._emit(self._remove_row(i), Event("error", error=nonfinite_message(where)))
             else:
                 self._accept(i, int(nxt[i]))
-        if carry is not None:
-            self._chunk_done(carry, c, stage_len, stage, nxt, size)
+        for req, c in pieces if carry else ():
+            if self._prefilled(req, c):
+                self._packed.remove(req)
+                self._join(req, stage, int(nxt[size + req.stage_row]))
         self._times["decode_s"] += time.perf_counter() - t0 - (self._times["compile_s"] - compiled)
 
     def _accept(self, row: int, token: int) -> None:
@@ -566,9 +641,9 @@ class ContinuousBatcher:
                               completion_tokens=len(req.generated), token_ids=list(req.generated)))
 
     def _fail_all(self, message: str) -> None:
-        for req in list(self._rows) + ([self._staging] if self._staging else []):
+        for req in list(self._rows) + self._prefilling():
             self._emit(req, Event("error", error=message))
-        self._rows, self._staging = [], None
+        self._rows, self._staging, self._packed = [], None, []
         self._cache = init_cache(self.engine.cfg, self.max_batch, self.engine.max_seq_len, self.engine.kv_dtype)
         self._stage_caches.clear()
 
@@ -598,11 +673,11 @@ def generate_rows(engine: Engine, rows: Sequence[Sequence[int]], params: Sequenc
     mode = row_mode([p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params])
     lengths = [len(r) for r in rows]
     limit = engine.max_seq_len
-    jobs = [loop._chunk_job(loop._chunk_width(n), loop._stage_len(n), decode_span(n, limit), mode)
+    jobs = [loop._chunk_job(loop._chunk_width(n), loop._stage_key(n), decode_span(n, limit), mode)
             for n in sorted(set(lengths))]
     last = max(n + p.max_tokens for n, p in zip(lengths, params)) - 1
     jobs += [loop._step_job(B, span, mode) for span in decode_spans(min(lengths) + 1, last, limit)]
-    inserts = sorted({(loop._stage_len(n), decode_span(n, loop._stage_len(n))) for n in lengths})
+    inserts = sorted({(loop._stage_key(n), decode_span(n, loop._stage_len(n))) for n in lengths})
     moves = decode_spans(min(lengths), last, limit) if B > 1 else []  # a retired row refilled by the last one
     jobs += loop._row_jobs(inserts, moves)
     loop._compile(jobs)
@@ -706,14 +781,15 @@ def _decode_rows(params, tokens, positions, cache, keys, temps, top_ks, top_ps, 
     return _sample(logits[:, 0], keys, temps, top_ks, top_ps, steps, mode), cache, _ffn_totals(extras["ffn_aux"])
 
 
-def _decode_and_chunk(params, tokens, positions, cache, chunk_tokens, chunk_positions, stage, last, keys, temps, top_ks,
-                      top_ps, steps, *, cfg, ffn_fn, attend_len, mode):
-    """`_decode_rows` for the batch and a prompt chunk [1, C] at `chunk_positions` into the one-row staging
-    cache `stage`, in one program (`forward_groups`: each weight read once for both). Samples
-    len(tokens) + 1 tokens: the rows', then the prompt's after its chunk's `last` token."""
+def _decode_and_pack(params, tokens, positions, cache, chunk_tokens, chunk_positions, chunk_rows, stage, last, keys,
+                     temps, top_ks, top_ps, steps, *, cfg, ffn_fn, attend_len, mode):
+    """`_decode_rows` for the batch and a packed prompt chunk [1, W] (token t at chunk_positions[0, t] into
+    row chunk_rows[0, t] of the staging cache `stage`: pieces of several prompts), in one program
+    (`forward_groups`: each weight read once for both). Samples len(tokens) + R tokens (R staging rows): the
+    rows', then each staging row's after its token at `last[r]` (used where a piece completes a prompt)."""
     holds = positions < cache.max_len
     groups = [RowGroup(tokens[:, None], positions[:, None], cache, rows=holds),
-              RowGroup(chunk_tokens, chunk_positions, stage, logits_at=last)]
+              RowGroup(chunk_tokens, chunk_positions, stage, logits_at=last, cache_rows=chunk_rows)]
     (rows_logits, cache, aux), (chunk_logits, stage, _) = forward_groups(params, cfg, groups, attend_len, ffn_fn)
     logits = jnp.concatenate([rows_logits[:, 0], chunk_logits[:, 0]])
     return _sample(logits, keys, temps, top_ks, top_ps, steps, mode), cache, stage, _ffn_totals(aux)
@@ -721,7 +797,7 @@ def _decode_and_chunk(params, tokens, positions, cache, chunk_tokens, chunk_posi
 
 def _prefill_chunk(params, tokens, positions, cache, last, keys, temps, top_ks, top_ps, steps, *, cfg, ffn_fn,
                    attend_len, mode):
-    """A prompt chunk [1, C] at `positions` into the one-row staging cache; samples after its `last` token."""
+    """A prompt chunk [1, C] at `positions` into row 0 of a staging cache; samples after its `last` token."""
     logits, cache, _ = forward(params, cfg, tokens, positions, cache, attend_len, ffn_fn=ffn_fn, logits_at=last)
     return _sample(logits[:, 0], keys, temps, top_ks, top_ps, steps, mode), cache
 
@@ -731,10 +807,14 @@ def _index(i: int) -> jax.Array:
     return jnp.asarray(i, np.int32)
 
 
-def _insert_row(cache: KVCache, staging: KVCache, row: jax.Array, *, span: int) -> KVCache:
-    """The first `span` slots of the staging cache's one row written into `row` of the batch cache."""
+def _insert_row(cache: KVCache, staging: KVCache, row: jax.Array, src: jax.Array, *, span: int) -> KVCache:
+    """The first `span` slots of row `src` of the staging cache written into `row` of the batch cache."""
     zero = jnp.zeros((), jnp.int32)
-    put = lambda c, s: jax.lax.dynamic_update_slice(c, s[:, :, :span].astype(c.dtype), (row, zero, zero, zero))  # noqa: E731
+
+    def put(c, s):
+        part = jax.lax.dynamic_slice(s, (src, zero, zero, zero), (1, s.shape[1], span, s.shape[3]))
+        return jax.lax.dynamic_update_slice(c, part.astype(c.dtype), (row, zero, zero, zero))
+
     return KVCache(k=[put(c, s) for c, s in zip(cache.k, staging.k)], v=[put(c, s) for c, s in zip(cache.v, staging.v)])
 
 

@@ -116,17 +116,22 @@ def attention(
 
 
 def attention_groups(xs: list[jax.Array], p: AttentionParams, cfg: ModelConfig, positions: list[jax.Array],
-                     caches: list[tuple[jax.Array, jax.Array]], attend_len: int) -> tuple[list[jax.Array], list]:
+                     caches: list[tuple[jax.Array, jax.Array]], attend_len: int,
+                     cache_rows: list[jax.Array | None] | None = None) -> tuple[list[jax.Array], list]:
     """`attention` for several groups of rows at once (a decode batch and a prompt chunk): group g is
     xs[g] [B_g, T_g, d] at positions[g] over its own cache caches[g] = (k, v). The q/k/v and o projections
     run over every group's rows together, so each weight is read once; attention runs per group.
+    `cache_rows[g]` [1, T_g] (or None): group g is one packed row whose token t belongs to cache row
+    cache_rows[g][0, t] (pieces of several prompts in one chunk; see `_attend_packed`).
     Returns each group's output and (k, v) caches. Input sparsity (TEAL) applies only when every group is
     one token a row."""
     sparse = all(x.shape[1] == 1 for x in xs)
     q, k, v = _project_qkv(concat_rows(xs)[None], p, cfg, sparse)  # over [1, N, d]
     outs, new_caches = [], []
-    for qg, kg, vg, pos, (kc, vc) in zip(*(split_rows(a[0], xs) for a in (q, k, v)), positions, caches):
-        out, kc, vc = _attend_cached(qg, kg, vg, pos, kc, vc, attend_len, cfg)
+    cache_rows = cache_rows or [None] * len(xs)
+    for qg, kg, vg, pos, (kc, vc), rows in zip(*(split_rows(a[0], xs) for a in (q, k, v)), positions, caches,
+                                               cache_rows):
+        out, kc, vc = _attend_cached(qg, kg, vg, pos, kc, vc, attend_len, cfg, rows)
         outs.append(out)
         new_caches.append((kc, vc))
     return split_rows(_project_out(concat_rows(outs)[None], p, None, sparse)[0], xs), new_caches
@@ -162,15 +167,18 @@ def _project_qkv(x: jax.Array, p: AttentionParams, cfg: ModelConfig, sparse: boo
     return q, k, v
 
 
-def _attend_cached(q, k, v, positions, k_cache, v_cache, attend_len: int, cfg: ModelConfig):
+def _attend_cached(q, k, v, positions, k_cache, v_cache, attend_len: int, cfg: ModelConfig, cache_rows=None):
     """Rotary positions, the cache write and the attention of q [B, T, hq, hd] (k, v: this step's keys and
-    values) over the cache (or, without one, within the sequence): [B, T, hq * hd] and the caches."""
+    values) over the cache (or, without one, within the sequence): [B, T, hq * hd] and the caches.
+    `cache_rows` [1, T]: a packed chunk, token t in cache row cache_rows[0, t] (`_attend_packed`)."""
     B, T, hq, hd = q.shape
     hkv = k.shape[2]
     if cfg.family == "llama":
         inv_freq = rope_inv_freq(cfg)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
+    if cache_rows is not None:
+        return _attend_packed(q, k, v, positions, cache_rows, k_cache, v_cache, attend_len, cfg)
     if k_cache is None:  # training / cache-free forward: attend within this sequence
         keys, values, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions
     else:
@@ -210,3 +218,28 @@ def _input_sparse(x: jax.Array, w_t, threshold: jax.Array, sparse: bool, b=None)
         x = jnp.where(jnp.abs(x) > threshold, x, 0.0)
     y = linear_t(x, w_t, skip_zero=sparse)
     return y if b is None else y + b.astype(f32)
+
+
+def _attend_packed(q, k, v, positions, cache_rows, k_cache, v_cache, attend_len: int, cfg: ModelConfig):
+    """Attention of a packed chunk q [1, W, hq, hd] (rotated): token t writes its key/value into row
+    cache_rows[0, t] of the cache at positions[0, t] (past the cache: nothing) and attends only that
+    row's slots up to its position. Continuous batching packs the next pieces of several waiting prompts
+    into one fixed-width chunk this way (each prompt its own staging row). Every token is scored against
+    every row's span and keeps its own row's result: R times the attention arithmetic of one row (bundled
+    model, 16 rows + 32 tokens at span 128: +1.4-1.9 ms on a 16 ms step for R = 4; a 7B model's
+    projections make that ~2% at span 128, ~16% at 1024)."""
+    _, W, hq, hd = q.shape
+    hkv = k.shape[2]
+    R = k_cache.shape[0]
+    rows, pos = cache_rows[0], positions[0]
+    at = (rows[:, None], jnp.arange(hkv)[None, :], pos[:, None])
+    k_cache = k_cache.at[at].set(k[0].astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[at].set(v[0].astype(v_cache.dtype), mode="drop")
+    # Every token against every row, as a batch of R rows (one set of ops, whatever R); a token keeps its
+    # own row's result. Against another row it sees that row's first slot only (finite, and discarded).
+    seen = jnp.where(rows[None, :] == jnp.arange(R)[:, None], pos[None, :], 0)  # [R, W]
+    key_pos = jnp.broadcast_to(jnp.arange(attend_len), (R, attend_len))
+    every = _attend(jnp.broadcast_to(q, (R,) + q.shape[1:]), k_cache[:, :, :attend_len].astype(f32),
+                    v_cache[:, :, :attend_len].astype(f32), key_pos, seen, cfg)  # [R, W, hq * hd]
+    out = jnp.take_along_axis(every, rows[None, :, None], axis=0)
+    return out, k_cache, v_cache

@@ -148,13 +148,16 @@ def forward(
 class RowGroup:
     """One group of rows for `forward_groups`: tokens and positions [B, T] over its own `cache` (None: the
     rows attend within themselves); `rows` [B] marks the rows holding a sequence (as `forward`'s),
-    `logits_at` [B] picks one position a row."""
+    `logits_at` [B] picks one position a row. `cache_rows` [1, T]: a packed group (one row of tokens from
+    several prompts), token t writing and attending row cache_rows[0, t] of `cache`; its `logits_at` [R]
+    then picks one position per cache row, giving logits [R, 1, vocab]."""
 
     tokens: jax.Array
     positions: jax.Array
     cache: KVCache | None
     rows: jax.Array | None = None
     logits_at: jax.Array | None = None
+    cache_rows: jax.Array | None = None
 
 
 def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup], attend_len: int,
@@ -174,7 +177,8 @@ def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup]
     for i, lp in enumerate(params.layers):
         h_in = [layers.norm(x, lp.attn_norm, cfg) if pre else x for x in xs]
         outs, kv = layers.attention_groups(h_in, lp.attn, cfg, [g.positions for g in groups],
-                                           [(k[i], v[i]) for k, v in zip(ks, vs)], attend_len)
+                                           [(k[i], v[i]) for k, v in zip(ks, vs)], attend_len,
+                                           [g.cache_rows for g in groups])
         for k, v, (kc, vc) in zip(ks, vs, kv):
             k[i], v[i] = kc, vc
         xs = [x + a if pre else layers.norm(x + a, lp.attn_norm, cfg) for x, a in zip(xs, outs)]
@@ -188,9 +192,15 @@ def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup]
                 ys.append(y)
                 a.append(layer_aux)
         xs = [x + y if pre else layers.norm(x + y, lp.ffn_norm, cfg) for x, y in zip(xs, ys)]
-    heads = [x if g.logits_at is None else x[jnp.arange(x.shape[0]), g.logits_at][:, None, :]
-             for g, x in zip(groups, xs)]
+    heads = [x if g.logits_at is None else _pick(x, g) for g, x in zip(groups, xs)]
     logits = layers.split_rows(lm_head(params, cfg, layers.concat_rows(heads)), heads)
     return [(lg, None if g.cache is None else KVCache(k=k, v=v), a)
             for lg, g, k, v, a in zip(logits, groups, ks, vs, aux)]
 
+
+
+def _pick(x: jax.Array, g: RowGroup) -> jax.Array:
+    """The hidden states [n, 1, d] at g.logits_at: one per row, or in a packed group one per cache row."""
+    if g.cache_rows is not None:
+        return x[0, g.logits_at][:, None, :]
+    return x[jnp.arange(x.shape[0]), g.logits_at][:, None, :]

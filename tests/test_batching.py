@@ -54,6 +54,7 @@ def test_batched_greedy_equals_alone_and_generate(engine, batcher):
     assert stats["active"] == 0 and stats["waiting"] == 0
     assert stats["rows_computed"] < stats["steps"] * 4  # batches shrink as sequences finish
     assert stats["mixed_steps"] > 0  # prompts that arrived while others ran were prefilled inside decode steps
+    assert stats["packed_pieces"] > stats["mixed_steps"]  # some steps carried pieces of several prompts
 
 
 def test_prompts_carried_in_decode_steps_equal_separate_chunks(engine):
@@ -101,6 +102,74 @@ def test_forward_groups_equals_forward_per_group(sparsity, dtype):
         np.testing.assert_allclose(np.asarray(logits)[:3], np.asarray(want)[:3], rtol=0, atol=1e-5 * scale)
         for a, b in zip(new_cache.k + new_cache.v, want_cache.k + want_cache.v):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("sparsity", [None, "oracle"])
+def test_packed_chunk_equals_each_prompt_alone(sparsity):
+    """A packed chunk (pieces of two prompts, each into its own staging row; one prompt half prefilled
+    already) gives each prompt's last-token logits and staging row of the prompt run alone (1e-5 of the
+    logits' scale), leaves the unused row untouched, and writes nothing at padding positions."""
+    import jax
+    import jax.numpy as jnp
+
+    from powerinfer_jax.model import RowGroup, forward, forward_groups, init_cache
+
+    eng = pij.load(max_seq_len=128, sparsity=sparsity)
+    cfg, params, ffn = eng.cfg, eng.params, eng._ffn_fn
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(3, cfg.vocab_size, 10), rng.integers(3, cfg.vocab_size, 5)
+    alone = [forward(params, cfg, jnp.asarray(p[None]), jnp.arange(len(p))[None], init_cache(cfg, 1, 128), 128,
+                     ffn_fn=ffn, logits_at=jnp.asarray([len(p) - 1])) for p in (a, b)]
+    _, first_six, _ = forward(params, cfg, jnp.asarray(a[None, :6]), jnp.arange(6)[None], init_cache(cfg, 1, 128),
+                              128, ffn_fn=ffn)
+    stage = jax.tree.map(lambda s, part: s.at[2].set(part[0]), init_cache(cfg, 3, 128), first_six)  # a in row 2
+    tokens, positions, rows = np.zeros((1, 12), np.int32), np.full((1, 12), 128, np.int32), np.zeros((1, 12), np.int32)
+    tokens[0, :4], positions[0, :4], rows[0, :4] = a[6:], np.arange(6, 10), 2  # a's last 4 tokens
+    tokens[0, 4:9], positions[0, 4:9], rows[0, 4:9] = b, np.arange(5), 0  # b whole, into row 0; 3 padding
+    group = RowGroup(jnp.asarray(tokens), jnp.asarray(positions), stage, logits_at=jnp.asarray([8, 0, 3]),
+                     cache_rows=jnp.asarray(rows))
+    (logits, packed, _), = forward_groups(params, cfg, [group], 128, ffn)
+    for got_row, (want, want_cache, _), n in ((2, alone[0], 10), (0, alone[1], 5)):
+        scale = float(np.abs(np.asarray(want)).max())
+        np.testing.assert_allclose(np.asarray(logits[got_row]), np.asarray(want[0]), rtol=0, atol=1e-5 * scale)
+        for got, ref in zip(packed.k + packed.v, want_cache.k + want_cache.v):
+            np.testing.assert_allclose(np.asarray(got)[got_row, :, :n], np.asarray(ref)[0, :, :n], rtol=0,
+                                       atol=1e-5 * scale)
+    for got in packed.k + packed.v:
+        assert not np.asarray(got)[1].any() and not np.asarray(got)[0, :, 5:].any()  # row 1, b's padding: unwritten
+
+
+def test_packed_chunk_takes_the_oldest_prompts_pieces_into_free_staging_rows(engine):
+    """_fill_packed stages waiting prompts into free staging rows while the batch has room; _packed_chunk fills
+    the chunk oldest first, one piece a prompt, marks where each completed prompt's last token sits, and
+    pads with positions past the cache (written nowhere); a finished prompt's staging row is reused."""
+    from powerinfer_jax.batching import Request
+
+    loop = ContinuousBatcher(engine, max_batch=5, mixed_chunk=8, stage_rows=3)
+    reqs = [Request(k, list(range(3, 3 + n)), RequestParams(), lambda ev: None) for k, n in enumerate((5, 6, 2, 4))]
+    loop._rows = [reqs[3]]  # one running sequence: room for 4 more, but only 3 staging rows
+    loop._waiting.extend(reqs[:3])
+    loop._fill_packed()
+    assert loop._packed == reqs[:3] and [r.stage_row for r in reqs[:3]] == [0, 1, 2]
+    pieces, tokens, positions, rows, last = loop._packed_chunk()
+    assert [(r.id, n) for r, n in pieces] == [(0, 5), (1, 3)]  # the oldest whole, the next's first 3 tokens
+    np.testing.assert_array_equal(tokens[0], [3, 4, 5, 6, 7, 3, 4, 5])
+    np.testing.assert_array_equal(positions[0], [0, 1, 2, 3, 4, 0, 1, 2])
+    np.testing.assert_array_equal(rows[0], [0, 0, 0, 0, 0, 1, 1, 1])
+    assert last[0] == 4  # request 0 completes at its 5th token; rows 1 and 2 complete nothing
+    assert [loop._prefilled(req, n) for req, n in pieces] == [True, False]
+    loop._packed.remove(reqs[0])  # request 0 joins the batch (what _decode_step does): its staging row is free
+    loop._rows.append(reqs[0])
+    loop._waiting.extend([Request(9, [7, 8], RequestParams(), lambda ev: None),
+                          Request(10, [7], RequestParams(), lambda ev: None)])
+    loop._fill_packed()  # 2 running + 2 staged: room for one more, in the free row 0
+    assert [r.id for r in loop._packed] == [1, 2, 9] and loop._packed[-1].stage_row == 0
+    assert [r.id for r in loop._waiting] == [10]
+    pieces, tokens, positions, rows, last = loop._packed_chunk()
+    assert [(r.id, n) for r, n in pieces] == [(1, 3), (2, 2), (9, 2)]  # 7 tokens, 1 padding
+    np.testing.assert_array_equal(positions[0], [3, 4, 5, 0, 1, 0, 1, engine.max_seq_len])
+    np.testing.assert_array_equal(rows[0, :7], [1, 1, 1, 2, 2, 0, 0])
+    assert list(last) == [6, 2, 4]  # every staged prompt completes in this chunk
 
 
 def test_sampled_tokens_do_not_depend_on_the_batch(engine, batcher):
@@ -298,11 +367,11 @@ def test_the_batched_decode_step_and_prompt_chunk_lower_for_cuda(engine, monkeyp
     exp = jax.export.export(chunk, platforms=["cuda"])(params, tok, tok, jax.tree.map(sds, init_cache(cfg, 1, 256)),
                                                        jax.ShapeDtypeStruct((1,), jnp.int32), *one)
     assert "stablehlo.dot_general" in exp.mlir_module()
-    mixed = jax.jit(functools.partial(batching._decode_and_chunk, cfg=cfg, ffn_fn=None, attend_len=128, mode="greedy"))
-    carried = [sds(a) for a in batching._settings([], rows + 1)[1:]]
-    exp = jax.export.export(mixed, platforms=["cuda"])(params, i32, i32, cache, tok, tok,
-                                                       jax.tree.map(sds, init_cache(cfg, 1, 256)),
-                                                       jax.ShapeDtypeStruct((1,), jnp.int32), *carried)
+    mixed = jax.jit(functools.partial(batching._decode_and_pack, cfg=cfg, ffn_fn=None, attend_len=128, mode="greedy"))
+    carried = [sds(a) for a in batching._settings([], rows + 4)[1:]]
+    exp = jax.export.export(mixed, platforms=["cuda"])(params, i32, i32, cache, tok, tok, tok,
+                                                       jax.tree.map(sds, init_cache(cfg, 4, 256)),
+                                                       jax.ShapeDtypeStruct((4,), jnp.int32), *carried)
     assert "stablehlo.dot_general" in exp.mlir_module()
 
 
@@ -317,6 +386,16 @@ def test_bench_serve_round_counts_every_token(engine, batcher):
     rows = [{"engine": "dense", "clients": c, "tok_s": t, "itl_p50_ms": 5.0, "itl_p99_ms": 9.0, "ttft_p50_ms": 1.0,
              "mean_batch": float(c)} for c, t in ((1, 100.0), (16, 400.0))]
     assert bench_serve._goals(rows)["dense_throughput_x16_over_x1"] == 4.0
+
+
+def test_bench_serve_carry_settings_name_each_batcher():
+    """benchmarks/bench_serve.py --carry: one batcher per mixed_chunk x stage_rows, named by it; a bad item fails."""
+    from benchmarks import bench_serve
+
+    assert bench_serve.carry_settings([], 32, 4) == [("", (32, 4))]
+    assert bench_serve.carry_settings(["32x1", "24X4"], 32, 4) == [("@32x1", (32, 1)), ("@24x4", (24, 4))]
+    with pytest.raises(ArgumentError, match="24-4"):
+        bench_serve.carry_settings(["24-4"], 32, 4)
 
 
 def test_fast_call_dispatches_in_cpp_and_gives_the_same_result(monkeypatch):
@@ -355,10 +434,10 @@ def test_staging_rows_are_full_length_for_the_server_and_prompt_sized_for_genera
     loop into a row of the prompt's span, so a 1-row generate holds no second full-length row."""
     ids = engine.encode("ROMEO:")
     batcher.generate(ids, RequestParams(max_tokens=2), timeout=60)
-    assert set(batcher._stage_caches) == {engine.max_seq_len} == {256}
+    assert set(batcher._stage_caches) == {(batcher.stage_rows, engine.max_seq_len)} == {(4, 256)}
     loop = ContinuousBatcher(engine, max_batch=1)
     loop._admit_all = True  # what batching.generate_rows sets
-    assert loop._stage_len(len(ids)) == 128 and loop._stage_len(200) == 256
+    assert loop._stage_key(len(ids)) == (1, 128) and loop._stage_key(200) == (1, 256)
 
 
 def test_row_programs_copy_only_the_span():
@@ -373,13 +452,13 @@ def test_row_programs_copy_only_the_span():
     shape = (3, 2, 8, 4)
     cache = KVCache(k=[jnp.asarray(rng.standard_normal(shape), jnp.float32)],
                     v=[jnp.asarray(rng.standard_normal(shape), jnp.float32)])
-    stage = KVCache(k=[jnp.asarray(rng.standard_normal((1,) + shape[1:]), jnp.float32)],
-                    v=[jnp.asarray(rng.standard_normal((1,) + shape[1:]), jnp.float32)])
+    stage = KVCache(k=[jnp.asarray(rng.standard_normal((2,) + shape[1:]), jnp.float32)],
+                    v=[jnp.asarray(rng.standard_normal((2,) + shape[1:]), jnp.float32)])
     before = np.asarray(cache.k[0]), np.asarray(cache.v[0])
-    got = _insert_row(cache, stage, jnp.int32(1), span=5)
+    got = _insert_row(cache, stage, jnp.int32(1), jnp.int32(1), span=5)  # staging row 1 -> batch row 1
     for a, old, s in zip((got.k[0], got.v[0]), before, (stage.k[0], stage.v[0])):
         want = old.copy()
-        want[1, :, :5] = np.asarray(s)[0, :, :5]
+        want[1, :, :5] = np.asarray(s)[1, :, :5]
         np.testing.assert_array_equal(np.asarray(a), want)
     moved = _move_row(got, jnp.int32(2), jnp.int32(0), span=3)
     for a, old in zip((moved.k[0], moved.v[0]), (np.asarray(got.k[0]), np.asarray(got.v[0]))):
