@@ -222,6 +222,41 @@ def test_cancel_frees_the_row(engine, batcher):
     assert batcher.generate(engine.encode("ROMEO:"), RequestParams(max_tokens=3), timeout=60).completion_tokens == 3
 
 
+def test_cancelling_a_prompt_mid_prefill_frees_its_staging_row(engine, batcher):
+    """A request cancelled while its long prompt is being packed into decode steps ends "cancelled" with no
+    tokens; the next request is admitted and gives the tokens it gives alone."""
+    started, running_done = threading.Event(), threading.Event()
+
+    def on_running(ev):
+        started.set()
+        if ev.kind != "token":
+            running_done.set()
+
+    running = batcher.submit(engine.encode("ROMEO:"), RequestParams(max_tokens=200, stop_at_eos=False), on_running)
+    assert started.wait(60)
+    long_ids = (engine.encode(" ".join(PROMPTS * 6)) * 3)[:200]
+    got, done = [], threading.Event()
+
+    def on_long(ev):
+        got.append(ev)
+        if ev.kind != "token":
+            done.set()
+
+    req = batcher.submit(long_ids, RequestParams(max_tokens=2), on_long)
+    deadline = time.monotonic() + 60
+    while req.prefilled == 0 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    req.cancel()
+    assert done.wait(60)
+    assert got[-1].finish_reason == "cancelled" and got[-1].completion_tokens == 0 and 0 < req.prefilled < 200
+    ids = engine.encode(PROMPTS[1])
+    batched = batcher.generate(ids, RequestParams(max_tokens=5), timeout=60).text
+    assert not running_done.is_set()  # the new request was packed into the running batch's steps
+    running.cancel()
+    assert running_done.wait(60)
+    assert batched == engine.generate(ids, max_new_tokens=5).text
+
+
 def test_a_long_prompt_is_prefilled_between_decode_steps(engine, batcher):
     """While a 200-token prompt is prefilled in 16-token chunks, a running sequence keeps decoding."""
     order, lock = [], threading.Lock()
