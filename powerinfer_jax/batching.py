@@ -807,24 +807,22 @@ def _index(i: int) -> jax.Array:
     return jnp.asarray(i, np.int32)
 
 
+def _copy_row(dst: jax.Array, src: jax.Array, src_row: jax.Array, dst_row: jax.Array, span: int) -> jax.Array:
+    """One layer's cache `dst` [B, n_kv, S, hd] with the first `span` slots of row `src_row` of `src` written
+    into row `dst_row`."""
+    zero = jnp.zeros((), jnp.int32)
+    part = jax.lax.dynamic_slice(src, (src_row, zero, zero, zero), (1, src.shape[1], span, src.shape[3]))
+    return jax.lax.dynamic_update_slice(dst, part.astype(dst.dtype), (dst_row, zero, zero, zero))
+
+
 def _insert_row(cache: KVCache, staging: KVCache, row: jax.Array, src: jax.Array, *, span: int) -> KVCache:
     """The first `span` slots of row `src` of the staging cache written into `row` of the batch cache."""
-    zero = jnp.zeros((), jnp.int32)
-
-    def put(c, s):
-        part = jax.lax.dynamic_slice(s, (src, zero, zero, zero), (1, s.shape[1], span, s.shape[3]))
-        return jax.lax.dynamic_update_slice(c, part.astype(c.dtype), (row, zero, zero, zero))
-
-    return KVCache(k=[put(c, s) for c, s in zip(cache.k, staging.k)], v=[put(c, s) for c, s in zip(cache.v, staging.v)])
+    return KVCache(k=[_copy_row(c, s, src, row, span) for c, s in zip(cache.k, staging.k)],
+                   v=[_copy_row(c, s, src, row, span) for c, s in zip(cache.v, staging.v)])
 
 
 def _move_row(cache: KVCache, src: jax.Array, dst: jax.Array, *, span: int) -> KVCache:
     """The first `span` slots of row `src` of the batch cache copied into row `dst` (a retired row refilled by
     the last one)."""
-    zero = jnp.zeros((), jnp.int32)
-
-    def move(c):
-        part = jax.lax.dynamic_slice(c, (src, zero, zero, zero), (1, c.shape[1], span, c.shape[3]))
-        return jax.lax.dynamic_update_slice(c, part, (dst, zero, zero, zero))
-
-    return KVCache(k=[move(c) for c in cache.k], v=[move(c) for c in cache.v])
+    return KVCache(k=[_copy_row(c, c, src, dst, span) for c in cache.k],
+                   v=[_copy_row(c, c, src, dst, span) for c in cache.v])

@@ -198,7 +198,6 @@ def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup]
             for lg, g, k, v, a in zip(logits, groups, ks, vs, aux)]
 
 
-
 def _pick(x: jax.Array, g: RowGroup) -> jax.Array:
     """The hidden states [n, 1, d] at g.logits_at: one per row, or in a packed group one per cache row."""
     if g.cache_rows is not None:
