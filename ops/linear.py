@@ -15,8 +15,9 @@ Per backend:
     (zero-copy: the weight is an operand, the kernel writes XLA's output buffer). Prompts
     (from ``host_kernels.blas_min_tokens`` rows) go through blocked dequantize + BLAS inside the same callback.
   * CPU backend, bfloat16 storage, several rows (a batch, a prompt), where the CPU has bf16 dot
-    instructions: XLA's own bf16 dot, the f32 activations split into three bf16 parts
-    (``native_bf16_dot``, ``_bf16_split_dot``).
+    instructions: XLA's own bf16 dot, the f32 activations split into bf16 parts (``native_bf16_dot``,
+    ``_bf16_split_dot``): two by default (16 of an f32's 24 bits, ~2e-6 relative), three (exact up to
+    summation order) for `exact=True`, which activation-threshold models (SwiGLU/GeGLU) use throughout.
   * GPU: the weight is dequantized inside the jitted function, where XLA fuses the convert into
     the dot's operand read (bf16/f16 natively; int8/int4 unpacked in registers).
 The plain references beside them are ``linear_ref``/``linear_t_ref`` (dequantize, then f32 math).
@@ -53,10 +54,11 @@ USE_HOST_KERNELS = True
 # the host kernel wins, 4.6 vs 6.4 ms). BENCHMARKS.md, "bf16 at batch > 1".
 NATIVE_BF16_MIN_ROWS = 2
 NATIVE_BF16_T_MIN_ROWS = 8
-# Without AMX (AVX512-BF16 only: AMD Zen 4, Cooper Lake) the three-part bf16 dot is compute-bound: a large
-# weight at a few rows reads faster through the host kernel (AMD EPYC, one process, split / host: 7B
-# up-projection [11008, 4096] 1.49x at 4 rows, 1.07x at 8, 1.01x at 16; [4096, 4096] 1.21x at 4, 1.08x at 8),
-# while small weights keep the bf16 dot (bundled [1536, 384] 0.72x at 4 rows). BENCHMARKS.md, "Serving".
+# Without AMX (AVX512-BF16 only: AMD Zen 4, Cooper Lake) the split bf16 dot is compute-bound: a large
+# weight at a few rows reads faster through the host kernel (AMD EPYC, one process, three-part split / host: 7B
+# up-projection [11008, 4096] 1.49x at 4 rows, 1.07x at 8, 1.01x at 16; [4096, 4096] 1.21x at 4, 1.08x at 8;
+# two-part split / host, 15 alternating calls: 2.1x at 4 rows, 1.28x at 8, 0.79x at 16), while small weights
+# keep the bf16 dot (bundled [1536, 384] 0.72x at 4 rows). BENCHMARKS.md, "Serving".
 NO_AMX_HOST_MAX_ROWS = 8
 NO_AMX_HOST_MIN_BYTES = 8 << 20
 
@@ -75,6 +77,20 @@ def _forced_bf16_dot() -> str:
     """POWERINFER_BF16_DOT=xla|host, or "" (detect from the CPU's flags)."""
     forced = os.environ.get("POWERINFER_BF16_DOT", "").strip().lower()
     return forced if forced in ("xla", "host") else ""
+
+
+BF16_SPLIT_PARTS = 2  # bf16 parts of each f32 activation in `_bf16_split_dot` (POWERINFER_BF16_SPLIT_PARTS overrides)
+
+
+def bf16_split_parts() -> int:
+    """How many bf16 parts `_bf16_split_dot` splits f32 activations into: POWERINFER_BF16_SPLIT_PARTS (1-3),
+    else BF16_SPLIT_PARTS. Read when a function is traced: set it before the first call."""
+    forced = os.environ.get("POWERINFER_BF16_SPLIT_PARTS", "").strip()
+    if forced:
+        if forced not in ("1", "2", "3"):
+            raise ValueError(f"POWERINFER_BF16_SPLIT_PARTS={forced!r}: expected 1, 2 or 3")
+        return int(forced)
+    return BF16_SPLIT_PARTS
 
 
 def cpu_has_bf16_dot() -> bool:
@@ -112,22 +128,26 @@ def uses_host_kernel(w, n_rows: int | None = None) -> bool:
             and jax.default_backend() == "cpu")
 
 
-def _bf16_split_dot(x2: jax.Array, w: Weight, transposed: bool = False) -> jax.Array:
+def _bf16_split_dot(x2: jax.Array, w: Weight, transposed: bool = False, parts: int | None = None) -> jax.Array:
     """x2 [N, K] (f32) @ w.T (`transposed`: x2 [N, R] @ w) for a bfloat16 Weight through XLA's bf16 dot
-    with f32 accumulation, the f32 activations split into three bf16 parts (x = a + b + c exactly for
-    normal values: 3 x 8 mantissa bits), each product with a bf16 weight exact in f32: the result is
-    the f32 product up to summation order, as the host kernels' (two parts left ~2e-6 relative
-    error, enough to move a CATS threshold decision; one part ~2e-3). The parts are one [3N, K] dot:
-    the weight is read once."""
-    parts, rest = [], x2
-    for _ in range(3):
-        part = rest.astype(jnp.bfloat16)
-        parts.append(part)
-        rest = rest - part.astype(f32)
-    y = jax.lax.dot_general(jnp.concatenate(parts), float_data_jnp(w), (((1,), (0 if transposed else 1,)), ((), ())),
+    with f32 accumulation, the f32 activations split into `parts` bf16 parts (default `bf16_split_parts()`),
+    each part's product with a bf16 weight exact in f32. The parts are one [parts * N, K] dot: the weight
+    is read once. Three parts hold all 24 bits of an f32 activation (x = a + b + c exactly for normal
+    values): the f32 product up to summation order; two parts hold 16 bits (~2e-6 relative, f32 GEMM's
+    own rounding is ~5e-7), at two thirds of the arithmetic."""
+    parts = parts or bf16_split_parts()
+    pieces, rest = [], x2
+    for _ in range(parts):
+        piece = rest.astype(jnp.bfloat16)
+        pieces.append(piece)
+        rest = rest - piece.astype(f32)
+    y = jax.lax.dot_general(jnp.concatenate(pieces), float_data_jnp(w), (((1,), (0 if transposed else 1,)), ((), ())),
                             preferred_element_type=f32)
     n = x2.shape[0]
-    return (y[:n] + y[n:2 * n]) + y[2 * n:]
+    out = y[:n]
+    for k in range(1, parts):
+        out = out + y[k * n:(k + 1) * n]
+    return out
 
 
 def _dense(w) -> jax.Array:
@@ -190,12 +210,14 @@ def slice_rows(w: Weight, r0: int, r1: int) -> Weight:
     return Weight(w.data[r0:r1], None if w.scale is None else w.scale[r0:r1], w.fmt, w.cols)
 
 
-def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
-    """x [..., K] @ w.T (+ b) in float32; ``w [R, K]`` a float array or a ``Weight``."""
+def linear(x: jax.Array, w, b: jax.Array | None = None, exact: bool = False) -> jax.Array:
+    """x [..., K] @ w.T (+ b) in float32; ``w [R, K]`` a float array or a ``Weight``. `exact`: the f32
+    product up to summation order on every path (a bf16 split dot in three parts), for outputs that a
+    threshold decides on (CATS gates), where 2e-6 can flip a decision."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K).astype(f32)
     if native_bf16_dot(w, x2.shape[0]):
-        y = _bf16_split_dot(x2, w)
+        y = _bf16_split_dot(x2, w, parts=3 if exact else None)
     elif uses_host_kernel(w):
         y = _callback(_host_linear, w, x2, w.rows)
     else:
@@ -204,14 +226,14 @@ def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
     return y if b is None else y + b.astype(f32)
 
 
-def linear_t(h: jax.Array, w, skip_zero: bool = False) -> jax.Array:
+def linear_t(h: jax.Array, w, skip_zero: bool = False, exact: bool = False) -> jax.Array:
     """h [..., R] @ w in float32 (``w [R, K]``: the transposed down projection's axpy form). With
     `skip_zero`, the host kernel never reads the rows of w whose h entry is zero for every token
-    (input sparsity: TEAL's attention projections)."""
+    (input sparsity: TEAL's attention projections); `exact` as in `linear`."""
     lead, R = h.shape[:-1], h.shape[-1]
     h2 = h.reshape(-1, R).astype(f32)
     if native_bf16_dot(w, h2.shape[0], transposed=True):
-        y = _bf16_split_dot(h2, w, transposed=True)
+        y = _bf16_split_dot(h2, w, transposed=True, parts=3 if exact else None)
     elif uses_host_kernel(w):
         kernel = functools.partial(_host_linear_t, skip_zero=True) if skip_zero else _host_linear_t
         y = _callback(kernel, w, h2, w.cols)

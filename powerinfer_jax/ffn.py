@@ -11,15 +11,15 @@ import jax.numpy as jnp
 
 from ops.host_kernels import blas_min_tokens
 from ops.linear import linear, linear_t, uses_host_kernel
-from powerinfer_jax.config import SPARSE_FFN_KINDS
+from powerinfer_jax.config import SPARSE_FFN_KINDS, THRESHOLD_FFN_KINDS
 from powerinfer_jax.params import FFNParams
 
 f32 = jnp.float32
 
 
-def _rows_dot(x: jax.Array, w) -> jax.Array:
-    """x [..., d] against neuron rows w [n, d] -> [..., n] (any storage format)."""
-    return linear(x, w)
+def _rows_dot(x: jax.Array, w, exact: bool = False) -> jax.Array:
+    """x [..., d] against neuron rows w [n, d] -> [..., n] (any storage format; `exact`: see `linear`)."""
+    return linear(x, w, exact=exact)
 
 
 def ffn_activation(p: FFNParams, kind: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -32,8 +32,9 @@ def ffn_activation(p: FFNParams, kind: str, x: jax.Array) -> tuple[jax.Array, ja
     if kind == "relu":
         a = jax.nn.relu(_rows_dot(x, p.w_up) + p.b_up.astype(f32))
         return a, a
-    gate = _rows_dot(x, p.w_gate)
-    up = _rows_dot(x, p.w_up)
+    exact = kind in THRESHOLD_FFN_KINDS  # see `ffn_output`
+    gate = _rows_dot(x, p.w_gate, exact)
+    up = _rows_dot(x, p.w_up, exact)
     if kind == "reglu":
         a = jax.nn.relu(gate)
         return a * up, a
@@ -49,9 +50,11 @@ def ffn_activation(p: FFNParams, kind: str, x: jax.Array) -> tuple[jax.Array, ja
     raise ValueError(f"unknown FFN kind {kind!r}")
 
 
-def ffn_output(p: FFNParams, h: jax.Array) -> jax.Array:
-    """Down projection: sum_i h_i * w_down_t[i] (+ bias)."""
-    y = linear_t(h, p.w_down_t)
+def ffn_output(p: FFNParams, h: jax.Array, exact: bool = False) -> jax.Array:
+    """Down projection: sum_i h_i * w_down_t[i] (+ bias). `exact` (`ops.linear.linear`): for activation-
+    threshold models (SwiGLU/GeGLU), whose later layers decide |a| > threshold, a discontinuous test that
+    batched and alone runs must decide alike, so every projection feeding it is exact."""
+    y = linear_t(h, p.w_down_t, exact=exact)
     return y if p.b_down is None else y + p.b_down.astype(f32)
 
 
@@ -66,14 +69,14 @@ def dense_ffn(p: FFNParams, kind: str, x: jax.Array) -> jax.Array:
         h = dense_h_rows(kind, p.w_gate, p.w_up, p.b_up, x.reshape(-1, x.shape[-1]))
         return ffn_output(p, h.reshape(lead + (h.shape[-1],)))
     h, _ = ffn_activation(p, kind, x)
-    return ffn_output(p, h)
+    return ffn_output(p, h, kind in THRESHOLD_FFN_KINDS)
 
 
 def thresholded_dense_ffn(p: FFNParams, kind: str, x: jax.Array, act_threshold: float) -> jax.Array:
     """Dense FFN with every activation at or below `act_threshold` in magnitude zeroed: the model that
     threshold sparsity (SwiGLU/GeGLU) defines, and the reference its sparse modes are checked against."""
     h, a = ffn_activation(p, kind, x)
-    return ffn_output(p, jnp.where(jnp.abs(a) > act_threshold, h, 0.0))
+    return ffn_output(p, jnp.where(jnp.abs(a) > act_threshold, h, 0.0), kind in THRESHOLD_FFN_KINDS)
 
 
 def thresholded_ffn_fn(cfg, act_thresholds):

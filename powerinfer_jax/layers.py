@@ -112,7 +112,7 @@ def attention(
     sparse = T == 1
     q, k, v = _project_qkv(x, p, cfg, sparse)
     out, k_cache, v_cache = _attend_cached(q, k, v, positions, k_cache, v_cache, attend_len, cfg)
-    return _project_out(out, p, sink, sparse), k_cache, v_cache
+    return _project_out(out, p, sink, sparse, cfg.needs_act_threshold), k_cache, v_cache
 
 
 def attention_groups(xs: list[jax.Array], p: AttentionParams, cfg: ModelConfig, positions: list[jax.Array],
@@ -134,7 +134,8 @@ def attention_groups(xs: list[jax.Array], p: AttentionParams, cfg: ModelConfig, 
         out, kc, vc = _attend_cached(qg, kg, vg, pos, kc, vc, attend_len, cfg, rows)
         outs.append(out)
         new_caches.append((kc, vc))
-    return split_rows(_project_out(concat_rows(outs)[None], p, None, sparse)[0], xs), new_caches
+    out = _project_out(concat_rows(outs)[None], p, None, sparse, cfg.needs_act_threshold)
+    return split_rows(out[0], xs), new_caches
 
 
 def concat_rows(xs: list[jax.Array]) -> jax.Array:
@@ -152,18 +153,19 @@ def _project_qkv(x: jax.Array, p: AttentionParams, cfg: ModelConfig, sparse: boo
     """q [B, T, hq, hd], k and v [B, T, hkv, hd] of x [B, T, d] (`sparse`: TEAL's input sparsity applies)."""
     B, T, _ = x.shape
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    exact = cfg.needs_act_threshold  # activation-threshold models decide on values downstream: exact dots
     if p.wqkv_t is not None or p.wqkv is not None:  # the engine's fused layout (params.fuse_qkv)
         if p.wqkv_t is not None:
             qkv = _input_sparse(x, p.wqkv_t, p.in_threshold[0], sparse, p.bqkv)
         else:
-            qkv = linear(x, p.wqkv, p.bqkv)
+            qkv = linear(x, p.wqkv, p.bqkv, exact=exact)
         q = qkv[..., : hq * hd].reshape(B, T, hq, hd)
         k = qkv[..., hq * hd : (hq + hkv) * hd].reshape(B, T, hkv, hd)
         v = qkv[..., (hq + hkv) * hd :].reshape(B, T, hkv, hd)
     else:
-        q = linear(x, p.wq, p.bq).reshape(B, T, hq, hd)
-        k = linear(x, p.wk, p.bk).reshape(B, T, hkv, hd)
-        v = linear(x, p.wv, p.bv).reshape(B, T, hkv, hd)
+        q = linear(x, p.wq, p.bq, exact=exact).reshape(B, T, hq, hd)
+        k = linear(x, p.wk, p.bk, exact=exact).reshape(B, T, hkv, hd)
+        v = linear(x, p.wv, p.bv, exact=exact).reshape(B, T, hkv, hd)
     return q, k, v
 
 
@@ -201,14 +203,15 @@ def _attend_cached(q, k, v, positions, k_cache, v_cache, attend_len: int, cfg: M
     return _attend(q, keys, values, key_pos, positions, cfg), k_cache, v_cache
 
 
-def _project_out(out: jax.Array, p: AttentionParams, sink: list | None, sparse: bool) -> jax.Array:
+def _project_out(out: jax.Array, p: AttentionParams, sink: list | None, sparse: bool,
+                 exact: bool = False) -> jax.Array:
     """The o projection of the heads' output [B, T, hq * hd] (`sink` gets its input when profiling;
-    `sparse`: TEAL's input sparsity applies)."""
+    `sparse`: TEAL's input sparsity applies; `exact`: see `ops.linear.linear`)."""
     if sink is not None:
         sink.append(out)
     if p.wo_t is not None:
         return _input_sparse(out, p.wo_t, p.in_threshold[1], sparse, p.bo)
-    return linear(out, p.wo, p.bo)
+    return linear(out, p.wo, p.bo, exact=exact)
 
 
 def _input_sparse(x: jax.Array, w_t, threshold: jax.Array, sparse: bool, b=None) -> jax.Array:

@@ -135,7 +135,7 @@ def forward(
         h, act = ffn_activation(lp.ffn, cfg.ffn_kind, f_in)
         ffn_in.append(x)
         ffn_act.append(act)
-        y = ffn_output(lp.ffn, h)
+        y = ffn_output(lp.ffn, h, cfg.needs_act_threshold)
         x = x + y if pre else layers.norm(x + y, lp.ffn_norm, cfg)
     if logits_at is not None:
         x = x[jnp.arange(x.shape[0]), logits_at][:, None, :]

@@ -189,7 +189,7 @@ def _true_scores(family: str, w: FFNParams, x: jax.Array) -> jax.Array:
     if family == "relu":
         return linear(x, w.w_up, w.b_up)
     if family in THRESHOLD_FFN_KINDS:
-        return jnp.abs(gate_activation(family, linear(x, w.w_gate)))
+        return jnp.abs(gate_activation(family, linear(x, w.w_gate, exact=True)))
     return linear(x, w.w_gate)
 
 

@@ -48,9 +48,9 @@ def test_linear_and_linear_t_match_reference(path, fmt, tokens):
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("tokens", [1, 2, 8, 16])
 def test_bf16_rows_take_xla_own_dot_where_the_cpu_has_one(native, tokens, monkeypatch):
-    """Several rows against a bf16 weight: XLA's bf16 dot with the activations split in two bf16 halves
+    """Several rows against a bf16 weight: XLA's bf16 dot with the activations split in bf16 parts
     (`linear` from 2 rows, `linear_t` from 8) where the CPU multiplies bf16; the host kernel elsewhere.
-    Either way within f32 rounding of the reference (one bf16 rounding of x would miss by ~2e-3).
+    Either way within 1e-5 of the reference (one bf16 rounding of x would miss by ~2e-3).
     """
     monkeypatch.setattr(L, "cpu_has_bf16_dot", lambda: native)
     w = _weight("bfloat16", rows=384, cols=256)
@@ -69,11 +69,44 @@ def test_bf16_rows_take_xla_own_dot_where_the_cpu_has_one(native, tokens, monkey
             assert "dot_general" in hlo and "bf16" in hlo
 
 
+def test_bf16_split_parts_trade_exactness_for_arithmetic(monkeypatch):
+    """`_bf16_split_dot` splits f32 activations into bf16 parts: three hold all 24 bits (the f32 product up
+    to summation order, within 1.5e-6 of a float64 product here), two hold 16 (the default: within 1e-5,
+    and one dot of 2N rows, not 3N), one is a plain bf16 rounding (~2e-3). `linear(exact=True)` takes three
+    parts whatever the default; POWERINFER_BF16_SPLIT_PARTS overrides the default and is checked."""
+    w = _weight("bfloat16", rows=384, cols=256)
+    wj = jax.tree.map(jnp.asarray, w)
+    x = np.random.default_rng(7).standard_normal((16, 256), dtype=np.float32)
+    want = x.astype(np.float64) @ np.asarray(L.dequantize(w), np.float64).T
+    err = {}
+    for parts in (1, 2, 3):
+        got = jax.jit(lambda a, w, k=parts: L._bf16_split_dot(a, w, parts=k))(jnp.asarray(x), wj)
+        err[parts] = float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
+    assert err[3] <= 1.5e-6 and err[2] <= 1e-5 and err[1] > 1e-4, err
+    assert err[3] < err[2] < err[1], err
+    monkeypatch.setattr(L, "cpu_has_bf16_dot", lambda: True)
+    monkeypatch.setattr(L, "cpu_has_amx", lambda: True)
+    monkeypatch.delenv("POWERINFER_BF16_SPLIT_PARTS", raising=False)
+    assert L.bf16_split_parts() == L.BF16_SPLIT_PARTS == 2
+
+    def three_parts(**kw):  # the dot's operand: the 16 rows' parts stacked
+        hlo = jax.jit(lambda a, w: L.linear(a, w, **kw)).lower(jnp.asarray(x), wj).as_text()
+        assert "tensor<32x256xbf16>" in hlo or "tensor<48x256xbf16>" in hlo
+        return "tensor<48x256xbf16>" in hlo
+
+    assert three_parts(exact=True) and not three_parts()
+    monkeypatch.setenv("POWERINFER_BF16_SPLIT_PARTS", "3")
+    assert L.bf16_split_parts() == 3 and three_parts()
+    monkeypatch.setenv("POWERINFER_BF16_SPLIT_PARTS", "7")
+    with pytest.raises(ValueError, match="POWERINFER_BF16_SPLIT_PARTS"):
+        L.bf16_split_parts()
+
+
 @pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("tokens", [4, 16])
 def test_large_bf16_weight_at_few_rows_stays_on_the_host_without_amx(amx, tokens, monkeypatch):
     """A bf16 CPU without AMX: a weight of NO_AMX_HOST_MIN_BYTES or more at up to NO_AMX_HOST_MAX_ROWS rows
-    goes through the host kernel (XLA's three-part bf16 dot is compute-bound there); with AMX, or at more
+    goes through the host kernel (XLA's split bf16 dot is compute-bound there); with AMX, or at more
     rows, XLA's dot. Either way within f32 rounding of the reference."""
     monkeypatch.setattr(L, "cpu_has_bf16_dot", lambda: True)
     monkeypatch.setattr(L, "cpu_has_amx", lambda: amx)
@@ -136,3 +169,31 @@ def test_xla_path_lowers_for_cuda(fmt, monkeypatch):
     exp = jax.export.export(jax.jit(lambda x, w: L.linear_t(L.linear(x, w), w)), platforms=["cuda"])(
         sds((1, K), jnp.float32), w)
     assert "stablehlo.dot_general" in exp.mlir_module()
+
+
+@pytest.mark.parametrize("kind", ["reglu", "swiglu"])
+def test_activation_threshold_models_keep_exact_dots(kind, monkeypatch):
+    """An activation-threshold FFN (SwiGLU/GeGLU: |a| > threshold decides) takes three-part dots for gate,
+    up and down (a 2e-6 difference moved CATS decisions: tests/test_mesh.py); a ReLU-family FFN the
+    default two. Both within 1e-5 of the f32 reference."""
+    from powerinfer_jax.ffn import dense_ffn, ffn_activation, ffn_output
+    from powerinfer_jax.params import FFNParams
+
+    monkeypatch.setattr(L, "cpu_has_bf16_dot", lambda: True)
+    monkeypatch.setattr(L, "cpu_has_amx", lambda: True)
+    monkeypatch.delenv("POWERINFER_BF16_SPLIT_PARTS", raising=False)
+    d, n_ff, rows = 128, 256, 16
+    ws = [_weight("bfloat16", rows=n_ff, cols=d, seed=s) for s in (1, 2, 3)]
+    p = FFNParams(w_up=ws[0], w_down_t=ws[1], w_gate=ws[2])
+    pj = jax.tree.map(jnp.asarray, p)
+    x = np.random.default_rng(8).standard_normal((rows, d), dtype=np.float32)
+    fn = jax.jit(lambda a, p: dense_ffn(p, kind, a))
+    hlo = fn.lower(jnp.asarray(x), pj).as_text()
+    parts = 3 if kind == "swiglu" else 2
+    assert hlo.count(f"tensor<{parts * rows}x") >= 3 and f"tensor<{(5 - parts) * rows}x" not in hlo
+    L.USE_HOST_KERNELS, before = False, L.USE_HOST_KERNELS  # the f32 reference: dequantized weights, XLA dots
+    try:
+        want = np.asarray(jax.jit(lambda a, p: ffn_output(p, ffn_activation(p, kind, a)[0]))(jnp.asarray(x), pj))
+    finally:
+        L.USE_HOST_KERNELS = before
+    np.testing.assert_allclose(np.asarray(fn(jnp.asarray(x), pj)), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
