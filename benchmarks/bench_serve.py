@@ -230,7 +230,8 @@ def _goals(rows) -> dict:
 
 
 def to_markdown(res: dict) -> str:
-    lines = [f"Serving benchmark ({res['machine']}, jax {res['jax']}, {res['date']}); `{res['command']}`", ""]
+    lines = [f"Serving benchmark ({res['machine']}, jax {res['jax']}, {res['date']}); `{res['command']}`; "
+             f"bf16 split dot in {res.get('bf16_split_parts', 3)} parts", ""]
     for m in res["models"]:
         lines += [f"### {m['model']}: {m['description']}; {m['tokens_per_request']} tokens per request", "",
                   "| engine | clients | tok/s | TTFT p50 ms | inter-token p50 ms | p99 ms | mean batch | "
@@ -258,6 +259,8 @@ def main(argv):
         raise ArgumentError("--clients must list positive integers")
     import jax
 
+    from ops.linear import bf16_split_parts
+
     t0 = time.time()
     models = [bench_model(m, clients) for m in FLAGS.models]
     for m in models:
@@ -266,7 +269,7 @@ def main(argv):
     res = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "backend": jax.default_backend(),
            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(["python benchmarks/bench_serve.py", *sys.argv[1:]]), "wall_s": time.time() - t0,
-           "mixed_chunk": FLAGS.mixed_chunk, "stage_rows": FLAGS.stage_rows,
+           "mixed_chunk": FLAGS.mixed_chunk, "stage_rows": FLAGS.stage_rows, "bf16_split_parts": bf16_split_parts(),
            "models": models}
     md = to_markdown(res)
     print("\n" + md)

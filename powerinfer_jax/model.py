@@ -166,13 +166,16 @@ def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup]
     rows and a new prompt's chunk), each over its own cache and attending its first `attend_len` slots.
     Every projection (q/k/v, o, the dense FFN, lm_head) runs over all the groups' rows together, so each
     weight is read once for all of them; attention, and a sparse `ffn_fn` (which chooses its neurons for
-    the rows it gets: a prompt's all, a decode batch's union), run per group.
+    the rows it gets: a prompt's all, a decode batch's union), run per group, unless the hook's runtime
+    has `ffn_groups` (`sparse_ffn.HybridRuntime`), which sees every group at once.
     Returns (logits, new cache, per-layer ffn aux) per group (`forward` is the one-group case)."""
     xs = [embed(params, cfg, g.tokens, g.positions) for g in groups]
     n_layers = len(params.layers)
     ks = [[None] * n_layers if g.cache is None else list(g.cache.k) for g in groups]
     vs = [[None] * n_layers if g.cache is None else list(g.cache.v) for g in groups]
     aux: list[list] = [[] for _ in groups]
+    # A hook bound to a runtime with `ffn_groups` (sparse_ffn.HybridRuntime) may run all groups at once.
+    groups_fn = getattr(getattr(ffn_fn, "__self__", None), "ffn_groups", None)
     pre = cfg.pre_layer_norm
     for i, lp in enumerate(params.layers):
         h_in = [layers.norm(x, lp.attn_norm, cfg) if pre else x for x in xs]
@@ -185,6 +188,10 @@ def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup]
         f_in = [layers.norm(x, lp.ffn_norm, cfg) if pre else x for x in xs]
         if ffn_fn is None:
             ys = layers.split_rows(dense_ffn(lp.ffn, cfg.ffn_kind, layers.concat_rows(f_in)), f_in)
+        elif groups_fn is not None and len(groups) > 1:
+            ys, layer_auxes = groups_fn(i, lp.ffn, f_in, xs, [g.rows for g in groups])
+            for a, layer_aux in zip(aux, layer_auxes):
+                a.append(layer_aux)
         else:
             ys = []
             for g, f, x, a in zip(groups, f_in, xs, aux):

@@ -361,6 +361,33 @@ def test_a_wide_bf16_step_computes_the_whole_ffn_where_the_dot_is_native(bf16_do
         assert 0 < int(aux["ffn_computed"]) < int(aux["ffn_total"])
 
 
+@pytest.mark.parametrize("bf16_dot", [True, False])
+def test_groups_that_all_compute_every_neuron_share_one_ffn(bf16_dot, monkeypatch):
+    """A 16-row decode group and a carried prompt chunk (model.forward_groups) on the bf16 hybrid: where both
+    compute every neuron (XLA's bf16 dot at 16 rows) one dense FFN runs over all their rows; elsewhere each
+    group runs its own hook. Either way each group's output and counters equal its hook's alone (1e-5)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ops import linear
+
+    monkeypatch.setattr(linear, "cpu_has_bf16_dot", lambda: bf16_dot)
+    engine = pij.load("models/shakespeare-relu-llama-prepared", sparsity="predicted", max_seq_len=64)
+    runtime, layer, d = engine._ffn_fn.__self__, engine.params.layers[0].ffn, engine.cfg.hidden_size
+    rng = np.random.default_rng(1)
+    xs = [jnp.asarray(rng.normal(size=shape + (d,)).astype(np.float32)) for shape in ((16, 1), (1, 8))]
+    resid = [jnp.asarray(rng.normal(size=x.shape).astype(np.float32)) for x in xs]
+    held = [jnp.arange(16) < 2, None]
+    ys, auxes = jax.jit(lambda p, a, b: runtime.ffn_groups(0, p, a, b, held))(layer, xs, resid)
+    hlo = jax.jit(lambda p, a, b: runtime.ffn_groups(0, p, a, b, held)).lower(layer, xs, resid).as_text()
+    merged = f"tensor<{2 * (16 + 8)}x{d}xbf16>"  # the two groups' 24 rows, split in two bf16 parts, in one dot
+    assert (merged in hlo) == bf16_dot
+    for x, r, g, y, aux in zip(xs, resid, held, ys, auxes):
+        want, want_aux = jax.jit(lambda p, a, b: engine._ffn_fn(0, p, a, b, rows=g))(layer, x, r)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        assert {k: int(v) for k, v in aux.items()} == {k: int(v) for k, v in want_aux.items()}
+
+
 def test_warmup_leaves_nothing_to_compile_and_a_stopped_batcher_refuses(engine):
     b = ContinuousBatcher(engine, max_batch=4, prefill_chunk=16)
     b.warmup()
