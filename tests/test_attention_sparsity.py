@@ -31,12 +31,12 @@ class _Thresholded:
     def __init__(self, original, thresholds):
         self.original, self.thr, self.k = original, thresholds, 0
 
-    def __call__(self, x, w, b=None):
+    def __call__(self, x, w, b=None, **kw):
         import jax.numpy as jnp
 
         t = self.thr[self.k // 2][self.k % 2]
         self.k += 1
-        return self.original(jnp.where(jnp.abs(x) > t, x, 0.0), w, b)
+        return self.original(jnp.where(jnp.abs(x) > t, x, 0.0), w, b, **kw)
 
 
 def test_calibration_hits_the_target(model):
