@@ -222,10 +222,12 @@ def _goals(rows) -> dict:
         if (k, lo) in get and (k, hi) in get:
             out[f"{k}_throughput_x{hi}_over_x{lo}"] = get[(k, hi)]["tok_s"] / get[(k, lo)]["tok_s"]
             out[f"{k}_itl_p99_x{hi}_over_itl_p50_x{lo}"] = get[(k, hi)]["itl_p99_ms"] / get[(k, lo)]["itl_p50_ms"]
-    if ("dense", hi) in get and ("hybrid", hi) in get:  # (without --carry)
-        out[f"hybrid_over_dense_throughput_x{hi}"] = get[("hybrid", hi)]["tok_s"] / get[("dense", hi)]["tok_s"]
-    if ("hybrid", lo) in get and ("dense", lo) in get:
-        out[f"hybrid_over_dense_throughput_x{lo}"] = get[("hybrid", lo)]["tok_s"] / get[("dense", lo)]["tok_s"]
+    # Hybrid against the dense engine: the f32 one when it ran, else the first other precision (without --carry).
+    dense = "dense" if any(k == "dense" for k, _ in get) else next(
+        (k for k, _ in sorted(get) if k.startswith("dense_") and "@" not in k), None)
+    for c in sorted({lo, hi}):
+        if ("hybrid", c) in get and (dense, c) in get:
+            out[f"hybrid_over_{dense}_throughput_x{c}"] = get[("hybrid", c)]["tok_s"] / get[(dense, c)]["tok_s"]
     return out
 
 

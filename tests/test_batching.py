@@ -448,6 +448,10 @@ def test_bench_serve_round_counts_every_token(engine, batcher):
     rows = [{"engine": "dense", "clients": c, "tok_s": t, "itl_p50_ms": 5.0, "itl_p99_ms": 9.0, "ttft_p50_ms": 1.0,
              "mean_batch": float(c)} for c, t in ((1, 100.0), (16, 400.0))]
     assert bench_serve._goals(rows)["dense_throughput_x16_over_x1"] == 4.0
+    bf16 = [dict(r, engine="dense_bfloat16") for r in rows] + [dict(r, engine="hybrid", tok_s=2 * r["tok_s"])
+                                                               for r in rows]
+    goals = bench_serve._goals(bf16)  # hybrid against the dense engine that ran: here the bf16 one
+    assert goals["hybrid_over_dense_bfloat16_throughput_x16"] == goals["hybrid_over_dense_bfloat16_throughput_x1"] == 2
 
 
 def test_bench_serve_carry_settings_name_each_batcher():
