@@ -52,6 +52,7 @@ from ops.xla_sparse import sparse_ffn_xla
 from powerinfer_jax.config import THRESHOLD_FFN_KINDS, ModelConfig
 from powerinfer_jax.errors import ArgumentError, UnsupportedModelError
 from powerinfer_jax.ffn import dense_ffn
+from powerinfer_jax.layers import concat_rows, split_rows
 from powerinfer_jax.params import FFNParams
 from powerinfer_jax.tensor_file import to_global, to_jax
 
@@ -321,7 +322,6 @@ class HybridRuntime:
         B, T, d = x_norm.shape
         x = x_norm.reshape(B * T, d)
         plan, family = p.plan, self.cfg.ffn_kind
-        n = plan.n_hot + plan.n_cold
         aux: dict = {}
         if self._computes_all(p, B, T):
             # Dense split: every hot row on the device, every cold row on the host.
@@ -362,15 +362,10 @@ class HybridRuntime:
         if p.shared is None or not all(self._computes_all(p, B, T) for B, T, _ in shapes):
             outs = [self.ffn_fn(i, p, x, r, g) for x, r, g in zip(xs_norm, xs_resid, rows)]
             return [y for y, _ in outs], [a for _, a in outs]
-        d = shapes[0][-1]
-        y = dense_ffn(p.shared, self.cfg.ffn_kind, jnp.concatenate([x.reshape(-1, d) for x in xs_norm]))
+        y = dense_ffn(p.shared, self.cfg.ffn_kind, concat_rows(xs_norm))
         if p.b_down is not None:
             y = y + p.b_down.astype(f32)
-        ys, start = [], 0
-        for B, T, _ in shapes:
-            ys.append(y[start:start + B * T].reshape(B, T, d))
-            start += B * T
-        return ys, [self._all_computed(p.plan) if T == 1 else {} for _, T, _ in shapes]
+        return split_rows(y, xs_norm), [self._all_computed(p.plan) if T == 1 else {} for _, T, _ in shapes]
 
     def _sparse(self, p: HybridFFN, x, x_resid, rows=None):
         """Decode: only the active neurons (predicted, or the true ReLU mask for oracle)."""
