@@ -172,6 +172,48 @@ def test_packed_chunk_takes_the_oldest_prompts_pieces_into_free_staging_rows(eng
     assert list(last) == [6, 2, 4]  # every staged prompt completes in this chunk
 
 
+def test_a_finished_row_is_refilled_in_place_and_rows_move_only_to_shrink_the_batch(engine, batcher):
+    """A finished request frees its row without moving another row into it; the next request joins in that
+    row; rows move only when the rows in use fit a smaller batch size. Every request's greedy tokens equal
+    its run alone."""
+    from powerinfer_jax.batching import Request
+
+    loop = ContinuousBatcher(engine, max_batch=4, mixed_chunk=16)  # sizes 1 and 4; driven in this thread
+    moves = []
+    call = loop._call
+    loop._call = lambda name, *a, **kw: (moves.append(name) if name == "move" else None) or call(name, *a, **kw)
+    lengths = {"ROMEO:": 6, "JULIET: O Romeo, Romeo": 14, "KING HENRY:": 14, "All:": 14, "MENENIUS:\nWhy, masters": 4}
+    got = {}
+
+    def submit(text):
+        got[text] = []
+        on_event = lambda ev: got[text].append(ev.token_id) if ev.kind == "token" else None  # noqa: E731
+        req = Request(len(got), engine.encode(text), RequestParams(max_tokens=lengths[text], stop_at_eos=False), on_event)
+        loop._waiting.append(req)  # what submit() does, for a loop that runs in this thread
+        return req
+
+    first = [submit(text) for text in list(lengths)[:4]]
+    for _ in range(200):  # until the short request is done and its row is free
+        loop._step_once()
+        if len(got["ROMEO:"]) == 6 and first[0] not in loop._rows:
+            break
+    free = loop._rows.index(None)
+    assert len(loop._running()) == 3 and moves == []
+    late = submit("MENENIUS:\nWhy, masters")
+    for _ in range(200):
+        loop._step_once()
+        if late in loop._rows:
+            break
+    assert loop._rows.index(late) == free and moves == []
+    while loop._rows or loop._waiting or loop._prefilling():
+        loop._step_once()
+        running = loop._running()
+        assert len(loop._rows) <= loop._size(len(running))  # a smaller size is used as soon as the rows fit it
+    alone = {text: batcher.generate(engine.encode(text), RequestParams(max_tokens=n, stop_at_eos=False),
+                                    timeout=60).token_ids for text, n in lengths.items()}
+    assert got == alone
+
+
 def test_sampled_tokens_do_not_depend_on_the_batch(engine, batcher):
     ids = [engine.encode(p) for p in PROMPTS[:4]]
     params = [RequestParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=k * 10, seed=k) for k in range(4)]
