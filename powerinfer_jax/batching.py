@@ -91,6 +91,16 @@ class Event:
     held_back: bool = False  # token: its text waits for the rest of a UTF-8 character ("" now, sent with a later token)
 
 
+def seed_key(seed: int) -> np.ndarray:
+    """`jax.random.PRNGKey(seed)`'s key data (uint32 [2]), made in numpy for the default threefry PRNG: jax's call
+    costs ~0.2 ms, on the submitting thread, holding the GIL the decode loop needs. Other PRNGs go through jax."""
+    s = int(seed)
+    if jax.config.jax_default_prng_impl != "threefry2x32" or not -2**63 <= s < 2**64:
+        return np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)), np.uint32)
+    hi = (s >> 32) & 0xFFFFFFFF if jax.config.jax_enable_x64 else 0  # without x64 jax keeps the low 32 bits
+    return np.array([hi, s & 0xFFFFFFFF], np.uint32)
+
+
 class Request:
     """A submitted request; `cancel()` ends it at the next step boundary."""
 
@@ -99,7 +109,7 @@ class Request:
         self.id, self.prompt_ids, self.params, self.on_event = rid, prompt_ids, params, on_event
         self.detokenize = detokenize  # whether token events carry their text (IncrementalDecoder)
         self.cancelled = False
-        self.key = np.asarray(jax.random.key_data(jax.random.PRNGKey(params.seed)), np.uint32)
+        self.key = seed_key(params.seed)
         self.generated: list[int] = []
         self.prefilled = 0  # prompt tokens already in the staging cache
         self.stage_row = 0  # its row of the staging cache

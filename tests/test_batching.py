@@ -214,6 +214,21 @@ def test_a_finished_row_is_refilled_in_place_and_rows_move_only_to_shrink_the_ba
     assert got == alone
 
 
+@pytest.mark.parametrize("x64", [False, True])
+def test_request_keys_equal_jax_prngkey(x64):
+    """A request's key, made in numpy, is jax.random.PRNGKey(seed)'s key data for any seed the server takes."""
+    import jax
+
+    from powerinfer_jax.batching import seed_key
+
+    seeds = [0, 1, -1, 7, 2**31 - 1, -2**31, 2**31, 2**32, 2**32 + 5, 2**63 - 1, -2**63, -12345678901]
+    seeds += [int(v) for v in np.random.default_rng(3).integers(-2**63, 2**63 - 1, 50)]
+    with jax.enable_x64(x64):
+        for seed in seeds:
+            want = np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)), np.uint32)
+            np.testing.assert_array_equal(seed_key(seed), want, err_msg=str(seed))
+
+
 def test_sampled_tokens_do_not_depend_on_the_batch(engine, batcher):
     ids = [engine.encode(p) for p in PROMPTS[:4]]
     params = [RequestParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=k * 10, seed=k) for k in range(4)]
