@@ -579,8 +579,9 @@ class ContinuousBatcher:
         size = self._size(n)
         tokens = np.zeros(size, np.int32)
         positions = np.full(size, self.engine.max_seq_len, np.int32)  # idle (free, padding) rows write nothing
-        steps = np.zeros(size + (self.stage_rows if carry else 0), np.int32)  # each row's token index: its random
-        for i, req in enumerate(self._rows):  # stream's position (a prompt's first token: 0)
+        # each row's token index: its random stream's position (a staged prompt's first token: 0)
+        steps = np.zeros(size + (self.stage_rows if carry else 0), np.int32)
+        for i, req in enumerate(self._rows):
             if req is not None:
                 tokens[i] = req.generated[-1]
                 positions[i] = len(req.prompt_ids) + len(req.generated) - 1
