@@ -446,8 +446,8 @@ class ContinuousBatcher:
             self._step_once()
 
     def _drop_cancelled(self) -> None:
-        for i in reversed(range(len(self._rows))):
-            if i < len(self._rows) and self._rows[i] is not None and self._rows[i].cancelled:
+        for i, req in reversed(list(enumerate(self._rows))):  # a snapshot: retiring a row trims free rows
+            if req is not None and req.cancelled:
                 self._retire(i, "cancelled")
         self._compact()
         if self._staging is not None and self._staging.cancelled:
@@ -618,11 +618,11 @@ class ContinuousBatcher:
         self._counters["rows_computed"] += size
         self._counters["rows_decoded"] += running.size
         Engine._accumulate_ffn_stats(totals, self._counters)
-        for i in reversed(range(n)):  # retiring row i can drop free rows below it (no free row is last)
-            if i >= len(self._rows) or self._rows[i] is None:
+        for i, req in reversed(list(enumerate(self._rows))):  # a snapshot: retiring a row trims free rows
+            if req is None:
                 continue
             if nxt[i] < 0:
-                where = f"at generated token {len(self._rows[i].generated) + 1}"
+                where = f"at generated token {len(req.generated) + 1}"
                 self._emit(self._remove_row(i), Event("error", error=nonfinite_message(where)))
             else:
                 self._accept(i, int(nxt[i]))
