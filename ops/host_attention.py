@@ -39,8 +39,9 @@ def uses_host_attention(rows: int, tokens: int, cache_dtype, span_bytes: int = 0
 
 
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
-def _decode_attention(q, k, v, starts, ends, scale, out):
-    """out[b, h] = softmax over slots starts[b]..ends[b]-1 of (q[b, h] . k[b, h // group, s]) v[...]."""
+def _decode_attention(q, k, v, rows_of, starts, ends, scale, out):
+    """out[b, h] = softmax over slots starts[b]..ends[b]-1 of (q[b, h] . k[r, h // group, s]) v[r, ...],
+    r = rows_of[b] (the cache row query b reads)."""
     rows, hq, hd = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -49,7 +50,7 @@ def _decode_attention(q, k, v, starts, ends, scale, out):
         longest = max(longest, ends[b] - starts[b])
     for job in prange(rows * hkv):  # one (row, kv head) a job: its K/V slots are read once for the group
         b, g = job // hkv, job % hkv
-        s0, s1 = starts[b], ends[b]
+        r, s0, s1 = rows_of[b], starts[b], ends[b]
         scores = np.empty(longest, np.float32)
         for j in range(group):
             h = g * group + j
@@ -60,7 +61,7 @@ def _decode_attention(q, k, v, starts, ends, scale, out):
             for s in range(s0, s1):
                 acc = np.float32(0.0)
                 for d in range(hd):
-                    acc += q[b, h, d] * k[b, g, s, d]
+                    acc += q[b, h, d] * k[r, g, s, d]
                 acc *= scale
                 scores[s - s0] = acc
                 top = max(top, acc)
@@ -75,7 +76,7 @@ def _decode_attention(q, k, v, starts, ends, scale, out):
             for s in range(s0, s1):
                 p = scores[s - s0] * inv
                 for d in range(hd):
-                    out[b, h, d] += p * v[b, g, s, d]
+                    out[b, h, d] += p * v[r, g, s, d]
 
 
 def _slot_ranges(positions: jax.Array, max_len: int, window: int | None) -> tuple[jax.Array, jax.Array]:
@@ -88,34 +89,38 @@ def _slot_ranges(positions: jax.Array, max_len: int, window: int | None) -> tupl
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,
-                     window: int | None = None) -> jax.Array:
-    """q [B, hq, hd] (one token a row) against the first B rows of the caches [B', hkv, S, hd] at
-    `positions` [B]: the attention output [B, hq, hd] (f32), computed on the host in place."""
+                     window: int | None = None, cache_rows: jax.Array | None = None) -> jax.Array:
+    """q [B, hq, hd] (one query a row) against the caches [B', hkv, S, hd] at `positions` [B]: query b reads
+    cache row `cache_rows[b]` (default: row b; a packed prompt chunk's tokens read their prompts' rows). The
+    attention output [B, hq, hd] (f32), computed on the host in place."""
     B, hq, hd = q.shape
     starts, ends = _slot_ranges(positions, k_cache.shape[2], window)
+    rows_of = jnp.arange(B, dtype=jnp.int32) if cache_rows is None else cache_rows.astype(jnp.int32)
     scale = np.float32(1.0 / math.sqrt(hd))
 
-    def cb(ctx, out, qb, kb, vb, sb, eb):
+    def cb(ctx, out, qb, kb, vb, rb, sb, eb):
         del ctx
-        _decode_attention(np.asarray(qb), np.asarray(kb), np.asarray(vb), np.asarray(sb), np.asarray(eb), scale,
-                          np.asarray(out))
+        _decode_attention(np.asarray(qb), np.asarray(kb), np.asarray(vb), np.asarray(rb), np.asarray(sb),
+                          np.asarray(eb), scale, np.asarray(out))
 
     shape = jax.ShapeDtypeStruct((B, hq, hd), jnp.float32)
-    return linear._buffer_callback(cb, shape)(q.astype(jnp.float32), k_cache, v_cache, starts, ends)
+    return linear._buffer_callback(cb, shape)(q.astype(jnp.float32), k_cache, v_cache, rows_of, starts, ends)
 
 
-def decode_attention_ref(q, k_cache, v_cache, positions, window: int | None = None) -> np.ndarray:
+def decode_attention_ref(q, k_cache, v_cache, positions, window: int | None = None,
+                         cache_rows=None) -> np.ndarray:
     """numpy reference of `decode_attention` (float64 inside)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k_cache, v_cache))
     B, hq, hd = q.shape
     group = hq // k.shape[1]
+    rows_of = np.arange(B) if cache_rows is None else np.asarray(cache_rows)
     out = np.zeros((B, hq, hd))
     for b, p in enumerate(np.asarray(positions)):
         if p >= k.shape[2]:
             continue
-        s0 = max(0, p + 1 - window) if window else 0
+        r, s0 = rows_of[b], (max(0, p + 1 - window) if window else 0)
         for h in range(hq):
-            scores = k[b, h // group, s0:p + 1] @ q[b, h] / math.sqrt(hd)
+            scores = k[r, h // group, s0:p + 1] @ q[b, h] / math.sqrt(hd)
             e = np.exp(scores - scores.max())
-            out[b, h] = (e / e.sum()) @ v[b, h // group, s0:p + 1]
+            out[b, h] = (e / e.sum()) @ v[r, h // group, s0:p + 1]
     return out.astype(np.float32)

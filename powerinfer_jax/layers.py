@@ -227,10 +227,11 @@ def _attend_packed(q, k, v, positions, cache_rows, k_cache, v_cache, attend_len:
     """Attention of a packed chunk q [1, W, hq, hd] (rotated): token t writes its key/value into row
     cache_rows[0, t] of the cache at positions[0, t] (past the cache: nothing) and attends only that
     row's slots up to its position. Continuous batching packs the next pieces of several waiting prompts
-    into one fixed-width chunk this way (each prompt its own staging row). Every token is scored against
-    every row's span and keeps its own row's result: R times the attention arithmetic of one row (bundled
-    model, 16 rows + 32 tokens at span 128: +1.4-1.9 ms on a 16 ms step for R = 4; a 7B model's
-    projections make that ~2% at span 128, ~16% at 1024)."""
+    into one fixed-width chunk this way (each prompt its own staging row). On the CPU backend each token
+    is one query of the host attention kernel, reading its own row's slots in place. Elsewhere every token
+    is scored against every row's span and keeps its own row's result: R times the attention arithmetic
+    of one row (on the CPU, bundled model, 16 rows + 32 tokens at span 128, R = 4: ~5 ms of a ~20 ms step,
+    which the host kernel removes; see BENCHMARKS.md)."""
     _, W, hq, hd = q.shape
     hkv = k.shape[2]
     R = k_cache.shape[0]
@@ -238,6 +239,10 @@ def _attend_packed(q, k, v, positions, cache_rows, k_cache, v_cache, attend_len:
     at = (rows[:, None], jnp.arange(hkv)[None, :], pos[:, None])
     k_cache = k_cache.at[at].set(k[0].astype(k_cache.dtype), mode="drop")
     v_cache = v_cache.at[at].set(v[0].astype(v_cache.dtype), mode="drop")
+    span_bytes = 2 * R * hkv * attend_len * hd * k_cache.dtype.itemsize
+    if uses_host_attention(W, 1, k_cache.dtype, span_bytes):  # W one-token queries, each over its own row
+        out = decode_attention(q[0], k_cache, v_cache, pos, cfg.sliding_window, cache_rows=rows)
+        return out.reshape(1, W, hq * hd), k_cache, v_cache
     # Every token against every row, as a batch of R rows (one set of ops, whatever R); a token keeps its
     # own row's result. Against another row it sees that row's first slot only (finite, and discarded).
     seen = jnp.where(rows[None, :] == jnp.arange(R)[:, None], pos[None, :], 0)  # [R, W]

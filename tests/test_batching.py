@@ -104,15 +104,20 @@ def test_forward_groups_equals_forward_per_group(sparsity, dtype):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("host_attention", [True, False])
 @pytest.mark.parametrize("sparsity", [None, "oracle"])
-def test_packed_chunk_equals_each_prompt_alone(sparsity):
+def test_packed_chunk_equals_each_prompt_alone(sparsity, host_attention, monkeypatch):
     """A packed chunk (pieces of two prompts, each into its own staging row; one prompt half prefilled
     already) gives each prompt's last-token logits and staging row of the prompt run alone (1e-5 of the
-    logits' scale), leaves the unused row untouched, and writes nothing at padding positions."""
+    logits' scale), leaves the unused row untouched, and writes nothing at padding positions; with the
+    chunk's attention in the host kernel (CPU) and in XLA (every other backend)."""
     import jax
     import jax.numpy as jnp
 
+    from ops import host_attention as HA
     from powerinfer_jax.model import RowGroup, forward, forward_groups, init_cache
+
+    monkeypatch.setattr(HA, "USE_HOST_ATTENTION", host_attention)
 
     eng = pij.load(max_seq_len=128, sparsity=sparsity)
     cfg, params, ffn = eng.cfg, eng.params, eng._ffn_fn
@@ -128,7 +133,12 @@ def test_packed_chunk_equals_each_prompt_alone(sparsity):
     tokens[0, 4:9], positions[0, 4:9], rows[0, 4:9] = b, np.arange(5), 0  # b whole, into row 0; 3 padding
     group = RowGroup(jnp.asarray(tokens), jnp.asarray(positions), stage, logits_at=jnp.asarray([8, 0, 3]),
                      cache_rows=jnp.asarray(rows))
+    calls = []
+    kernel = HA._decode_attention
+    monkeypatch.setattr(HA, "_decode_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
     (logits, packed, _), = forward_groups(params, cfg, [group], 128, ffn)
+    assert bool(calls) == (host_attention and jax.default_backend() == "cpu")  # one call a layer, 12 queries
+    assert all(shape[0] == 12 for shape in calls)
     for got_row, (want, want_cache, _), n in ((2, alone[0], 10), (0, alone[1], 5)):
         scale = float(np.abs(np.asarray(want)).max())
         np.testing.assert_allclose(np.asarray(logits[got_row]), np.asarray(want[0]), rtol=0, atol=1e-5 * scale)
@@ -492,6 +502,7 @@ def test_the_batched_decode_step_and_prompt_chunk_lower_for_cuda(engine, monkeyp
                                                        jax.tree.map(sds, init_cache(cfg, 4, 256)),
                                                        jax.ShapeDtypeStruct((4,), jnp.int32), *carried)
     assert "stablehlo.dot_general" in exp.mlir_module()
+    assert "callback" not in exp.mlir_module()  # the packed chunk's attention too stays in XLA off the CPU
 
 
 def test_bench_serve_round_counts_every_token(engine, batcher):

@@ -31,6 +31,26 @@ def test_decode_attention_matches_reference(hq, hkv, window):
     assert not np.asarray(got)[3].any()
 
 
+def test_queries_read_the_cache_rows_they_are_mapped_to():
+    """`cache_rows`: query b reads cache row cache_rows[b] (a packed prompt chunk: several queries a row,
+    rows in any order, a padding query past the cache), against the reference and against each query
+    run alone on its own row."""
+    rng = np.random.default_rng(3)
+    hq, hkv, S, hd = 8, 2, 32, 16
+    q = rng.standard_normal((6, hq, hd), dtype=np.float32)
+    k = rng.standard_normal((3, hkv, S, hd), dtype=np.float32)
+    v = rng.standard_normal((3, hkv, S, hd), dtype=np.float32)
+    rows = np.array([2, 2, 2, 0, 0, 1], np.int32)
+    positions = np.array([4, 5, 6, 0, 1, S], np.int32)
+    got = np.asarray(jax.jit(HA.decode_attention)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                                  jnp.asarray(positions), cache_rows=jnp.asarray(rows)))
+    _close(got, HA.decode_attention_ref(q, k, v, positions, cache_rows=rows))
+    for b in range(5):
+        alone = HA.decode_attention_ref(q[b:b + 1], k[rows[b]:rows[b] + 1], v[rows[b]:rows[b] + 1], positions[b:b + 1])
+        _close(got[b:b + 1], alone)
+    assert not got[5].any()
+
+
 def test_batched_decode_step_equals_xla_attention(monkeypatch):
     """A forward decode step of 4 rows at different positions: the host attention and XLA's agree,
     and the step's attention really went through the callback."""
