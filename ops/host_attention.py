@@ -21,13 +21,19 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from ops import linear  # its USE_HOST_KERNELS = False sends everything through XLA (what a GPU runs)
+from ops.host_kernels import _BF16, _F16, _F32, _bf16, _f16
 
-HOST_ATTENTION_MIN_ROWS = 4  # decode steps of at least this many rows attend here (CPU backend, f32 cache)
+HOST_ATTENTION_MIN_ROWS = 4  # decode steps of at least this many rows attend here (CPU backend)
 HOST_ATTENTION_MIN_SPAN_BYTES = 512 << 10  # ... and smaller ones whose attended K+V span is at least this big
 USE_HOST_ATTENTION = True  # False keeps XLA's attention everywhere (tests compare the two)
+# cache dtype -> the kernel's format code: f32; bf16 and f16, as floats or as the bit patterns a KVCache stores
+# them in (uint16: bf16, int16: f16; powerinfer_jax.model.KV_STORAGE)
+_CACHE_CODES = {np.dtype(np.float32): _F32, np.dtype(jnp.bfloat16): _BF16, np.dtype(np.uint16): _BF16,
+                np.dtype(np.float16): _F16, np.dtype(np.int16): _F16}
 
 
 def uses_host_attention(rows: int, tokens: int, cache_dtype, span_bytes: int = 0) -> bool:
@@ -35,13 +41,27 @@ def uses_host_attention(rows: int, tokens: int, cache_dtype, span_bytes: int = 0
     (`span_bytes`: the K and V bytes of the attended span of those rows, what XLA would copy)."""
     large = rows >= HOST_ATTENTION_MIN_ROWS or span_bytes >= HOST_ATTENTION_MIN_SPAN_BYTES
     return (USE_HOST_ATTENTION and linear.USE_HOST_KERNELS and linear._buffer_callback is not None and tokens == 1
-            and large and jnp.dtype(cache_dtype) == jnp.float32 and jax.default_backend() == "cpu")
+            and large and np.dtype(cache_dtype) in _CACHE_CODES and jax.default_backend() == "cpu")
+
+
+def _kv(code, x):
+    """Stub: a cache entry as float32 (f32 as is; bf16/f16 from their bits by `code`)."""
+    raise NotImplementedError
+
+
+@overload(_kv)
+def _kv_impl(code, x):
+    if isinstance(x, types.Float):
+        return lambda code, x: x
+    if x == types.uint16:
+        return lambda code, x: _bf16(x) if code == _BF16 else _f16(x)
+    return None
 
 
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
-def _decode_attention(q, k, v, rows_of, starts, ends, scale, out):
+def _decode_attention(code, q, k, v, rows_of, starts, ends, scale, out):
     """out[b, h] = softmax over slots starts[b]..ends[b]-1 of (q[b, h] . k[r, h // group, s]) v[r, ...],
-    r = rows_of[b] (the cache row query b reads)."""
+    r = rows_of[b] (the cache row query b reads); k and v f32, or bf16/f16 bits (uint16) by `code`."""
     rows, hq, hd = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -61,7 +81,7 @@ def _decode_attention(q, k, v, rows_of, starts, ends, scale, out):
             for s in range(s0, s1):
                 acc = np.float32(0.0)
                 for d in range(hd):
-                    acc += q[b, h, d] * k[r, g, s, d]
+                    acc += q[b, h, d] * _kv(code, k[r, g, s, d])
                 acc *= scale
                 scores[s - s0] = acc
                 top = max(top, acc)
@@ -76,7 +96,7 @@ def _decode_attention(q, k, v, rows_of, starts, ends, scale, out):
             for s in range(s0, s1):
                 p = scores[s - s0] * inv
                 for d in range(hd):
-                    out[b, h, d] += p * v[r, g, s, d]
+                    out[b, h, d] += p * _kv(code, v[r, g, s, d])
 
 
 def _slot_ranges(positions: jax.Array, max_len: int, window: int | None) -> tuple[jax.Array, jax.Array]:
@@ -90,17 +110,20 @@ def _slot_ranges(positions: jax.Array, max_len: int, window: int | None) -> tupl
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,
                      window: int | None = None, cache_rows: jax.Array | None = None) -> jax.Array:
-    """q [B, hq, hd] (one query a row) against the caches [B', hkv, S, hd] at `positions` [B]: query b reads
-    cache row `cache_rows[b]` (default: row b; a packed prompt chunk's tokens read their prompts' rows). The
-    attention output [B, hq, hd] (f32), computed on the host in place."""
+    """q [B, hq, hd] (one query a row) against the caches [B', hkv, S, hd] (f32, bf16 or f16) at `positions` [B]:
+    query b reads cache row `cache_rows[b]` (default: row b; a packed prompt chunk's tokens read their prompts'
+    rows). The attention output [B, hq, hd] (f32), computed on the host in place."""
     B, hq, hd = q.shape
     starts, ends = _slot_ranges(positions, k_cache.shape[2], window)
     rows_of = jnp.arange(B, dtype=jnp.int32) if cache_rows is None else cache_rows.astype(jnp.int32)
     scale = np.float32(1.0 / math.sqrt(hd))
 
+    code = _CACHE_CODES[np.dtype(k_cache.dtype)]
+    bits = (lambda a: np.asarray(a)) if code == _F32 else (lambda a: np.asarray(a).view(np.uint16))
+
     def cb(ctx, out, qb, kb, vb, rb, sb, eb):
         del ctx
-        _decode_attention(np.asarray(qb), np.asarray(kb), np.asarray(vb), np.asarray(rb), np.asarray(sb),
+        _decode_attention(code, np.asarray(qb), bits(kb), bits(vb), np.asarray(rb), np.asarray(sb),
                           np.asarray(eb), scale, np.asarray(out))
 
     shape = jax.ShapeDtypeStruct((B, hq, hd), jnp.float32)
@@ -110,7 +133,9 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, posit
 def decode_attention_ref(q, k_cache, v_cache, positions, window: int | None = None,
                          cache_rows=None) -> np.ndarray:
     """numpy reference of `decode_attention` (float64 inside)."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k_cache, v_cache))
+    bits = {np.dtype(np.uint16): jnp.bfloat16, np.dtype(np.int16): np.float16}
+    q, k, v = (np.asarray(a).view(bits.get(np.asarray(a).dtype, np.asarray(a).dtype)).astype(np.float64)
+               for a in (q, k_cache, v_cache))
     B, hq, hd = q.shape
     group = hq // k.shape[1]
     rows_of = np.arange(B) if cache_rows is None else np.asarray(cache_rows)

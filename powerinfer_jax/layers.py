@@ -188,8 +188,7 @@ def _attend_cached(q, k, v, positions, k_cache, v_cache, attend_len: int, cfg: M
         # attention products below read it as it lies (the [B, S, n_kv, hd] layout made XLA:CPU
         # transpose the attended span every step: a 16-row step's attention took 2.2x longer).
         at = (jnp.arange(B)[:, None, None], jnp.arange(hkv)[None, None, :], positions[:, :, None])
-        k_cache = k_cache.at[at].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[at].set(v.astype(v_cache.dtype), mode="drop")
+        k_cache, v_cache = _cache_write(k_cache, at, k), _cache_write(v_cache, at, v)
         span_bytes = 2 * B * hkv * attend_len * hd * k_cache.dtype.itemsize
         if uses_host_attention(B, T, k_cache.dtype, span_bytes):
             # A batched or long-span decode step on the CPU backend: each row over its own slots, the cache
@@ -197,10 +196,27 @@ def _attend_cached(q, k, v, positions, k_cache, v_cache, attend_len: int, cfg: M
             out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0], cfg.sliding_window)
             return out.reshape(B, T, hq * hd), k_cache, v_cache
         # A cache may hold more rows than x (continuous batching runs its first B rows).
-        keys = k_cache[:B, :, :attend_len].astype(f32)
-        values = v_cache[:B, :, :attend_len].astype(f32)
+        keys = kv_read(k_cache[:B, :, :attend_len])
+        values = kv_read(v_cache[:B, :, :attend_len])
         key_pos = jnp.broadcast_to(jnp.arange(attend_len), (B, attend_len))
     return _attend(q, keys, values, key_pos, positions, cfg), k_cache, v_cache
+
+
+_KV_BITS = {jnp.dtype(jnp.uint16): jnp.bfloat16, jnp.dtype(jnp.int16): jnp.float16}  # see model.KV_STORAGE
+
+
+def kv_read(stored: jax.Array) -> jax.Array:
+    """Cache entries (float32, or half-precision bit patterns: `model.KV_STORAGE`) as float32."""
+    half = _KV_BITS.get(stored.dtype)
+    return (stored if half is None else jax.lax.bitcast_convert_type(stored, half)).astype(f32)
+
+
+def _cache_write(cache: jax.Array, at: tuple, values: jax.Array) -> jax.Array:
+    """cache.at[at].set(values) in the cache's stored form (indices past the cache: dropped)."""
+    half = _KV_BITS.get(cache.dtype)
+    stored = values.astype(cache.dtype) if half is None else \
+        jax.lax.bitcast_convert_type(values.astype(half), cache.dtype)
+    return cache.at[at].set(stored, mode="drop")
 
 
 def _project_out(out: jax.Array, p: AttentionParams, sink: list | None, sparse: bool,
@@ -237,8 +253,7 @@ def _attend_packed(q, k, v, positions, cache_rows, k_cache, v_cache, attend_len:
     R = k_cache.shape[0]
     rows, pos = cache_rows[0], positions[0]
     at = (rows[:, None], jnp.arange(hkv)[None, :], pos[:, None])
-    k_cache = k_cache.at[at].set(k[0].astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[at].set(v[0].astype(v_cache.dtype), mode="drop")
+    k_cache, v_cache = _cache_write(k_cache, at, k[0]), _cache_write(v_cache, at, v[0])
     span_bytes = 2 * R * hkv * attend_len * hd * k_cache.dtype.itemsize
     if uses_host_attention(W, 1, k_cache.dtype, span_bytes):  # W one-token queries, each over its own row
         out = decode_attention(q[0], k_cache, v_cache, pos, cfg.sliding_window, cache_rows=rows)
@@ -247,7 +262,7 @@ def _attend_packed(q, k, v, positions, cache_rows, k_cache, v_cache, attend_len:
     # own row's result. Against another row it sees that row's first slot only (finite, and discarded).
     seen = jnp.where(rows[None, :] == jnp.arange(R)[:, None], pos[None, :], 0)  # [R, W]
     key_pos = jnp.broadcast_to(jnp.arange(attend_len), (R, attend_len))
-    every = _attend(jnp.broadcast_to(q, (R,) + q.shape[1:]), k_cache[:, :, :attend_len].astype(f32),
-                    v_cache[:, :, :attend_len].astype(f32), key_pos, seen, cfg)  # [R, W, hq * hd]
+    every = _attend(jnp.broadcast_to(q, (R,) + q.shape[1:]), kv_read(k_cache[:, :, :attend_len]),
+                    kv_read(v_cache[:, :, :attend_len]), key_pos, seen, cfg)  # [R, W, hq * hd]
     out = jnp.take_along_axis(every, rows[None, :, None], axis=0)
     return out, k_cache, v_cache

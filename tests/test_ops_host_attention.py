@@ -16,14 +16,16 @@ def _close(got, want):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])  # plain and grouped-query heads
-def test_decode_attention_matches_reference(hq, hkv, window):
+def test_decode_attention_matches_reference(hq, hkv, window, cache_dtype):
+    """f32 and half-precision caches (the kernel widens their bits; the reference reads the same stored values)."""
     rng = np.random.default_rng(0)
     rows, cache_rows, S, hd = 5, 8, 32, 16
     q = rng.standard_normal((rows, hq, hd), dtype=np.float32)
-    k = rng.standard_normal((cache_rows, hkv, S, hd), dtype=np.float32)
-    v = rng.standard_normal((cache_rows, hkv, S, hd), dtype=np.float32)
+    k = rng.standard_normal((cache_rows, hkv, S, hd), dtype=np.float32).astype(jnp.dtype(cache_dtype))
+    v = rng.standard_normal((cache_rows, hkv, S, hd), dtype=np.float32).astype(jnp.dtype(cache_dtype))
     positions = np.array([0, 7, 31, S, 12], np.int32)  # S: a padding row, which gets zeros
     got = jax.jit(HA.decode_attention, static_argnums=4)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                                                          jnp.asarray(positions), window)
@@ -51,9 +53,10 @@ def test_queries_read_the_cache_rows_they_are_mapped_to():
     assert not got[5].any()
 
 
-def test_batched_decode_step_equals_xla_attention(monkeypatch):
-    """A forward decode step of 4 rows at different positions: the host attention and XLA's agree,
-    and the step's attention really went through the callback."""
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_batched_decode_step_equals_xla_attention(monkeypatch, cache_dtype):
+    """A forward decode step of 4 rows at different positions: the host attention and XLA's agree (over an
+    f32 and a bf16 cache), and the step's attention really went through the callback."""
     from powerinfer_jax.config import ModelConfig
     from powerinfer_jax.model import forward, init_cache
     from powerinfer_jax.params import init_params
@@ -62,7 +65,7 @@ def test_batched_decode_step_equals_xla_attention(monkeypatch):
                       hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                       max_position_embeddings=64, norm_eps=1e-5)
     params = init_params(cfg, jax.random.PRNGKey(0))
-    cache = init_cache(cfg, 4, 16)
+    cache = init_cache(cfg, 4, 16, jnp.dtype(cache_dtype))
     rng = np.random.default_rng(1)
     prompt = jnp.asarray(rng.integers(0, 64, (4, 9)), jnp.int32)
     _, cache, _ = forward(params, cfg, prompt, jnp.broadcast_to(jnp.arange(9), (4, 9)), cache, 16)
@@ -116,7 +119,8 @@ def test_small_steps_and_prompts_stay_on_xla():
     assert not HA.uses_host_attention(1, 1, jnp.float32)
     assert not HA.uses_host_attention(1, 1, jnp.float32, HA.HOST_ATTENTION_MIN_SPAN_BYTES - 1)
     assert not HA.uses_host_attention(8, 4, jnp.float32, 1 << 30)  # a prompt chunk
-    assert not HA.uses_host_attention(8, 1, jnp.bfloat16)  # a half-precision cache
+    assert not HA.uses_host_attention(8, 1, jnp.int8)  # no kernel for it
     on_cpu = jax.default_backend() == "cpu"
-    assert HA.uses_host_attention(HA.HOST_ATTENTION_MIN_ROWS, 1, jnp.float32) == on_cpu
+    for cache_dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        assert HA.uses_host_attention(HA.HOST_ATTENTION_MIN_ROWS, 1, cache_dtype) == on_cpu
     assert HA.uses_host_attention(1, 1, jnp.float32, HA.HOST_ATTENTION_MIN_SPAN_BYTES) == on_cpu
