@@ -135,7 +135,7 @@ def test_packed_chunk_equals_each_prompt_alone(sparsity, host_attention, monkeyp
                      cache_rows=jnp.asarray(rows))
     calls = []
     kernel = HA._decode_attention
-    monkeypatch.setattr(HA, "_decode_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    monkeypatch.setattr(HA, "_decode_attention", lambda *a: calls.append(a[1].shape) or kernel(*a))
     (logits, packed, _), = forward_groups(params, cfg, [group], 128, ffn)
     assert bool(calls) == (host_attention and jax.default_backend() == "cpu")  # one call a layer, 12 queries
     assert all(shape[0] == 12 for shape in calls)
