@@ -1,8 +1,8 @@
 """Decode-step programs over an f32 against a bf16 KV cache, alternating calls (medians, ms).
 
 Usage (from the repository root): python benchmarks/results/kv_half_storage/measure.py {bundled|synthetic} CALLS
-Every row sits at its span's last slot, so attention reads the whole span. The "before" column of BENCHMARKS.md
-was measured with this script on the commit before the change (bf16 caches stored as bf16).
+Every row sits at its span's last slot, so attention reads the whole span. The "before" numbers in result.txt were
+measured with this script while bf16 caches were still stored as bf16 (the host attention kernel already read them).
 """
 import os, sys, time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
