@@ -78,7 +78,8 @@ def load(
       "float32"/"bfloat16"/"float16" converts. Compute is float32 whatever the storage.
     quantize: None, "int8" (one scale per row) or "int4" (groups of 32, f16 scales) for every
       matrix but the embedding table; FFN matrices are quantized per neuron row.
-    kv_dtype: KV-cache precision ("float32", "bfloat16" or "float16").
+    kv_dtype: KV-cache precision ("float32", "bfloat16" or "float16"; the halves take half the memory, at
+      float32's speed on the CPU backend).
     sparsity: None/"dense" (reference), "oracle" (true ReLU mask drives the sparse path) or
       "predicted" (the bundle's predictors pick neurons; PowerInfer's mode).
     device_memory_budget: bytes or "1.5GiB"-style string; hot neurons go to the device by a

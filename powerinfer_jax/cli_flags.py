@@ -15,7 +15,8 @@ def define_precision_flags(flags) -> None:
                       "Weight-only quantization of every matrix but the embedding table: int8 (symmetric, one "
                       "scale per row) or int4 (groups of 32 with an f16 scale, the layout of Q4_0). Default: none.")
     flags.DEFINE_enum("kv_dtype", "float32", list(KV_DTYPES),
-                      "KV-cache precision (float32 measured fastest on the CPU backend; bfloat16 halves its memory).")
+                      "KV-cache precision. float32 is exact; bfloat16/float16 halve the cache's memory (a 7B model: "
+                      "1 MB a token in float32) and run at float32's speed on the CPU backend (BENCHMARKS.md).")
 
 
 def precision_kwargs(FLAGS) -> dict:
