@@ -468,9 +468,10 @@ def test_warmup_leaves_nothing_to_compile_and_a_stopped_batcher_refuses(engine):
         b.submit(ids[0], RequestParams(), lambda ev: None)
 
 
-def test_the_batched_decode_step_and_prompt_chunk_lower_for_cuda(engine, monkeypatch):
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_the_batched_decode_step_and_prompt_chunk_lower_for_cuda(engine, monkeypatch, kv_dtype):
     """What a GPU runs: the batcher's three programs (decode step, prompt chunk, both in one) export for CUDA
-    (XLA path for every weight)."""
+    (XLA path for every weight), over an f32 cache and over a bf16 one (stored as its bits)."""
     import functools
 
     import jax
@@ -484,7 +485,7 @@ def test_the_batched_decode_step_and_prompt_chunk_lower_for_cuda(engine, monkeyp
     sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
     params = jax.tree.map(sds, engine.params)
     cfg, rows = engine.cfg, 4
-    cache = jax.tree.map(sds, init_cache(cfg, 16, engine.max_seq_len))
+    cache = jax.tree.map(sds, init_cache(cfg, 16, engine.max_seq_len, kv_dtype))
     settings = [sds(a) for a in batching._settings([], rows)[1:]]
     step = jax.jit(functools.partial(batching._decode_rows, cfg=cfg, ffn_fn=None, attend_len=128, mode="cut"))
     i32 = jax.ShapeDtypeStruct((rows,), jnp.int32)
@@ -493,13 +494,14 @@ def test_the_batched_decode_step_and_prompt_chunk_lower_for_cuda(engine, monkeyp
     chunk = jax.jit(functools.partial(batching._prefill_chunk, cfg=cfg, ffn_fn=None, attend_len=128, mode="greedy"))
     tok = jax.ShapeDtypeStruct((1, 32), jnp.int32)
     one = [sds(a) for a in batching._settings([], 1)[1:]]
-    exp = jax.export.export(chunk, platforms=["cuda"])(params, tok, tok, jax.tree.map(sds, init_cache(cfg, 1, 256)),
+    one_row = jax.tree.map(sds, init_cache(cfg, 1, 256, kv_dtype))
+    exp = jax.export.export(chunk, platforms=["cuda"])(params, tok, tok, one_row,
                                                        jax.ShapeDtypeStruct((1,), jnp.int32), *one)
     assert "stablehlo.dot_general" in exp.mlir_module()
     mixed = jax.jit(functools.partial(batching._decode_and_pack, cfg=cfg, ffn_fn=None, attend_len=128, mode="greedy"))
     carried = [sds(a) for a in batching._settings([], rows + 4)[1:]]
     exp = jax.export.export(mixed, platforms=["cuda"])(params, i32, i32, cache, tok, tok, tok,
-                                                       jax.tree.map(sds, init_cache(cfg, 4, 256)),
+                                                       jax.tree.map(sds, init_cache(cfg, 4, 256, kv_dtype)),
                                                        jax.ShapeDtypeStruct((4,), jnp.int32), *carried)
     assert "stablehlo.dot_general" in exp.mlir_module()
     assert "callback" not in exp.mlir_module()  # the packed chunk's attention too stays in XLA off the CPU
