@@ -146,7 +146,8 @@ def test_freeze_startup_heap():
     made_before = [object()]  # a tracked container
     try:
         frozen, seconds = freeze_startup_heap()
-        assert frozen == gc.get_freeze_count() > 0 and seconds >= 0
+        # frozen objects that die later leave the permanent generation (other threads free some): the count only shrinks
+        assert 0 < gc.get_freeze_count() <= frozen and seconds >= 0
         assert not any(o is made_before for o in gc.get_objects())
         made_after = [object()]
         assert any(o is made_after for o in gc.get_objects())
