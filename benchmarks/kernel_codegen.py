@@ -49,8 +49,8 @@ def exercise(rows: int = 300, cols: int = 512, seed: int = 0) -> None:
         HK.host_matmul_t_blocked(w, rng.standard_normal((3, rows), dtype=np.float32))
     q = rng.standard_normal((2, 8, 64), dtype=np.float32)
     kv = rng.standard_normal((2, 4, 128, 64), dtype=np.float32)
-    HA._decode_attention(HA._F32, q, kv, kv, np.arange(2, dtype=np.int32), np.zeros(2, np.int32), np.full(2, 100, np.int32),
-                         np.float32(0.1), np.empty((2, 8, 64), np.float32))
+    HA._decode_attention(HA._F32, q, kv, kv, np.arange(2, dtype=np.int32), np.zeros(2, np.int32),
+                         np.full(2, 100, np.int32), np.float32(0.1), np.empty((2, 8, 64), np.float32))
 
 
 def instruction_counts(asm: str) -> dict:

@@ -50,7 +50,7 @@ for k, v in res.items():
     a = np.array([x[:3] for x in v])
     print(k, "tok/s", np.round(a[:, 0], 1), "median %.1f" % np.median(a[:, 0]),
           "| itl p50 %.2f | p99" % np.median(a[:, 1]), np.round(a[:, 2], 1), "median %.2f" % np.median(a[:, 2]))
-print("paired new/old tok/s %.3f  p99 %.3f" % (np.median(np.array([x[0] for x in res["new"]]) / np.array([x[0] for x in res["old"]])),
-      np.median(np.array([x[2] for x in res["new"]]) / np.array([x[2] for x in res["old"]]))))
+paired = lambda i: np.median(np.array([x[i] for x in res["new"]]) / np.array([x[i] for x in res["old"]]))  # noqa
+print("paired new/old tok/s %.3f  p99 %.3f" % (paired(0), paired(2)))
 print("one client itl p50", [round(o["itl_p50_ms"], 2) for o in one], "tok/s", [round(o["tok_s"], 1) for o in one])
 print("same texts old/new:", all(a[3] == b[3] for a, b in zip(res["old"], res["new"])))

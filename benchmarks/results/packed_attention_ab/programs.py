@@ -2,8 +2,8 @@
 
 Usage (from the repository root): python benchmarks/results/packed_attention_ab/programs.py {bundled|synthetic} [calls]
 Compiles, for one bf16 engine, a 16-row decode step carrying a 32-token packed chunk (4 staging rows) with each
-attention path, and (bundled model) a plain step of 16 and of 48 rows for scale, at spans 128 (and 1024 for the synthetic 7B-shaped
-model); then calls them in alternating order and prints medians (ms).
+attention path, and (bundled model) a plain step of 16 and of 48 rows for scale, at spans 128 (and 1024 for the
+synthetic 7B-shaped model); then calls them in alternating order and prints medians (ms).
 """
 import os, sys, time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
