@@ -30,10 +30,11 @@ from ops.host_kernels import _BF16, _F16, _F32, _bf16, _f16
 HOST_ATTENTION_MIN_ROWS = 4  # decode steps of at least this many rows attend here (CPU backend)
 HOST_ATTENTION_MIN_SPAN_BYTES = 512 << 10  # ... and smaller ones whose attended K+V span is at least this big
 USE_HOST_ATTENTION = True  # False keeps XLA's attention everywhere (tests compare the two)
-# cache dtype -> the kernel's format code: f32; bf16 and f16, as floats or as the bit patterns a KVCache stores
-# them in (uint16: bf16, int16: f16; powerinfer_jax.model.KV_STORAGE)
-_CACHE_CODES = {np.dtype(np.float32): _F32, np.dtype(jnp.bfloat16): _BF16, np.dtype(np.uint16): _BF16,
-                np.dtype(np.float16): _F16, np.dtype(np.int16): _F16}
+# The bit patterns a KVCache stores half precisions in (powerinfer_jax.layers.KV_STORAGE), and cache dtype -> the
+# kernel's format code (bf16 and f16 as floats or as their bits)
+_HALF_BITS = {np.dtype(np.uint16): np.dtype(jnp.bfloat16), np.dtype(np.int16): np.dtype(np.float16)}
+_CACHE_CODES = {np.dtype(np.float32): _F32, np.dtype(jnp.bfloat16): _BF16, np.dtype(np.float16): _F16}
+_CACHE_CODES.update({bits: _CACHE_CODES[half] for bits, half in _HALF_BITS.items()})
 
 
 def uses_host_attention(rows: int, tokens: int, cache_dtype, span_bytes: int = 0) -> bool:
@@ -133,9 +134,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, posit
 def decode_attention_ref(q, k_cache, v_cache, positions, window: int | None = None,
                          cache_rows=None) -> np.ndarray:
     """numpy reference of `decode_attention` (float64 inside)."""
-    bits = {np.dtype(np.uint16): jnp.bfloat16, np.dtype(np.int16): np.float16}
-    q, k, v = (np.asarray(a).view(bits.get(np.asarray(a).dtype, np.asarray(a).dtype)).astype(np.float64)
-               for a in (q, k_cache, v_cache))
+    arrays = (np.asarray(a) for a in (q, k_cache, v_cache))
+    q, k, v = (a.view(_HALF_BITS.get(a.dtype, a.dtype)).astype(np.float64) for a in arrays)
     B, hq, hd = q.shape
     group = hq // k.shape[1]
     rows_of = np.arange(B) if cache_rows is None else np.asarray(cache_rows)

@@ -44,11 +44,7 @@ class KVCache:
 
 
 KV_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# How each cache precision is stored. Half precisions hold their bit patterns as 16-bit integers (bf16 as uint16,
-# f16 as int16, so the array's dtype still names the precision): XLA:CPU scatters half-precision floats by
-# converting the whole operand to f32 and back, so writing one token a row into a 16-row, 1024-slot bf16 cache
-# of the bundled model cost ~110 ms a step (6.5 ms in f32); integers it scatters in place.
-KV_STORAGE = {"float32": jnp.float32, "bfloat16": jnp.uint16, "float16": jnp.int16}
+KV_STORAGE = layers.KV_STORAGE  # how each of them is stored (half precisions as their bit patterns)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=f32) -> KVCache:
