@@ -19,7 +19,7 @@ from powerinfer_jax.engine import Engine, GenerationResult
 from powerinfer_jax import checks
 from powerinfer_jax.errors import (ArgumentError, BundleError, CheckpointError, NonFiniteError, PathNotFoundError,
                                    PowerInferError)
-from powerinfer_jax.loading import check_finite_weights, load_model_params, load_params
+from powerinfer_jax.loading import check_finite_weights, kv_format, load_model_params, load_params
 from powerinfer_jax.sampling import SamplingParams
 
 __all__ = [
@@ -56,7 +56,7 @@ def load(
     dtype: str = "auto",
     max_seq_len: int | None = None,
     quantize: str | None = None,
-    kv_dtype: str = "float32",
+    kv_dtype: str = "auto",
     sparsity: str | None = None,
     device_memory_budget: int | str | None = None,
     threshold: float | None = None,
@@ -78,8 +78,8 @@ def load(
       "float32"/"bfloat16"/"float16" converts. Compute is float32 whatever the storage.
     quantize: None, "int8" (one scale per row) or "int4" (groups of 32, f16 scales) for every
       matrix but the embedding table; FFN matrices are quantized per neuron row.
-    kv_dtype: KV-cache precision ("float32", "bfloat16" or "float16"; the halves take half the memory, at
-      float32's speed on the CPU backend).
+    kv_dtype: KV-cache precision: "auto" (the weights' half precision for bf16/f16 checkpoints, float32 for
+      float32 ones), "float32" (exact), "bfloat16" or "float16" (half the memory, as fast on every backend).
     sparsity: None/"dense" (reference), "oracle" (true ReLU mask drives the sparse path) or
       "predicted" (the bundle's predictors pick neurons; PowerInfer's mode).
     device_memory_budget: bytes or "1.5GiB"-style string; hot neurons go to the device by a
@@ -119,6 +119,7 @@ def load(
                                         model_dir=None if bundle_model_dir is None else os.fspath(bundle_model_dir))
         path = bundle.model_dir
     cfg = load_config(path)
+    kv_dtype = kv_format(path, cfg, dtype, kv_dtype)
     checks.hybrid_arguments(cfg, bundle, sparsity, device_memory_budget, offload_layers)
     act_thresholds = checks.act_thresholds(cfg, bundle, sparsity, act_thresholds)
     attn_thr = checks.attn_input_thresholds(cfg, bundle, attention_sparsity, attn_input_thresholds)

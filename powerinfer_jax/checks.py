@@ -161,7 +161,7 @@ def load_arguments(model_dir, dtype, max_seq_len, quantize, kv_dtype, sparsity, 
         path("model_dir", model_dir, kind="model folder")
     choice("dtype", dtype, DTYPES)
     choice("quantize", quantize, QUANTIZATIONS)
-    choice("kv_dtype", kv_dtype, KV_DTYPES)
+    choice("kv_dtype", kv_dtype, ("auto", *KV_DTYPES))
     if max_seq_len is not None:
         integer("max_seq_len", max_seq_len, lo=1)
     choice("sparsity", sparsity, (None, "dense", "oracle", "predicted"))

@@ -14,9 +14,10 @@ def define_precision_flags(flags) -> None:
     flags.DEFINE_enum("quantize", None, ["int8", "int4"],
                       "Weight-only quantization of every matrix but the embedding table: int8 (symmetric, one "
                       "scale per row) or int4 (groups of 32 with an f16 scale, the layout of Q4_0). Default: none.")
-    flags.DEFINE_enum("kv_dtype", "float32", list(KV_DTYPES),
-                      "KV-cache precision. float32 is exact; bfloat16/float16 halve the cache's memory (a 7B model: "
-                      "1 MB a token in float32) and run at float32's speed on the CPU backend (BENCHMARKS.md).")
+    flags.DEFINE_enum("kv_dtype", "auto", ["auto", *KV_DTYPES],
+                      "KV-cache precision. auto: the weights' half precision for a bf16/f16 checkpoint (quantized "
+                      "too), float32 for a float32 one. float32 is exact; bfloat16/float16 halve the cache's memory "
+                      "(a 7B model: 1 MB a token in float32) at float32's speed or better (BENCHMARKS.md).")
 
 
 def precision_kwargs(FLAGS) -> dict:

@@ -127,7 +127,7 @@ class Engine:
         self.max_seq_len = min(max_seq_len or 2048, cfg.max_position_embeddings)
         self._ffn_fn = ffn_fn
         self._loop_programs = None  # batching.programs(self): the decode loop's jitted programs, made on first use
-        self._full = jax.jit(functools.partial(self._full_impl, cfg=cfg, ffn_fn=ffn_fn))
+        self._full = jax.jit(functools.partial(self._full_impl, cfg=cfg, ffn_fn=ffn_fn, kv_dtype=kv_dtype))
         self._step = jax.jit(functools.partial(self._step_impl, cfg=cfg, ffn_fn=ffn_fn),
                              static_argnames=("attend_len",), donate_argnames=("cache",))
         # Sparse engines (and input-sparse attention) score through decode steps: their prompt path is dense.
@@ -137,9 +137,12 @@ class Engine:
 
     # ---- jitted bodies -------------------------------------------------------------
     @staticmethod
-    def _full_impl(params, tokens, *, cfg, ffn_fn):
+    def _full_impl(params, tokens, *, cfg, ffn_fn, kv_dtype):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        logits, _, _ = forward(params, cfg, tokens, positions, ffn_fn=ffn_fn)
+        # A half-precision KV cache rounds what attention reads: scored through one (as a prompt is prefilled),
+        # the logits are the ones generation sees, and equal the stepwise (sparse) engines' at that precision.
+        cache = None if kv_dtype == "float32" else init_cache(cfg, tokens.shape[0], tokens.shape[1], kv_dtype)
+        logits, _, _ = forward(params, cfg, tokens, positions, cache, tokens.shape[1], ffn_fn=ffn_fn)
         return logits
 
     @staticmethod

@@ -347,6 +347,16 @@ def matrix_format(model_dir: str, cfg: ModelConfig, dtype: str = "auto", quantiz
     raise CheckpointError(f"{model_dir}: no {probe} in the checkpoint")
 
 
+def kv_format(model_dir: str, cfg: ModelConfig, dtype: str = "auto", kv_dtype: str = "auto") -> str:
+    """The KV-cache precision `kv_dtype` names; "auto": the weights' float precision when it is a half one (bf16,
+    f16; a quantized model's stored one), else float32. A half cache takes half the memory, as fast or faster on
+    every backend measured (BENCHMARKS.md), and is what the checkpoint's own framework keeps at that precision."""
+    if kv_dtype != "auto":
+        return kv_dtype
+    fmt = matrix_format(model_dir, cfg, dtype, None)
+    return fmt if fmt in ("bfloat16", "float16") else "float32"
+
+
 def engine_weights_name(fmt: str) -> str:
     """File name of the engine-layout weights in matrix format `fmt` (inside a prepared bundle)."""
     return f"weights_{fmt}.safetensors"

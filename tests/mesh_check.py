@@ -19,7 +19,7 @@ def main(model_dir: str, bundle_dir: str, budget: str) -> None:
     import jax
 
     out = {"devices": len(jax.devices())}
-    dense = pij.load(model_dir, max_seq_len=64)
+    dense = pij.load(model_dir, max_seq_len=64, kv_dtype="float32")  # the engines below: float32 caches
     cfg = dense.cfg
     host = load_params(model_dir, cfg, on_host=True)
     rng = np.random.default_rng(0)
@@ -48,7 +48,7 @@ def main(model_dir: str, bundle_dir: str, budget: str) -> None:
     from powerinfer_jax.ffn import thresholded_ffn_fn
 
     silu_bundle = load_bundle(os.path.join(os.path.dirname(bundle_dir), "shakespeare-silu-llama-prepared"))
-    silu = pij.load(silu_bundle.model_dir, max_seq_len=64)
+    silu = pij.load(silu_bundle.model_dir, max_seq_len=64, kv_dtype="float32")
     act = silu_bundle.act_thresholds
     silu_ref = Engine(silu.cfg, silu.params, ffn_fn=thresholded_ffn_fn(silu.cfg, act), max_seq_len=64).logits(ids)
     silu_host = load_params(silu_bundle.model_dir, silu.cfg, on_host=True)

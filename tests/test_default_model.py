@@ -66,7 +66,10 @@ def test_card_sparsity_matches_a_fresh_measurement(dense, heldout, card):
     assert abs(fresh["hot20_share"] - sp["mean"]["hot20_share"]) < 0.05
 
 
-def test_transformers_loads_and_agrees(dense):
+@pytest.mark.parametrize("kv_dtype,tol", [("float32", 1e-4), ("auto", 1e-3)])
+def test_transformers_loads_and_agrees(dense, kv_dtype, tol):
+    """Against transformers in float32 on the stored bf16 weights: 1e-4 with an exact cache; the default cache
+    (bf16, the checkpoint's precision) rounds the keys and values attention reads: 1e-3 (measured 3e-4)."""
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
@@ -74,8 +77,10 @@ def test_transformers_loads_and_agrees(dense):
     ids = dense.tokenizer.encode("ROMEO:\nWhat light through yonder window breaks?")
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0].numpy()
-    ours = dense.logits(ids)
-    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
+    engine = dense if kv_dtype == "auto" else pij.load(max_seq_len=EVAL_WINDOW, kv_dtype=kv_dtype)
+    assert engine.kv_dtype == ("bfloat16" if kv_dtype == "auto" else kv_dtype)
+    ours = engine.logits(ids)
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < tol
 
 
 def test_generate_prints_text(dense):
@@ -83,20 +88,26 @@ def test_generate_prints_text(dense):
     assert len(res.text.strip()) > 10
 
 
-def _budget(cfg, fraction, pred_bytes, ctx, fmt="bfloat16"):  # the bundled checkpoint's stored precision
-    fixed = sum(v for _, v in memory.fixed_groups(cfg, fmt, pred_bytes, ctx))
+def _budget(cfg, fraction, pred_bytes, ctx, kv_dtype="float32", fmt="bfloat16"):  # fmt: the checkpoint's precision
+    fixed = sum(v for _, v in memory.fixed_groups(cfg, fmt, pred_bytes, ctx, kv_dtype=kv_dtype))
     return fixed + int(fraction * memory.ffn_total_bytes(cfg, fmt))
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
-def test_oracle_equals_dense_on_the_bundled_model(dense, heldout, fraction):
+@pytest.mark.parametrize("fraction,kv_dtype,tol", [(0.0, "float32", 1e-5), (0.3, "float32", 1e-5),
+                                                   (1.0, "float32", 1e-5), (0.3, "auto", 5e-4)])
+def test_oracle_equals_dense_on_the_bundled_model(dense, heldout, fraction, kv_dtype, tol):
+    """1e-5 with exact caches. With the default bf16 cache (kv_dtype="auto") the two paths' keys differ by f32
+    rounding (~1e-6), which now and then flips a bf16 rounding of a cached value (2^-9 of it): 5e-4 (measured
+    7e-5)."""
     ids = [dense.tokenizer.bos_token_id] + heldout[:40].tolist()
-    eng = pij.load(BUNDLE, sparsity="oracle", max_seq_len=64,
-                   device_memory_budget=_budget(dense.cfg, fraction, 0, 64))
-    ref = dense.logits(ids)
+    kv = "bfloat16" if kv_dtype == "auto" else kv_dtype
+    budget = _budget(dense.cfg, fraction, 0, 64, kv)
+    eng = pij.load(BUNDLE, sparsity="oracle", max_seq_len=64, device_memory_budget=budget, kv_dtype=kv_dtype)
+    assert eng.kv_dtype == kv
+    ref = (dense if kv == dense.kv_dtype else pij.load(max_seq_len=64, kv_dtype=kv)).logits(ids)
     got = eng.logits(ids)
-    assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
-    assert eng.memory_report()["device_total"] <= _budget(dense.cfg, fraction, 0, 64)
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= tol
+    assert eng.memory_report()["device_total"] <= budget
 
 
 def test_predicted_perplexity_within_two_percent(dense, heldout):

@@ -86,7 +86,7 @@ def _hf_float32(path):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_stored_precision_matches_transformers(checkpoints, family, dtype):
     path = checkpoints[family][1][dtype]
-    engine = pij.load(path)  # dtype="auto": the stored precision
+    engine = pij.load(path, kv_dtype="float32")  # dtype="auto": the stored precision (an exact cache: weights alone)
     w = engine.params.layers[0].ffn.w_up
     assert isinstance(w, Weight) and w.fmt == dtype
     ids = _ids()
@@ -282,6 +282,17 @@ def test_half_precision_kv_cache_close_to_float32(checkpoints):
     assert _rel(half.logits_stepwise(ids), ref.logits_stepwise(ids)) <= 3e-2
     assert ref.generate(ids[:8], max_new_tokens=8, temperature=0.0).token_ids is not None
     assert len(half.generate(ids[:8], max_new_tokens=8, temperature=0.0, stop_at_eos=False).token_ids) == 8
+
+
+def test_kv_cache_follows_the_weights_by_default(checkpoints):
+    base, halves = checkpoints["llama_reglu"]
+    assert pij.load(base, max_seq_len=16).kv_dtype == "float32"
+    for dt, path in halves.items():
+        assert pij.load(path, max_seq_len=16).kv_dtype == dt  # kv_dtype="auto": the stored half precision
+        assert pij.load(path, max_seq_len=16, quantize="int8").kv_dtype == dt
+        assert pij.load(path, max_seq_len=16, dtype="float32").kv_dtype == "float32"
+        assert pij.load(path, max_seq_len=16, kv_dtype="float32").kv_dtype == "float32"
+    assert pij.load(base, max_seq_len=16, dtype="bfloat16").kv_dtype == "bfloat16"
 
 
 def test_every_matrix_of_a_quantized_load_is_quantized(checkpoints):
