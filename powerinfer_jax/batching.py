@@ -1,18 +1,20 @@
 """Continuous batching: requests join and leave a running batch at decode-step boundaries.
 
 One background thread runs the decode loop. The KV cache has `max_batch` rows; the sequences being
-decoded occupy rows 0..n-1 (a finished one's row is refilled by moving the last row into it), and a
-step computes only the first `b` rows, b the smallest of a few static sizes (1, 4, 16, ...) >= n, so
-finished sequences stop costing compute and no request compiles anything new. Each row has its own
-position, sampling settings and random stream (a per-request key folded with its step), so a
-sequence's tokens do not depend on which others share the batch. A new request is prefilled into a
-row of a staging cache. While sequences are running, each decode step carries a packed chunk of
+decoded occupy rows 0..n-1 (a finished one's row stays free for the next request; the last rows move
+into free rows only when the rows in use fit a smaller batch size), and a step computes only the first
+`b` rows, b the smallest of a few static sizes (1, 4, 16, ...) >= n, so finished sequences stop costing
+compute and no request compiles anything new. Each row has its own position, sampling settings and
+random stream (a per-request key folded with its step), so a sequence's tokens do not depend on which
+others share the batch. While sequences are running, each decode step carries a packed chunk of
 `mixed_chunk` prompt tokens: the next pieces of up to `stage_rows` waiting prompts, oldest first, each
-piece writing its prompt's own staging row (one program over `model.forward_groups`, which reads every
-weight once for the batch and the chunk). So every step carries about the same number of prompt tokens
-whatever the prompts' lengths, which keeps the inter-token times even. With nothing running, a prompt
-goes in chunks of `prefill_chunk` tokens on its own. A prompt's finished staging row is then copied into
-the batch. Text is detokenized incrementally (`tokenizer.IncrementalDecoder`).
+piece written straight into the free batch row its prompt will decode in (one program over
+`model.forward_groups`, which reads every weight once for the batch and the chunk, and writes both into
+the one cache); a completed prompt joins with nothing copied. So every step carries about the same
+number of prompt tokens whatever the prompts' lengths, which keeps the inter-token times even. With
+nothing running, a prompt goes in chunks of `prefill_chunk` tokens on its own, into a one-row staging
+cache, whose row is then copied into the batch. Text is detokenized incrementally
+(`tokenizer.IncrementalDecoder`).
 
 This is the engine's one decode loop: `ContinuousBatcher.start()` runs it on a thread for the server,
 and `Engine.generate`/`generate_batch` run the same steps in the caller's thread (`generate_rows`),
@@ -57,7 +59,7 @@ BATCH_SIZES = (1, 4, 16, 64)  # the static batch sizes a step runs at (capped at
 # ms) but a 25-token prompt then needs two steps to join, and the batch ran emptier (hybrid throughput 639 ->
 # 542 tok/s); 32 gave the throughput (dense bf16 1126 -> 1321 tok/s, hybrid 660) with a p99 of 16.9 ms.
 MIXED_CHUNK = 32
-# Prompts prefilled at once, each in a staging row (ContinuousBatcher.stage_rows): with 4, 16 clients with
+# Prompts prefilled at once, each into its batch row (ContinuousBatcher.stage_rows): with 4, 16 clients with
 # 7-token prompts got 1.30x the throughput of one prompt a chunk (four join in one step); 25-token prompts, which
 # fill a 32-token chunk alone, the same (BENCHMARKS.md, "Several prompts in one carried chunk").
 STAGE_ROWS = 4
@@ -111,8 +113,9 @@ class Request:
         self.cancelled = False
         self.key = seed_key(params.seed)
         self.generated: list[int] = []
-        self.prefilled = 0  # prompt tokens already in the staging cache
-        self.stage_row = 0  # its row of the staging cache
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.stage_row = 0  # prefilled alone: its row of the staging cache; packed: its slot among stage_rows
+        self.cache_row = -1  # packed: the batch row its prompt is prefilled into (and it decodes in)
         self.decoder: IncrementalDecoder | None = None
 
     def cancel(self) -> None:
@@ -130,7 +133,7 @@ class _Programs:
         self.chunk = jax.jit(functools.partial(_prefill_chunk, cfg=cfg, ffn_fn=ffn_fn),
                              static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
         self.mixed = jax.jit(functools.partial(_decode_and_pack, cfg=cfg, ffn_fn=ffn_fn),
-                             static_argnames=("attend_len", "mode"), donate_argnames=("cache", "stage"))
+                             static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
         self.insert = jax.jit(_insert_row, static_argnames=("span",), donate_argnames=("cache",))
         self.move = jax.jit(_move_row, static_argnames=("span",), donate_argnames=("cache",))
         self.executables: dict[tuple, Callable] = {}  # (program name, argument shapes, static values) -> executable
@@ -161,8 +164,8 @@ class ContinuousBatcher:
         # Over a mesh the staging cache's sharding differs from the batch's: separate programs there.
         self.mixed_chunk = None if mixed_chunk is None else min(checks.integer("mixed_chunk", mixed_chunk, lo=1),
                                                                 engine.max_seq_len)
-        # Waiting prompts prefilled at once, each in its own row of the staging cache (a packed chunk holds
-        # pieces of each); the staging cache holds this many max_seq_len rows.
+        # Waiting prompts prefilled at once, each straight into the batch row it will decode in (a packed
+        # chunk holds pieces of each; nothing is copied when it joins).
         self.stage_rows = min(checks.integer("stage_rows", stage_rows, lo=1), max_batch)
         self.sizes = sorted({min(checks.integer("batch size", s, lo=1), max_batch) for s in sizes} | {max_batch})
         # generate_rows: every waiting prompt is prefilled before the next decode step (no one else is waiting),
@@ -272,10 +275,9 @@ class ContinuousBatcher:
     def _mixed_job(self, size: int, span: int, mode: str) -> tuple:
         """The same for a decode step of `size` rows carrying a packed `mixed_chunk`-token prompt chunk."""
         _, *rest = _settings([], size + self.stage_rows)
-        chunk = jnp.zeros((1, self.mixed_chunk), jnp.int32)
+        chunk, slots = jnp.zeros((1, self.mixed_chunk), jnp.int32), jnp.zeros(self.stage_rows, jnp.int32)
         args = (self.engine.params, jnp.zeros(size, jnp.int32), jnp.zeros(size, jnp.int32), self._cache,
-                chunk, chunk, chunk, self._stage_cache(self._stage_key(1)), jnp.zeros(self.stage_rows, jnp.int32),
-                *rest)
+                chunk, chunk, chunk, slots, slots, *rest)
         return "mixed", self._programs.mixed, args, {"attend_len": span, "mode": mode}
 
     @property
@@ -285,9 +287,9 @@ class ContinuousBatcher:
         return self.mixed_chunk is not None and not self._admit_all
 
     def _stage_key(self, prompt_len: int) -> tuple[int, int]:
-        """(rows, slots) of the staging cache a prompt of `prompt_len` tokens is prefilled into: the server's
-        `stage_rows` rows of max_seq_len slots (one per prompt prefilled at once); generate_rows' one row."""
-        return (self.stage_rows if self._packing else 1), self._stage_len(prompt_len)
+        """(rows, slots) of the staging cache a prompt of `prompt_len` tokens is prefilled into on its own (no
+        sequence running): one row (packed prompts go straight into their batch rows)."""
+        return 1, self._stage_len(prompt_len)
 
     def _stage_len(self, prompt_len: int) -> int:
         """Slots of the staging cache a prompt of `prompt_len` tokens is prefilled into. generate_rows: the span
@@ -462,22 +464,31 @@ class ContinuousBatcher:
                 self._finish(req, "cancelled")
 
     def _fill_packed(self) -> None:
-        """Moves waiting requests into free staging rows, while the batch has room for them."""
+        """Moves waiting requests into free packing slots, each with a free batch row, while the batch has room."""
         while len(self._packed) < self.stage_rows and len(self._running()) + len(self._packed) < self.max_batch:
             with self._wake:
                 if not self._waiting:
                     return
                 req = self._waiting.popleft()
             req.stage_row = min(set(range(self.stage_rows)) - {r.stage_row for r in self._packed})
+            req.cache_row = self._free_row()
             self._packed.append(req)
+
+    def _free_row(self) -> int:
+        """The lowest batch row neither decoding nor taken by a packed prompt."""
+        taken = {r.cache_row for r in self._packed}
+        return next(i for i in range(self.max_batch)
+                    if (i >= len(self._rows) or self._rows[i] is None) and i not in taken)
 
     def _packed_chunk(self):
         """The next packed chunk: the oldest prompts' next pieces filling `mixed_chunk` tokens. Returns
-        (pieces [(request, tokens)], tokens, positions, cache rows [1, W], logits_at [stage_rows]: where
-        each completed prompt's last token sits; padding positions write nothing)."""
+        (pieces [(request, tokens)], tokens, positions, batch rows [1, W], row_set [stage_rows]: each slot's
+        batch row, logits_at [stage_rows]: where each completed prompt's last token sits; padding positions
+        write nothing)."""
         width, limit = self.mixed_chunk, self.engine.max_seq_len
         tokens, positions = np.zeros((1, width), np.int32), np.full((1, width), limit, np.int32)
         rows, last = np.zeros((1, width), np.int32), np.zeros(self.stage_rows, np.int32)
+        row_set = np.zeros(self.stage_rows, np.int32)
         pieces, used = [], 0
         for req in self._packed:
             if used == width:
@@ -486,12 +497,13 @@ class ContinuousBatcher:
             n = min(width - used, len(req.prompt_ids) - start)
             tokens[0, used:used + n] = req.prompt_ids[start:start + n]
             positions[0, used:used + n] = np.arange(start, start + n)
-            rows[0, used:used + n] = req.stage_row
+            rows[0, used:used + n] = req.cache_row
+            row_set[req.stage_row] = req.cache_row
             if start + n == len(req.prompt_ids):
                 last[req.stage_row] = used + n - 1
             pieces.append((req, n))
             used += n
-        return pieces, tokens, positions, rows, last
+        return pieces, tokens, positions, rows, row_set, last
 
     def _stage_next(self) -> bool:
         """Makes the next waiting request the staged one when none is and the batch has room; returns
@@ -540,7 +552,7 @@ class ContinuousBatcher:
         self._stage_caches[key] = stage
         if self._prefilled(req, n):
             self._staging = None
-            self._join(req, stage, int(np.asarray(tok)[0]))
+            self._join(req, int(np.asarray(tok)[0]), stage)
         self._times["prefill_s"] += time.perf_counter() - t0 - (self._times["compile_s"] - compiled)
         return True
 
@@ -550,30 +562,31 @@ class ContinuousBatcher:
         self._counters["prefill_tokens"] += n
         return req.prefilled == len(req.prompt_ids)
 
-    def _join(self, req: Request, stage: KVCache, first: int) -> None:
-        """A prefilled prompt's staging row (req.stage_row of `stage`) joins the batch with its first token
-        (sampled after the prompt's last token; negative: the logits were not finite)."""
+    def _join(self, req: Request, first: int, stage: KVCache | None = None) -> None:
+        """A prefilled prompt joins the batch with its first token (sampled after the prompt's last token;
+        negative: the logits were not finite): a packed one in its batch row (req.cache_row), one prefilled
+        on its own copied there from its staging row (req.stage_row of `stage`)."""
         if first < 0:
             self._emit(req, Event("error", error=nonfinite_message("on the prompt")))
             return
-        row = self._rows.index(None) if None in self._rows else len(self._rows)  # a free row, else a new one
-        # Only the prompt's span of slots: the row's later slots (a previous sequence's) are masked until
-        # overwritten, and a whole server-length row is ~1 GB of KV cache on a 7B model.
-        span = decode_span(len(req.prompt_ids), stage.max_len)
-        self._cache = self._call("insert", self._cache, stage, _index(row), _index(req.stage_row), span=span)
-        if row == len(self._rows):
-            self._rows.append(req)
+        if stage is None:
+            row = req.cache_row
         else:
-            self._rows[row] = req
+            row = self._free_row()
+            # Only the prompt's span of slots: the row's later slots (a previous sequence's) are masked until
+            # overwritten, and a whole server-length row is ~1 GB of KV cache on a 7B model.
+            span = decode_span(len(req.prompt_ids), stage.max_len)
+            self._cache = self._call("insert", self._cache, stage, _index(row), _index(req.stage_row), span=span)
+        self._rows += [None] * (row + 1 - len(self._rows))
+        self._rows[row] = req
         if self.engine.tokenizer is not None and req.detokenize:
             req.decoder = IncrementalDecoder(self.engine.tokenizer, self.engine._eos_ids())
         self._accept(row, first)
 
     def _decode_step(self, carry: bool = False) -> None:
         """One decode step over the running rows (none: a padding row). With `carry` the same program also
-        runs a packed chunk of the prefilling prompts' next pieces (`_packed_chunk`), each into its staging
-        row (each weight read once for the rows and the chunk); a prompt the chunk completes joins the
-        batch."""
+        runs a packed chunk of the prefilling prompts' next pieces (`_packed_chunk`), each into its batch row
+        (each weight read once for the rows and the chunk); a prompt the chunk completes joins the batch."""
         t0, compiled = time.perf_counter(), self._times["compile_s"]
         n = len(self._rows)
         size = self._size(n)
@@ -602,15 +615,13 @@ class ContinuousBatcher:
             static = {"attend_len": decode_span(span, self.engine.max_seq_len), "mode": mode}
             nxt, self._cache, totals = self._executable("step", args, static)(*args)
         else:
-            pieces, chunk_tokens, chunk_positions, chunk_rows, last = self._packed_chunk()
-            key, stage = self._take_stage(1)  # the server's staging cache: the same for every prompt length
+            pieces, chunk_tokens, chunk_positions, chunk_rows, row_set, last = self._packed_chunk()
             args = (self.engine.params, jnp.asarray(tokens), jnp.asarray(positions), self._cache,
-                    jnp.asarray(chunk_tokens), jnp.asarray(chunk_positions), jnp.asarray(chunk_rows), stage,
-                    jnp.asarray(last), keys, temps, top_ks, top_ps, jnp.asarray(steps))
+                    jnp.asarray(chunk_tokens), jnp.asarray(chunk_positions), jnp.asarray(chunk_rows),
+                    jnp.asarray(row_set), jnp.asarray(last), keys, temps, top_ks, top_ps, jnp.asarray(steps))
             reach = max(r.prefilled + c for r, c in pieces)
             static = {"attend_len": decode_span(max(span, reach), self.engine.max_seq_len), "mode": mode}
-            nxt, self._cache, stage, totals = self._executable("mixed", args, static)(*args)
-            self._stage_caches[key] = stage
+            nxt, self._cache, totals = self._executable("mixed", args, static)(*args)
             self._counters["mixed_steps"] += 1
             self._counters["packed_pieces"] += len(pieces)
         nxt = np.asarray(nxt)
@@ -629,7 +640,7 @@ class ContinuousBatcher:
         for req, c in pieces if carry else ():
             if self._prefilled(req, c):
                 self._packed.remove(req)
-                self._join(req, stage, int(nxt[size + req.stage_row]))
+                self._join(req, int(nxt[size + req.stage_row]))
         self._compact()
         self._times["decode_s"] += time.perf_counter() - t0 - (self._times["compile_s"] - compiled)
 
@@ -663,8 +674,12 @@ class ContinuousBatcher:
         """Moves the last rows into free rows while the rows in use would fit a smaller batch size. A step runs
         every row up to the last one in use, so free rows between cost compute but no copies: with a steady
         stream of requests they are refilled at once, and a move (~0.8 ms on the bundled model) is saved."""
+        taken = {r.cache_row for r in self._packed}  # rows packed prompts are being prefilled into
         while self._size(len(self._rows)) > self._size(len(self._running())):
-            free, last = self._rows.index(None), len(self._rows) - 1
+            free, last = next((i for i, r in enumerate(self._rows) if r is None and i not in taken), None), \
+                len(self._rows) - 1
+            if free is None or free > last:
+                break
             moved = self._rows[last]  # its slots written so far: the prompt and every generated token but the last
             span = decode_span(len(moved.prompt_ids) + len(moved.generated), self.engine.max_seq_len)
             self._cache = self._call("move", self._cache, _index(last), _index(free), span=span)
@@ -819,18 +834,20 @@ def _decode_rows(params, tokens, positions, cache, keys, temps, top_ks, top_ps, 
     return _sample(logits[:, 0], keys, temps, top_ks, top_ps, steps, mode), cache, _ffn_totals(extras["ffn_aux"])
 
 
-def _decode_and_pack(params, tokens, positions, cache, chunk_tokens, chunk_positions, chunk_rows, stage, last, keys,
-                     temps, top_ks, top_ps, steps, *, cfg, ffn_fn, attend_len, mode):
+def _decode_and_pack(params, tokens, positions, cache, chunk_tokens, chunk_positions, chunk_rows, row_set, last,
+                     keys, temps, top_ks, top_ps, steps, *, cfg, ffn_fn, attend_len, mode):
     """`_decode_rows` for the batch and a packed prompt chunk [1, W] (token t at chunk_positions[0, t] into
-    row chunk_rows[0, t] of the staging cache `stage`: pieces of several prompts), in one program
-    (`forward_groups`: each weight read once for both). Samples len(tokens) + R tokens (R staging rows): the
-    rows', then each staging row's after its token at `last[r]` (used where a piece completes a prompt)."""
+    row chunk_rows[0, t] of the same batch cache: pieces of several prompts, each in the free row it will
+    decode in; slot r's row is row_set[r]), in one program (`forward_groups`: each weight read once for
+    both). Samples len(tokens) + R tokens (R slots): the rows', then each slot's after its token at `last[r]`
+    (used where a piece completes a prompt)."""
     holds = positions < cache.max_len
     groups = [RowGroup(tokens[:, None], positions[:, None], cache, rows=holds),
-              RowGroup(chunk_tokens, chunk_positions, stage, logits_at=last, cache_rows=chunk_rows)]
-    (rows_logits, cache, aux), (chunk_logits, stage, _) = forward_groups(params, cfg, groups, attend_len, ffn_fn)
+              RowGroup(chunk_tokens, chunk_positions, None, logits_at=last, cache_rows=chunk_rows, row_set=row_set,
+                       shares_cache=True)]
+    (rows_logits, _, aux), (chunk_logits, cache, _) = forward_groups(params, cfg, groups, attend_len, ffn_fn)
     logits = jnp.concatenate([rows_logits[:, 0], chunk_logits[:, 0]])
-    return _sample(logits, keys, temps, top_ks, top_ps, steps, mode), cache, stage, _ffn_totals(aux)
+    return _sample(logits, keys, temps, top_ks, top_ps, steps, mode), cache, _ffn_totals(aux)
 
 
 def _prefill_chunk(params, tokens, positions, cache, last, keys, temps, top_ks, top_ps, steps, *, cfg, ffn_fn,

@@ -117,25 +117,30 @@ def attention(
 
 def attention_groups(xs: list[jax.Array], p: AttentionParams, cfg: ModelConfig, positions: list[jax.Array],
                      caches: list[tuple[jax.Array, jax.Array]], attend_len: int,
-                     cache_rows: list[jax.Array | None] | None = None) -> tuple[list[jax.Array], list]:
+                     cache_rows: list[jax.Array | None] | None = None, owners: list[int] | None = None,
+                     row_sets: list[jax.Array | None] | None = None) -> tuple[list[jax.Array], list]:
     """`attention` for several groups of rows at once (a decode batch and a prompt chunk): group g is
     xs[g] [B_g, T_g, d] at positions[g] over its own cache caches[g] = (k, v). The q/k/v and o projections
     run over every group's rows together, so each weight is read once; attention runs per group.
     `cache_rows[g]` [1, T_g] (or None): group g is one packed row whose token t belongs to cache row
-    cache_rows[g][0, t] (pieces of several prompts in one chunk; see `_attend_packed`).
-    Returns each group's output and (k, v) caches. Input sparsity (TEAL) applies only when every group is
-    one token a row."""
+    cache_rows[g][0, t] (pieces of several prompts in one chunk; see `_attend_packed`), `row_sets[g]` [R]
+    the rows they own. `owners[g]`: the group whose cache group g uses (groups sharing one cache write it in
+    order, each after the one before). Returns each group's output and (k, v) caches (a shared cache's final
+    state for each group sharing it). Input sparsity (TEAL) applies only when every group is one token a row."""
     sparse = all(x.shape[1] == 1 for x in xs)
     q, k, v = _project_qkv(concat_rows(xs)[None], p, cfg, sparse)  # over [1, N, d]
-    outs, new_caches = [], []
-    cache_rows = cache_rows or [None] * len(xs)
-    for qg, kg, vg, pos, (kc, vc), rows in zip(*(split_rows(a[0], xs) for a in (q, k, v)), positions, caches,
-                                               cache_rows):
-        out, kc, vc = _attend_cached(qg, kg, vg, pos, kc, vc, attend_len, cfg, rows)
+    n = len(xs)
+    cache_rows, row_sets = cache_rows or [None] * n, row_sets or [None] * n
+    owners = owners or list(range(n))
+    outs, latest = [], {}
+    for qg, kg, vg, pos, cache, rows, row_set, owner in zip(*(split_rows(a[0], xs) for a in (q, k, v)), positions,
+                                                            caches, cache_rows, row_sets, owners):
+        kc, vc = latest.get(owner, cache)
+        out, kc, vc = _attend_cached(qg, kg, vg, pos, kc, vc, attend_len, cfg, rows, row_set)
         outs.append(out)
-        new_caches.append((kc, vc))
+        latest[owner] = (kc, vc)
     out = _project_out(concat_rows(outs)[None], p, None, sparse, cfg.needs_act_threshold)
-    return split_rows(out[0], xs), new_caches
+    return split_rows(out[0], xs), [latest[o] for o in owners]
 
 
 def concat_rows(xs: list[jax.Array]) -> jax.Array:
@@ -169,10 +174,12 @@ def _project_qkv(x: jax.Array, p: AttentionParams, cfg: ModelConfig, sparse: boo
     return q, k, v
 
 
-def _attend_cached(q, k, v, positions, k_cache, v_cache, attend_len: int, cfg: ModelConfig, cache_rows=None):
+def _attend_cached(q, k, v, positions, k_cache, v_cache, attend_len: int, cfg: ModelConfig, cache_rows=None,
+                   row_set=None):
     """Rotary positions, the cache write and the attention of q [B, T, hq, hd] (k, v: this step's keys and
     values) over the cache (or, without one, within the sequence): [B, T, hq * hd] and the caches.
-    `cache_rows` [1, T]: a packed chunk, token t in cache row cache_rows[0, t] (`_attend_packed`)."""
+    `cache_rows` [1, T]: a packed chunk, token t in cache row cache_rows[0, t], its prompts' rows `row_set`
+    (`_attend_packed`)."""
     B, T, hq, hd = q.shape
     hkv = k.shape[2]
     if cfg.family == "llama":
@@ -180,7 +187,7 @@ def _attend_cached(q, k, v, positions, k_cache, v_cache, attend_len: int, cfg: M
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
     if cache_rows is not None:
-        return _attend_packed(q, k, v, positions, cache_rows, k_cache, v_cache, attend_len, cfg)
+        return _attend_packed(q, k, v, positions, cache_rows, k_cache, v_cache, attend_len, cfg, row_set)
     if k_cache is None:  # training / cache-free forward: attend within this sequence
         keys, values, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions
     else:
@@ -244,30 +251,36 @@ def _input_sparse(x: jax.Array, w_t, threshold: jax.Array, sparse: bool, b=None)
     return y if b is None else y + b.astype(f32)
 
 
-def _attend_packed(q, k, v, positions, cache_rows, k_cache, v_cache, attend_len: int, cfg: ModelConfig):
+def _attend_packed(q, k, v, positions, cache_rows, k_cache, v_cache, attend_len: int, cfg: ModelConfig,
+                   row_set=None):
     """Attention of a packed chunk q [1, W, hq, hd] (rotated): token t writes its key/value into row
     cache_rows[0, t] of the cache at positions[0, t] (past the cache: nothing) and attends only that
     row's slots up to its position. Continuous batching packs the next pieces of several waiting prompts
-    into one fixed-width chunk this way (each prompt its own staging row). On the CPU backend each token
-    is one query of the host attention kernel, reading its own row's slots in place. Elsewhere every token
-    is scored against every row's span and keeps its own row's result: R times the attention arithmetic
-    of one row (on the CPU, bundled model, 16 rows + 32 tokens at span 128, R = 4: ~5 ms of a ~20 ms step,
-    which the host kernel removes; see BENCHMARKS.md)."""
+    into one fixed-width chunk this way, each prompt in the batch row it will decode in (`row_set` [R]: the
+    prompts' rows; default every row of the cache). On the CPU backend each token is one query of the host
+    attention kernel, reading its own row's slots in place. Elsewhere every token is scored against each of
+    the R rows' span and keeps its own row's result: R times the attention arithmetic of one row (on the CPU,
+    bundled model, 16 rows + 32 tokens at span 128, R = 4: ~5 ms of a ~20 ms step, which the host kernel
+    removes; see BENCHMARKS.md)."""
     _, W, hq, hd = q.shape
     hkv = k.shape[2]
-    R = k_cache.shape[0]
     rows, pos = cache_rows[0], positions[0]
+    if row_set is None:
+        row_set = jnp.arange(k_cache.shape[0], dtype=rows.dtype)
+    R = row_set.shape[0]
     at = (rows[:, None], jnp.arange(hkv)[None, :], pos[:, None])
     k_cache, v_cache = _cache_write(k_cache, at, k[0]), _cache_write(v_cache, at, v[0])
     span_bytes = 2 * R * hkv * attend_len * hd * k_cache.dtype.itemsize
     if uses_host_attention(W, 1, k_cache.dtype, span_bytes):  # W one-token queries, each over its own row
         out = decode_attention(q[0], k_cache, v_cache, pos, cfg.sliding_window, cache_rows=rows)
         return out.reshape(1, W, hq * hd), k_cache, v_cache
-    # Every token against every row, as a batch of R rows (one set of ops, whatever R); a token keeps its
-    # own row's result. Against another row it sees that row's first slot only (finite, and discarded).
-    seen = jnp.where(rows[None, :] == jnp.arange(R)[:, None], pos[None, :], 0)  # [R, W]
+    # Every token against every prompt's row, as a batch of R rows (one set of ops, whatever R); a token keeps
+    # its own row's result. Against another row it sees that row's first slot only (finite, and discarded).
+    mine = rows[None, :] == row_set[:, None]  # [R, W]
+    slot = jnp.argmax(mine, axis=0)  # each token's prompt (the first of equal rows)
+    seen = jnp.where(jnp.arange(R)[:, None] == slot[None, :], pos[None, :], 0)  # [R, W]
     key_pos = jnp.broadcast_to(jnp.arange(attend_len), (R, attend_len))
-    every = _attend(jnp.broadcast_to(q, (R,) + q.shape[1:]), kv_read(k_cache[:, :, :attend_len]),
-                    kv_read(v_cache[:, :, :attend_len]), key_pos, seen, cfg)  # [R, W, hq * hd]
-    out = jnp.take_along_axis(every, rows[None, :, None], axis=0)
+    every = _attend(jnp.broadcast_to(q, (R,) + q.shape[1:]), kv_read(k_cache[row_set, :, :attend_len]),
+                    kv_read(v_cache[row_set, :, :attend_len]), key_pos, seen, cfg)  # [R, W, hq * hd]
+    out = jnp.take_along_axis(every, slot[None, :, None], axis=0)
     return out, k_cache, v_cache

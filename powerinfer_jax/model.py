@@ -150,8 +150,11 @@ class RowGroup:
     """One group of rows for `forward_groups`: tokens and positions [B, T] over its own `cache` (None: the
     rows attend within themselves); `rows` [B] marks the rows holding a sequence (as `forward`'s),
     `logits_at` [B] picks one position a row. `cache_rows` [1, T]: a packed group (one row of tokens from
-    several prompts), token t writing and attending row cache_rows[0, t] of `cache`; its `logits_at` [R]
-    then picks one position per cache row, giving logits [R, 1, vocab]."""
+    several prompts), token t writing and attending row cache_rows[0, t] of `cache`; `row_set` [R] lists the
+    rows its prompts own (default: every row of `cache`), and its `logits_at` [R] picks one position per prompt
+    (row_set[r]'s), giving logits [R, 1, vocab]. `shares_cache`: the group writes and reads the previous
+    group's cache (its own `cache` is None), after that group (continuous batching prefills a prompt straight
+    into the batch row it will decode in)."""
 
     tokens: jax.Array
     positions: jax.Array
@@ -159,6 +162,8 @@ class RowGroup:
     rows: jax.Array | None = None
     logits_at: jax.Array | None = None
     cache_rows: jax.Array | None = None
+    row_set: jax.Array | None = None
+    shares_cache: bool = False
 
 
 def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup], attend_len: int,
@@ -172,6 +177,9 @@ def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup]
     Returns (logits, new cache, per-layer ffn aux) per group (`forward` is the one-group case)."""
     xs = [embed(params, cfg, g.tokens, g.positions) for g in groups]
     n_layers = len(params.layers)
+    owners: list[int] = []  # the group whose cache each group reads and writes
+    for j, g in enumerate(groups):
+        owners.append(owners[j - 1] if g.shares_cache and j > 0 else j)
     ks = [[None] * n_layers if g.cache is None else list(g.cache.k) for g in groups]
     vs = [[None] * n_layers if g.cache is None else list(g.cache.v) for g in groups]
     aux: list[list] = [[] for _ in groups]
@@ -181,10 +189,10 @@ def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup]
     for i, lp in enumerate(params.layers):
         h_in = [layers.norm(x, lp.attn_norm, cfg) if pre else x for x in xs]
         outs, kv = layers.attention_groups(h_in, lp.attn, cfg, [g.positions for g in groups],
-                                           [(k[i], v[i]) for k, v in zip(ks, vs)], attend_len,
-                                           [g.cache_rows for g in groups])
-        for k, v, (kc, vc) in zip(ks, vs, kv):
-            k[i], v[i] = kc, vc
+                                           [(ks[o][i], vs[o][i]) for o in owners], attend_len,
+                                           [g.cache_rows for g in groups], owners, [g.row_set for g in groups])
+        for o, (kc, vc) in zip(owners, kv):
+            ks[o][i], vs[o][i] = kc, vc
         xs = [x + a if pre else layers.norm(x + a, lp.attn_norm, cfg) for x, a in zip(xs, outs)]
         f_in = [layers.norm(x, lp.ffn_norm, cfg) if pre else x for x in xs]
         if ffn_fn is None:
@@ -202,8 +210,8 @@ def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup]
         xs = [x + y if pre else layers.norm(x + y, lp.ffn_norm, cfg) for x, y in zip(xs, ys)]
     heads = [x if g.logits_at is None else _pick(x, g) for g, x in zip(groups, xs)]
     logits = layers.split_rows(lm_head(params, cfg, layers.concat_rows(heads)), heads)
-    return [(lg, None if g.cache is None else KVCache(k=k, v=v), a)
-            for lg, g, k, v, a in zip(logits, groups, ks, vs, aux)]
+    return [(lg, None if ks[o][0] is None else KVCache(k=ks[o], v=vs[o]), a)
+            for lg, o, a in zip(logits, owners, aux)]
 
 
 def _pick(x: jax.Array, g: RowGroup) -> jax.Array:

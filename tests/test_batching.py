@@ -105,6 +105,55 @@ def test_forward_groups_equals_forward_per_group(sparsity, dtype):
 
 
 @pytest.mark.parametrize("host_attention", [True, False])
+def test_decode_rows_and_packed_prompts_share_one_cache(host_attention, monkeypatch):
+    """The batcher's carrying step: decode rows and a packed chunk whose prompts are prefilled straight into
+    free rows of the same cache (`shares_cache`, `row_set`). Each decode row's logits and written slot equal
+    its own step's, each prompt's last-token logits and row equal the prompt run alone (1e-5 of the logits'
+    scale), the idle row stays untouched; with the chunk's attention in the host kernel and in XLA."""
+    import jax
+    import jax.numpy as jnp
+
+    from ops import host_attention as HA
+    from powerinfer_jax.model import RowGroup, forward, forward_groups, init_cache
+
+    monkeypatch.setattr(HA, "USE_HOST_ATTENTION", host_attention)
+    eng = pij.load(max_seq_len=128, kv_dtype="float32")
+    cfg, params = eng.cfg, eng.params
+    rng = np.random.default_rng(2)
+    seqs, a, b = rng.integers(3, cfg.vocab_size, (2, 10)), rng.integers(3, cfg.vocab_size, 10), \
+        rng.integers(3, cfg.vocab_size, 5)
+    _, two, _ = forward(params, cfg, jnp.asarray(seqs), jnp.broadcast_to(jnp.arange(10), (2, 10)),
+                        init_cache(cfg, 2, 128), 128)
+    _, first_six, _ = forward(params, cfg, jnp.asarray(a[None, :6]), jnp.arange(6)[None], init_cache(cfg, 1, 128), 128)
+    # rows 0 and 1 decode, row 2 is free, a's first 6 tokens sit in row 3, b goes into row 4
+    cache = jax.tree.map(lambda c, t, f: c.at[:2].set(t).at[3].set(f[0]), init_cache(cfg, 5, 128), two, first_six)
+    nxt = jnp.asarray(rng.integers(3, cfg.vocab_size, (3, 1)), jnp.int32)
+    at = jnp.asarray([[10], [10], [128]], jnp.int32)  # row 2 idle: writes nothing
+    tokens, positions, rows = np.zeros((1, 12), np.int32), np.full((1, 12), 128, np.int32), np.zeros((1, 12), np.int32)
+    tokens[0, :4], positions[0, :4], rows[0, :4] = a[6:], np.arange(6, 10), 3
+    tokens[0, 4:9], positions[0, 4:9], rows[0, 4:9] = b, np.arange(5), 4
+    groups = [RowGroup(nxt, at, cache, rows=at[:, 0] < 128),
+              RowGroup(jnp.asarray(tokens), jnp.asarray(positions), None, logits_at=jnp.asarray([3, 8, 0]),
+                       cache_rows=jnp.asarray(rows), row_set=jnp.asarray([3, 4, 0], jnp.int32), shares_cache=True)]
+    (row_logits, _, _), (chunk_logits, shared, _) = forward_groups(params, cfg, groups, 128)
+    want_rows, want_cache, _ = forward(params, cfg, nxt[:2], at[:2], jax.tree.map(lambda c: c[:2], cache), 128)
+    scale = float(np.abs(np.asarray(want_rows)).max())
+    np.testing.assert_allclose(np.asarray(row_logits)[:2], np.asarray(want_rows), rtol=0, atol=1e-5 * scale)
+    for got, ref in zip(shared.k + shared.v, want_cache.k + want_cache.v):
+        np.testing.assert_allclose(np.asarray(got)[:2], np.asarray(ref), rtol=0, atol=1e-5 * scale)
+    for slot, row, p in ((0, 3, a), (1, 4, b)):
+        want, want_row, _ = forward(params, cfg, jnp.asarray(p[None]), jnp.arange(len(p))[None],
+                                    init_cache(cfg, 1, 128), 128, logits_at=jnp.asarray([len(p) - 1]))
+        scale = float(np.abs(np.asarray(want)).max())
+        np.testing.assert_allclose(np.asarray(chunk_logits[slot]), np.asarray(want[0]), rtol=0, atol=1e-5 * scale)
+        for got, ref in zip(shared.k + shared.v, want_row.k + want_row.v):
+            np.testing.assert_allclose(np.asarray(got)[row, :, :len(p)], np.asarray(ref)[0, :, :len(p)], rtol=0,
+                                       atol=1e-5 * scale)
+    for got in shared.k + shared.v:
+        assert not np.asarray(got)[2].any() and not np.asarray(got)[4, :, 5:].any()
+
+
+@pytest.mark.parametrize("host_attention", [True, False])
 @pytest.mark.parametrize("sparsity", [None, "oracle"])
 def test_packed_chunk_equals_each_prompt_alone(sparsity, host_attention, monkeypatch):
     """A packed chunk (pieces of two prompts, each into its own staging row; one prompt half prefilled
@@ -149,10 +198,11 @@ def test_packed_chunk_equals_each_prompt_alone(sparsity, host_attention, monkeyp
         assert not np.asarray(got)[1].any() and not np.asarray(got)[0, :, 5:].any()  # row 1, b's padding: unwritten
 
 
-def test_packed_chunk_takes_the_oldest_prompts_pieces_into_free_staging_rows(engine):
-    """_fill_packed stages waiting prompts into free staging rows while the batch has room; _packed_chunk fills
-    the chunk oldest first, one piece a prompt, marks where each completed prompt's last token sits, and
-    pads with positions past the cache (written nowhere); a finished prompt's staging row is reused."""
+def test_packed_chunk_takes_the_oldest_prompts_pieces_into_free_batch_rows(engine):
+    """_fill_packed gives waiting prompts free packing slots and free batch rows (neither decoding nor taken)
+    while the batch has room; _packed_chunk fills the chunk oldest first, one piece a prompt, into its batch
+    row, marks where each completed prompt's last token sits, and pads with positions past the cache (written
+    nowhere); a joined prompt decodes in its row, and its slot is reused."""
     from powerinfer_jax.batching import Request
 
     loop = ContinuousBatcher(engine, max_batch=5, mixed_chunk=8, stage_rows=3)
@@ -161,24 +211,29 @@ def test_packed_chunk_takes_the_oldest_prompts_pieces_into_free_staging_rows(eng
     loop._waiting.extend(reqs[:3])
     loop._fill_packed()
     assert loop._packed == reqs[:3] and [r.stage_row for r in reqs[:3]] == [0, 1, 2]
-    pieces, tokens, positions, rows, last = loop._packed_chunk()
+    assert [r.cache_row for r in reqs[:3]] == [1, 2, 3]  # row 0 decodes request 3
+    pieces, tokens, positions, rows, row_set, last = loop._packed_chunk()
     assert [(r.id, n) for r, n in pieces] == [(0, 5), (1, 3)]  # the oldest whole, the next's first 3 tokens
     np.testing.assert_array_equal(tokens[0], [3, 4, 5, 6, 7, 3, 4, 5])
     np.testing.assert_array_equal(positions[0], [0, 1, 2, 3, 4, 0, 1, 2])
-    np.testing.assert_array_equal(rows[0], [0, 0, 0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(rows[0], [1, 1, 1, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(row_set, [1, 2, 0])  # slot 2's prompt has no piece yet
     assert last[0] == 4  # request 0 completes at its 5th token; rows 1 and 2 complete nothing
     assert [loop._prefilled(req, n) for req, n in pieces] == [True, False]
-    loop._packed.remove(reqs[0])  # request 0 joins the batch (what _decode_step does): its staging row is free
-    loop._rows.append(reqs[0])
+    loop._packed.remove(reqs[0])  # request 0 joins the batch in its row (what _decode_step does); its slot is free
+    loop._join(reqs[0], 5)
+    assert loop._rows == [reqs[3], reqs[0]]
     loop._waiting.extend([Request(9, [7, 8], RequestParams(), lambda ev: None),
                           Request(10, [7], RequestParams(), lambda ev: None)])
-    loop._fill_packed()  # 2 running + 2 staged: room for one more, in the free row 0
+    loop._fill_packed()  # 2 running + 2 packed: room for one more, in the free slot 0 and batch row 4
     assert [r.id for r in loop._packed] == [1, 2, 9] and loop._packed[-1].stage_row == 0
+    assert loop._packed[-1].cache_row == 4
     assert [r.id for r in loop._waiting] == [10]
-    pieces, tokens, positions, rows, last = loop._packed_chunk()
+    pieces, tokens, positions, rows, row_set, last = loop._packed_chunk()
     assert [(r.id, n) for r, n in pieces] == [(1, 3), (2, 2), (9, 2)]  # 7 tokens, 1 padding
     np.testing.assert_array_equal(positions[0], [3, 4, 5, 0, 1, 0, 1, engine.max_seq_len])
-    np.testing.assert_array_equal(rows[0, :7], [1, 1, 1, 2, 2, 0, 0])
+    np.testing.assert_array_equal(rows[0, :7], [2, 2, 2, 3, 3, 4, 4])
+    np.testing.assert_array_equal(row_set, [4, 2, 3])
     assert list(last) == [6, 2, 4]  # every staged prompt completes in this chunk
 
 
@@ -500,9 +555,9 @@ def test_the_batched_decode_step_and_prompt_chunk_lower_for_cuda(engine, monkeyp
     assert "stablehlo.dot_general" in exp.mlir_module()
     mixed = jax.jit(functools.partial(batching._decode_and_pack, cfg=cfg, ffn_fn=None, attend_len=128, mode="greedy"))
     carried = [sds(a) for a in batching._settings([], rows + 4)[1:]]
-    exp = jax.export.export(mixed, platforms=["cuda"])(params, i32, i32, cache, tok, tok, tok,
-                                                       jax.tree.map(sds, init_cache(cfg, 4, 256, kv_dtype)),
-                                                       jax.ShapeDtypeStruct((4,), jnp.int32), *carried)
+    slots = jax.ShapeDtypeStruct((4,), jnp.int32)
+    exp = jax.export.export(mixed, platforms=["cuda"])(params, i32, i32, cache, tok, tok, tok, slots, slots,
+                                                       *carried)
     assert "stablehlo.dot_general" in exp.mlir_module()
     assert "callback" not in exp.mlir_module()  # the packed chunk's attention too stays in XLA off the CPU
 
@@ -566,11 +621,12 @@ def test_fast_call_dispatches_in_cpp_and_gives_the_same_result(monkeypatch):
 
 
 def test_staging_rows_are_full_length_for_the_server_and_prompt_sized_for_generate(engine, batcher):
-    """The server prefills into one max_seq_len row (the warmed chunk programs fit every prompt); generate's
-    loop into a row of the prompt's span, so a 1-row generate holds no second full-length row."""
+    """The server prefills a prompt on its own (nothing running) into one max_seq_len row (the warmed chunk
+    programs fit every prompt), packed ones straight into their batch rows; generate's loop into a row of the
+    prompt's span, so a 1-row generate holds no second full-length row."""
     ids = engine.encode("ROMEO:")
     batcher.generate(ids, RequestParams(max_tokens=2), timeout=60)
-    assert set(batcher._stage_caches) == {(batcher.stage_rows, engine.max_seq_len)} == {(4, 256)}
+    assert set(batcher._stage_caches) == {(1, engine.max_seq_len)} == {(1, 256)}
     loop = ContinuousBatcher(engine, max_batch=1)
     loop._admit_all = True  # what batching.generate_rows sets
     assert loop._stage_key(len(ids)) == (1, 128) and loop._stage_key(200) == (1, 256)
