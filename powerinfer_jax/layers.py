@@ -132,13 +132,28 @@ def attention_groups(xs: list[jax.Array], p: AttentionParams, cfg: ModelConfig, 
     n = len(xs)
     cache_rows, row_sets = cache_rows or [None] * n, row_sets or [None] * n
     owners = owners or list(range(n))
-    outs, latest = [], {}
-    for qg, kg, vg, pos, cache, rows, row_set, owner in zip(*(split_rows(a[0], xs) for a in (q, k, v)), positions,
-                                                            caches, cache_rows, row_sets, owners):
-        kc, vc = latest.get(owner, cache)
-        out, kc, vc = _attend_cached(qg, kg, vg, pos, kc, vc, attend_len, cfg, rows, row_set)
-        outs.append(out)
-        latest[owner] = (kc, vc)
+    # Every group writes its keys and values first, then every group attends: groups sharing a cache (a decode
+    # batch and a prompt chunk prefilled into its free rows) then never write a buffer an attention (a host
+    # kernel's callback among them) has read, which XLA would answer with a copy of the whole cache per layer.
+    qs, latest = [], {}
+    for qg, kg, vg, pos, cache, rows, owner in zip(*(split_rows(a[0], xs) for a in (q, k, v)), positions, caches,
+                                                   cache_rows, owners):
+        qg, kg = _rotate(qg, kg, pos, cfg)
+        qs.append(qg)
+        if cache[0] is None:  # no cache: attend within the group (its keys and values kept for the read)
+            latest[owner] = (kg, vg)
+            continue
+        latest[owner] = _write_kv(kg, vg, pos, *latest.get(owner, cache), rows)
+    outs = []
+    for qg, pos, cache, rows, row_set, owner in zip(qs, positions, caches, cache_rows, row_sets, owners):
+        if cache[0] is None:
+            kg, vg = latest[owner]
+            outs.append(_attend(qg, kg.transpose(0, 2, 1, 3), vg.transpose(0, 2, 1, 3), pos, pos, cfg))
+            continue
+        outs.append(_read_kv(qg, pos, *latest[owner], attend_len, cfg, rows, row_set))
+    for o in owners:  # a group without a cache returns none
+        if caches[o][0] is None:
+            latest[o] = (None, None)
     out = _project_out(concat_rows(outs)[None], p, None, sparse, cfg.needs_act_threshold)
     return split_rows(out[0], xs), [latest[o] for o in owners]
 
@@ -180,33 +195,53 @@ def _attend_cached(q, k, v, positions, k_cache, v_cache, attend_len: int, cfg: M
     values) over the cache (or, without one, within the sequence): [B, T, hq * hd] and the caches.
     `cache_rows` [1, T]: a packed chunk, token t in cache row cache_rows[0, t], its prompts' rows `row_set`
     (`_attend_packed`)."""
-    B, T, hq, hd = q.shape
-    hkv = k.shape[2]
-    if cfg.family == "llama":
-        inv_freq = rope_inv_freq(cfg)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-    if cache_rows is not None:
-        return _attend_packed(q, k, v, positions, cache_rows, k_cache, v_cache, attend_len, cfg, row_set)
+    q, k = _rotate(q, k, positions, cfg)
     if k_cache is None:  # training / cache-free forward: attend within this sequence
-        keys, values, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions
+        keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        return _attend(q, keys, values, positions, positions, cfg), None, None
+    k_cache, v_cache = _write_kv(k, v, positions, k_cache, v_cache, cache_rows)
+    return _read_kv(q, positions, k_cache, v_cache, attend_len, cfg, cache_rows, row_set), k_cache, v_cache
+
+
+def _rotate(q, k, positions, cfg: ModelConfig):
+    """q and k with rotary positions applied (LLaMA family; OPT's are learned, added at the embedding)."""
+    if cfg.family != "llama":
+        return q, k
+    inv_freq = rope_inv_freq(cfg)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+
+
+def _write_kv(k, v, positions, k_cache, v_cache, cache_rows=None):
+    """The caches with this step's (rotated) keys and values [B, T, hkv, hd] written at `positions` of their
+    rows (row b, or a packed chunk's token t into row cache_rows[0, t]; positions past the cache: nothing).
+    The cache is [B, n_kv, S, hd]: each (row, head) one contiguous [S, hd] block, so attention reads it as it
+    lies (the [B, S, n_kv, hd] layout made XLA:CPU transpose the attended span every step: 2.2x slower)."""
+    B, T, hkv, _ = k.shape
+    if cache_rows is not None:
+        at, k, v = (cache_rows[0][:, None], jnp.arange(hkv)[None, :], positions[0][:, None]), k[0], v[0]
     else:
-        # The cache is [B, n_kv, S, hd]: each (row, head) is one contiguous [S, hd] block, so the
-        # attention products below read it as it lies (the [B, S, n_kv, hd] layout made XLA:CPU
-        # transpose the attended span every step: a 16-row step's attention took 2.2x longer).
         at = (jnp.arange(B)[:, None, None], jnp.arange(hkv)[None, None, :], positions[:, :, None])
-        k_cache, v_cache = _cache_write(k_cache, at, k), _cache_write(v_cache, at, v)
-        span_bytes = 2 * B * hkv * attend_len * hd * k_cache.dtype.itemsize
-        if uses_host_attention(B, T, k_cache.dtype, span_bytes):
-            # A batched or long-span decode step on the CPU backend: each row over its own slots, the cache
-            # read in place (XLA would copy the strided span below before its dots).
-            out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0], cfg.sliding_window)
-            return out.reshape(B, T, hq * hd), k_cache, v_cache
-        # A cache may hold more rows than x (continuous batching runs its first B rows).
-        keys = kv_read(k_cache[:B, :, :attend_len])
-        values = kv_read(v_cache[:B, :, :attend_len])
-        key_pos = jnp.broadcast_to(jnp.arange(attend_len), (B, attend_len))
-    return _attend(q, keys, values, key_pos, positions, cfg), k_cache, v_cache
+    return _cache_write(k_cache, at, k), _cache_write(v_cache, at, v)
+
+
+def _read_kv(q, positions, k_cache, v_cache, attend_len: int, cfg: ModelConfig, cache_rows=None, row_set=None):
+    """The attention [B, T, hq * hd] of the rotated q [B, T, hq, hd] over the (written) caches' first
+    `attend_len` slots of its rows (a packed chunk: `_attend_packed`)."""
+    if cache_rows is not None:
+        return _attend_packed(q, positions, cache_rows, k_cache, v_cache, attend_len, cfg, row_set)
+    B, T, hq, hd = q.shape
+    hkv = k_cache.shape[1]
+    span_bytes = 2 * B * hkv * attend_len * hd * k_cache.dtype.itemsize
+    if uses_host_attention(B, T, k_cache.dtype, span_bytes):
+        # A batched or long-span decode step on the CPU backend: each row over its own slots, the cache
+        # read in place (XLA would copy the strided span below before its dots).
+        out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0], cfg.sliding_window)
+        return out.reshape(B, T, hq * hd)
+    # A cache may hold more rows than x (continuous batching runs its first B rows).
+    keys = kv_read(k_cache[:B, :, :attend_len])
+    values = kv_read(v_cache[:B, :, :attend_len])
+    key_pos = jnp.broadcast_to(jnp.arange(attend_len), (B, attend_len))
+    return _attend(q, keys, values, key_pos, positions, cfg)
 
 
 # How each KV-cache precision is stored. Half precisions hold their bit patterns as 16-bit integers (bf16 as uint16,
@@ -251,11 +286,9 @@ def _input_sparse(x: jax.Array, w_t, threshold: jax.Array, sparse: bool, b=None)
     return y if b is None else y + b.astype(f32)
 
 
-def _attend_packed(q, k, v, positions, cache_rows, k_cache, v_cache, attend_len: int, cfg: ModelConfig,
-                   row_set=None):
-    """Attention of a packed chunk q [1, W, hq, hd] (rotated): token t writes its key/value into row
-    cache_rows[0, t] of the cache at positions[0, t] (past the cache: nothing) and attends only that
-    row's slots up to its position. Continuous batching packs the next pieces of several waiting prompts
+def _attend_packed(q, positions, cache_rows, k_cache, v_cache, attend_len: int, cfg: ModelConfig, row_set=None):
+    """Attention of a packed chunk q [1, W, hq, hd] (rotated; its keys and values written by `_write_kv`):
+    token t attends only row cache_rows[0, t]'s slots up to its position positions[0, t]. Continuous batching packs the next pieces of several waiting prompts
     into one fixed-width chunk this way, each prompt in the batch row it will decode in (`row_set` [R]: the
     prompts' rows; default every row of the cache). On the CPU backend each token is one query of the host
     attention kernel, reading its own row's slots in place. Elsewhere every token is scored against each of
@@ -263,17 +296,15 @@ def _attend_packed(q, k, v, positions, cache_rows, k_cache, v_cache, attend_len:
     bundled model, 16 rows + 32 tokens at span 128, R = 4: ~5 ms of a ~20 ms step, which the host kernel
     removes; see BENCHMARKS.md)."""
     _, W, hq, hd = q.shape
-    hkv = k.shape[2]
+    hkv = k_cache.shape[1]
     rows, pos = cache_rows[0], positions[0]
     if row_set is None:
         row_set = jnp.arange(k_cache.shape[0], dtype=rows.dtype)
     R = row_set.shape[0]
-    at = (rows[:, None], jnp.arange(hkv)[None, :], pos[:, None])
-    k_cache, v_cache = _cache_write(k_cache, at, k[0]), _cache_write(v_cache, at, v[0])
     span_bytes = 2 * R * hkv * attend_len * hd * k_cache.dtype.itemsize
     if uses_host_attention(W, 1, k_cache.dtype, span_bytes):  # W one-token queries, each over its own row
         out = decode_attention(q[0], k_cache, v_cache, pos, cfg.sliding_window, cache_rows=rows)
-        return out.reshape(1, W, hq * hd), k_cache, v_cache
+        return out.reshape(1, W, hq * hd)
     # Every token against every prompt's row, as a batch of R rows (one set of ops, whatever R); a token keeps
     # its own row's result. Against another row it sees that row's first slot only (finite, and discarded).
     mine = rows[None, :] == row_set[:, None]  # [R, W]
@@ -283,4 +314,4 @@ def _attend_packed(q, k, v, positions, cache_rows, k_cache, v_cache, attend_len:
     every = _attend(jnp.broadcast_to(q, (R,) + q.shape[1:]), kv_read(k_cache[row_set, :, :attend_len]),
                     kv_read(v_cache[row_set, :, :attend_len]), key_pos, seen, cfg)  # [R, W, hq * hd]
     out = jnp.take_along_axis(every, slot[None, :, None], axis=0)
-    return out, k_cache, v_cache
+    return out
