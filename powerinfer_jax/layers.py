@@ -288,13 +288,13 @@ def _input_sparse(x: jax.Array, w_t, threshold: jax.Array, sparse: bool, b=None)
 
 def _attend_packed(q, positions, cache_rows, k_cache, v_cache, attend_len: int, cfg: ModelConfig, row_set=None):
     """Attention of a packed chunk q [1, W, hq, hd] (rotated; its keys and values written by `_write_kv`):
-    token t attends only row cache_rows[0, t]'s slots up to its position positions[0, t]. Continuous batching packs the next pieces of several waiting prompts
-    into one fixed-width chunk this way, each prompt in the batch row it will decode in (`row_set` [R]: the
-    prompts' rows; default every row of the cache). On the CPU backend each token is one query of the host
-    attention kernel, reading its own row's slots in place. Elsewhere every token is scored against each of
-    the R rows' span and keeps its own row's result: R times the attention arithmetic of one row (on the CPU,
-    bundled model, 16 rows + 32 tokens at span 128, R = 4: ~5 ms of a ~20 ms step, which the host kernel
-    removes; see BENCHMARKS.md)."""
+    token t attends only row cache_rows[0, t]'s slots up to its position positions[0, t]. Continuous batching
+    packs the next pieces of several waiting prompts into one fixed-width chunk this way, each prompt in the
+    batch row it will decode in (`row_set` [R]: the prompts' rows; default every row of the cache). On the CPU
+    backend each token is one query of the host attention kernel, reading its own row's slots in place.
+    Elsewhere every token is scored against each of the R rows' span and keeps its own row's result: R times the
+    attention arithmetic of one row (on the CPU, bundled model, 16 rows + 32 tokens at span 128, R = 4: ~5 ms
+    of a ~20 ms step, which the host kernel removes; see BENCHMARKS.md)."""
     _, W, hq, hd = q.shape
     hkv = k_cache.shape[1]
     rows, pos = cache_rows[0], positions[0]
@@ -313,5 +313,4 @@ def _attend_packed(q, positions, cache_rows, k_cache, v_cache, attend_len: int, 
     key_pos = jnp.broadcast_to(jnp.arange(attend_len), (R, attend_len))
     every = _attend(jnp.broadcast_to(q, (R,) + q.shape[1:]), kv_read(k_cache[row_set, :, :attend_len]),
                     kv_read(v_cache[row_set, :, :attend_len]), key_pos, seen, cfg)  # [R, W, hq * hd]
-    out = jnp.take_along_axis(every, slot[None, :, None], axis=0)
-    return out
+    return jnp.take_along_axis(every, slot[None, :, None], axis=0)
