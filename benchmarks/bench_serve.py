@@ -57,6 +57,9 @@ def define_flags() -> None:
     flags.DEFINE_list("dense_dtypes", ["float32", "bfloat16"], "Weight precisions of the dense engines (the "
                       "float32 one is `dense`, the others `dense_<dtype>`).")
     flags.DEFINE_string("hybrid_dtype", "float32", "Weight precision of the hybrid engine.")
+    flags.DEFINE_enum("kv_dtype", "float32", ["auto", "float32", "bfloat16", "float16"],
+                      "KV-cache precision of every engine: float32 (as the earlier runs), or auto (each engine's "
+                      "weights' half precision, float32 for float32 weights: what pij.load and bin/serve default to).")
     flags.DEFINE_integer("mixed_chunk", MIXED_CHUNK, "Prompt tokens a decode step carries while sequences run "
                          "(ContinuousBatcher.mixed_chunk); 0: separate prompt chunks between decode steps.",
                          lower_bound=0)
@@ -142,12 +145,22 @@ def _engines(name: str, log):
         rng = np.random.default_rng(7)
         prompts = [rng.integers(3, s.cfg.vocab_size, FLAGS.prompt_len).tolist() for _ in range(16)]
     engines = {("dense" if dt == "float32" else f"dense_{dt}"): Engine(s.cfg, to_device(s.host_in(dt)),
-                                                                       max_seq_len=FLAGS.max_seq_len)
+                                                                       max_seq_len=FLAGS.max_seq_len,
+                                                                       kv_dtype=kv_for(dt))
                for dt in FLAGS.dense_dtypes}
     b = plan_budget(s, FLAGS.budget, FLAGS.max_seq_len)
-    engines["hybrid"] = build_engines(s, b, FLAGS.max_seq_len, FLAGS.hybrid_dtype)["hybrid"]
+    engines["hybrid"] = build_engines(s, b, FLAGS.max_seq_len, FLAGS.hybrid_dtype,
+                                      kv_for(FLAGS.hybrid_dtype))["hybrid"]
     hot = sum(len(h) for h in b.hot_indices) / (s.cfg.num_layers * s.cfg.intermediate_size)
     return engines, prompts, n_tokens, f"{s.description}; hybrid hot {hot:.1%}"
+
+
+def kv_for(weights_dtype: str) -> str:
+    """The KV-cache precision --kv_dtype gives an engine whose weights are `weights_dtype` ("auto": the
+    weights' half precision, as loading.kv_format decides for a checkpoint)."""
+    if FLAGS.kv_dtype != "auto":
+        return FLAGS.kv_dtype
+    return weights_dtype if weights_dtype in ("bfloat16", "float16") else "float32"
 
 
 def bench_model(name: str, clients: list[int], log=print) -> dict:
@@ -233,7 +246,7 @@ def _goals(rows) -> dict:
 
 def to_markdown(res: dict) -> str:
     lines = [f"Serving benchmark ({res['machine']}, jax {res['jax']}, {res['date']}); `{res['command']}`; "
-             f"bf16 split dot in {res.get('bf16_split_parts', 3)} parts", ""]
+             f"bf16 split dot in {res.get('bf16_split_parts', 3)} parts; KV cache {res.get('kv_dtype', 'float32')}", ""]
     for m in res["models"]:
         lines += [f"### {m['model']}: {m['description']}; {m['tokens_per_request']} tokens per request", "",
                   "| engine | clients | tok/s | TTFT p50 ms | inter-token p50 ms | p99 ms | mean batch | "
@@ -272,7 +285,7 @@ def main(argv):
            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(["python benchmarks/bench_serve.py", *sys.argv[1:]]), "wall_s": time.time() - t0,
            "mixed_chunk": FLAGS.mixed_chunk, "stage_rows": FLAGS.stage_rows, "bf16_split_parts": bf16_split_parts(),
-           "models": models}
+           "kv_dtype": FLAGS.kv_dtype, "models": models}
     md = to_markdown(res)
     print("\n" + md)
     stem = FLAGS.out or os.path.join(REPO, "benchmarks", "results", f"serve_{jax.default_backend()}")

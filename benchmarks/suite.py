@@ -103,20 +103,22 @@ def plan_budget(s: Subject, fraction: float, max_seq_len: int, fmt: str = DTYPE)
     return Budget(fraction, budget, [np.asarray(h, np.int32) for h in p.hot_indices], offload, p.method)
 
 
-def build_engines(s: Subject, b: Budget, max_seq_len: int, fmt: str = DTYPE) -> dict[str, Engine]:
-    """The offload and hybrid engines for one budget."""
+def build_engines(s: Subject, b: Budget, max_seq_len: int, fmt: str = DTYPE,
+                  kv_dtype: str = "float32") -> dict[str, Engine]:
+    """The offload and hybrid engines for one budget (`kv_dtype`: their KV caches' precision)."""
     cfg = s.cfg
     host = s.host_in(fmt)
     offload = build_hybrid_engine(cfg, host, mode="dense", hot_indices=offload_hot_indices(cfg, b.offload_layers),
-                                  max_seq_len=max_seq_len)
+                                  max_seq_len=max_seq_len, kv_dtype=kv_dtype)
     caps = predicted_capacities(s.rates, b.hot_indices, s.predicted_ratio)
     hybrid = build_hybrid_engine(cfg, host, mode="predicted", hot_indices=b.hot_indices,
                                  predictors=s.predictors, thresholds=s.thresholds, capacities=caps,
-                                 max_seq_len=max_seq_len, act_thresholds=s.act_thresholds)
+                                 max_seq_len=max_seq_len, act_thresholds=s.act_thresholds, kv_dtype=kv_dtype)
     engines = {"offload": offload, "hybrid": hybrid}
     if s.act_thresholds is not None:  # CATS: the same placement, the gate dense and up/down above the threshold
         engines["cats"] = build_hybrid_engine(cfg, host, mode="oracle", hot_indices=b.hot_indices,
-                                              max_seq_len=max_seq_len, act_thresholds=s.act_thresholds)
+                                              max_seq_len=max_seq_len, act_thresholds=s.act_thresholds,
+                                              kv_dtype=kv_dtype)
     return engines
 
 
