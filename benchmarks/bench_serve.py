@@ -156,11 +156,11 @@ def _engines(name: str, log):
 
 
 def kv_for(weights_dtype: str) -> str:
-    """The KV-cache precision --kv_dtype gives an engine whose weights are `weights_dtype` ("auto": the
-    weights' half precision, as loading.kv_format decides for a checkpoint)."""
-    if FLAGS.kv_dtype != "auto":
-        return FLAGS.kv_dtype
-    return weights_dtype if weights_dtype in ("bfloat16", "float16") else "float32"
+    """The KV-cache precision --kv_dtype gives an engine whose weights are `weights_dtype` ("auto": as
+    pij.load decides for a checkpoint)."""
+    from powerinfer_jax.loading import kv_dtype_for
+
+    return FLAGS.kv_dtype if FLAGS.kv_dtype != "auto" else kv_dtype_for(weights_dtype)
 
 
 def bench_model(name: str, clients: list[int], log=print) -> dict:
@@ -246,7 +246,8 @@ def _goals(rows) -> dict:
 
 def to_markdown(res: dict) -> str:
     lines = [f"Serving benchmark ({res['machine']}, jax {res['jax']}, {res['date']}); `{res['command']}`; "
-             f"bf16 split dot in {res.get('bf16_split_parts', 3)} parts; KV cache {res.get('kv_dtype', 'float32')}", ""]
+             f"bf16 split dot in {res.get('bf16_split_parts', 3)} parts; KV cache {res.get('kv_dtype', 'float32')}",
+             ""]
     for m in res["models"]:
         lines += [f"### {m['model']}: {m['description']}; {m['tokens_per_request']} tokens per request", "",
                   "| engine | clients | tok/s | TTFT p50 ms | inter-token p50 ms | p99 ms | mean batch | "

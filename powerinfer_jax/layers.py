@@ -135,27 +135,21 @@ def attention_groups(xs: list[jax.Array], p: AttentionParams, cfg: ModelConfig, 
     # Every group writes its keys and values first, then every group attends: groups sharing a cache (a decode
     # batch and a prompt chunk prefilled into its free rows) then never write a buffer an attention (a host
     # kernel's callback among them) has read, which XLA would answer with a copy of the whole cache per layer.
-    qs, latest = [], {}
-    for qg, kg, vg, pos, cache, rows, owner in zip(*(split_rows(a[0], xs) for a in (q, k, v)), positions, caches,
-                                                   cache_rows, owners):
+    qs, ks, vs = (split_rows(a[0], xs) for a in (q, k, v))
+    rotated, latest = [], {}  # rotated queries of the cached groups; each cache owner's cache after the writes
+    for qg, kg, vg, pos, cache, rows, owner in zip(qs, ks, vs, positions, caches, cache_rows, owners):
+        if cache[0] is None:  # no cache: attends within the group below
+            rotated.append(None)
+            continue
         qg, kg = _rotate(qg, kg, pos, cfg)
-        qs.append(qg)
-        if cache[0] is None:  # no cache: attend within the group (its keys and values kept for the read)
-            latest[owner] = (kg, vg)
-            continue
+        rotated.append(qg)
         latest[owner] = _write_kv(kg, vg, pos, *latest.get(owner, cache), rows)
-    outs = []
-    for qg, pos, cache, rows, row_set, owner in zip(qs, positions, caches, cache_rows, row_sets, owners):
-        if cache[0] is None:
-            kg, vg = latest[owner]
-            outs.append(_attend(qg, kg.transpose(0, 2, 1, 3), vg.transpose(0, 2, 1, 3), pos, pos, cfg))
-            continue
-        outs.append(_read_kv(qg, pos, *latest[owner], attend_len, cfg, rows, row_set))
-    for o in owners:  # a group without a cache returns none
-        if caches[o][0] is None:
-            latest[o] = (None, None)
+    outs = [_attend_cached(qg, kg, vg, pos, None, None, attend_len, cfg)[0] if qr is None else
+            _read_kv(qr, pos, *latest[owner], attend_len, cfg, rows, row_set)
+            for qg, kg, vg, qr, pos, rows, row_set, owner in zip(qs, ks, vs, rotated, positions, cache_rows,
+                                                                  row_sets, owners)]
     out = _project_out(concat_rows(outs)[None], p, None, sparse, cfg.needs_act_threshold)
-    return split_rows(out[0], xs), [latest[o] for o in owners]
+    return split_rows(out[0], xs), [latest.get(o, (None, None)) for o in owners]
 
 
 def concat_rows(xs: list[jax.Array]) -> jax.Array:
@@ -216,7 +210,7 @@ def _write_kv(k, v, positions, k_cache, v_cache, cache_rows=None):
     rows (row b, or a packed chunk's token t into row cache_rows[0, t]; positions past the cache: nothing).
     The cache is [B, n_kv, S, hd]: each (row, head) one contiguous [S, hd] block, so attention reads it as it
     lies (the [B, S, n_kv, hd] layout made XLA:CPU transpose the attended span every step: 2.2x slower)."""
-    B, T, hkv, _ = k.shape
+    B, _, hkv, _ = k.shape
     if cache_rows is not None:
         at, k, v = (cache_rows[0][:, None], jnp.arange(hkv)[None, :], positions[0][:, None]), k[0], v[0]
     else:

@@ -351,10 +351,12 @@ def kv_format(model_dir: str, cfg: ModelConfig, dtype: str = "auto", kv_dtype: s
     """The KV-cache precision `kv_dtype` names; "auto": the weights' float precision when it is a half one (bf16,
     f16; a quantized model's stored one), else float32. A half cache takes half the memory, as fast or faster on
     every backend measured (BENCHMARKS.md), and is what the checkpoint's own framework keeps at that precision."""
-    if kv_dtype != "auto":
-        return kv_dtype
-    fmt = matrix_format(model_dir, cfg, dtype, None)
-    return fmt if fmt in ("bfloat16", "float16") else "float32"
+    return kv_dtype if kv_dtype != "auto" else kv_dtype_for(matrix_format(model_dir, cfg, dtype, None))
+
+
+def kv_dtype_for(weights_fmt: str) -> str:
+    """What `kv_dtype="auto"` gives weights stored as `weights_fmt`: its half precision, else float32."""
+    return weights_fmt if weights_fmt in ("bfloat16", "float16") else "float32"
 
 
 def engine_weights_name(fmt: str) -> str:
