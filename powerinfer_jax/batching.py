@@ -326,8 +326,11 @@ class ContinuousBatcher:
         if len(todo) == 1:
             exes = [compile_one(next(iter(todo.values())))]
         else:
-            with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
+            pool = ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1))
+            try:
                 exes = list(pool.map(compile_one, todo.values()))
+            finally:  # interrupted (Ctrl-C while a 7B model compiles): the queued compiles never start
+                pool.shutdown(wait=False, cancel_futures=True)
         self._executables.update(zip(todo, map(fast_call, exes)))
         seconds = time.perf_counter() - t0
         self._times["compile_s"] += seconds

@@ -405,3 +405,29 @@ def test_serve_flags_are_checked_before_the_model_loads():
     out = subprocess.run([sys.executable, SERVE, "--port", "70000"], capture_output=True, text=True, timeout=120,
                          cwd=REPO)
     assert out.returncode == 2 and "error:" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_model_compiles_is_not_lost(sig):
+    """SIGTERM or Ctrl-C during the startup compiles (a minute for a 7B model) stops the server then: it never
+    starts listening, says "interrupted" and exits 130, without a traceback."""
+    proc = subprocess.Popen([sys.executable, SERVE, "--port", "0", "--max_seq_len", str(MAX_SEQ_LEN)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    deadline = threading.Timer(START_TIMEOUT_S, proc.kill)  # bounds the reads below: a hung server is killed
+    deadline.start()
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("compiling the decode steps"):
+                proc.send_signal(sig)
+                break
+        rc = proc.wait(timeout=60)
+        log = "".join(seen) + proc.stderr.read()
+    finally:
+        deadline.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert rc == 130 and "interrupted" in log, (rc, log)
+    assert "serving" not in log and "Traceback" not in log, log
