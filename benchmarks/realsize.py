@@ -134,8 +134,9 @@ def _calibrate(out_dir: str, seed: int, rank: int, calib_tokens: int, log, **rat
 
 
 def run_config(ckpt_dir: str, kind: str, quantize: str | None, budget_fraction: float, new_tokens: int,
-               prompt_len: int, max_seq_len: int) -> dict:
-    """Loads one configuration, generates `new_tokens` greedy tokens, returns times and memory."""
+               prompt_len: int, max_seq_len: int, serve_clients: list[int] | None = None, rounds: int = 2) -> dict:
+    """Loads one configuration, generates `new_tokens` greedy tokens, returns times and memory; with
+    `serve_clients`, then serves that many concurrent clients through the continuous batcher (`serve_rounds`)."""
     import jax
 
     import powerinfer_jax as pij
@@ -197,6 +198,33 @@ def run_config(ckpt_dir: str, kind: str, quantize: str | None, budget_fraction: 
     rep = eng.memory_report() if hasattr(eng, "memory_report") else None
     if rep:
         out["resident_total"] = rep["resident_total"]
+    if serve_clients:
+        out["serve"] = serve_rounds(eng, serve_clients, new_tokens, prompt_len, rounds)
+        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def serve_rounds(eng, clients: list[int], new_tokens: int, prompt_len: int, rounds: int) -> dict:
+    """bench_serve's rounds at real size: a ContinuousBatcher of max(clients) rows (what bin/serve runs), its
+    programs compiled first; `rounds` rounds per client count of one request per client, distinct random
+    prompts. Returns per client count the medians of tok/s, TTFT, inter-token p50/p99 and mean batch."""
+    from benchmarks.bench_serve import run_round
+    from powerinfer_jax.batching import ContinuousBatcher
+
+    rng = np.random.default_rng(7)
+    prompts = [[int(t) for t in rng.integers(3, eng.cfg.vocab_size, prompt_len)] for _ in range(max(clients))]
+    batcher = ContinuousBatcher(eng, max_batch=max(clients)).start()
+    try:
+        out = {"max_batch": max(clients), "compile_s": batcher.warmup()}
+        keys = ("tok_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms", "mean_batch", "carrying")
+        for c in clients:
+            runs = [run_round(batcher, prompts, c, 1, new_tokens) for _ in range(rounds)]
+            out[str(c)] = {k: float(np.median([r[k] for r in runs])) for k in keys}
+            out[str(c)]["tokens"] = int(sum(r["tokens"] for r in runs))
+            print(f"[realsize] {c} clients: " + ", ".join(f"{k} {v:.1f}" for k, v in out[str(c)].items()),
+                  file=sys.stderr, flush=True)
+    finally:
+        batcher.stop()
     return out
 
 
@@ -247,6 +275,9 @@ def main() -> None:
     ap.add_argument("--new_tokens", type=int, default=32)
     ap.add_argument("--prompt_len", type=int, default=16)
     ap.add_argument("--max_seq_len", type=int, default=64)
+    ap.add_argument("--serve_clients", default="", help="after the load: serve these concurrent client counts "
+                    "(e.g. 1,4) through the continuous batcher, one request each per round")
+    ap.add_argument("--rounds", type=int, default=2, help="--serve_clients rounds per client count")
     a = ap.parse_args()
     import powerinfer_jax  # noqa: F401  (thread settings before numba loads)
 
@@ -255,8 +286,9 @@ def main() -> None:
         return
     if a.run is None:
         ap.error("--run or --calibrate is required")
+    clients = [int(c) for c in a.serve_clients.split(",") if c.strip()]
     print(json.dumps(run_config(a.ckpt, a.run, a.quantize, a.budget_fraction, a.new_tokens, a.prompt_len,
-                                a.max_seq_len)), flush=True)
+                                a.max_seq_len, clients, a.rounds)), flush=True)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from powerinfer_jax import checks
+from powerinfer_jax import checks, memory
 from powerinfer_jax.engine import (FFN_COUNTERS, Engine, _ffn_totals, _finite_or_flag, _nonfinite_error, bucket,
                                    decode_span, decode_spans)
 from powerinfer_jax.errors import ArgumentError, NonFiniteError
@@ -188,6 +188,9 @@ class ContinuousBatcher:
         self._executables = self._programs.executables
         if not self._programs.rows_ahead:
             self.mixed_chunk = None
+        if jax.default_backend() == "cpu":  # the cache is host memory: refuse one that cannot fit, with the numbers
+            # (a cache that does not fit gets the process killed, or evicts the mapped weights to disk)
+            memory.check_host_kv_cache(engine.cfg, max_batch, engine.max_seq_len, engine.kv_dtype, staging_rows=1)
         self._cache = init_cache(engine.cfg, max_batch, engine.max_seq_len, engine.kv_dtype)
         # Staging caches by (rows, slots) (see _stage_key), kept and reused.
         self._stage_caches: dict[tuple[int, int], KVCache] = {}

@@ -129,3 +129,44 @@ def plan_device_memory(cfg: ModelConfig, budget_bytes: int, dtype: str, predicto
 def ffn_total_bytes(cfg: ModelConfig, dtype: str) -> int:
     """Bytes of all FFN neurons of all layers."""
     return cfg.num_layers * cfg.intermediate_size * neuron_bytes(cfg, dtype)
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch: int, max_len: int, kv_dtype: str) -> int:
+    """Bytes of a KV cache of `batch` rows x `max_len` slots in `kv_dtype` (model.init_cache's arrays)."""
+    return 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * DTYPE_BYTES[kv_dtype]
+
+
+def host_memory_free() -> int | None:
+    """Bytes this process can still allocate without evicting the pages it already uses: Linux's MemAvailable
+    less this process's resident file pages (mapped weights count as reclaimable page cache in MemAvailable,
+    but taking them back would make every decode step re-read them from disk). None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        with open("/proc/self/status") as f:
+            mapped = next((int(line.split()[1]) for line in f if line.startswith("RssFile:")), 0)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return max(available - mapped, 0) * 1024
+
+
+HOST_RESERVE_BYTES = 512 << 20  # room kept free beside a host KV cache: activations, compiles, the server
+
+
+def check_host_kv_cache(cfg: ModelConfig, rows: int, max_len: int, kv_dtype: str, staging_rows: int = 0,
+                        free: int | None = None) -> int:
+    """Raises ArgumentError when a host KV cache of `rows` (+ `staging_rows`) x `max_len` slots would not fit in
+    the memory left beside the loaded model (`free`, default `host_memory_free()`; unknown: no check); returns
+    its bytes."""
+    per_row = kv_cache_bytes(cfg, 1, max_len, kv_dtype)
+    need = (rows + staging_rows) * per_row
+    free = host_memory_free() if free is None else free
+    if free is not None and need + HOST_RESERVE_BYTES > free:
+        fit = max((free - HOST_RESERVE_BYTES) // per_row - staging_rows, 0)
+        staging = f" (and {staging_rows} staging)" if staging_rows else ""
+        half = " or kv_dtype bfloat16 (half the bytes)" if kv_dtype == "float32" else ""
+        raise ArgumentError(
+            f"the KV cache of {rows} rows{staging} x {max_len} slots ({kv_dtype}) needs {need / 2**30:.2f} GiB, but "
+            f"only {free / 2**30:.2f} GiB of memory is free beside the loaded model (less {HOST_RESERVE_BYTES >> 20} "
+            f"MiB kept for the rest): lower max_batch ({fit} rows of {max_len} slots fit) or max_seq_len{half}")
+    return need

@@ -657,3 +657,31 @@ def test_row_programs_copy_only_the_span():
         want = old.copy()
         want[0, :, :3] = old[2, :, :3]
         np.testing.assert_array_equal(np.asarray(a), want)
+
+
+def test_kv_cache_bytes_match_the_allocated_cache(engine):
+    from powerinfer_jax import memory
+    from powerinfer_jax.model import init_cache
+
+    for kv in ("float32", "bfloat16"):
+        cache = init_cache(engine.cfg, 3, 40, kv)
+        assert memory.kv_cache_bytes(engine.cfg, 3, 40, kv) == sum(a.nbytes for a in cache.k + cache.v)
+    free = memory.host_memory_free()
+    assert free is None or free > 0  # Linux: MemAvailable less this process's mapped pages
+
+
+def test_a_kv_cache_that_cannot_fit_in_host_memory_is_refused_with_the_numbers(engine, monkeypatch):
+    from powerinfer_jax import memory
+
+    row = memory.kv_cache_bytes(engine.cfg, 1, engine.max_seq_len, engine.kv_dtype)
+    roomy = memory.HOST_RESERVE_BYTES + 10 * row
+    assert memory.check_host_kv_cache(engine.cfg, 9, engine.max_seq_len, engine.kv_dtype, free=roomy) == 9 * row
+    with pytest.raises(ArgumentError, match=r"11 rows x .* lower max_batch \(10 rows of"):
+        memory.check_host_kv_cache(engine.cfg, 11, engine.max_seq_len, engine.kv_dtype, free=roomy)
+    with pytest.raises(ArgumentError, match=r"10 rows \(and 1 staging\) x .* lower max_batch \(9 rows of"):
+        memory.check_host_kv_cache(engine.cfg, 10, engine.max_seq_len, engine.kv_dtype, staging_rows=1, free=roomy)
+    # the batcher checks its batch cache (max_batch rows and a staging row) before allocating it
+    monkeypatch.setattr(memory, "host_memory_free", lambda: roomy)
+    ContinuousBatcher(engine, max_batch=8)
+    with pytest.raises(ArgumentError, match="max_batch"):
+        ContinuousBatcher(engine, max_batch=16)
