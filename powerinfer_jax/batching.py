@@ -190,7 +190,8 @@ class ContinuousBatcher:
             self.mixed_chunk = None
         if jax.default_backend() == "cpu":  # the cache is host memory: refuse one that cannot fit, with the numbers
             # (a cache that does not fit gets the process killed, or evicts the mapped weights to disk)
-            memory.check_host_kv_cache(engine.cfg, max_batch, engine.max_seq_len, engine.kv_dtype, staging_rows=1)
+            memory.check_host_kv_cache(engine.cfg, max_batch, engine.max_seq_len, engine.kv_dtype, staging_rows=1,
+                                       model_arrays=jax.tree.leaves(engine.params))
         self._cache = init_cache(engine.cfg, max_batch, engine.max_seq_len, engine.kv_dtype)
         # Staging caches by (rows, slots) (see _stage_key), kept and reused.
         self._stage_caches: dict[tuple[int, int], KVCache] = {}

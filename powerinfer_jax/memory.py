@@ -136,31 +136,67 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int, max_len: int, kv_dtype: str) ->
     return 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * DTYPE_BYTES[kv_dtype]
 
 
-def host_memory_free() -> int | None:
-    """Bytes this process can still allocate without evicting the pages it already uses: Linux's MemAvailable
-    less this process's resident file pages (mapped weights count as reclaimable page cache in MemAvailable,
-    but taking them back would make every decode step re-read them from disk). None where unknown."""
+def _mapped_safetensors() -> list[tuple[int, int]]:
+    """(start, end) addresses of this process's mappings of safetensors files (Linux /proc/self/maps)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n").endswith(".safetensors"):
+                    lo, hi = parts[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except (OSError, ValueError):
+        return []
+    return ranges
+
+
+def file_backed_bytes(arrays) -> int:
+    """Bytes of `arrays` (JAX or numpy) that lie in mapped safetensors files (the weights `pij.load` reads in
+    place), overlapping views counted once."""
+    ranges = _mapped_safetensors()
+    spans = []
+    for a in arrays:
+        try:
+            ptr = a.unsafe_buffer_pointer() if hasattr(a, "unsafe_buffer_pointer") else a.ctypes.data
+        except Exception:  # noqa: BLE001  (a sharded array has no one pointer: its shards are its own memory)
+            continue
+        for lo, hi in ranges:
+            if lo <= ptr < hi:
+                spans.append((ptr, min(ptr + a.size * a.dtype.itemsize, hi)))
+                break
+    total, end = 0, 0
+    for lo, hi in sorted(spans):
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
+
+
+def host_memory_free(model_arrays=()) -> int | None:
+    """Bytes this process can still allocate beside its model: Linux's MemAvailable less the model's arrays that
+    lie in mapped files (`file_backed_bytes`: the pages read so far count as reclaimable page cache in
+    MemAvailable and the rest are not in memory yet, but every decode step reads all of them; taking them back
+    would re-read them from disk each step). None where unknown."""
     try:
         with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-        with open("/proc/self/status") as f:
-            mapped = next((int(line.split()[1]) for line in f if line.startswith("RssFile:")), 0)
+            available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) * 1024
     except (OSError, StopIteration, ValueError, IndexError):
         return None
-    return max(available - mapped, 0) * 1024
+    return max(available - file_backed_bytes(model_arrays), 0)
 
 
 HOST_RESERVE_BYTES = 512 << 20  # room kept free beside a host KV cache: activations, compiles, the server
 
 
 def check_host_kv_cache(cfg: ModelConfig, rows: int, max_len: int, kv_dtype: str, staging_rows: int = 0,
-                        free: int | None = None) -> int:
+                        model_arrays=(), free: int | None = None) -> int:
     """Raises ArgumentError when a host KV cache of `rows` (+ `staging_rows`) x `max_len` slots would not fit in
-    the memory left beside the loaded model (`free`, default `host_memory_free()`; unknown: no check); returns
-    its bytes."""
+    the memory left beside the loaded model (`free`, default `host_memory_free(model_arrays)`; unknown: no
+    check); returns its bytes."""
     per_row = kv_cache_bytes(cfg, 1, max_len, kv_dtype)
     need = (rows + staging_rows) * per_row
-    free = host_memory_free() if free is None else free
+    free = host_memory_free(model_arrays) if free is None else free
     if free is not None and need + HOST_RESERVE_BYTES > free:
         fit = max((free - HOST_RESERVE_BYTES) // per_row - staging_rows, 0)
         staging = f" (and {staging_rows} staging)" if staging_rows else ""

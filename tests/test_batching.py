@@ -681,7 +681,24 @@ def test_a_kv_cache_that_cannot_fit_in_host_memory_is_refused_with_the_numbers(e
     with pytest.raises(ArgumentError, match=r"10 rows \(and 1 staging\) x .* lower max_batch \(9 rows of"):
         memory.check_host_kv_cache(engine.cfg, 10, engine.max_seq_len, engine.kv_dtype, staging_rows=1, free=roomy)
     # the batcher checks its batch cache (max_batch rows and a staging row) before allocating it
-    monkeypatch.setattr(memory, "host_memory_free", lambda: roomy)
+    monkeypatch.setattr(memory, "host_memory_free", lambda arrays=(): roomy)
     ContinuousBatcher(engine, max_batch=8)
     with pytest.raises(ArgumentError, match="max_batch"):
         ContinuousBatcher(engine, max_batch=16)
+
+
+def test_file_backed_bytes_count_mapped_weights_once(tmp_path):
+    """The model's arrays that lie in a mapped safetensors file are what MemAvailable over-counts; views that
+    overlap count once, and arrays in anonymous memory not at all."""
+    from powerinfer_jax import memory
+    from powerinfer_jax.tensor_file import MappedSafetensors, save_aligned
+
+    path = str(tmp_path / "w.safetensors")
+    save_aligned({"a": np.ones((256, 64), np.float32), "b": np.zeros((128, 32), np.float32)}, path)
+    z = MappedSafetensors(path)
+    a, b = z.view("a"), z.view("b")
+    assert memory.file_backed_bytes([a, b]) == a.nbytes + b.nbytes
+    assert memory.file_backed_bytes([a, a[:10], a[100:], b]) == a.nbytes + b.nbytes  # views inside a: once
+    assert memory.file_backed_bytes([np.ones(1000, np.float32), a[:10]]) == a[:10].nbytes
+    free = memory.host_memory_free([a])
+    assert free is None or free >= 0
