@@ -262,13 +262,43 @@ def _elementwise_ops(cvt):
         for k in range(out.shape[0]):
             out[k] = cvt(a[k]) * m
 
-    return dot1, dot4, dot8, axpy8, widen
+    @njit(fastmath=_FASTMATH, inline="always")
+    def dot4x4(p0, p1, p2, p3, x0, x1, x2, x3):
+        """Four rows against four token vectors: each element widened once for all four tokens (a per-token
+        pass widened it once per token, and from two tokens on the widening, not the bytes, set the pace).
+        Returns the 16 sums row-major (row i, token j at 4i + j)."""
+        s00 = s01 = s02 = s03 = np.float32(0.0)
+        s10 = s11 = s12 = s13 = np.float32(0.0)
+        s20 = s21 = s22 = s23 = np.float32(0.0)
+        s30 = s31 = s32 = s33 = np.float32(0.0)
+        for k in range(x0.shape[0]):
+            a, b, c, d = cvt(p0[k]), cvt(p1[k]), cvt(p2[k]), cvt(p3[k])
+            u0, u1, u2, u3 = x0[k], x1[k], x2[k], x3[k]
+            s00 += a * u0
+            s01 += a * u1
+            s02 += a * u2
+            s03 += a * u3
+            s10 += b * u0
+            s11 += b * u1
+            s12 += b * u2
+            s13 += b * u3
+            s20 += c * u0
+            s21 += c * u1
+            s22 += c * u2
+            s23 += c * u3
+            s30 += d * u0
+            s31 += d * u1
+            s32 += d * u2
+            s33 += d * u3
+        return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+
+    return dot1, dot4, dot8, axpy8, widen, dot4x4
 
 
-_, _f32_dot4, _f32_dot8, _f32_axpy8, _f32_widen = _elementwise_ops(_f32)
-_bf16_dot1, _bf16_dot4, _bf16_dot8, _bf16_axpy8, _bf16_widen = _elementwise_ops(_bf16)
-_f16_dot1, _f16_dot4, _f16_dot8, _f16_axpy8, _f16_widen = _elementwise_ops(_f16)
-_i8_dot1, _i8_dot4, _i8_dot8, _i8_axpy8, _i8_widen = _elementwise_ops(_i8)
+_, _f32_dot4, _f32_dot8, _f32_axpy8, _f32_widen, _f32_dot4x4 = _elementwise_ops(_f32)
+_bf16_dot1, _bf16_dot4, _bf16_dot8, _bf16_axpy8, _bf16_widen, _bf16_dot4x4 = _elementwise_ops(_bf16)
+_f16_dot1, _f16_dot4, _f16_dot8, _f16_axpy8, _f16_widen, _f16_dot4x4 = _elementwise_ops(_f16)
+_i8_dot1, _i8_dot4, _i8_dot8, _i8_axpy8, _i8_widen, _i8_dot4x4 = _elementwise_ops(_i8)
 
 
 @njit(fastmath=_FASTMATH, inline="always")
@@ -413,6 +443,28 @@ def _dot8_impl(code, p0, p1, p2, p3, p4, p5, p6, p7, xa, xb):
         def impl(code, p0, p1, p2, p3, p4, p5, p6, p7, xa, xb):
             return _i8_dot8(p0, p1, p2, p3, p4, p5, p6, p7, xa, xb)
         return impl
+    return None
+
+
+def _dot4x4(code, p0, p1, p2, p3, x0, x1, x2, x3):
+    """Stub: four stored rows against four token vectors, 16 sums row-major, without row scales
+    (elementwise formats only)."""
+    raise NotImplementedError
+
+
+@overload(_dot4x4)
+def _dot4x4_impl(code, p0, p1, p2, p3, x0, x1, x2, x3):
+    dt = p0.dtype
+    if dt == types.float32:
+        return lambda code, p0, p1, p2, p3, x0, x1, x2, x3: _f32_dot4x4(p0, p1, p2, p3, x0, x1, x2, x3)
+    if dt == types.uint16:
+        def impl(code, p0, p1, p2, p3, x0, x1, x2, x3):
+            if code == _BF16:
+                return _bf16_dot4x4(p0, p1, p2, p3, x0, x1, x2, x3)
+            return _f16_dot4x4(p0, p1, p2, p3, x0, x1, x2, x3)
+        return impl
+    if dt == types.int8:
+        return lambda code, p0, p1, p2, p3, x0, x1, x2, x3: _i8_dot4x4(p0, p1, p2, p3, x0, x1, x2, x3)
     return None
 
 
@@ -675,8 +727,30 @@ def _matvec_kernel(code, w, s, x, out):
     within its 4 KiB page: int8's 4 KiB rows read at 25-28 GB/s eight at a time, 23-24 four at a
     time; bf16's halves measured 24-30 vs 24-26 GB/s, within this VM's noise). Chunks hold whole
     passes, from the shapes only, so the split never depends on the thread count; a short last
-    pass repeats its last row."""
+    pass repeats its last row. Two tokens or more: four rows a pass against the tokens four at a
+    time (`_dot4x4`: each element widened once for four tokens; a short last group repeats its
+    last token), 1.2x at two tokens, 1.7x at four and 1.8x at eight on a 7B bf16 up-projection
+    against a pass per token."""
     rows, k = w.shape
+    n_tok = x.shape[0]
+    if n_tok >= 2:
+        passes = (rows + 3) // 4
+        step = 4 * ((passes + _MV_CHUNKS - 1) // _MV_CHUNKS)
+        for c in prange(_MV_CHUNKS):
+            for r in range(c * step, min(rows, (c + 1) * step), 4):
+                last = rows - 1
+                r0, r1, r2, r3 = r, min(r + 1, last), min(r + 2, last), min(r + 3, last)
+                d0, d1, d2, d3 = _row_scale(s, r0), _row_scale(s, r1), _row_scale(s, r2), _row_scale(s, r3)
+                for b in range(0, n_tok, 4):
+                    b0, b1, b2, b3 = b, min(b + 1, n_tok - 1), min(b + 2, n_tok - 1), min(b + 3, n_tok - 1)
+                    t = _dot4x4(code, w[r0], w[r1], w[r2], w[r3], x[b0], x[b1], x[b2], x[b3])
+                    out[b0, r0], out[b1, r0], out[b2, r0], out[b3, r0] = t[0] * d0, t[1] * d0, t[2] * d0, t[3] * d0
+                    out[b0, r1], out[b1, r1], out[b2, r1], out[b3, r1] = t[4] * d1, t[5] * d1, t[6] * d1, t[7] * d1
+                    out[b0, r2], out[b1, r2], out[b2, r2], out[b3, r2] = (t[8] * d2, t[9] * d2, t[10] * d2,
+                                                                          t[11] * d2)
+                    out[b0, r3], out[b1, r3], out[b2, r3], out[b3, r3] = (t[12] * d3, t[13] * d3, t[14] * d3,
+                                                                          t[15] * d3)
+        return
     halves = k % 2 == 0 and k * w.itemsize >= 8192
     per = 4 if halves else 8
     passes = (rows + per - 1) // per

@@ -103,7 +103,7 @@ def test_bf16_split_parts_trade_exactness_for_arithmetic(monkeypatch):
 
 
 @pytest.mark.parametrize("amx", [True, False])
-@pytest.mark.parametrize("tokens", [4, 16])
+@pytest.mark.parametrize("tokens", [4, 16, 64])
 def test_large_bf16_weight_at_few_rows_stays_on_the_host_without_amx(amx, tokens, monkeypatch):
     """A bf16 CPU without AMX: a weight of NO_AMX_HOST_MIN_BYTES or more at up to NO_AMX_HOST_MAX_ROWS rows
     goes through the host kernel (XLA's split bf16 dot is compute-bound there); with AMX, or at more
