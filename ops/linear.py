@@ -62,9 +62,8 @@ NATIVE_BF16_T_MIN_ROWS = 8
 # each element once for four tokens (ops.host_kernels._dot4x4), the kernel alone beats the split dot up to 48 rows
 # (9 alternating calls: [11008, 4096] 2.45x at 4 rows, 2.10x at 8, 1.53x at 16, 1.25x at 48), but moving `linear`'s
 # limit to 48 made the 7B-shaped engine's decode steps that carry a prompt chunk (20-36 rows) slower (4 clients:
-# inter-token p99 574 / 696 ms against 486 / 452, two alternating process pairs), so both limits stay at 8.
+# inter-token p99 574 / 696 ms against 486 / 452, two alternating process pairs), so the limit stays at 8.
 NO_AMX_HOST_MAX_ROWS = 8
-NO_AMX_HOST_MAX_ROWS_T = 8
 NO_AMX_HOST_MIN_BYTES = 8 << 20
 
 
@@ -119,7 +118,7 @@ def native_bf16_dot(w, n_rows: int, transposed: bool = False) -> bool:
     least = NATIVE_BF16_T_MIN_ROWS if transposed else NATIVE_BF16_MIN_ROWS
     native = (USE_HOST_KERNELS and isinstance(w, Weight) and w.fmt == "bfloat16" and n_rows >= least
               and jax.default_backend() == "cpu" and cpu_has_bf16_dot())
-    if native and n_rows <= (NO_AMX_HOST_MAX_ROWS_T if transposed else NO_AMX_HOST_MAX_ROWS) and not cpu_has_amx():
+    if native and n_rows <= NO_AMX_HOST_MAX_ROWS and not cpu_has_amx():
         return w.data.nbytes < NO_AMX_HOST_MIN_BYTES  # a large weight at a few rows: the host kernel
     return native
 

@@ -13,6 +13,7 @@ from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.engine import Engine
 from ops.quant import Weight
 from powerinfer_jax.loading import to_device
+from powerinfer_jax.memory import buffer_address, kv_cache_bytes
 from powerinfer_jax.tensor_file import to_global
 from powerinfer_jax.params import LayerParams, ModelParams, param_bytes
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -51,8 +52,7 @@ class HybridEngine(Engine):
         memory, what a device would hold: the hot rows), what the host holds, and what is resident."""
         p = self.params
         layers = p.layers
-        kv = 2 * self.cfg.num_layers * self.max_seq_len * self.cfg.num_kv_heads * self.cfg.head_dim * \
-            np.dtype(self.kv_dtype).itemsize
+        kv = kv_cache_bytes(self.cfg, 1, self.max_seq_len, self.kv_dtype)
         hot_bytes, cold_bytes = 0, 0
         for lp in layers:
             pl = lp.ffn.plan
@@ -130,11 +130,8 @@ def resident_bytes(params, host_ffn=()) -> dict:
 
 def _buffer_key(a):
     """(address, bytes): a JAX array and a numpy view of the same memory count once."""
-    try:
-        ptr = a.unsafe_buffer_pointer() if isinstance(a, jax.Array) else np.asarray(a).ctypes.data
-        return (ptr, a.size * a.dtype.itemsize)
-    except Exception:  # a pointer-less array (e.g. sharded): count it by identity
-        return ("id", id(a))
+    ptr = buffer_address(a)
+    return ("id", id(a)) if ptr is None else (ptr, a.size * a.dtype.itemsize)  # pointer-less (sharded): by identity
 
 
 def build_hybrid_engine(

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import numpy as np
+
 from ops.quant import FORMATS, format_bytes_per_row
 from powerinfer_jax.config import ModelConfig
 from powerinfer_jax.errors import ArgumentError, PowerInferError
@@ -105,7 +108,7 @@ def fixed_groups(cfg: ModelConfig, dtype: str, predictor_bytes: int, max_context
     if cfg.family == "opt":
         norms += L * d  # fc2 bias: added once per layer, kept with the always-on vectors
     head = 0 if cfg.tie_word_embeddings else matrix_bytes(dtype, V, e)
-    kv = 2 * L * batch * max_context * cfg.num_kv_heads * cfg.head_dim * DTYPE_BYTES[kv_dtype]
+    kv = kv_cache_bytes(cfg, batch, max_context, kv_dtype)
     index = L * cfg.intermediate_size * 4  # int32 hot/cold neuron-id maps, one entry per neuron
     return (("embeddings", embed), ("attention", L * attn), ("norms", norms * 4),
             ("output_head", head), ("predictors", int(predictor_bytes)), ("kv_cache", kv),
@@ -136,6 +139,14 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int, max_len: int, kv_dtype: str) ->
     return 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * DTYPE_BYTES[kv_dtype]
 
 
+def buffer_address(a) -> int | None:
+    """The address of a JAX or numpy array's first byte (None for an array without one, e.g. sharded)."""
+    try:
+        return a.unsafe_buffer_pointer() if isinstance(a, jax.Array) else np.asarray(a).ctypes.data
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def _mapped_safetensors() -> list[tuple[int, int]]:
     """(start, end) addresses of this process's mappings of safetensors files (Linux /proc/self/maps)."""
     ranges = []
@@ -157,9 +168,8 @@ def file_backed_bytes(arrays) -> int:
     ranges = _mapped_safetensors()
     spans = []
     for a in arrays:
-        try:
-            ptr = a.unsafe_buffer_pointer() if hasattr(a, "unsafe_buffer_pointer") else a.ctypes.data
-        except Exception:  # noqa: BLE001  (a sharded array has no one pointer: its shards are its own memory)
+        ptr = buffer_address(a)
+        if ptr is None:  # a sharded array: its shards are their own memory
             continue
         for lo, hi in ranges:
             if lo <= ptr < hi:
