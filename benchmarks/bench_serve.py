@@ -246,7 +246,9 @@ def _goals(rows) -> dict:
 
 def to_markdown(res: dict) -> str:
     lines = [f"Serving benchmark ({res['machine']}, jax {res['jax']}, {res['date']}); `{res['command']}`; "
-             f"bf16 split dot in {res.get('bf16_split_parts', 3)} parts; KV cache {res.get('kv_dtype', 'float32')}",
+             f"bf16 split dot in {res.get('bf16_split_parts', 3)} parts (prompt rows: "
+             f"{res.get('prompt_bf16_parts', res.get('bf16_split_parts', 3))}); "
+             f"KV cache {res.get('kv_dtype', 'float32')}",
              ""]
     for m in res["models"]:
         lines += [f"### {m['model']}: {m['description']}; {m['tokens_per_request']} tokens per request", "",
@@ -275,7 +277,7 @@ def main(argv):
         raise ArgumentError("--clients must list positive integers")
     import jax
 
-    from ops.linear import bf16_split_parts
+    from ops.linear import bf16_split_parts, prompt_bf16_parts
 
     t0 = time.time()
     models = [bench_model(m, clients) for m in FLAGS.models]
@@ -286,7 +288,7 @@ def main(argv):
            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(["python benchmarks/bench_serve.py", *sys.argv[1:]]), "wall_s": time.time() - t0,
            "mixed_chunk": FLAGS.mixed_chunk, "stage_rows": FLAGS.stage_rows, "bf16_split_parts": bf16_split_parts(),
-           "kv_dtype": FLAGS.kv_dtype, "models": models}
+           "prompt_bf16_parts": prompt_bf16_parts(), "kv_dtype": FLAGS.kv_dtype, "models": models}
     md = to_markdown(res)
     print("\n" + md)
     stem = FLAGS.out or os.path.join(REPO, "benchmarks", "results", f"serve_{jax.default_backend()}")

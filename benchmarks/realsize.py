@@ -140,6 +140,7 @@ def run_config(ckpt_dir: str, kind: str, quantize: str | None, budget_fraction: 
     import jax
 
     import powerinfer_jax as pij
+    from ops.linear import prompt_bf16_parts
     from powerinfer_jax import memory
     from offline.bundle import PlacementSettings, solve_placement
     from powerinfer_jax.config import load_config
@@ -192,7 +193,7 @@ def run_config(ckpt_dir: str, kind: str, quantize: str | None, budget_fraction: 
            "decode_tok_s": st["decode_tokens_per_s"], "ms_per_token": 1000 / st["decode_tokens_per_s"],
            "prefill_tok_s": st["prefill_tokens_per_s"], "decode_steps": st["decode_steps"],
            "rss_after_load_bytes": rss_after_load, "baseline_rss_bytes": baseline, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "weights_bytes": _weights_bytes(eng), **info}
+           "weights_bytes": _weights_bytes(eng), "prompt_bf16_parts": prompt_bf16_parts(), **info}
     if "ffn_computed" in st:
         out["ffn_computed_per_token"] = st["ffn_computed"] / max(st["decode_steps"], 1)
     rep = eng.memory_report() if hasattr(eng, "memory_report") else None

@@ -75,7 +75,8 @@ def load(
     """Loads an HF model folder or a prepared bundle (from bin/prepare) into an Engine.
 
     dtype: weight storage; "auto" keeps the checkpoint's precision (bf16/f16/f32), or
-      "float32"/"bfloat16"/"float16" converts. Compute is float32 whatever the storage.
+      "float32"/"bfloat16"/"float16" converts. Compute is float32 whatever the storage
+      (opt-in exception: `ops.linear.PROMPT_BF16_PARTS`, prompts against bf16 weights on a bf16-dot CPU).
     quantize: None, "int8" (one scale per row) or "int4" (groups of 32, f16 scales) for every
       matrix but the embedding table; FFN matrices are quantized per neuron row.
     kv_dtype: KV-cache precision: "auto" (the weights' half precision for bf16/f16 checkpoints, float32 for

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 from powerinfer_jax.loading import DTYPES
 from powerinfer_jax.model import KV_DTYPES
 
 
 def define_precision_flags(flags) -> None:
-    """Defines --dtype, --quantize and --kv_dtype on an absl `flags` module."""
+    """Defines --dtype, --quantize, --kv_dtype and --prompt_activations on an absl `flags` module."""
     flags.DEFINE_enum("dtype", "auto", list(DTYPES),
                       "Weight storage: auto keeps the checkpoint's precision (bf16/f16/f32); the others convert. "
-                      "Activations, accumulation, norms and softmax are float32 whatever the storage.")
+                      "Activations, accumulation, norms and softmax are float32 whatever the storage (but see "
+                      "--prompt_activations).")
     flags.DEFINE_enum("quantize", None, ["int8", "int4"],
                       "Weight-only quantization of every matrix but the embedding table: int8 (symmetric, one "
                       "scale per row) or int4 (groups of 32 with an f16 scale, the layout of Q4_0). Default: none.")
@@ -18,8 +21,17 @@ def define_precision_flags(flags) -> None:
                       "KV-cache precision. auto: the weights' half precision for a bf16/f16 checkpoint (quantized "
                       "too), float32 for a float32 one. float32 is exact; bfloat16/float16 halve the cache's memory "
                       "(a 7B model: 1 MB a token in float32) at float32's speed or better (BENCHMARKS.md).")
+    flags.DEFINE_enum("prompt_activations", "float32", ["float32", "bfloat16"],
+                      "How a prompt's activations meet bf16 weights on a CPU with bf16 dot instructions (XLA's bf16 "
+                      "dot, from 2 rows): float32 (split in two bf16 parts, ~2e-6 of f32, like decode rows) or "
+                      "bfloat16 (rounded to bf16, as GPU engines compute bf16 checkpoints: prompt chunks and the "
+                      "decode steps that carry them ~1.4x faster on a 7B shape, prompt logits within ~1e-3 of "
+                      "f32). Decode rows, other formats and GPUs are unaffected. Env: POWERINFER_PROMPT_BF16_PARTS.")
 
 
 def precision_kwargs(FLAGS) -> dict:
-    """The `pij.load` keyword arguments the precision flags ask for."""
+    """The `pij.load` keyword arguments the precision flags ask for; also applies --prompt_activations (a
+    process-wide setting, read when the engine's programs are traced: call this before loading)."""
+    if FLAGS.prompt_activations == "bfloat16":
+        os.environ["POWERINFER_PROMPT_BF16_PARTS"] = "1"
     return {"dtype": FLAGS.dtype, "quantize": FLAGS.quantize, "kv_dtype": FLAGS.kv_dtype}

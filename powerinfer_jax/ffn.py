@@ -17,24 +17,27 @@ from powerinfer_jax.params import FFNParams
 f32 = jnp.float32
 
 
-def _rows_dot(x: jax.Array, w, exact: bool = False) -> jax.Array:
-    """x [..., d] against neuron rows w [n, d] -> [..., n] (any storage format; `exact`: see `linear`)."""
-    return linear(x, w, exact=exact)
+def _rows_dot(x: jax.Array, w, exact: bool = False, prompt_from: int | None = None) -> jax.Array:
+    """x [..., d] against neuron rows w [n, d] -> [..., n] (any storage format; `exact`, `prompt_from`: see
+    `linear`)."""
+    return linear(x, w, exact=exact, prompt_from=prompt_from)
 
 
-def ffn_activation(p: FFNParams, kind: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def ffn_activation(p: FFNParams, kind: str, x: jax.Array,
+                   prompt_from: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Returns (h, a): the down projection's input h [..., n_ff] and the ReLU output a whose
     zeros define sparsity (relu(gate x) for ReGLU/dReLU, relu(fc1 x + b) for OPT).
 
     For SwiGLU/GeGLU `a` is silu/gelu(gate x), never exactly zero: their sparsity is
-    |a| above a per-layer threshold.
+    |a| above a per-layer threshold. `prompt_from`: the rows of x (flattened) from there on are prompt
+    tokens (`ops.linear.linear`).
     """
     if kind == "relu":
-        a = jax.nn.relu(_rows_dot(x, p.w_up) + p.b_up.astype(f32))
+        a = jax.nn.relu(_rows_dot(x, p.w_up, prompt_from=prompt_from) + p.b_up.astype(f32))
         return a, a
     exact = kind in THRESHOLD_FFN_KINDS  # see `ffn_output`
-    gate = _rows_dot(x, p.w_gate, exact)
-    up = _rows_dot(x, p.w_up, exact)
+    gate = _rows_dot(x, p.w_gate, exact, prompt_from)
+    up = _rows_dot(x, p.w_up, exact, prompt_from)
     if kind == "reglu":
         a = jax.nn.relu(gate)
         return a * up, a
@@ -50,16 +53,17 @@ def ffn_activation(p: FFNParams, kind: str, x: jax.Array) -> tuple[jax.Array, ja
     raise ValueError(f"unknown FFN kind {kind!r}")
 
 
-def ffn_output(p: FFNParams, h: jax.Array, exact: bool = False) -> jax.Array:
+def ffn_output(p: FFNParams, h: jax.Array, exact: bool = False, prompt_from: int | None = None) -> jax.Array:
     """Down projection: sum_i h_i * w_down_t[i] (+ bias). `exact` (`ops.linear.linear`): for activation-
     threshold models (SwiGLU/GeGLU), whose later layers decide |a| > threshold, a discontinuous test that
-    batched and alone runs must decide alike, so every projection feeding it is exact."""
-    y = linear_t(h, p.w_down_t, exact=exact)
+    batched and alone runs must decide alike, so every projection feeding it is exact. `prompt_from`: see
+    `ffn_activation`."""
+    y = linear_t(h, p.w_down_t, exact=exact, prompt_from=prompt_from)
     return y if p.b_down is None else y + p.b_down.astype(f32)
 
 
-def dense_ffn(p: FFNParams, kind: str, x: jax.Array) -> jax.Array:
-    """Dense FFN: every neuron computed."""
+def dense_ffn(p: FFNParams, kind: str, x: jax.Array, prompt_from: int | None = None) -> jax.Array:
+    """Dense FFN: every neuron computed (`prompt_from`: see `ffn_activation`)."""
     n_rows = x.size // x.shape[-1]
     if kind in SPARSE_FFN_KINDS and uses_host_kernel(p.w_up, n_rows) and n_rows < blas_min_tokens(p.w_up.fmt):
         # Decode on the CPU backend: gate and up rows read in one pass by the host kernel.
@@ -68,8 +72,8 @@ def dense_ffn(p: FFNParams, kind: str, x: jax.Array) -> jax.Array:
         lead = x.shape[:-1]
         h = dense_h_rows(kind, p.w_gate, p.w_up, p.b_up, x.reshape(-1, x.shape[-1]))
         return ffn_output(p, h.reshape(lead + (h.shape[-1],)))
-    h, _ = ffn_activation(p, kind, x)
-    return ffn_output(p, h, kind in THRESHOLD_FFN_KINDS)
+    h, _ = ffn_activation(p, kind, x, prompt_from)
+    return ffn_output(p, h, kind in THRESHOLD_FFN_KINDS, prompt_from)
 
 
 def thresholded_dense_ffn(p: FFNParams, kind: str, x: jax.Array, act_threshold: float) -> jax.Array:

@@ -128,7 +128,8 @@ def attention_groups(xs: list[jax.Array], p: AttentionParams, cfg: ModelConfig, 
     order, each after the one before). Returns each group's output and (k, v) caches (a shared cache's final
     state for each group sharing it). Input sparsity (TEAL) applies only when every group is one token a row."""
     sparse = all(x.shape[1] == 1 for x in xs)
-    q, k, v = _project_qkv(concat_rows(xs)[None], p, cfg, sparse)  # over [1, N, d]
+    prompt_from = prompt_rows_from(xs)
+    q, k, v = _project_qkv(concat_rows(xs)[None], p, cfg, sparse, prompt_from)  # over [1, N, d]
     n = len(xs)
     cache_rows, row_sets = cache_rows or [None] * n, row_sets or [None] * n
     owners = owners or list(range(n))
@@ -148,8 +149,22 @@ def attention_groups(xs: list[jax.Array], p: AttentionParams, cfg: ModelConfig, 
             _read_kv(qr, pos, *latest[owner], attend_len, cfg, rows, row_set)
             for qg, kg, vg, qr, pos, rows, row_set, owner in zip(qs, ks, vs, rotated, positions, cache_rows,
                                                                   row_sets, owners)]
-    out = _project_out(concat_rows(outs)[None], p, None, sparse, cfg.needs_act_threshold)
+    out = _project_out(concat_rows(outs)[None], p, None, sparse, cfg.needs_act_threshold, prompt_from)
     return split_rows(out[0], xs), [latest.get(o, (None, None)) for o in owners]
+
+
+def prompt_rows_from(xs: list[jax.Array]) -> int | None:
+    """Where the prompt rows start in `concat_rows(xs)`: the first row of the trailing groups of several tokens
+    a row (prompt chunks, after the decode groups of one token a row), or None (no prompt rows, or a layout
+    that is not decode-then-prompt). `ops.linear.linear`'s `prompt_from`."""
+    start, n = None, 0
+    for x in xs:
+        if x.shape[1] > 1:
+            start = n if start is None else start
+        elif start is not None:
+            return None
+        n += x.shape[0] * x.shape[1]
+    return start
 
 
 def concat_rows(xs: list[jax.Array]) -> jax.Array:
@@ -163,23 +178,24 @@ def split_rows(y: jax.Array, like: list[jax.Array]) -> list[jax.Array]:
     return [part.reshape(x.shape[:2] + part.shape[1:]) for part, x in zip(jnp.split(y, bounds), like)]
 
 
-def _project_qkv(x: jax.Array, p: AttentionParams, cfg: ModelConfig, sparse: bool):
-    """q [B, T, hq, hd], k and v [B, T, hkv, hd] of x [B, T, d] (`sparse`: TEAL's input sparsity applies)."""
+def _project_qkv(x: jax.Array, p: AttentionParams, cfg: ModelConfig, sparse: bool, prompt_from: int | None = None):
+    """q [B, T, hq, hd], k and v [B, T, hkv, hd] of x [B, T, d] (`sparse`: TEAL's input sparsity applies;
+    `prompt_from`: see `ops.linear.linear`)."""
     B, T, _ = x.shape
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     exact = cfg.needs_act_threshold  # activation-threshold models decide on values downstream: exact dots
     if p.wqkv_t is not None or p.wqkv is not None:  # the engine's fused layout (params.fuse_qkv)
         if p.wqkv_t is not None:
-            qkv = _input_sparse(x, p.wqkv_t, p.in_threshold[0], sparse, p.bqkv)
+            qkv = _input_sparse(x, p.wqkv_t, p.in_threshold[0], sparse, p.bqkv, prompt_from)
         else:
-            qkv = linear(x, p.wqkv, p.bqkv, exact=exact)
+            qkv = linear(x, p.wqkv, p.bqkv, exact=exact, prompt_from=prompt_from)
         q = qkv[..., : hq * hd].reshape(B, T, hq, hd)
         k = qkv[..., hq * hd : (hq + hkv) * hd].reshape(B, T, hkv, hd)
         v = qkv[..., (hq + hkv) * hd :].reshape(B, T, hkv, hd)
     else:
-        q = linear(x, p.wq, p.bq, exact=exact).reshape(B, T, hq, hd)
-        k = linear(x, p.wk, p.bk, exact=exact).reshape(B, T, hkv, hd)
-        v = linear(x, p.wv, p.bv, exact=exact).reshape(B, T, hkv, hd)
+        q = linear(x, p.wq, p.bq, exact=exact, prompt_from=prompt_from).reshape(B, T, hq, hd)
+        k = linear(x, p.wk, p.bk, exact=exact, prompt_from=prompt_from).reshape(B, T, hkv, hd)
+        v = linear(x, p.wv, p.bv, exact=exact, prompt_from=prompt_from).reshape(B, T, hkv, hd)
     return q, k, v
 
 
@@ -261,22 +277,23 @@ def _cache_write(cache: jax.Array, at: tuple, values: jax.Array) -> jax.Array:
 
 
 def _project_out(out: jax.Array, p: AttentionParams, sink: list | None, sparse: bool,
-                 exact: bool = False) -> jax.Array:
+                 exact: bool = False, prompt_from: int | None = None) -> jax.Array:
     """The o projection of the heads' output [B, T, hq * hd] (`sink` gets its input when profiling;
-    `sparse`: TEAL's input sparsity applies; `exact`: see `ops.linear.linear`)."""
+    `sparse`: TEAL's input sparsity applies; `exact`, `prompt_from`: see `ops.linear.linear`)."""
     if sink is not None:
         sink.append(out)
     if p.wo_t is not None:
-        return _input_sparse(out, p.wo_t, p.in_threshold[1], sparse, p.bo)
-    return linear(out, p.wo, p.bo, exact=exact)
+        return _input_sparse(out, p.wo_t, p.in_threshold[1], sparse, p.bo, prompt_from)
+    return linear(out, p.wo, p.bo, exact=exact, prompt_from=prompt_from)
 
 
-def _input_sparse(x: jax.Array, w_t, threshold: jax.Array, sparse: bool, b=None) -> jax.Array:
+def _input_sparse(x: jax.Array, w_t, threshold: jax.Array, sparse: bool, b=None,
+                  prompt_from: int | None = None) -> jax.Array:
     """x @ w_t (+ b) for a transposed weight; when `sparse`, the entries of x with |x| <= threshold are
-    zeroed first and their rows of w_t are never read (TEAL). Prompts (sparse=False) stay exact."""
+    zeroed first and their rows of w_t are never read (TEAL). Prompts (sparse=False) keep every entry."""
     if sparse:
         x = jnp.where(jnp.abs(x) > threshold, x, 0.0)
-    y = linear_t(x, w_t, skip_zero=sparse)
+    y = linear_t(x, w_t, skip_zero=sparse, prompt_from=prompt_from)
     return y if b is None else y + b.astype(f32)
 
 

@@ -196,7 +196,8 @@ def forward_groups(params: ModelParams, cfg: ModelConfig, groups: list[RowGroup]
         xs = [x + a if pre else layers.norm(x + a, lp.attn_norm, cfg) for x, a in zip(xs, outs)]
         f_in = [layers.norm(x, lp.ffn_norm, cfg) if pre else x for x in xs]
         if ffn_fn is None:
-            ys = layers.split_rows(dense_ffn(lp.ffn, cfg.ffn_kind, layers.concat_rows(f_in)), f_in)
+            ys = layers.split_rows(dense_ffn(lp.ffn, cfg.ffn_kind, layers.concat_rows(f_in),
+                                             layers.prompt_rows_from(f_in)), f_in)
         elif groups_fn is not None and len(groups) > 1:
             ys, layer_auxes = groups_fn(i, lp.ffn, f_in, xs, [g.rows for g in groups])
             for a, layer_aux in zip(aux, layer_auxes):

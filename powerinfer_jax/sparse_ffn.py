@@ -52,7 +52,7 @@ from ops.xla_sparse import sparse_ffn_xla
 from powerinfer_jax.config import THRESHOLD_FFN_KINDS, ModelConfig
 from powerinfer_jax.errors import ArgumentError, UnsupportedModelError
 from powerinfer_jax.ffn import dense_ffn
-from powerinfer_jax.layers import concat_rows, split_rows
+from powerinfer_jax.layers import concat_rows, prompt_rows_from, split_rows
 from powerinfer_jax.params import FFNParams
 from powerinfer_jax.tensor_file import to_global, to_jax
 
@@ -326,7 +326,7 @@ class HybridRuntime:
         if self._computes_all(p, B, T):
             # Dense split: every hot row on the device, every cold row on the host.
             if p.shared is not None:
-                y = dense_ffn(p.shared, family, x)  # one memory: the whole FFN at once
+                y = dense_ffn(p.shared, family, x, 0 if T > 1 else None)  # one memory: the whole FFN at once
             elif self.mesh is not None:  # p.hot carries no down bias: added once below
                 y = self._mesh_ffn(p, x)[0]
             else:
@@ -362,7 +362,7 @@ class HybridRuntime:
         if p.shared is None or not all(self._computes_all(p, B, T) for B, T, _ in shapes):
             outs = [self.ffn_fn(i, p, x, r, g) for x, r, g in zip(xs_norm, xs_resid, rows)]
             return [y for y, _ in outs], [a for _, a in outs]
-        y = dense_ffn(p.shared, self.cfg.ffn_kind, concat_rows(xs_norm))
+        y = dense_ffn(p.shared, self.cfg.ffn_kind, concat_rows(xs_norm), prompt_rows_from(xs_norm))
         if p.b_down is not None:
             y = y + p.b_down.astype(f32)
         return split_rows(y, xs_norm), [self._all_computed(p.plan) if T == 1 else {} for _, T, _ in shapes]

@@ -72,6 +72,38 @@ def test_prompts_carried_in_decode_steps_equal_separate_chunks(engine):
     assert mixed[None] == 0 and mixed[4] > 0
 
 
+def test_bf16_prompt_activations_stay_close_and_batch_independent(monkeypatch):
+    """--prompt_activations=bfloat16 (POWERINFER_PROMPT_BF16_PARTS=1; XLA's bf16 dot forced, as on a CPU with
+    bf16 dot instructions): a prompt's logits stay within 5e-3 of the logits' scale of the default two parts
+    (and differ from them: the setting is applied), and the batcher's greedy texts, prompts carried in decode
+    steps, equal each request alone and `generate`'s."""
+    import jax.numpy as jnp
+
+    from powerinfer_jax.model import forward, init_cache
+
+    monkeypatch.setenv("POWERINFER_BF16_DOT", "xla")
+    monkeypatch.delenv("POWERINFER_PROMPT_BF16_PARTS", raising=False)
+    eng = pij.load(max_seq_len=128)
+    cfg = eng.cfg
+    ids = jnp.asarray(np.random.default_rng(3).integers(3, cfg.vocab_size, (1, 24)), jnp.int32)
+
+    def prompt_logits():  # eager: the setting is read as each projection runs
+        return np.asarray(forward(eng.params, cfg, ids, jnp.arange(24)[None], init_cache(cfg, 1, 128), 128)[0])
+
+    two = prompt_logits()
+    monkeypatch.setenv("POWERINFER_PROMPT_BF16_PARTS", "1")
+    one = prompt_logits()
+    err = np.abs(one - two).max() / np.abs(two).max()
+    assert 1e-6 < err < 5e-3, err
+    prompts = [eng.encode(p) for p in PROMPTS[:4]]
+    params = [RequestParams(max_tokens=8) for _ in prompts]
+    with ContinuousBatcher(eng, max_batch=4, prefill_chunk=16, mixed_chunk=16) as b:
+        alone = [b.generate(i, p, timeout=120).text for i, p in zip(prompts, params)]
+        together = [ev.text for ev in _together(b, prompts, params)]
+        assert b.stats()["mixed_steps"] > 0
+    assert together == alone == [eng.generate(i, max_new_tokens=8).text for i in prompts]
+
+
 @pytest.mark.parametrize("sparsity", [None, "oracle"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_forward_groups_equals_forward_per_group(sparsity, dtype):
@@ -102,6 +134,17 @@ def test_forward_groups_equals_forward_per_group(sparsity, dtype):
         np.testing.assert_allclose(np.asarray(logits)[:3], np.asarray(want)[:3], rtol=0, atol=1e-5 * scale)
         for a, b in zip(new_cache.k + new_cache.v, want_cache.k + want_cache.v):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale)
+
+
+def test_prompt_rows_start_after_the_decode_groups():
+    """`layers.prompt_rows_from`: the first row of the trailing groups of several tokens a row (what
+    `ops.linear` takes in fewer bf16 parts), None without prompt rows or when a decode group follows one."""
+    from powerinfer_jax.layers import prompt_rows_from
+
+    decode, chunk = np.zeros((16, 1, 4)), np.zeros((1, 32, 4))
+    assert prompt_rows_from([decode, chunk]) == 16 and prompt_rows_from([chunk]) == 0
+    assert prompt_rows_from([decode, decode, chunk, chunk]) == 32
+    assert prompt_rows_from([decode]) is None and prompt_rows_from([chunk, decode]) is None
 
 
 @pytest.mark.parametrize("host_attention", [True, False])

@@ -3,6 +3,9 @@
 Tolerance: the host kernels and the XLA path both compute in float32 from the same stored values,
 so they match dequantize-then-float32 numpy within f32 rounding (rtol 1e-5, atol 1e-5 * max|y|).
 """
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,6 +105,52 @@ def test_bf16_split_parts_trade_exactness_for_arithmetic(monkeypatch):
         L.bf16_split_parts()
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("prompt_from", [0, 5, 16])
+def test_prompt_rows_take_fewer_bf16_parts_when_asked(prompt_from, transposed, monkeypatch):
+    """Rows from `prompt_from` on (prompt tokens) take `prompt_bf16_parts()` parts: by default the decode rows'
+    two; with POWERINFER_PROMPT_BF16_PARTS=1 (`--prompt_activations=bfloat16`) one, the product of their
+    bf16-rounded activations (as a GPU engine computes a bf16 checkpoint), while the rows before it keep two,
+    each row exactly as the split dot gives it alone; the dot's operand shrinks to match; `exact=True` keeps
+    three parts on every row; a bad value is refused."""
+    w = _weight("bfloat16", rows=384, cols=256)
+    wj = jax.tree.map(jnp.asarray, w)
+    n, k = 16, (384 if transposed else 256)
+    x = np.random.default_rng(8).standard_normal((n, k), dtype=np.float32)
+    monkeypatch.delenv("POWERINFER_PROMPT_BF16_PARTS", raising=False)
+    monkeypatch.delenv("POWERINFER_BF16_SPLIT_PARTS", raising=False)
+    assert L.PROMPT_BF16_PARTS is None and L.prompt_bf16_parts() == L.bf16_split_parts() == 2
+    monkeypatch.setattr(L, "cpu_has_bf16_dot", lambda: True)
+    monkeypatch.setattr(L, "cpu_has_amx", lambda: True)
+    fn = L.linear_t if transposed else L.linear
+
+    def operand_rows(**kw):  # rows of each dot's first operand (the stacked bf16 parts)
+        hlo = jax.jit(lambda a, w: fn(a, w, **kw)).lower(jnp.asarray(x), wj).as_text()
+        return [int(m) for m in re.findall(r"dot_general.*?\(tensor<(\d+)x\d+xbf16>", hlo)]
+
+    assert operand_rows(prompt_from=prompt_from) == [2 * n] == operand_rows()
+    monkeypatch.setenv("POWERINFER_PROMPT_BF16_PARTS", "1")
+    assert L.prompt_bf16_parts() == 1
+    assert operand_rows(prompt_from=prompt_from) == [n + prompt_from] and operand_rows() == [2 * n]
+    assert operand_rows(prompt_from=prompt_from, exact=True) == [3 * n]
+    split = jax.jit(lambda a, w, pf, parts=None: L._bf16_split_dot(a, w, transposed, parts, pf),
+                    static_argnums=(2, 3))
+    got = np.asarray(split(jnp.asarray(x), wj, prompt_from))
+    decode = np.asarray(split(jnp.asarray(x), wj, None, 2))
+    prompt = np.asarray(split(jnp.asarray(x), wj, None, 1))
+    np.testing.assert_allclose(got[:prompt_from], decode[:prompt_from], rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(got[prompt_from:], prompt[prompt_from:], rtol=1e-6, atol=1e-5)
+    wf = np.asarray(L.dequantize(w), np.float64)
+    rounded = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    want = rounded @ wf if transposed else rounded @ wf.T
+    np.testing.assert_allclose(got[prompt_from:], want[prompt_from:], rtol=1e-5, atol=1e-4)
+    if 0 < prompt_from:  # the two parts differ from the rounding where they are kept
+        assert np.abs(got[:prompt_from] - want[:prompt_from]).max() > 1e-3
+    monkeypatch.setenv("POWERINFER_PROMPT_BF16_PARTS", "0")
+    with pytest.raises(ValueError, match="POWERINFER_PROMPT_BF16_PARTS"):
+        L.prompt_bf16_parts()
+
+
 @pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("tokens", [4, 16, 64])
 def test_large_bf16_weight_at_few_rows_stays_on_the_host_without_amx(amx, tokens, monkeypatch):
@@ -197,3 +246,23 @@ def test_activation_threshold_models_keep_exact_dots(kind, monkeypatch):
     finally:
         L.USE_HOST_KERNELS = before
     np.testing.assert_allclose(np.asarray(fn(jnp.asarray(x), pj)), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_prompt_activations_flag_sets_the_process_setting(monkeypatch):
+    """`--prompt_activations=bfloat16` of the bin/ programs becomes POWERINFER_PROMPT_BF16_PARTS=1 when they
+    ask for their load arguments (before any program is traced); the default leaves the setting alone."""
+    import functools
+    import types
+
+    from absl import flags
+
+    from powerinfer_jax.cli_flags import define_precision_flags, precision_kwargs
+
+    monkeypatch.delenv("POWERINFER_PROMPT_BF16_PARTS", raising=False)
+    for argv, want in ((["x"], None), (["x", "--prompt_activations=bfloat16"], "1")):
+        fv = flags.FlagValues()
+        define_precision_flags(types.SimpleNamespace(DEFINE_enum=functools.partial(flags.DEFINE_enum, flag_values=fv)))
+        fv(argv)
+        assert precision_kwargs(fv) == {"dtype": "auto", "quantize": None, "kv_dtype": "auto"}
+        assert os.environ.get("POWERINFER_PROMPT_BF16_PARTS") == want
+        assert L.prompt_bf16_parts() == (1 if want else L.bf16_split_parts())
