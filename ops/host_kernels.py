@@ -292,13 +292,33 @@ def _elementwise_ops(cvt):
             s33 += d * u3
         return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
 
-    return dot1, dot4, dot8, axpy8, widen, dot4x4
+    @njit(fastmath=_FASTMATH, inline="always")
+    def axpy8x4(a0, a1, a2, a3, c, p0, p1, p2, p3, p4, p5, p6, p7):
+        """a_t += sum_i c[8t + i] * p_i for four tokens' accumulators a_t and eight rows p_i (eight read
+        streams, as axpy8): each element widened once for the four tokens (axpy8 widens it once per token)."""
+        c00, c01, c02, c03, c04, c05, c06, c07 = c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+        c10, c11, c12, c13, c14, c15, c16, c17 = c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15]
+        c20, c21, c22, c23, c24, c25, c26, c27 = c[16], c[17], c[18], c[19], c[20], c[21], c[22], c[23]
+        c30, c31, c32, c33, c34, c35, c36, c37 = c[24], c[25], c[26], c[27], c[28], c[29], c[30], c[31]
+        for k in range(a0.shape[0]):
+            w0, w1, w2, w3 = cvt(p0[k]), cvt(p1[k]), cvt(p2[k]), cvt(p3[k])
+            w4, w5, w6, w7 = cvt(p4[k]), cvt(p5[k]), cvt(p6[k]), cvt(p7[k])
+            a0[k] += (c00 * w0 + c01 * w1 + c02 * w2 + c03 * w3
+                      + c04 * w4 + c05 * w5 + c06 * w6 + c07 * w7)
+            a1[k] += (c10 * w0 + c11 * w1 + c12 * w2 + c13 * w3
+                      + c14 * w4 + c15 * w5 + c16 * w6 + c17 * w7)
+            a2[k] += (c20 * w0 + c21 * w1 + c22 * w2 + c23 * w3
+                      + c24 * w4 + c25 * w5 + c26 * w6 + c27 * w7)
+            a3[k] += (c30 * w0 + c31 * w1 + c32 * w2 + c33 * w3
+                      + c34 * w4 + c35 * w5 + c36 * w6 + c37 * w7)
+
+    return dot1, dot4, dot8, axpy8, widen, dot4x4, axpy8x4
 
 
-_, _f32_dot4, _f32_dot8, _f32_axpy8, _f32_widen, _f32_dot4x4 = _elementwise_ops(_f32)
-_bf16_dot1, _bf16_dot4, _bf16_dot8, _bf16_axpy8, _bf16_widen, _bf16_dot4x4 = _elementwise_ops(_bf16)
-_f16_dot1, _f16_dot4, _f16_dot8, _f16_axpy8, _f16_widen, _f16_dot4x4 = _elementwise_ops(_f16)
-_i8_dot1, _i8_dot4, _i8_dot8, _i8_axpy8, _i8_widen, _i8_dot4x4 = _elementwise_ops(_i8)
+_, _f32_dot4, _f32_dot8, _f32_axpy8, _f32_widen, _f32_dot4x4, _f32_axpy8x4 = _elementwise_ops(_f32)
+_bf16_dot1, _bf16_dot4, _bf16_dot8, _bf16_axpy8, _bf16_widen, _bf16_dot4x4, _bf16_axpy8x4 = _elementwise_ops(_bf16)
+_f16_dot1, _f16_dot4, _f16_dot8, _f16_axpy8, _f16_widen, _f16_dot4x4, _f16_axpy8x4 = _elementwise_ops(_f16)
+_i8_dot1, _i8_dot4, _i8_dot8, _i8_axpy8, _i8_widen, _i8_dot4x4, _i8_axpy8x4 = _elementwise_ops(_i8)
 
 
 @njit(fastmath=_FASTMATH, inline="always")
@@ -535,6 +555,44 @@ def _axpy8_impl(code, acc, coef, w, s, rows, cf):
                 r0, r1, r2, r3 = rows[i], rows[i + 1], rows[i + 2], rows[i + 3]
                 _q4_axpy4(acc, coef[i], w[r0], s[r0], coef[i + 1], w[r1], s[r1],
                           coef[i + 2], w[r2], s[r2], coef[i + 3], w[r3], s[r3], cf)
+        return impl
+    return None
+
+
+def _axpy8x4(code, a0, a1, a2, a3, c, w, s, rows):
+    """Stub: a_t += sum_i c[8t + i] * row rows[i] of (w, s) for four tokens t and eight rows (``c`` may be
+    scaled in place); the elementwise formats only (int4 takes `_axpy8` a token at a time)."""
+    raise NotImplementedError
+
+
+@overload(_axpy8x4)
+def _axpy8x4_impl(code, a0, a1, a2, a3, c, w, s, rows):
+    dt = w.dtype
+    if dt == types.float32:
+        def impl(code, a0, a1, a2, a3, c, w, s, rows):
+            _f32_axpy8x4(a0, a1, a2, a3, c, w[rows[0]], w[rows[1]], w[rows[2]], w[rows[3]],
+                         w[rows[4]], w[rows[5]], w[rows[6]], w[rows[7]])
+        return impl
+    if dt == types.uint16:
+        def impl(code, a0, a1, a2, a3, c, w, s, rows):
+            p0, p1, p2, p3 = w[rows[0]], w[rows[1]], w[rows[2]], w[rows[3]]
+            p4, p5, p6, p7 = w[rows[4]], w[rows[5]], w[rows[6]], w[rows[7]]
+            if code == _BF16:
+                _bf16_axpy8x4(a0, a1, a2, a3, c, p0, p1, p2, p3, p4, p5, p6, p7)
+            else:
+                _f16_axpy8x4(a0, a1, a2, a3, c, p0, p1, p2, p3, p4, p5, p6, p7)
+        return impl
+    if dt == types.int8:
+        def impl(code, a0, a1, a2, a3, c, w, s, rows):
+            for t in range(4):  # the row scales go into the coefficients
+                for i in range(8):
+                    c[8 * t + i] *= s[rows[i], 0]
+            _i8_axpy8x4(a0, a1, a2, a3, c, w[rows[0]], w[rows[1]], w[rows[2]], w[rows[3]],
+                        w[rows[4]], w[rows[5]], w[rows[6]], w[rows[7]])
+        return impl
+    if dt == types.uint8:  # typed for int4's kernel, never run there (`_down_kernel` checks the format)
+        def impl(code, a0, a1, a2, a3, c, w, s, rows):
+            raise ValueError("int4 rows take _axpy8 one token at a time")
         return impl
     return None
 
@@ -839,7 +897,7 @@ def _matvec_q4_kernel(w, s, x, xsum, out, scratch):
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _down_kernel(code, wd, sd, idx, count, h, skip_zero, out, parts, sels, coefs, scratch):
+def _down_kernel(code, wd, sd, idx, count, h, skip_zero, four, out, parts, sels, coefs, scratch):
     """out[b, :] = sum_{i<count} h[b, i] * wd[idx[i], :].
 
     The rows are split into a fixed number of chunks (from the shapes only); each chunk sums
@@ -850,8 +908,11 @@ def _down_kernel(code, wd, sd, idx, count, h, skip_zero, out, parts, sels, coefs
     ``skip_zero``, rows whose h is zero for every token (ReLU zeros of predicted-active neurons)
     are skipped: their bytes are never read. A pass with fewer than eight live rows repeats its
     last row with coefficient 0.
+    From four tokens on (elementwise formats; ``four``), each group of four tokens takes the eight rows in one
+    pass (`_axpy8x4`), every element widened once for the four: per token, the widening, not the bytes, set
+    the pace.
     Caller-allocated: ``parts [chunks, B, d]`` zeros, ``sels [chunks, 2, 8]`` int64 (positions,
-    rows), ``coefs [chunks, 8]`` f32, ``scratch [chunks, 4, K/2 or 0]`` f32 (int4).
+    rows), ``coefs [chunks, 40]`` f32, ``scratch [chunks, 4, K/2 or 0]`` f32 (int4).
     """
     n_tok = h.shape[0]
     n_chunks = parts.shape[0]
@@ -859,7 +920,7 @@ def _down_kernel(code, wd, sd, idx, count, h, skip_zero, out, parts, sels, coefs
     zero = np.float32(0.0)
     step = (count + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
-        sel, rows, coef = sels[c, 0], sels[c, 1], coefs[c]
+        sel, rows, coef, coef32 = sels[c, 0], sels[c, 1], coefs[c, :8], coefs[c, 8:]
         acc = parts[c]
         i = c * step
         end = min(count, (c + 1) * step)
@@ -877,7 +938,14 @@ def _down_kernel(code, wd, sd, idx, count, h, skip_zero, out, parts, sels, coefs
                 break
             for j in range(8):
                 rows[j] = idx[sel[min(j, m - 1)]]
-            for b in range(n_tok):
+            b = 0
+            while four and code != _I4 and b + 4 <= n_tok:  # four tokens at a time, each row widened once
+                for t in range(4):
+                    for j in range(8):
+                        coef32[8 * t + j] = h[b + t, sel[j]] if j < m else zero
+                _axpy8x4(code, acc[b], acc[b + 1], acc[b + 2], acc[b + 3], coef32, wd, sd, rows)
+                b += 4
+            for b in range(b, n_tok):
                 for j in range(8):
                     coef[j] = h[b, sel[j]] if j < m else zero
                 # acc[b]: 1-D views vectorise; acc[b, k] indexing did not as well
@@ -1108,8 +1176,14 @@ def _down_buffers(kw: _KW, n_tok):
     d = kw.cols
     n_chunks = max(1, min(16, _DOWN_PARTIAL_BYTES // (4 * n_tok * d)))
     return (np.zeros((n_chunks, n_tok, d), np.float32), np.empty((n_chunks, 2, 8), np.int64),
-            np.empty((n_chunks, 8), np.float32),
+            np.empty((n_chunks, 40), np.float32),
             np.empty((n_chunks, 4, d // 2 if kw.code == _I4 else 0), np.float32))
+
+
+# The down kernel takes tokens four at a time (`_axpy8x4`) from four tokens on; False: one at a time (the
+# earlier kernel, kept for A/B runs and tests). 7B down projection [11008, 4096], alternating calls in one process:
+# see BENCHMARKS.md, "Four tokens a pass in the down kernel".
+AXPY_FOUR_TOKENS = True
 
 
 def host_axpy_down(w_down_t, idx, count, h, out=None, skip_zero_rows=True):
@@ -1123,7 +1197,7 @@ def host_axpy_down(w_down_t, idx, count, h, out=None, skip_zero_rows=True):
     out = _out(out, (h2.shape[0], kw.cols))
     _expect(h2.shape[1] >= count, f"h has {h2.shape[1]} columns, count is {count}")
     kernel = _down_kernel_serial if _serial(count, kw) else _down_kernel
-    kernel(kw.code, kw.data, kw.scale, idx, count, h2, bool(skip_zero_rows), out,
+    kernel(kw.code, kw.data, kw.scale, idx, count, h2, bool(skip_zero_rows), AXPY_FOUR_TOKENS, out,
            *_down_buffers(kw, h2.shape[0]))
     return out
 

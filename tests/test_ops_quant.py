@@ -200,6 +200,39 @@ def test_matvec(fmt, batch):
 
 
 @pytest.mark.parametrize("fmt", Q.FORMATS)
+@pytest.mark.parametrize("batch", [4, 5, 8, 11])
+def test_axpy_down_takes_four_tokens_at_a_time(fmt, batch, monkeypatch):
+    """From four tokens on the elementwise formats run the down kernel's eight rows against four tokens a pass
+    (`_axpy8x4`), the rest of the tokens one at a time: every token within f32 rounding of the reference,
+    with skipped zero rows, padding in idx and a count that is no multiple of the eight rows; each token
+    within 1e-6 of its value in any other batch and of the one-token passes (AXPY_FOUR_TOKENS=False: only
+    summation order differs); the same bits run to run."""
+    W, _ = _weights(fmt, seed=4)
+    wf = Q.dequantize(W)
+    rng = np.random.default_rng(5)
+    idx = rng.choice(N, 90, replace=False).astype(np.int32)
+    count = 77  # idx[77:] is padding
+    h = rng.standard_normal((batch, count)).astype(np.float32)
+    h[:, ::5] = 0  # rows zero for every token: skipped
+    h[1, 1::7] = 0  # zeros of one token only: read, coefficient 0
+    want = h @ wf[idx[:count]]
+    for skip in (True, False):
+        got = H.host_axpy_down(W, idx, count, h, skip_zero_rows=skip)
+        _assert_close(got, want)
+        np.testing.assert_array_equal(H.host_axpy_down(W, idx, count, h, skip_zero_rows=skip), got)
+        for other in (h[:1], h[[2, 0, 3, 1]], h[::-1]):
+            alone = H.host_axpy_down(W, idx, count, other, skip_zero_rows=skip)
+            ref = other @ wf[idx[:count]]
+            _assert_close(alone, ref)
+            np.testing.assert_allclose(alone, [got[list(map(tuple, h)).index(tuple(r))] for r in other],
+                                       rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
+        monkeypatch.setattr(H, "AXPY_FOUR_TOKENS", False)
+        one_at_a_time = H.host_axpy_down(W, idx, count, h, skip_zero_rows=skip)
+        monkeypatch.setattr(H, "AXPY_FOUR_TOKENS", True)
+        np.testing.assert_allclose(one_at_a_time, got, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("fmt", Q.FORMATS)
 @pytest.mark.parametrize("cols", [384, 4096])
 def test_matvec_one_row_kernels(fmt, cols, monkeypatch):
     """One token in bf16/f16, or over int8 rows shorter than I8_ONE_ROW_BELOW_COLS, goes through the one-row
