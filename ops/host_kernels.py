@@ -485,6 +485,13 @@ def _dot4x4_impl(code, p0, p1, p2, p3, x0, x1, x2, x3):
         return impl
     if dt == types.int8:
         return lambda code, p0, p1, p2, p3, x0, x1, x2, x3: _i8_dot4x4(p0, p1, p2, p3, x0, x1, x2, x3)
+    if dt == types.uint8:  # typed for int4's `_h_kernel`, never run there (it checks the format)
+        def impl(code, p0, p1, p2, p3, x0, x1, x2, x3):
+            z = np.float32(0.0)
+            if code == _I4:
+                raise ValueError("int4 rows take _gated4 one token at a time")
+            return (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
+        return impl
     return None
 
 
@@ -673,21 +680,52 @@ def _glu(family, g, u):
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _h_kernel(family, code, wg, sg, wu, su, bu, has_bias, x, idx, count, out):
+def _h_kernel(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, count, out):
     """out[b, i] = h of neuron idx[i] for token b, i < count.
 
     family: 0 reglu, 1 drelu, 2 relu (+ bias), 3 plain mat-vec ``wu[idx] @ x`` (wg unused),
     4 swiglu, 5 geglu (`_glu`)
     One kernel for all of them keeps numba's (slow, parallel) compilations to one per dtype.
     Each output element is computed by one thread. Gated families read four neurons a pass
-    (gate and up rows of each: eight streams, `_gated4`); the others four rows. A chunk's short
+    (gate and up rows of each: eight streams, `_gated4`; from two tokens on in the elementwise formats, their
+    gate rows, then their up rows, against four tokens at a time, `_dot4x4`, with ``four``); the others four rows. A chunk's short
     tail computes its last neuron again in the spare slots (same code, same value).
     """
     zero = np.float32(0.0)
+    n_tok = x.shape[0]
     step = (count + _H_CHUNKS - 1) // _H_CHUNKS
     for c in prange(_H_CHUNKS):
         lo, hi = c * step, min(count, (c + 1) * step)
-        if family < 2 or family > 3:  # gated: the branch sits outside the row loop so LLVM vectorises the dots
+        if (family < 2 or family > 3) and four and code != _I4 and n_tok >= 2:
+            # Two tokens or more: the four neurons' gate rows, then their up rows, against the tokens four at a
+            # time (`_dot4x4`: each element widened once for four tokens; a short last group repeats its last
+            # token), as `_matvec_kernel` does.
+            for i in range(lo, hi, 4):
+                i1, i2, i3 = min(i + 1, hi - 1), min(i + 2, hi - 1), min(i + 3, hi - 1)
+                r0, r1, r2, r3 = idx[i], idx[i1], idx[i2], idx[i3]
+                dg0, dg1, dg2, dg3 = _row_scale(sg, r0), _row_scale(sg, r1), _row_scale(sg, r2), _row_scale(sg, r3)
+                du0, du1, du2, du3 = _row_scale(su, r0), _row_scale(su, r1), _row_scale(su, r2), _row_scale(su, r3)
+                for b in range(0, n_tok, 4):
+                    b0, b1, b2, b3 = b, min(b + 1, n_tok - 1), min(b + 2, n_tok - 1), min(b + 3, n_tok - 1)
+                    g = _dot4x4(code, wg[r0], wg[r1], wg[r2], wg[r3], x[b0], x[b1], x[b2], x[b3])
+                    u = _dot4x4(code, wu[r0], wu[r1], wu[r2], wu[r3], x[b0], x[b1], x[b2], x[b3])
+                    out[b0, i] = _glu(family, g[0] * dg0, u[0] * du0)
+                    out[b1, i] = _glu(family, g[1] * dg0, u[1] * du0)
+                    out[b2, i] = _glu(family, g[2] * dg0, u[2] * du0)
+                    out[b3, i] = _glu(family, g[3] * dg0, u[3] * du0)
+                    out[b0, i1] = _glu(family, g[4] * dg1, u[4] * du1)
+                    out[b1, i1] = _glu(family, g[5] * dg1, u[5] * du1)
+                    out[b2, i1] = _glu(family, g[6] * dg1, u[6] * du1)
+                    out[b3, i1] = _glu(family, g[7] * dg1, u[7] * du1)
+                    out[b0, i2] = _glu(family, g[8] * dg2, u[8] * du2)
+                    out[b1, i2] = _glu(family, g[9] * dg2, u[9] * du2)
+                    out[b2, i2] = _glu(family, g[10] * dg2, u[10] * du2)
+                    out[b3, i2] = _glu(family, g[11] * dg2, u[11] * du2)
+                    out[b0, i3] = _glu(family, g[12] * dg3, u[12] * du3)
+                    out[b1, i3] = _glu(family, g[13] * dg3, u[13] * du3)
+                    out[b2, i3] = _glu(family, g[14] * dg3, u[14] * du3)
+                    out[b3, i3] = _glu(family, g[15] * dg3, u[15] * du3)
+        elif family < 2 or family > 3:  # gated: the branch sits outside the row loop so LLVM vectorises the dots
             for i in range(lo, hi, 4):
                 i1, i2, i3 = min(i + 1, hi - 1), min(i + 2, hi - 1), min(i + 3, hi - 1)
                 r0, r1, r2, r3 = idx[i], idx[i1], idx[i2], idx[i3]
@@ -1134,7 +1172,7 @@ def host_gather_matvec(w, idx, count, x):
     idx, count = _rows(idx, count, kw.rows)
     out = np.empty((x2.shape[0], count), np.float32)
     kernel = _h_kernel_serial if _serial(count, kw) else _h_kernel
-    kernel(3, kw.code, kw.data, kw.scale, kw.data, kw.scale, np.zeros(1, np.float32), False,
+    kernel(3, kw.code, kw.data, kw.scale, kw.data, kw.scale, np.zeros(1, np.float32), False, False,
            x2, idx, count, out)
     return out
 
@@ -1167,7 +1205,7 @@ def host_sparse_h(family, w_gate, w_up, x, idx, count, b_up=None, out=None, act_
     bu = _arg(b_up, np.float32) if has_bias else np.zeros(1, np.float32)
     _expect(not has_bias or bu.shape[0] >= ku.rows, "b_up has fewer entries than w_up rows")
     kernel = _h_kernel_serial if _serial(2 * count, ku) else _h_kernel
-    kernel(_FAMILY_CODE[family], ku.code, kg.data, kg.scale, ku.data, ku.scale, bu, has_bias,
+    kernel(_FAMILY_CODE[family], ku.code, kg.data, kg.scale, ku.data, ku.scale, bu, has_bias, GATED_FOUR_TOKENS,
            x2, idx, count, out)
     return out
 
@@ -1180,6 +1218,10 @@ def _down_buffers(kw: _KW, n_tok):
             np.empty((n_chunks, 4, d // 2 if kw.code == _I4 else 0), np.float32))
 
 
+# From two tokens on, the gated `_h_kernel` (gate and up dots of the listed neurons: the dense FFN's decode rows,
+# every hybrid's cold neurons) meets the tokens four at a time (`_dot4x4`); False: one token a pass (the earlier
+# kernel, kept for A/B runs and tests). BENCHMARKS.md, "Four tokens a pass in the gate/up kernel".
+GATED_FOUR_TOKENS = True
 # The down kernel takes tokens four at a time (`_axpy8x4`) from four tokens on; False: one at a time (the
 # earlier kernel, kept for A/B runs and tests). 7B down projection [11008, 4096], alternating calls in one process:
 # see BENCHMARKS.md, "Four tokens a pass in the down kernel".
