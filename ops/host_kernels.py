@@ -688,8 +688,8 @@ def _h_kernel(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, count, o
     One kernel for all of them keeps numba's (slow, parallel) compilations to one per dtype.
     Each output element is computed by one thread. Gated families read four neurons a pass
     (gate and up rows of each: eight streams, `_gated4`; from two tokens on in the elementwise formats, their
-    gate rows, then their up rows, against four tokens at a time, `_dot4x4`, with ``four``); the others four rows. A chunk's short
-    tail computes its last neuron again in the spare slots (same code, same value).
+    gate rows, then their up rows, against four tokens at a time, `_dot4x4`, with ``four``); the others four
+    rows. A chunk's short tail computes its last neuron again in the spare slots (same code, same value).
     """
     zero = np.float32(0.0)
     n_tok = x.shape[0]

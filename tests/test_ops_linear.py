@@ -258,8 +258,10 @@ def test_prompt_activations_flag_sets_the_process_setting(monkeypatch):
 
     from powerinfer_jax.cli_flags import define_precision_flags, precision_kwargs
 
-    monkeypatch.delenv("POWERINFER_PROMPT_BF16_PARTS", raising=False)
-    for argv, want in ((["x"], None), (["x", "--prompt_activations=bfloat16"], "1")):
+    # setenv (not delenv, which records nothing when the variable is unset) so that teardown removes what
+    # precision_kwargs writes: a leaked setting would change every later bf16 test
+    monkeypatch.setenv("POWERINFER_PROMPT_BF16_PARTS", "")
+    for argv, want in ((["x"], ""), (["x", "--prompt_activations=bfloat16"], "1")):
         fv = flags.FlagValues()
         define_precision_flags(types.SimpleNamespace(DEFINE_enum=functools.partial(flags.DEFINE_enum, flag_values=fv)))
         fv(argv)
