@@ -96,27 +96,27 @@ BF16_SPLIT_PARTS = 2  # bf16 parts of each f32 activation in `_bf16_split_dot` (
 PROMPT_BF16_PARTS: int | None = None
 
 
+def _parts_from_env(name: str) -> int | None:
+    """A bf16 part count (1-3) from environment variable `name`, or None where it is unset or empty."""
+    forced = os.environ.get(name, "").strip()
+    if not forced:
+        return None
+    if forced not in ("1", "2", "3"):
+        raise ValueError(f"{name}={forced!r}: expected 1, 2 or 3")
+    return int(forced)
+
+
 def bf16_split_parts() -> int:
     """How many bf16 parts `_bf16_split_dot` splits f32 activations into: POWERINFER_BF16_SPLIT_PARTS (1-3),
     else BF16_SPLIT_PARTS. Read when a function is traced: set it before the first call."""
-    forced = os.environ.get("POWERINFER_BF16_SPLIT_PARTS", "").strip()
-    if forced:
-        if forced not in ("1", "2", "3"):
-            raise ValueError(f"POWERINFER_BF16_SPLIT_PARTS={forced!r}: expected 1, 2 or 3")
-        return int(forced)
-    return BF16_SPLIT_PARTS
+    return _parts_from_env("POWERINFER_BF16_SPLIT_PARTS") or BF16_SPLIT_PARTS
 
 
 def prompt_bf16_parts() -> int:
     """How many bf16 parts a prompt token's f32 activation is split into where it meets a bf16 weight in
     XLA's bf16 dot: POWERINFER_PROMPT_BF16_PARTS (1-3), else PROMPT_BF16_PARTS, else the decode rows'
     `bf16_split_parts()`. Read when a function is traced."""
-    forced = os.environ.get("POWERINFER_PROMPT_BF16_PARTS", "").strip()
-    if forced:
-        if forced not in ("1", "2", "3"):
-            raise ValueError(f"POWERINFER_PROMPT_BF16_PARTS={forced!r}: expected 1, 2 or 3")
-        return int(forced)
-    return PROMPT_BF16_PARTS or bf16_split_parts()
+    return _parts_from_env("POWERINFER_PROMPT_BF16_PARTS") or PROMPT_BF16_PARTS or bf16_split_parts()
 
 
 def cpu_has_bf16_dot() -> bool:
