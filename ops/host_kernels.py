@@ -895,6 +895,28 @@ def _one_row_matvec_kernel(code, w, s, x, out):
 
 
 
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _bf16_pair_matvec_kernel(w2, x_even, x_odd, out):
+    """out[0, r] = row r . x for one token over bf16 rows read as uint32 pairs ``w2 [R, K/2]``: element 2k
+    is the pair's low half shifted up, element 2k+1 its high half masked (two integer ops a pair, no
+    zero-extending shuffle, against `x_even` = x[0::2] and `x_odd` = x[1::2]). One stream a thread, as
+    `_one_row_matvec_kernel`."""
+    rows = w2.shape[0]
+    step = (rows + _MV_CHUNKS - 1) // _MV_CHUNKS
+    high = np.uint32(0xFFFF0000)
+    for c in prange(_MV_CHUNKS):
+        for r in range(c * step, min(rows, (c + 1) * step)):
+            a = w2[r]
+            u = a[0]  # the first pair outside the loop (rows are never empty): LLVM otherwise vectorised the
+            # empty-row case across rows into scatter stores (benchmarks/kernel_codegen.py)
+            s0 = (np.uint32(u << np.uint32(16)).view(np.float32) * x_even[0]
+                  + np.uint32(u & high).view(np.float32) * x_odd[0])
+            for k in range(1, a.shape[0]):
+                u = a[k]
+                s0 += (np.uint32(u << np.uint32(16)).view(np.float32) * x_even[k]
+                       + np.uint32(u & high).view(np.float32) * x_odd[k])
+            out[0, r] = s0
+
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _matvec_q4_kernel(w, s, x, xsum, out, scratch):
@@ -1034,7 +1056,12 @@ _down_kernel_serial = _serial_twin(_down_kernel)
 _matvec_kernel_serial = _serial_twin(_matvec_kernel)
 _one_row_matvec_kernel_serial = _serial_twin(_one_row_matvec_kernel)
 _matvec_q4_kernel_serial = _serial_twin(_matvec_q4_kernel)
+_bf16_pair_matvec_kernel_serial = _serial_twin(_bf16_pair_matvec_kernel)
 SERIAL_MAX_BYTES = 1 << 21  # weight bytes a call reads below which it runs on one thread
+# One bf16 token over even-length rows reads them as uint32 pairs (`_bf16_pair_matvec_kernel`): in a jitted chain of
+# the 7B shape's q/k/v, o and head mat-vecs 1.05x the one-row kernel, alone on [12288, 4096] 1.06-1.25x (AMD EPYC,
+# alternating calls; BENCHMARKS.md, "bf16 rows read as uint32 pairs"). The eight-stream kernels gained nothing from it.
+BF16_PAIRS = True
 I8_ONE_ROW_BELOW_COLS = 4096  # int8 rows shorter than this take the one-row kernel for one token
 
 
@@ -1356,6 +1383,9 @@ def host_matvec(w, x, out=None):
         xsum = (xk[:, :half] + xk[:, half:]).reshape(xk.shape[0], groups, GROUP // 2).sum(-1, dtype=np.float32)
         kernel = _matvec_q4_kernel_serial if serial else _matvec_q4_kernel
         kernel(kw.data, kw.scale, xk, xsum, y, np.empty((_MV_CHUNKS, groups), np.float32))
+    elif xk.shape[0] == 1 and kw.code == _BF16 and BF16_PAIRS and kw.cols % 2 == 0:
+        kernel = _bf16_pair_matvec_kernel_serial if serial else _bf16_pair_matvec_kernel
+        kernel(kw.data.view(np.uint32), xk[0, 0::2].copy(), xk[0, 1::2].copy(), y)
     elif xk.shape[0] == 1 and (kw.code in (_BF16, _F16) or kw.code == _I8 and kw.cols < I8_ONE_ROW_BELOW_COLS):
         # one token in half precision or over short int8 rows: one stream a thread
         (_one_row_matvec_kernel_serial if serial else _one_row_matvec_kernel)(kw.code, kw.data, kw.scale, xk, y)

@@ -258,25 +258,40 @@ def test_axpy_down_takes_four_tokens_at_a_time(fmt, batch, monkeypatch):
 @pytest.mark.parametrize("fmt", Q.FORMATS)
 @pytest.mark.parametrize("cols", [384, 4096])
 def test_matvec_one_row_kernels(fmt, cols, monkeypatch):
-    """One token in bf16/f16, or over int8 rows shorter than I8_ONE_ROW_BELOW_COLS, goes through the one-row
-    kernel (parallel, or its one-thread twin below SERIAL_MAX_BYTES), two tokens and the other cases through
-    the eight-stream ones; each result equals the reference and repeats its bits."""
+    """One token in bf16 goes through the pair kernel (its rows read as uint32 pairs), in f16 or over int8 rows
+    shorter than I8_ONE_ROW_BELOW_COLS through the one-row kernel (parallel, or their one-thread twins below
+    SERIAL_MAX_BYTES), two tokens and the other cases through the eight-stream ones; each result equals the
+    reference and repeats its bits, and the bf16 pair kernel equals the one-row kernel within f32 rounding."""
     W, _ = _weights(fmt, rows=37, cols=cols, seed=11)
     wf = Q.dequantize(W)
     x = np.random.default_rng(12).standard_normal((2, cols)).astype(np.float32)
     calls = []
-    for name in ("_one_row_matvec_kernel", "_one_row_matvec_kernel_serial"):
+    names = ("_one_row_matvec_kernel", "_bf16_pair_matvec_kernel")
+    for name in names + tuple(n + "_serial" for n in names):
         kernel = getattr(H, name)
-        monkeypatch.setattr(H, name, lambda *a, k=kernel, n=name: calls.append((n, a[3].shape)) or k(*a))
+        monkeypatch.setattr(H, name, lambda *a, k=kernel, n=name: calls.append((n, a[-2].shape)) or k(*a))
     for serial_bytes in (0, 1 << 40):  # parallel, then serial kernels
         monkeypatch.setattr(H, "SERIAL_MAX_BYTES", serial_bytes)
         for n in (1, 2):
             got = H.host_matvec(W, x[:n])
             _assert_close(got, x[:n] @ wf.T)
             np.testing.assert_array_equal(H.host_matvec(W, x[:n]), got)
-    one_row = fmt in ("bfloat16", "float16") or fmt == "int8" and cols < H.I8_ONE_ROW_BELOW_COLS
-    assert calls == ([("_one_row_matvec_kernel", (1, cols))] * 2 + [("_one_row_matvec_kernel_serial", (1, cols))] * 2
-                     if one_row else [])
+    one_row = fmt == "float16" or fmt == "int8" and cols < H.I8_ONE_ROW_BELOW_COLS
+    kernel, shape = ("_bf16_pair_matvec_kernel", (cols // 2,)) if fmt == "bfloat16" else ("_one_row_matvec_kernel", (1, cols))
+    assert calls == ([(kernel, shape)] * 2 + [(kernel + "_serial", shape)] * 2 if one_row or fmt == "bfloat16" else [])
+    if fmt == "bfloat16":
+        pairs = H.host_matvec(W, x[:1])
+        monkeypatch.setattr(H, "BF16_PAIRS", False)
+        np.testing.assert_allclose(H.host_matvec(W, x[:1]), pairs, rtol=1e-6, atol=1e-6 * float(np.abs(pairs).max()))
+
+
+def test_bf16_odd_width_one_token_takes_the_one_row_kernel():
+    """bf16 rows of odd length cannot be read as uint32 pairs: one token goes through the one-row kernel."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((9, 385)).astype(np.float32)
+    W = Q.to_weight(w, "bfloat16")
+    x = rng.standard_normal(385).astype(np.float32)
+    _assert_close(H.host_matvec(W, x), Q.dequantize(W) @ x)
 
 
 @pytest.mark.parametrize("fmt", Q.FORMATS)
