@@ -403,7 +403,7 @@ def evaluate(bundle: str | None = None, model: str | None = None, text_path: str
         "window": s.window,
         "max_tokens": s.max_tokens,
         "precision": {"dtype": precision.get("dtype", "auto"), "quantize": precision.get("quantize"),
-                      "kv_dtype": dense.kv_dtype},
+                      "kv_dtype": dense.kv_dtype, "prompt_activations": dense.prompt_activations},
         "bos": bos,
         "modes": list(s.modes),
         "target_sparsity": src.bundle.target_sparsity if src.bundle is not None else None,

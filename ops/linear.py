@@ -29,6 +29,8 @@ The plain references beside them are ``linear_ref``/``linear_t_ref`` (dequantize
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
@@ -112,10 +114,29 @@ def bf16_split_parts() -> int:
     return _parts_from_env("POWERINFER_BF16_SPLIT_PARTS") or BF16_SPLIT_PARTS
 
 
+# An engine's own setting (Engine(prompt_activations=...)), entered while its programs are traced: 1 part,
+# 0 (as many as the decode rows), or None (the process setting below).
+_ENGINE_PROMPT_PARTS: contextvars.ContextVar[int | None] = contextvars.ContextVar("prompt_parts", default=None)
+
+
+@contextlib.contextmanager
+def prompt_parts_scope(parts: int | None):
+    """Within it, `prompt_bf16_parts()` returns `parts` (0: the decode rows' `bf16_split_parts()`; None: the
+    process setting). Engines enter it inside their jitted bodies, so each engine's programs trace with its own."""
+    token = _ENGINE_PROMPT_PARTS.set(parts)
+    try:
+        yield
+    finally:
+        _ENGINE_PROMPT_PARTS.reset(token)
+
+
 def prompt_bf16_parts() -> int:
     """How many bf16 parts a prompt token's f32 activation is split into where it meets a bf16 weight in
-    XLA's bf16 dot: POWERINFER_PROMPT_BF16_PARTS (1-3), else PROMPT_BF16_PARTS, else the decode rows'
-    `bf16_split_parts()`. Read when a function is traced."""
+    XLA's bf16 dot: the tracing engine's setting (`prompt_parts_scope`), else POWERINFER_PROMPT_BF16_PARTS (1-3),
+    else PROMPT_BF16_PARTS, else the decode rows' `bf16_split_parts()`. Read when a function is traced."""
+    scoped = _ENGINE_PROMPT_PARTS.get()
+    if scoped is not None:
+        return scoped or bf16_split_parts()
     return _parts_from_env("POWERINFER_PROMPT_BF16_PARTS") or PROMPT_BF16_PARTS or bf16_split_parts()
 
 

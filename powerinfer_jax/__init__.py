@@ -71,14 +71,19 @@ def load(
     act_thresholds=None,
     attention_sparsity: bool = False,
     attn_input_thresholds=None,
+    prompt_activations: str | None = None,
 ) -> Engine:
     """Loads an HF model folder or a prepared bundle (from bin/prepare) into an Engine.
 
     dtype: weight storage; "auto" keeps the checkpoint's precision (bf16/f16/f32), or
       "float32"/"bfloat16"/"float16" converts. Compute is float32 whatever the storage
-      (opt-in exception: `ops.linear.PROMPT_BF16_PARTS`, prompts against bf16 weights on a bf16-dot CPU).
+      (opt-in exception: `prompt_activations`).
     quantize: None, "int8" (one scale per row) or "int4" (groups of 32, f16 scales) for every
       matrix but the embedding table; FFN matrices are quantized per neuron row.
+    prompt_activations: how a prompt's activations meet bf16 weights where XLA's bf16 dot takes them (a CPU
+      with bf16 dot instructions, from 2 rows): "float32" (two bf16 parts, ~2e-6 of f32, as decode rows),
+      "bfloat16" (rounded to bf16 as GPU engines compute bf16 checkpoints: 7B prompt chunks ~1.5x faster, prompt
+      logits within ~1e-3 of f32), or None (the process setting, POWERINFER_PROMPT_BF16_PARTS; float32 when unset).
     kv_dtype: KV-cache precision: "auto" (the weights' half precision for bf16/f16 checkpoints, float32 for
       float32 ones), "float32" (exact), "bfloat16" or "float16" (half the memory, as fast on every backend).
     sparsity: None/"dense" (reference), "oracle" (true ReLU mask drives the sparse path) or
@@ -111,6 +116,8 @@ def load(
     checks.load_arguments(model_dir, dtype, max_seq_len, quantize, kv_dtype, sparsity, device_memory_budget,
                           threshold, offload_layers, placement_batch, min_hot_per_split_layer, device_kernel,
                           verify_bundle, check_finite, bundle_model_dir, devices)
+    if prompt_activations is not None:
+        checks.choice("prompt_activations", prompt_activations, ("float32", "bfloat16"))
     path = str(model_dir) if model_dir is not None else default_model_dir()
     bundle = None
     from powerinfer_jax import bundle as bundle_lib
@@ -137,7 +144,8 @@ def load(
             from powerinfer_jax.params import input_sparse_attention
 
             params = input_sparse_attention(params, attn_thr)
-        return Engine(cfg, params, tokenizer, max_seq_len=max_seq_len, model_dir=path, kv_dtype=kv_dtype)
+        return Engine(cfg, params, tokenizer, max_seq_len=max_seq_len, model_dir=path, kv_dtype=kv_dtype,
+                      prompt_activations=prompt_activations)
     from powerinfer_jax import hybrid as hybrid_lib
 
     return hybrid_lib.load_hybrid(
@@ -145,4 +153,5 @@ def load(
         max_seq_len=max_seq_len,
         budget=device_memory_budget, threshold=threshold, offload_layers=offload_layers,
         placement_batch=placement_batch, min_hot=min_hot_per_split_layer, device_kernel=device_kernel,
-        devices=devices, act_thresholds=act_thresholds, attn_input_thresholds=attn_thr)
+        devices=devices, act_thresholds=act_thresholds, attn_input_thresholds=attn_thr,
+        prompt_activations=prompt_activations)

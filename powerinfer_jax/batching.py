@@ -128,11 +128,11 @@ class _Programs:
 
     def __init__(self, engine: Engine):
         cfg, ffn_fn = engine.cfg, engine._ffn_fn
-        self.step = jax.jit(functools.partial(_decode_rows, cfg=cfg, ffn_fn=ffn_fn),
+        self.step = jax.jit(engine.traced(functools.partial(_decode_rows, cfg=cfg, ffn_fn=ffn_fn)),
                             static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
-        self.chunk = jax.jit(functools.partial(_prefill_chunk, cfg=cfg, ffn_fn=ffn_fn),
+        self.chunk = jax.jit(engine.traced(functools.partial(_prefill_chunk, cfg=cfg, ffn_fn=ffn_fn)),
                              static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
-        self.mixed = jax.jit(functools.partial(_decode_and_pack, cfg=cfg, ffn_fn=ffn_fn),
+        self.mixed = jax.jit(engine.traced(functools.partial(_decode_and_pack, cfg=cfg, ffn_fn=ffn_fn)),
                              static_argnames=("attend_len", "mode"), donate_argnames=("cache",))
         self.insert = jax.jit(_insert_row, static_argnames=("span",), donate_argnames=("cache",))
         self.move = jax.jit(_move_row, static_argnames=("span",), donate_argnames=("cache",))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from powerinfer_jax.loading import DTYPES
 from powerinfer_jax.model import KV_DTYPES
 
@@ -26,12 +24,12 @@ def define_precision_flags(flags) -> None:
                       "dot, from 2 rows): float32 (split in two bf16 parts, ~2e-6 of f32, like decode rows) or "
                       "bfloat16 (rounded to bf16, as GPU engines compute bf16 checkpoints: prompt chunks and the "
                       "decode steps that carry them ~1.4x faster on a 7B shape, prompt logits within ~1e-3 of "
-                      "f32). Decode rows, other formats and GPUs are unaffected. Env: POWERINFER_PROMPT_BF16_PARTS.")
+                      "f32). Decode rows, other formats and GPUs are unaffected. Without the flag: POWERINFER_PROMPT_BF16_PARTS "
+                      "(1 = bfloat16), else float32.")
 
 
 def precision_kwargs(FLAGS) -> dict:
-    """The `pij.load` keyword arguments the precision flags ask for; also applies --prompt_activations (a
-    process-wide setting, read when the engine's programs are traced: call this before loading)."""
-    if FLAGS.prompt_activations == "bfloat16":
-        os.environ["POWERINFER_PROMPT_BF16_PARTS"] = "1"
-    return {"dtype": FLAGS.dtype, "quantize": FLAGS.quantize, "kv_dtype": FLAGS.kv_dtype}
+    """The `pij.load` keyword arguments the precision flags ask for (--prompt_activations only where given, so
+    that POWERINFER_PROMPT_BF16_PARTS still applies without it)."""
+    prompt = FLAGS.prompt_activations if FLAGS["prompt_activations"].present else None
+    return {"dtype": FLAGS.dtype, "quantize": FLAGS.quantize, "kv_dtype": FLAGS.kv_dtype, "prompt_activations": prompt}

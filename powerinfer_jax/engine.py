@@ -18,6 +18,12 @@ from powerinfer_jax.model import KV_DTYPES, FFNFn, forward, init_cache
 from powerinfer_jax.params import ModelParams, fuse_qkv
 from powerinfer_jax.sampling import SamplingParams
 from powerinfer_jax.tokenizer import Tokenizer
+from ops.linear import prompt_parts_scope
+
+# How a prompt's activations meet bf16 weights in XLA's bf16 dot on a bf16-dot CPU (ops.linear.PROMPT_BF16_PARTS):
+# "float32" splits them in two bf16 parts like the decode rows, "bfloat16" rounds them to one; None: the process
+# setting (POWERINFER_PROMPT_BF16_PARTS). Other formats and backends are unaffected.
+PROMPT_ACTIVATIONS = ("float32", "bfloat16")
 
 MIN_BUCKET = 16
 
@@ -115,8 +121,12 @@ class Engine:
         ffn_fn: FFNFn | None = None,
         model_dir: str | None = None,
         kv_dtype: str = "float32",
+        prompt_activations: str | None = None,
     ):
         checks.choice("kv_dtype", kv_dtype, KV_DTYPES)
+        if prompt_activations is not None:
+            checks.choice("prompt_activations", prompt_activations, PROMPT_ACTIVATIONS)
+        self.prompt_activations = prompt_activations
         if max_seq_len is not None:
             checks.integer("max_seq_len", max_seq_len, lo=1)
         self.kv_dtype = kv_dtype
@@ -127,13 +137,27 @@ class Engine:
         self.max_seq_len = min(max_seq_len or 2048, cfg.max_position_embeddings)
         self._ffn_fn = ffn_fn
         self._loop_programs = None  # batching.programs(self): the decode loop's jitted programs, made on first use
-        self._full = jax.jit(functools.partial(self._full_impl, cfg=cfg, ffn_fn=ffn_fn, kv_dtype=kv_dtype))
-        self._step = jax.jit(functools.partial(self._step_impl, cfg=cfg, ffn_fn=ffn_fn),
+        self._full = jax.jit(self.traced(functools.partial(self._full_impl, cfg=cfg, ffn_fn=ffn_fn, kv_dtype=kv_dtype)))
+        self._step = jax.jit(self.traced(functools.partial(self._step_impl, cfg=cfg, ffn_fn=ffn_fn)),
                              static_argnames=("attend_len",), donate_argnames=("cache",))
         # Sparse engines (and input-sparse attention) score through decode steps: their prompt path is dense.
         self.stepwise_logits = any(lp.attn.wqkv_t is not None for lp in params.layers)
         # numba's machine code for the host kernels this engine calls, loaded now, not in the first tokens.
         self.host_kernel_warm_s = warm_host_kernels(self.params, cfg, sparse=ffn_fn is not None)
+
+    def traced(self, fn: Callable) -> Callable:
+        """`fn` run with this engine's `prompt_activations` (ops.linear.prompt_parts_scope) whenever it is traced:
+        the engine's jitted programs are wrapped in it, so two engines in one process keep their own settings."""
+        if self.prompt_activations is None:
+            return fn
+        parts = 1 if self.prompt_activations == "bfloat16" else 0
+
+        @functools.wraps(fn)  # keeps fn's signature for jit's static and donated argument names
+        def body(*args, **kwargs):
+            with prompt_parts_scope(parts):
+                return fn(*args, **kwargs)
+
+        return body
 
     # ---- jitted bodies -------------------------------------------------------------
     @staticmethod

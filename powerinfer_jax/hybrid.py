@@ -37,9 +37,9 @@ class HybridEngine(Engine):
     """An Engine whose FFNs are split between device (hot rows) and host (cold rows)."""
 
     def __init__(self, cfg, params, runtime: HybridRuntime, tokenizer=None, max_seq_len=None, model_dir=None,
-                 placement_info: dict | None = None, kv_dtype: str = "float32"):
+                 placement_info: dict | None = None, kv_dtype: str = "float32", prompt_activations: str | None = None):
         super().__init__(cfg, params, tokenizer, max_seq_len=max_seq_len, ffn_fn=runtime.ffn_fn,
-                         model_dir=model_dir, kv_dtype=kv_dtype)
+                         model_dir=model_dir, kv_dtype=kv_dtype, prompt_activations=prompt_activations)
         self.runtime = runtime
         self.mode = runtime.mode
         self.placement_info = placement_info or {}
@@ -153,6 +153,7 @@ def build_hybrid_engine(
     devices=None,
     rates: np.ndarray | None = None,
     act_thresholds: Sequence[float] | None = None,
+    prompt_activations: str | None = None,
 ) -> HybridEngine:
     """Moves the non-FFN weights and each layer's hot rows to the device; cold rows stay on the host.
 
@@ -215,7 +216,7 @@ def build_hybrid_engine(
         project_in=put(host_params.project_in), project_out=put(host_params.project_out))
     runtime = HybridRuntime(cfg, mode, device_kernel=device_kernel, overlap=overlap, mesh=mesh)
     return HybridEngine(cfg, params, runtime, tokenizer, max_seq_len=max_seq_len, model_dir=model_dir,
-                        placement_info=placement_info, kv_dtype=kv_dtype)
+                        placement_info=placement_info, kv_dtype=kv_dtype, prompt_activations=prompt_activations)
 
 
 DEVICE_KERNELS = ("numba", "xla", "pallas")
@@ -265,7 +266,7 @@ def _ffn_format(params: ModelParams) -> str:
 def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: str, dtype: str,
                 quantize: str | None, kv_dtype: str, max_seq_len: int | None, budget, threshold: float | None, offload_layers: int | None,
                 placement_batch: int, min_hot: int, device_kernel: str, devices=None,
-                act_thresholds=None, attn_input_thresholds=None) -> HybridEngine:
+                act_thresholds=None, attn_input_thresholds=None, prompt_activations=None) -> HybridEngine:
     """`pij.load` for sparse modes, budgets and the offload baseline (see its docstring)."""
     from powerinfer_jax import memory
     from powerinfer_jax.loading import load_model_params
@@ -332,7 +333,7 @@ def load_hybrid(cfg: ModelConfig, model_dir: str, bundle, tokenizer, *, mode: st
                                max_seq_len=max_seq_len, model_dir=model_dir, device_kernel=device_kernel,
                                placement_info=info, kv_dtype=kv_dtype, devices=mesh.devices.tolist() if mesh else None,
                                rates=bundle.counts / max(bundle.tokens, 1) if bundle is not None else None,
-                               act_thresholds=act_thresholds)
+                               act_thresholds=act_thresholds, prompt_activations=prompt_activations)
 
 
 def predicted_capacities(rates: np.ndarray, hot: Sequence[np.ndarray], ratios: Sequence[float],

@@ -72,29 +72,28 @@ def test_prompts_carried_in_decode_steps_equal_separate_chunks(engine):
     assert mixed[None] == 0 and mixed[4] > 0
 
 
-def test_bf16_prompt_activations_stay_close_and_batch_independent(monkeypatch):
-    """--prompt_activations=bfloat16 (POWERINFER_PROMPT_BF16_PARTS=1; XLA's bf16 dot forced, as on a CPU with
-    bf16 dot instructions): a prompt's logits stay within 5e-3 of the logits' scale of the default two parts
-    (and differ from them: the setting is applied), and the batcher's greedy texts, prompts carried in decode
-    steps, equal each request alone and `generate`'s."""
-    import jax.numpy as jnp
-
-    from powerinfer_jax.model import forward, init_cache
+def test_bf16_prompt_activations_per_engine(monkeypatch):
+    """pij.load(prompt_activations="bfloat16") (the bin/ programs' --prompt_activations; XLA's bf16 dot forced, as on
+    a CPU with bf16 dot instructions): that engine's prompt logits stay within 5e-3 of the logits' scale of a default
+    engine's in the same process, and differ from them (each engine's programs trace with its own setting); an
+    explicit "float32" wins over POWERINFER_PROMPT_BF16_PARTS=1, the default follows it; the batcher's greedy texts,
+    prompts carried in decode steps, equal each request alone and `generate`'s; a bad value is refused."""
+    from powerinfer_jax.errors import ArgumentError
 
     monkeypatch.setenv("POWERINFER_BF16_DOT", "xla")
-    monkeypatch.delenv("POWERINFER_PROMPT_BF16_PARTS", raising=False)
-    eng = pij.load(max_seq_len=128)
-    cfg = eng.cfg
-    ids = jnp.asarray(np.random.default_rng(3).integers(3, cfg.vocab_size, (1, 24)), jnp.int32)
-
-    def prompt_logits():  # eager: the setting is read as each projection runs
-        return np.asarray(forward(eng.params, cfg, ids, jnp.arange(24)[None], init_cache(cfg, 1, 128), 128)[0])
-
-    two = prompt_logits()
-    monkeypatch.setenv("POWERINFER_PROMPT_BF16_PARTS", "1")
-    one = prompt_logits()
+    monkeypatch.setenv("POWERINFER_PROMPT_BF16_PARTS", "")
+    default, eng = pij.load(max_seq_len=128), pij.load(max_seq_len=128, prompt_activations="bfloat16")
+    assert (default.prompt_activations, eng.prompt_activations) == (None, "bfloat16")
+    ids = np.random.default_rng(3).integers(3, eng.cfg.vocab_size, 24).tolist()
+    two, one = default.logits(ids), eng.logits(ids)
     err = np.abs(one - two).max() / np.abs(two).max()
     assert 1e-6 < err < 5e-3, err
+    monkeypatch.setenv("POWERINFER_PROMPT_BF16_PARTS", "1")
+    np.testing.assert_array_equal(pij.load(max_seq_len=128, prompt_activations="float32").logits(ids), two)
+    np.testing.assert_array_equal(pij.load(max_seq_len=128).logits(ids), one)
+    monkeypatch.setenv("POWERINFER_PROMPT_BF16_PARTS", "")
+    with pytest.raises(ArgumentError, match="prompt_activations"):
+        pij.load(max_seq_len=128, prompt_activations="bf16")
     prompts = [eng.encode(p) for p in PROMPTS[:4]]
     params = [RequestParams(max_tokens=8) for _ in prompts]
     with ContinuousBatcher(eng, max_batch=4, prefill_chunk=16, mixed_chunk=16) as b:

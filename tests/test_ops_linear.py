@@ -248,9 +248,9 @@ def test_activation_threshold_models_keep_exact_dots(kind, monkeypatch):
     np.testing.assert_allclose(np.asarray(fn(jnp.asarray(x), pj)), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-def test_prompt_activations_flag_sets_the_process_setting(monkeypatch):
-    """`--prompt_activations=bfloat16` of the bin/ programs becomes POWERINFER_PROMPT_BF16_PARTS=1 when they
-    ask for their load arguments (before any program is traced); the default leaves the setting alone."""
+def test_prompt_activations_flag_becomes_a_load_argument(monkeypatch):
+    """`--prompt_activations` of the bin/ programs becomes pij.load's `prompt_activations` (None without the flag,
+    so that POWERINFER_PROMPT_BF16_PARTS still applies), and the process setting is left alone."""
     import functools
     import types
 
@@ -258,13 +258,27 @@ def test_prompt_activations_flag_sets_the_process_setting(monkeypatch):
 
     from powerinfer_jax.cli_flags import define_precision_flags, precision_kwargs
 
-    # setenv (not delenv, which records nothing when the variable is unset) so that teardown removes what
-    # precision_kwargs writes: a leaked setting would change every later bf16 test
     monkeypatch.setenv("POWERINFER_PROMPT_BF16_PARTS", "")
-    for argv, want in ((["x"], ""), (["x", "--prompt_activations=bfloat16"], "1")):
+    for argv, want in ((["x"], None), (["x", "--prompt_activations=bfloat16"], "bfloat16"),
+                       (["x", "--prompt_activations=float32"], "float32")):
         fv = flags.FlagValues()
         define_precision_flags(types.SimpleNamespace(DEFINE_enum=functools.partial(flags.DEFINE_enum, flag_values=fv)))
         fv(argv)
-        assert precision_kwargs(fv) == {"dtype": "auto", "quantize": None, "kv_dtype": "auto"}
-        assert os.environ.get("POWERINFER_PROMPT_BF16_PARTS") == want
-        assert L.prompt_bf16_parts() == (1 if want else L.bf16_split_parts())
+        assert precision_kwargs(fv) == {"dtype": "auto", "quantize": None, "kv_dtype": "auto",
+                                        "prompt_activations": want}
+        assert os.environ.get("POWERINFER_PROMPT_BF16_PARTS") == ""
+        assert L.prompt_bf16_parts() == L.bf16_split_parts()
+
+
+def test_prompt_parts_scope_wins_over_the_process_setting(monkeypatch):
+    """Inside `prompt_parts_scope` (an engine's programs while traced) its value decides: 1, or 0 for the decode
+    rows' parts; None defers to POWERINFER_PROMPT_BF16_PARTS; the scope ends with its block."""
+    monkeypatch.setenv("POWERINFER_PROMPT_BF16_PARTS", "1")
+    with L.prompt_parts_scope(0):
+        assert L.prompt_bf16_parts() == L.bf16_split_parts() == 2
+    with L.prompt_parts_scope(None):
+        assert L.prompt_bf16_parts() == 1
+    monkeypatch.setenv("POWERINFER_PROMPT_BF16_PARTS", "")
+    with L.prompt_parts_scope(1):
+        assert L.prompt_bf16_parts() == 1
+    assert L.prompt_bf16_parts() == 2
