@@ -1522,6 +1522,8 @@ def warm(formats, gated: bool = False) -> float:
             for n_tok in (1, 2, _WARM_BLAS_TOKENS):  # the mat-vec kernels (one row, eight streams), then BLAS
                 x = np.ones((n_tok, cols), np.float32)
                 host_matvec(w, x)
+                if fmt == "bfloat16" and n_tok == 1:  # odd-length rows (predictors of odd rank): the one-row kernel
+                    host_matvec(_zero_weight(rows, cols + 1, fmt), np.ones((1, cols + 1), np.float32))
                 host_sparse_ffn("reglu", w, w, w, x, idx, rows)
                 host_axpy_down(w, idx, rows, np.ones((n_tok, rows), np.float32), skip_zero_rows=False)
                 if gated:
