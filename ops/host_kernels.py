@@ -904,14 +904,15 @@ def _bf16_pair_matvec_kernel(w2, x_even, x_odd, out):
     rows = w2.shape[0]
     step = (rows + _MV_CHUNKS - 1) // _MV_CHUNKS
     high = np.uint32(0xFFFF0000)
+    # At least one pair (rows are never empty): with a possible zero, LLVM vectorised the empty-row case across
+    # rows into scatter stores (benchmarks/kernel_codegen.py); peeling the first pair instead cost 13-22% on rows
+    # of 384-2048 values (the main loop's count no longer a multiple of its 64 pairs).
+    pairs = max(w2.shape[1], 1)
     for c in prange(_MV_CHUNKS):
         for r in range(c * step, min(rows, (c + 1) * step)):
             a = w2[r]
-            u = a[0]  # the first pair outside the loop (rows are never empty): LLVM otherwise vectorised the
-            # empty-row case across rows into scatter stores (benchmarks/kernel_codegen.py)
-            s0 = (np.uint32(u << np.uint32(16)).view(np.float32) * x_even[0]
-                  + np.uint32(u & high).view(np.float32) * x_odd[0])
-            for k in range(1, a.shape[0]):
+            s0 = np.float32(0.0)
+            for k in range(pairs):
                 u = a[k]
                 s0 += (np.uint32(u << np.uint32(16)).view(np.float32) * x_even[k]
                        + np.uint32(u & high).view(np.float32) * x_odd[k])
@@ -1058,9 +1059,10 @@ _one_row_matvec_kernel_serial = _serial_twin(_one_row_matvec_kernel)
 _matvec_q4_kernel_serial = _serial_twin(_matvec_q4_kernel)
 _bf16_pair_matvec_kernel_serial = _serial_twin(_bf16_pair_matvec_kernel)
 SERIAL_MAX_BYTES = 1 << 21  # weight bytes a call reads below which it runs on one thread
-# One bf16 token over even-length rows reads them as uint32 pairs (`_bf16_pair_matvec_kernel`): in a jitted chain of
-# the 7B shape's q/k/v, o and head mat-vecs 1.05x the one-row kernel, alone on [12288, 4096] 1.06-1.25x (AMD EPYC,
-# alternating calls; BENCHMARKS.md, "bf16 rows read as uint32 pairs"). The eight-stream kernels gained nothing from it.
+# One bf16 token over even-length rows reads them as uint32 pairs (`_bf16_pair_matvec_kernel`): alone 1.04-1.48x the
+# one-row kernel from bundled to 7B shapes, 1.06x in a jitted chain of the 7B shape's q/k/v, o and head mat-vecs,
+# 1.12x on the 4-layer 7B hybrid step (AMD EPYC, alternating calls; BENCHMARKS.md, "bf16 rows read as uint32
+# pairs"). The eight-stream kernels gained nothing from it.
 BF16_PAIRS = True
 I8_ONE_ROW_BELOW_COLS = 4096  # int8 rows shorter than this take the one-row kernel for one token
 

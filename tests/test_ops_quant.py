@@ -285,13 +285,18 @@ def test_matvec_one_row_kernels(fmt, cols, monkeypatch):
         np.testing.assert_allclose(H.host_matvec(W, x[:1]), pairs, rtol=1e-6, atol=1e-6 * float(np.abs(pairs).max()))
 
 
-def test_bf16_odd_width_one_token_takes_the_one_row_kernel():
-    """bf16 rows of odd length cannot be read as uint32 pairs: one token goes through the one-row kernel."""
+def test_bf16_odd_width_one_token_takes_the_one_row_kernel(monkeypatch):
+    """bf16 rows of odd length (predictors of odd rank) cannot be read as uint32 pairs: one token goes through the
+    one-row kernel, and equals the reference."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((9, 385)).astype(np.float32)
     W = Q.to_weight(w, "bfloat16")
     x = rng.standard_normal(385).astype(np.float32)
+    calls = []
+    kernel = H._one_row_matvec_kernel_serial
+    monkeypatch.setattr(H, "_one_row_matvec_kernel_serial", lambda *a: calls.append(a[1].shape) or kernel(*a))
     _assert_close(H.host_matvec(W, x), Q.dequantize(W) @ x)
+    assert calls == [(9, 385)]
 
 
 @pytest.mark.parametrize("fmt", Q.FORMATS)
