@@ -1387,7 +1387,8 @@ def host_matvec(w, x, out=None):
         kernel(kw.data, kw.scale, xk, xsum, y, np.empty((_MV_CHUNKS, groups), np.float32))
     elif xk.shape[0] == 1 and kw.code == _BF16 and BF16_PAIRS and kw.cols % 2 == 0:
         kernel = _bf16_pair_matvec_kernel_serial if serial else _bf16_pair_matvec_kernel
-        kernel(kw.data.view(np.uint32), xk[0, 0::2].copy(), xk[0, 1::2].copy(), y)
+        x_pairs = np.ascontiguousarray(xk[0].reshape(-1, 2).T)  # [2, K/2]: x's even entries, then its odd ones
+        kernel(kw.data.view(np.uint32), x_pairs[0], x_pairs[1], y)
     elif xk.shape[0] == 1 and (kw.code in (_BF16, _F16) or kw.code == _I8 and kw.cols < I8_ONE_ROW_BELOW_COLS):
         # one token in half precision or over short int8 rows: one stream a thread
         (_one_row_matvec_kernel_serial if serial else _one_row_matvec_kernel)(kw.code, kw.data, kw.scale, xk, y)

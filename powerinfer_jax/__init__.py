@@ -15,7 +15,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from powerinfer_jax.config import ModelConfig, UnsupportedModelError, load_config
-from powerinfer_jax.engine import Engine, GenerationResult
+from powerinfer_jax.engine import PROMPT_ACTIVATIONS, Engine, GenerationResult
 from powerinfer_jax import checks
 from powerinfer_jax.errors import (ArgumentError, BundleError, CheckpointError, NonFiniteError, PathNotFoundError,
                                    PowerInferError)
@@ -117,7 +117,7 @@ def load(
                           threshold, offload_layers, placement_batch, min_hot_per_split_layer, device_kernel,
                           verify_bundle, check_finite, bundle_model_dir, devices)
     if prompt_activations is not None:
-        checks.choice("prompt_activations", prompt_activations, ("float32", "bfloat16"))
+        checks.choice("prompt_activations", prompt_activations, PROMPT_ACTIVATIONS)
     path = str(model_dir) if model_dir is not None else default_model_dir()
     bundle = None
     from powerinfer_jax import bundle as bundle_lib

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from powerinfer_jax.engine import PROMPT_ACTIVATIONS
 from powerinfer_jax.loading import DTYPES
 from powerinfer_jax.model import KV_DTYPES
 
@@ -19,7 +20,7 @@ def define_precision_flags(flags) -> None:
                       "KV-cache precision. auto: the weights' half precision for a bf16/f16 checkpoint (quantized "
                       "too), float32 for a float32 one. float32 is exact; bfloat16/float16 halve the cache's memory "
                       "(a 7B model: 1 MB a token in float32) at float32's speed or better (BENCHMARKS.md).")
-    flags.DEFINE_enum("prompt_activations", "float32", ["float32", "bfloat16"],
+    flags.DEFINE_enum("prompt_activations", "float32", list(PROMPT_ACTIVATIONS),
                       "How a prompt's activations meet bf16 weights on a CPU with bf16 dot instructions (XLA's bf16 "
                       "dot, from 2 rows): float32 (split in two bf16 parts, ~2e-6 of f32, like decode rows) or "
                       "bfloat16 (rounded to bf16, as GPU engines compute bf16 checkpoints: prompt chunks and the "
