@@ -25,7 +25,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from ops import linear  # its USE_HOST_KERNELS = False sends everything through XLA (what a GPU runs)
-from ops.host_kernels import _BF16, _F16, _F32, _bf16, _f16
+from ops.host_elements import _BF16, _F16, _F32, _bf16, _f16
 
 HOST_ATTENTION_MIN_ROWS = 4  # decode steps of at least this many rows attend here (CPU backend)
 HOST_ATTENTION_MIN_SPAN_BYTES = 512 << 10  # ... and smaller ones whose attended K+V span is at least this big

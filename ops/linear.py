@@ -65,7 +65,7 @@ NATIVE_BF16_T_MIN_ROWS = 8
 # up-projection [11008, 4096] 1.49x at 4 rows, 1.07x at 8, 1.01x at 16; [4096, 4096] 1.21x at 4, 1.08x at 8;
 # two-part split / host, 15 alternating calls: 2.1x at 4 rows, 1.28x at 8, 0.79x at 16), while small weights
 # keep the bf16 dot (bundled [1536, 384] 0.72x at 4 rows). BENCHMARKS.md, "Serving". Since the host mat-vec widens
-# each element once for four tokens (ops.host_kernels._dot4x4), the kernel alone beats the split dot up to 48 rows
+# each element once for four tokens (ops.host_elements._dot4x4), the kernel alone beats the split dot up to 48 rows
 # (9 alternating calls: [11008, 4096] 2.45x at 4 rows, 2.10x at 8, 1.53x at 16, 1.25x at 48), but moving `linear`'s
 # limit to 48 made the 7B-shaped engine's decode steps that carry a prompt chunk (20-36 rows) slower (4 clients:
 # inter-token p99 574 / 696 ms against 486 / 452, two alternating process pairs), so the limit stays at 8.

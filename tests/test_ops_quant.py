@@ -12,6 +12,7 @@ import pytest
 from numba import njit
 from numba import types as numba_types
 
+from ops import host_elements
 from ops import host_kernels as H
 from ops import quant as Q
 from ops import reference as R
@@ -154,7 +155,7 @@ def test_f16_conversion_is_exact_for_every_bit_pattern():
 
     trick = convert(Q.f16_bits_to_f32_trick, bits)
     np.testing.assert_array_equal(trick.view(np.uint32), want.view(np.uint32))  # NaN payloads too
-    kernel = convert(H._f16, bits)  # the kernels' conversion (the CPU's instruction where it has one)
+    kernel = convert(host_elements._f16, bits)  # the kernels' conversion (the CPU's instruction where it has one)
     np.testing.assert_array_equal(kernel.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
     assert np.all(np.isnan(kernel[nan])) and np.array_equal(np.signbit(kernel[nan]), np.signbit(want[nan]))
     # ... and through a kernel: every finite pattern as a float16 row read by the mat-vec

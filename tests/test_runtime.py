@@ -208,10 +208,11 @@ _NUMBA_STATE = r"""
 import json, sys
 import powerinfer_jax as pij
 from numba.core.registry import CPUDispatcher
-from ops import host_kernels
+from ops import host_elements, host_kernels, host_loops
 
 def compiled():
-    return {k: len(v.overloads) for k, v in vars(host_kernels).items() if isinstance(v, CPUDispatcher)}
+    return {f"{m.__name__}.{k}": len(v.overloads) for m in (host_elements, host_loops, host_kernels)
+            for k, v in vars(m).items() if isinstance(v, CPUDispatcher)}
 
 eng = pij.load(sys.argv[1], sparsity=sys.argv[2] if sys.argv[2] != "dense" else None, max_seq_len=128)
 at_load = compiled()
