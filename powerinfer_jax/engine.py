@@ -136,7 +136,7 @@ class Engine:
         self.model_dir = model_dir
         self.max_seq_len = min(max_seq_len or 2048, cfg.max_position_embeddings)
         self._ffn_fn = ffn_fn
-        self._loop_programs = None  # batching.programs(self): the decode loop's jitted programs, made on first use
+        self._loop_programs = None  # loop_programs.programs(self): the decode loop's jitted programs, made on first use
         self._full = jax.jit(self.traced(functools.partial(self._full_impl, cfg=cfg, ffn_fn=ffn_fn, kv_dtype=kv_dtype)))
         self._step = jax.jit(self.traced(functools.partial(self._step_impl, cfg=cfg, ffn_fn=ffn_fn)),
                              static_argnames=("attend_len",), donate_argnames=("cache",))

@@ -575,7 +575,7 @@ def test_the_batched_decode_step_and_prompt_chunk_lower_for_cuda(engine, monkeyp
     import jax.numpy as jnp
 
     from ops import linear
-    from powerinfer_jax import batching
+    from powerinfer_jax import loop_programs
     from powerinfer_jax.model import init_cache
 
     monkeypatch.setattr(linear, "USE_HOST_KERNELS", False)
@@ -583,20 +583,21 @@ def test_the_batched_decode_step_and_prompt_chunk_lower_for_cuda(engine, monkeyp
     params = jax.tree.map(sds, engine.params)
     cfg, rows = engine.cfg, 4
     cache = jax.tree.map(sds, init_cache(cfg, 16, engine.max_seq_len, kv_dtype))
-    settings = [sds(a) for a in batching._settings([], rows)[1:]]
-    step = jax.jit(functools.partial(batching._decode_rows, cfg=cfg, ffn_fn=None, attend_len=128, mode="cut"))
+    settings = [sds(a) for a in loop_programs.row_settings([], rows)[1:]]
+    programs = loop_programs
+    step = jax.jit(functools.partial(programs._decode_rows, cfg=cfg, ffn_fn=None, attend_len=128, mode="cut"))
     i32 = jax.ShapeDtypeStruct((rows,), jnp.int32)
     exp = jax.export.export(step, platforms=["cuda"])(params, i32, i32, cache, *settings)
     assert "stablehlo.dot_general" in exp.mlir_module()
-    chunk = jax.jit(functools.partial(batching._prefill_chunk, cfg=cfg, ffn_fn=None, attend_len=128, mode="greedy"))
+    chunk = jax.jit(functools.partial(programs._prefill_chunk, cfg=cfg, ffn_fn=None, attend_len=128, mode="greedy"))
     tok = jax.ShapeDtypeStruct((1, 32), jnp.int32)
-    one = [sds(a) for a in batching._settings([], 1)[1:]]
+    one = [sds(a) for a in loop_programs.row_settings([], 1)[1:]]
     one_row = jax.tree.map(sds, init_cache(cfg, 1, 256, kv_dtype))
     exp = jax.export.export(chunk, platforms=["cuda"])(params, tok, tok, one_row,
                                                        jax.ShapeDtypeStruct((1,), jnp.int32), *one)
     assert "stablehlo.dot_general" in exp.mlir_module()
-    mixed = jax.jit(functools.partial(batching._decode_and_pack, cfg=cfg, ffn_fn=None, attend_len=128, mode="greedy"))
-    carried = [sds(a) for a in batching._settings([], rows + 4)[1:]]
+    mixed = jax.jit(functools.partial(programs._decode_and_pack, cfg=cfg, ffn_fn=None, attend_len=128, mode="greedy"))
+    carried = [sds(a) for a in loop_programs.row_settings([], rows + 4)[1:]]
     slots = jax.ShapeDtypeStruct((4,), jnp.int32)
     exp = jax.export.export(mixed, platforms=["cuda"])(params, i32, i32, cache, tok, tok, tok, slots, slots,
                                                        *carried)
@@ -641,7 +642,7 @@ def test_fast_call_dispatches_in_cpp_and_gives_the_same_result(monkeypatch):
 
     from ops import linear
     from ops.quant import to_weight
-    from powerinfer_jax.batching import fast_call
+    from powerinfer_jax.loop_programs import fast_call
 
     w = to_weight(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), "bfloat16")
     assert linear.uses_host_kernel(w)
@@ -679,7 +680,7 @@ def test_row_programs_copy_only_the_span():
     are masked until overwritten), not the whole max_seq_len row, and leave every other row as it was."""
     import jax.numpy as jnp
 
-    from powerinfer_jax.batching import _insert_row, _move_row
+    from powerinfer_jax.loop_programs import _insert_row, _move_row
     from powerinfer_jax.model import KVCache
 
     rng = np.random.default_rng(0)

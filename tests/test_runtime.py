@@ -187,7 +187,7 @@ def test_generation_compiles_every_span_before_the_first_token(tiny):
     before the first token is handed out, and a second run compiles nothing."""
     from powerinfer_jax.engine import decode_spans
 
-    from powerinfer_jax.batching import programs
+    from powerinfer_jax.loop_programs import programs
 
     dense, _, _, _ = tiny
     eng = pij.load(dense.model_dir, max_seq_len=512)

@@ -148,7 +148,7 @@ def test_a_row_that_stops_early_leaves_the_others_untouched(engine, monkeypatch)
     assert batch[0].stats["decode_steps"] == max(len(a) if len(a) < 12 else 11 for a in alone)
     # The row programs ran through their ahead-of-time executables (compiled before the first token), never
     # through a jit call compiling inside the loop.
-    from powerinfer_jax.batching import programs
+    from powerinfer_jax.loop_programs import programs
 
     progs = programs(engine)
     names = {sig[0] for sig in progs.executables}
