@@ -12,8 +12,9 @@ jit callbacks. The parallel numba loops (deterministic: fixed work split, privat
 f16 conversion) in `ops.host_elements`.
 
 Read streams: a kernel pass reads several rows at once (down axpy: eight rows; gate/up: the gate and
-up rows of two neurons); one-token mat-vecs read one row a thread (bf16 as uint32 pairs). Software
-prefetching did not help these streaming loops; it does help int4's compute-bound mat-vec.
+up rows of two neurons); one-token half-precision mat-vecs read one row a thread (bf16 as uint32
+pairs). Software prefetching did not help these streaming loops; it does help int4's compute-bound
+mat-vec.
 
 Measured on this 2-core VM (benchmarks/bench_formats.py, LLaMA-7B shapes, one token): float32 reads
 at ~85% of the streaming bandwidth, bfloat16/float16 at ~70-80%, int8 at ~60-75% (widening an int8

@@ -25,8 +25,8 @@ def define_precision_flags(flags) -> None:
                       "dot, from 2 rows): float32 (split in two bf16 parts, ~2e-6 of f32, like decode rows) or "
                       "bfloat16 (rounded to bf16, as GPU engines compute bf16 checkpoints: prompt chunks and the "
                       "decode steps that carry them ~1.4x faster on a 7B shape, prompt logits within ~1e-3 of "
-                      "f32). Decode rows, other formats and GPUs are unaffected. Without the flag: POWERINFER_PROMPT_BF16_PARTS "
-                      "(1 = bfloat16), else float32.")
+                      "f32). Decode rows, other formats and GPUs are unaffected. Without the flag: "
+                      "POWERINFER_PROMPT_BF16_PARTS (1 = bfloat16), else float32.")
 
 
 def precision_kwargs(FLAGS) -> dict:

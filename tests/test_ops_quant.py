@@ -278,8 +278,9 @@ def test_matvec_one_row_kernels(fmt, cols, monkeypatch):
             _assert_close(got, x[:n] @ wf.T)
             np.testing.assert_array_equal(H.host_matvec(W, x[:n]), got)
     one_row = fmt == "float16" or fmt == "int8" and cols < H.I8_ONE_ROW_BELOW_COLS
-    kernel, shape = ("_bf16_pair_matvec_kernel", (cols // 2,)) if fmt == "bfloat16" else ("_one_row_matvec_kernel", (1, cols))
-    assert calls == ([(kernel, shape)] * 2 + [(kernel + "_serial", shape)] * 2 if one_row or fmt == "bfloat16" else [])
+    bf16 = fmt == "bfloat16"
+    kernel, shape = ("_bf16_pair_matvec_kernel", (cols // 2,)) if bf16 else ("_one_row_matvec_kernel", (1, cols))
+    assert calls == ([(kernel, shape)] * 2 + [(kernel + "_serial", shape)] * 2 if one_row or bf16 else [])
     if fmt == "bfloat16":
         pairs = H.host_matvec(W, x[:1])
         monkeypatch.setattr(H, "BF16_PAIRS", False)
