@@ -24,8 +24,10 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from ops import host_elements, quant
 from ops import linear  # its USE_HOST_KERNELS = False sends everything through XLA (what a GPU runs)
 from ops.host_elements import _BF16, _F16, _F32, _bf16, _f16
+from ops.kernel_cache import drop_stale
 
 HOST_ATTENTION_MIN_ROWS = 4  # decode steps of at least this many rows attend here (CPU backend)
 HOST_ATTENTION_MIN_SPAN_BYTES = 512 << 10  # ... and smaller ones whose attended K+V span is at least this big
@@ -98,6 +100,10 @@ def _decode_attention(code, q, k, v, rows_of, starts, ends, scale, out):
                 p = scores[s - s0] * inv
                 for d in range(hd):
                     out[b, h, d] += p * _kv(code, v[r, g, s, d])
+
+
+# numba keys this kernel's cache on this file alone; a change in what it inlines must recompile it
+drop_stale(_decode_attention, [host_elements.__file__, quant.__file__])
 
 
 def _slot_ranges(positions: jax.Array, max_len: int, window: int | None) -> tuple[jax.Array, jax.Array]:

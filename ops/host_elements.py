@@ -48,6 +48,26 @@ def _has_hw_f16() -> bool:
 _HW_F16 = _has_hw_f16()
 
 
+def _has_32_vector_registers() -> bool:
+    """Whether the compile target has 32 SIMD registers (x86 with AVX-512, every ARMv8) rather than
+    AVX2's 16. Register blocks sized for 32 spill on 16: `dot4x4`'s 16 accumulators did."""
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        return True
+    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:  # a fixed (portable) target: its own features
+        return "+avx512f" in (numba.config.CPU_FEATURES or "")
+    return bool(llvm_binding.get_host_cpu_features().get("avx512f", False))
+
+
+# Four rows against four tokens (`_dot4x4`) in one pass needs 16 accumulators plus the widened rows, and the down
+# kernel's eight rows against four tokens (`_axpy8x4`) 32 coefficients: more registers than AVX2 has (the one-pass
+# dot4x4 kept 5 accumulators on the stack). With 16 registers they run as two passes of two rows (`dot2x4`) and of
+# four rows (`axpy4x4`): mat-vec 1.01-1.37x, down 0.99-1.13x from bundled to 7B shapes at 4 and 16 tokens on a
+# 2-core AMD EPYC (Zen 3, AVX2; BENCHMARKS.md, "Register blocks for AVX2"). A compile-time constant from the
+# target's features, so numba's cache (keyed by CPU) stays right.
+FOUR_TOKEN_BLOCKS_IN_TWO_PASSES = not _has_32_vector_registers()
+
+
 @intrinsic
 def _f16_bits_to_f32_hw(typingctx, h):
     """f16 bits -> f32 by the CPU's conversion instruction (vcvtph2ps, vectorised by LLVM)."""
@@ -188,6 +208,36 @@ def _elementwise_ops(cvt):
         return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
 
     @njit(fastmath=_FASTMATH, inline="always")
+    def dot2x4(p0, p1, x0, x1, x2, x3):
+        """Two rows against four token vectors: 8 accumulators, which fit AVX2's 16 registers."""
+        s00 = s01 = s02 = s03 = np.float32(0.0)
+        s10 = s11 = s12 = s13 = np.float32(0.0)
+        for k in range(x0.shape[0]):
+            a, b = cvt(p0[k]), cvt(p1[k])
+            u0, u1, u2, u3 = x0[k], x1[k], x2[k], x3[k]
+            s00 += a * u0
+            s01 += a * u1
+            s02 += a * u2
+            s03 += a * u3
+            s10 += b * u0
+            s11 += b * u1
+            s12 += b * u2
+            s13 += b * u3
+        return s00, s01, s02, s03, s10, s11, s12, s13
+
+    @njit(fastmath=_FASTMATH, inline="always")
+    def dot4x4_two_passes(p0, p1, p2, p3, x0, x1, x2, x3):
+        """`dot4x4`'s sums as two `dot2x4` passes (rows 0-1, then 2-3)."""
+        t = dot2x4(p0, p1, x0, x1, x2, x3)
+        v = dot2x4(p2, p3, x0, x1, x2, x3)
+        return (t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7])
+
+    if FOUR_TOKEN_BLOCKS_IN_TWO_PASSES:
+        dot4x4_one_pass, dot4x4 = dot4x4, dot4x4_two_passes
+    else:
+        dot4x4_one_pass = dot4x4
+
+    @njit(fastmath=_FASTMATH, inline="always")
     def axpy8x4(a0, a1, a2, a3, c, p0, p1, p2, p3, p4, p5, p6, p7):
         """a_t += sum_i c[8t + i] * p_i for four tokens' accumulators a_t and eight rows p_i (eight read
         streams, as axpy8): each element widened once for the four tokens (axpy8 widens it once per token)."""
@@ -207,13 +257,47 @@ def _elementwise_ops(cvt):
             a3[k] += (c30 * w0 + c31 * w1 + c32 * w2 + c33 * w3
                       + c34 * w4 + c35 * w5 + c36 * w6 + c37 * w7)
 
-    return dot1, dot4, dot8, axpy8, widen, dot4x4, axpy8x4
+    @njit(fastmath=_FASTMATH, inline="always")
+    def axpy4x4(a0, a1, a2, a3, c, o, p0, p1, p2, p3):
+        """a_t += sum_i c[8t + o + i] * p_i for four tokens and four rows (rows o..o+3 of `axpy8x4`'s eight):
+        16 coefficients, which fit AVX2's 16 registers with the rows less often than 32 do."""
+        c00, c01, c02, c03 = c[o], c[o + 1], c[o + 2], c[o + 3]
+        c10, c11, c12, c13 = c[o + 8], c[o + 9], c[o + 10], c[o + 11]
+        c20, c21, c22, c23 = c[o + 16], c[o + 17], c[o + 18], c[o + 19]
+        c30, c31, c32, c33 = c[o + 24], c[o + 25], c[o + 26], c[o + 27]
+        for k in range(a0.shape[0]):
+            w0, w1, w2, w3 = cvt(p0[k]), cvt(p1[k]), cvt(p2[k]), cvt(p3[k])
+            a0[k] += c00 * w0 + c01 * w1 + c02 * w2 + c03 * w3
+            a1[k] += c10 * w0 + c11 * w1 + c12 * w2 + c13 * w3
+            a2[k] += c20 * w0 + c21 * w1 + c22 * w2 + c23 * w3
+            a3[k] += c30 * w0 + c31 * w1 + c32 * w2 + c33 * w3
+
+    @njit(fastmath=_FASTMATH, inline="always")
+    def axpy8x4_two_passes(a0, a1, a2, a3, c, p0, p1, p2, p3, p4, p5, p6, p7):
+        """`axpy8x4` as two `axpy4x4` passes (rows 0-3, then 4-7)."""
+        axpy4x4(a0, a1, a2, a3, c, 0, p0, p1, p2, p3)
+        axpy4x4(a0, a1, a2, a3, c, 4, p4, p5, p6, p7)
+
+    axpy8x4_one_pass = axpy8x4
+    if FOUR_TOKEN_BLOCKS_IN_TWO_PASSES:
+        axpy8x4 = axpy8x4_two_passes
+
+    return (dot1, dot4, dot8, axpy8, widen, dot4x4, axpy8x4, dot4x4_one_pass, dot4x4_two_passes,
+            axpy8x4_one_pass, axpy8x4_two_passes)
 
 
-_, _f32_dot4, _f32_dot8, _f32_axpy8, _f32_widen, _f32_dot4x4, _f32_axpy8x4 = _elementwise_ops(_f32)
-_bf16_dot1, _bf16_dot4, _bf16_dot8, _bf16_axpy8, _bf16_widen, _bf16_dot4x4, _bf16_axpy8x4 = _elementwise_ops(_bf16)
-_f16_dot1, _f16_dot4, _f16_dot8, _f16_axpy8, _f16_widen, _f16_dot4x4, _f16_axpy8x4 = _elementwise_ops(_f16)
-_i8_dot1, _i8_dot4, _i8_dot8, _i8_axpy8, _i8_widen, _i8_dot4x4, _i8_axpy8x4 = _elementwise_ops(_i8)
+(_, _f32_dot4, _f32_dot8, _f32_axpy8, _f32_widen, _f32_dot4x4, _f32_axpy8x4,
+ _f32_dot4x4_one_pass, _f32_dot4x4_two_passes, _f32_axpy8x4_one_pass,
+ _f32_axpy8x4_two_passes) = _elementwise_ops(_f32)
+(_bf16_dot1, _bf16_dot4, _bf16_dot8, _bf16_axpy8, _bf16_widen, _bf16_dot4x4, _bf16_axpy8x4,
+ _bf16_dot4x4_one_pass, _bf16_dot4x4_two_passes, _bf16_axpy8x4_one_pass,
+ _bf16_axpy8x4_two_passes) = _elementwise_ops(_bf16)
+(_f16_dot1, _f16_dot4, _f16_dot8, _f16_axpy8, _f16_widen, _f16_dot4x4, _f16_axpy8x4,
+ _f16_dot4x4_one_pass, _f16_dot4x4_two_passes, _f16_axpy8x4_one_pass,
+ _f16_axpy8x4_two_passes) = _elementwise_ops(_f16)
+(_i8_dot1, _i8_dot4, _i8_dot8, _i8_axpy8, _i8_widen, _i8_dot4x4, _i8_axpy8x4,
+ _i8_dot4x4_one_pass, _i8_dot4x4_two_passes, _i8_axpy8x4_one_pass,
+ _i8_axpy8x4_two_passes) = _elementwise_ops(_i8)
 
 
 @njit(fastmath=_FASTMATH, inline="always")

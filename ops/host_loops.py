@@ -16,8 +16,10 @@ from types import FunctionType
 import numpy as np
 from numba import njit, prange
 
+from ops import host_elements, quant
 from ops.host_elements import (_FASTMATH, _GELU_C, _I4, _axpy8, _axpy8x4, _dot1, _dot4, _dot4x4, _dot8, _f16, _gated4,
                                _natural_col, _prefetch_rows, _row_scale, _widen)
+from ops.kernel_cache import drop_stale
 
 _H_CHUNKS = 64  # row chunks of the gate/up kernel
 _MV_CHUNKS = 64  # row chunks of the dense mat-vec
@@ -416,3 +418,7 @@ _matvec_kernel_serial = _serial_twin(_matvec_kernel)
 _one_row_matvec_kernel_serial = _serial_twin(_one_row_matvec_kernel)
 _matvec_q4_kernel_serial = _serial_twin(_matvec_q4_kernel)
 _bf16_pair_matvec_kernel_serial = _serial_twin(_bf16_pair_matvec_kernel)
+
+# numba keys these kernels' cache on this file alone; they inline host_elements (and it quant): a change there
+# must recompile them (`ops.kernel_cache`).
+drop_stale(_down_kernel, [host_elements.__file__, quant.__file__])

@@ -223,6 +223,33 @@ def test_gated_h_takes_four_tokens_at_a_time(fmt, family, batch, monkeypatch):
     np.testing.assert_allclose(one_at_a_time, got, rtol=1e-6, atol=1e-6 * float(np.abs(got).max()))
 
 
+@njit
+def _dot4x4_both_ways(one_pass, two_passes, rows, xs):
+    """Both register blocks of `_dot4x4` over four rows and four token vectors (a numba caller: they inline)."""
+    return (one_pass(rows[0], rows[1], rows[2], rows[3], xs[0], xs[1], xs[2], xs[3]),
+            two_passes(rows[0], rows[1], rows[2], rows[3], xs[0], xs[1], xs[2], xs[3]))
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("cols", [8, 61, 384])
+def test_dot4x4_register_blocks_agree(fmt, cols):
+    """`_dot4x4` as one pass of four rows (32-register ISAs) and as two passes of two (AVX2's 16 registers; the
+    CPU picks one at compile time, `FOUR_TOKEN_BLOCKS_IN_TWO_PASSES`): both give the 16 sums row-major, each within f32
+    rounding of the float64 product of the stored rows, whichever this CPU runs."""
+    short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int8": "i8"}[fmt]
+    one_pass = getattr(host_elements, f"_{short}_dot4x4_one_pass")
+    two_passes = getattr(host_elements, f"_{short}_dot4x4_two_passes")
+    rng = np.random.default_rng(cols)
+    w = Q.to_weight(rng.standard_normal((4, cols)).astype(np.float32), fmt)
+    stored = np.ascontiguousarray(w.data).view(np.uint16) if fmt in ("bfloat16", "float16") else np.asarray(w.data)
+    xs = rng.standard_normal((4, cols)).astype(np.float32)
+    unscaled = stored.astype(np.float64) if fmt == "int8" else Q.dequantize(w).astype(np.float64)  # no row scales
+    want = (unscaled @ xs.astype(np.float64).T).ravel()  # row i, token j at 4i + j
+    bound = 1e-6 * np.abs(unscaled).sum(1).repeat(4) * np.abs(xs).max() + 1e-30
+    for got in _dot4x4_both_ways(one_pass, two_passes, stored, xs):
+        assert np.all(np.abs(np.asarray(got, np.float64) - want) <= bound)
+
+
 @pytest.mark.parametrize("fmt", Q.FORMATS)
 @pytest.mark.parametrize("batch", [4, 5, 8, 11])
 def test_axpy_down_takes_four_tokens_at_a_time(fmt, batch, monkeypatch):
