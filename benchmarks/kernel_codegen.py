@@ -61,7 +61,10 @@ def instruction_counts(asm: str) -> dict:
     return {"zmm": sum("zmm" in ln for ln in ops), "ymm": sum("ymm" in ln for ln in ops),
             "gather": sum(n.startswith(("vgather", "vpgather")) for n in names),
             "scatter": sum(n.startswith(("vscatter", "vpscatter")) for n in names),
-            "insert": sum(n.startswith("vpinsr") for n in names)}
+            "insert": sum(n.startswith("vpinsr") for n in names),
+            # vector registers loaded from or stored to the stack: spills, when a register block outgrows the ISA
+            # (AVX2 has 16 vector registers, AVX-512 32)
+            "stack": sum(("ymm" in ln or "zmm" in ln) and ("(%rsp)" in ln or "(%rbp)" in ln) for ln in ops)}
 
 
 def kernel_report(dispatcher, signatures=None) -> list[tuple[str, dict]]:
@@ -84,7 +87,7 @@ def main() -> None:
     exercise()
     bad = 0
     print(f"{'kernel':40s} {'signature (first arguments)':60s} {'zmm':>5s} {'ymm':>5s} {'gather':>6s} {'scatter':>7s} "
-          f"{'vpinsr':>6s}")
+          f"{'vpinsr':>6s} {'stack':>5s}")
     for mod in (HK, Q, HA):
         for name, obj in sorted(vars(mod).items()):
             if not isinstance(obj, CPUDispatcher) or not obj.signatures:
@@ -94,7 +97,7 @@ def main() -> None:
                 bad += bool(flagged)
                 if flagged or not a.only_bad:
                     print(f"{mod.__name__ + '.' + name:40s} {sig[:60]:60s} {c['zmm']:5d} {c['ymm']:5d} {c['gather']:6d} "
-                          f"{c['scatter']:7d} {c['insert']:6d}")
+                          f"{c['scatter']:7d} {c['insert']:6d} {c['stack']:5d}")
     print(f"\n{bad} kernel signatures with gathers or scatters")
     sys.exit(1 if bad and a.only_bad else 0)
 

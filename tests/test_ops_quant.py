@@ -250,6 +250,36 @@ def test_dot4x4_register_blocks_agree(fmt, cols):
         assert np.all(np.abs(np.asarray(got, np.float64) - want) <= bound)
 
 
+@njit
+def _axpy8x4_both_ways(one_pass, two_passes, accs, coefs, rows):
+    """Both register blocks of `_axpy8x4` into their own accumulators [2, 4, K] (a numba caller: they inline)."""
+    a, b = accs[0], accs[1]
+    one_pass(a[0], a[1], a[2], a[3], coefs, rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7])
+    two_passes(b[0], b[1], b[2], b[3], coefs, rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7])
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("cols", [8, 61, 384])
+def test_axpy8x4_register_blocks_agree(fmt, cols):
+    """`_axpy8x4` as one pass of eight rows and as two passes of four (`FOUR_TOKEN_BLOCKS_IN_TWO_PASSES`): both add
+    token t's sum_i c[8t + i] * row_i to accumulator t, within f32 rounding of the float64 result."""
+    short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int8": "i8"}[fmt]
+    one_pass = getattr(host_elements, f"_{short}_axpy8x4_one_pass")
+    two_passes = getattr(host_elements, f"_{short}_axpy8x4_two_passes")
+    rng = np.random.default_rng(cols + 1)
+    w = Q.to_weight(rng.standard_normal((8, cols)).astype(np.float32), fmt)
+    stored = np.ascontiguousarray(w.data).view(np.uint16) if fmt in ("bfloat16", "float16") else np.asarray(w.data)
+    unscaled = stored.astype(np.float64) if fmt == "int8" else Q.dequantize(w).astype(np.float64)
+    coefs = rng.standard_normal(32).astype(np.float32)
+    start = rng.standard_normal((4, cols)).astype(np.float32)
+    accs = np.stack([start, start])
+    _axpy8x4_both_ways(one_pass, two_passes, accs, coefs, stored)
+    want = start + coefs.reshape(4, 8).astype(np.float64) @ unscaled
+    bound = 1e-6 * (np.abs(start) + np.abs(coefs.reshape(4, 8)) @ np.abs(unscaled)) + 1e-30
+    for got in accs:
+        assert np.all(np.abs(got - want) <= bound)
+
+
 @pytest.mark.parametrize("fmt", Q.FORMATS)
 @pytest.mark.parametrize("batch", [4, 5, 8, 11])
 def test_axpy_down_takes_four_tokens_at_a_time(fmt, batch, monkeypatch):
