@@ -245,10 +245,13 @@ def _goals(rows) -> dict:
 
 
 def to_markdown(res: dict) -> str:
+    if res.get("bf16_dot") == "host":  # a CPU without bf16 dot instructions: the split-dot setting is unused
+        bf16 = "bf16 products of several rows in the host kernels (no bf16 dot instructions)"
+    else:
+        bf16 = (f"bf16 split dot in {res.get('bf16_split_parts', 3)} parts (prompt rows: "
+                f"{res.get('prompt_bf16_parts', res.get('bf16_split_parts', 3))})")
     lines = [f"Serving benchmark ({res['machine']}, jax {res['jax']}, {res['date']}); `{res['command']}`; "
-             f"bf16 split dot in {res.get('bf16_split_parts', 3)} parts (prompt rows: "
-             f"{res.get('prompt_bf16_parts', res.get('bf16_split_parts', 3))}); "
-             f"KV cache {res.get('kv_dtype', 'float32')}",
+             f"{bf16}; KV cache {res.get('kv_dtype', 'float32')}",
              ""]
     for m in res["models"]:
         lines += [f"### {m['model']}: {m['description']}; {m['tokens_per_request']} tokens per request", "",
@@ -277,7 +280,7 @@ def main(argv):
         raise ArgumentError("--clients must list positive integers")
     import jax
 
-    from ops.linear import bf16_split_parts, prompt_bf16_parts
+    from ops.linear import bf16_split_parts, cpu_has_bf16_dot, prompt_bf16_parts
 
     t0 = time.time()
     models = [bench_model(m, clients) for m in FLAGS.models]
@@ -288,7 +291,8 @@ def main(argv):
            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(["python benchmarks/bench_serve.py", *sys.argv[1:]]), "wall_s": time.time() - t0,
            "mixed_chunk": FLAGS.mixed_chunk, "stage_rows": FLAGS.stage_rows, "bf16_split_parts": bf16_split_parts(),
-           "prompt_bf16_parts": prompt_bf16_parts(), "kv_dtype": FLAGS.kv_dtype, "models": models}
+           "prompt_bf16_parts": prompt_bf16_parts(), "kv_dtype": FLAGS.kv_dtype, "models": models,
+           "bf16_dot": "host" if jax.default_backend() == "cpu" and not cpu_has_bf16_dot() else "xla"}
     md = to_markdown(res)
     print("\n" + md)
     stem = FLAGS.out or os.path.join(REPO, "benchmarks", "results", f"serve_{jax.default_backend()}")

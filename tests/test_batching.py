@@ -605,6 +605,16 @@ def test_the_batched_decode_step_and_prompt_chunk_lower_for_cuda(engine, monkeyp
     assert "callback" not in exp.mlir_module()  # the packed chunk's attention too stays in XLA off the CPU
 
 
+def test_bench_serve_header_names_the_bf16_path():
+    """bench_serve's markdown header names the split-dot setting only where XLA's bf16 dot runs; on a CPU without
+    bf16 dot instructions it says the host kernels take every bf16 product."""
+    from benchmarks import bench_serve
+    res = {"machine": "m", "jax": "j", "date": "d", "command": "c", "models": [], "bf16_split_parts": 2}
+    assert "split dot in 2 parts" in bench_serve.to_markdown(dict(res, bf16_dot="xla"))
+    host = bench_serve.to_markdown(dict(res, bf16_dot="host"))
+    assert "host kernels" in host and "split dot" not in host
+
+
 def test_bench_serve_round_counts_every_token(engine, batcher):
     """benchmarks/bench_serve.py's measuring round: every token of every client is timed once."""
     from benchmarks import bench_serve
