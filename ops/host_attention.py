@@ -27,11 +27,15 @@ from numba.extending import overload
 from ops import host_elements, quant
 from ops import linear  # its USE_HOST_KERNELS = False sends everything through XLA (what a GPU runs)
 from ops.host_elements import _BF16, _F16, _F32, _bf16, _f16
+from ops.host_loops import _serial_twin
 from ops.kernel_cache import drop_stale
 
 HOST_ATTENTION_MIN_ROWS = 4  # decode steps of at least this many rows attend here (CPU backend)
 HOST_ATTENTION_MIN_SPAN_BYTES = 512 << 10  # ... and smaller ones whose attended K+V span is at least this big
 USE_HOST_ATTENTION = True  # False keeps XLA's attention everywhere (tests compare the two)
+# A call reading at most this many K+V bytes runs on the calling thread: waking the second one costs 100-200 us
+# on a VM whose idle vCPU halts, 10x a bundled-model row's attention (BENCHMARKS.md, "One parallel region").
+SERIAL_MAX_BYTES = 1 << 21
 # The bit patterns a KVCache stores half precisions in (powerinfer_jax.layers.KV_STORAGE), and cache dtype -> the
 # kernel's format code (bf16 and f16 as floats or as their bits)
 _HALF_BITS = {np.dtype(np.uint16): np.dtype(jnp.bfloat16), np.dtype(np.int16): np.dtype(np.float16)}
@@ -102,8 +106,17 @@ def _decode_attention(code, q, k, v, rows_of, starts, ends, scale, out):
                     out[b, h, d] += p * _kv(code, v[r, g, s, d])
 
 
+_decode_attention_serial = _serial_twin(_decode_attention)
 # numba keys this kernel's cache on this file alone; a change in what it inlines must recompile it
 drop_stale(_decode_attention, [host_elements.__file__, quant.__file__])
+
+
+def _attention_kernel(k_bits: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+    """The serial kernel where the call reads at most SERIAL_MAX_BYTES of K and V, else the parallel one."""
+    _, hkv, _, hd = k_bits.shape
+    slots = int(np.maximum(ends - starts, 0).sum())
+    small = 2 * slots * hkv * hd * k_bits.itemsize <= SERIAL_MAX_BYTES
+    return _decode_attention_serial if small else _decode_attention
 
 
 def _slot_ranges(positions: jax.Array, max_len: int, window: int | None) -> tuple[jax.Array, jax.Array]:
@@ -130,8 +143,9 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, posit
 
     def cb(ctx, out, qb, kb, vb, rb, sb, eb):
         del ctx
-        _decode_attention(code, np.asarray(qb), bits(kb), bits(vb), np.asarray(rb), np.asarray(sb),
-                          np.asarray(eb), scale, np.asarray(out))
+        k_bits, starts, ends = bits(kb), np.asarray(sb), np.asarray(eb)
+        _attention_kernel(k_bits, starts, ends)(code, np.asarray(qb), k_bits, bits(vb), np.asarray(rb), starts,
+                                                ends, scale, np.asarray(out))
 
     shape = jax.ShapeDtypeStruct((B, hq, hd), jnp.float32)
     return linear._buffer_callback(cb, shape)(q.astype(jnp.float32), k_cache, v_cache, rows_of, starts, ends)

@@ -127,6 +127,10 @@ def host_sparse_ffn_ref(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None
 
 
 SERIAL_MAX_BYTES = 1 << 21  # weight bytes a call reads below which it runs on one thread
+# ... and for which (weight bytes x tokens), the arithmetic, is at most this: a 16-row step of the bundled model
+# 1.12-1.16x faster with its [1536, 384] projections on two threads, 1- to 4-row steps even (BENCHMARKS.md,
+# "One parallel region a kernel call")
+SERIAL_MAX_WORK_BYTES = 8 << 20
 # One bf16 token over even-length rows reads them as uint32 pairs (`_bf16_pair_matvec_kernel`): alone 1.04-1.48x the
 # one-row kernel from bundled to 7B shapes, 1.06x in a jitted chain of the 7B shape's q/k/v, o and head mat-vecs,
 # 1.12x on the 4-layer 7B hybrid step (AMD EPYC, alternating calls; BENCHMARKS.md, "bf16 rows read as uint32
@@ -226,8 +230,11 @@ def _natural_order(code: int, y: np.ndarray) -> np.ndarray:
     return y.reshape(b, 2, k // GROUP, GROUP // 2).transpose(0, 2, 1, 3).reshape(b, k)
 
 
-def _serial(count, kw: _KW) -> bool:
-    return count * kw.row_bytes <= SERIAL_MAX_BYTES
+def _serial(count, kw: _KW, tokens: int = 1) -> bool:
+    """One thread for a call that reads at most SERIAL_MAX_BYTES of weights for at most SERIAL_MAX_WORK_BYTES
+    of (weight bytes x tokens): waking the second thread costs more than it saves below that."""
+    nbytes = count * kw.row_bytes
+    return nbytes <= SERIAL_MAX_BYTES and nbytes * tokens <= SERIAL_MAX_WORK_BYTES
 
 
 def _arg(a, dtype):
@@ -268,7 +275,7 @@ def host_gather_matvec(w, idx, count, x):
     x2 = _kernel_x(kw, x)
     idx, count = _rows(idx, count, kw.rows)
     out = np.empty((x2.shape[0], count), np.float32)
-    kernel = _h_kernel_serial if _serial(count, kw) else _h_kernel
+    kernel = _h_kernel_serial if _serial(count, kw, x2.shape[0]) else _h_kernel
     kernel(3, kw.code, kw.data, kw.scale, kw.data, kw.scale, np.zeros(1, np.float32), False, False,
            x2, idx, count, out)
     return out
@@ -294,14 +301,14 @@ def host_sparse_h(family, w_gate, w_up, x, idx, count, b_up=None, out=None, act_
     out = _out(out, (x2.shape[0], count))
     if act_threshold is not None:
         _expect(family != "relu", "an activation threshold needs a gated family")
-        kernel = _h_threshold_kernel_serial if _serial(2 * count, ku) else _h_threshold_kernel
+        kernel = _h_threshold_kernel_serial if _serial(2 * count, ku, x2.shape[0]) else _h_threshold_kernel
         kernel(_FAMILY_CODE[family], ku.code, kg.data, kg.scale, ku.data, ku.scale, x2, idx, count,
                np.float32(act_threshold), out)
         return out
     has_bias = b_up is not None
     bu = _arg(b_up, np.float32) if has_bias else np.zeros(1, np.float32)
     _expect(not has_bias or bu.shape[0] >= ku.rows, "b_up has fewer entries than w_up rows")
-    kernel = _h_kernel_serial if _serial(2 * count, ku) else _h_kernel
+    kernel = _h_kernel_serial if _serial(2 * count, ku, x2.shape[0]) else _h_kernel
     kernel(_FAMILY_CODE[family], ku.code, kg.data, kg.scale, ku.data, ku.scale, bu, has_bias, GATED_FOUR_TOKENS,
            x2, idx, count, out)
     return out
@@ -335,7 +342,7 @@ def host_axpy_down(w_down_t, idx, count, h, out=None, skip_zero_rows=True):
     idx, count = _rows(idx, count, kw.rows)
     out = _out(out, (h2.shape[0], kw.cols))
     _expect(h2.shape[1] >= count, f"h has {h2.shape[1]} columns, count is {count}")
-    kernel = _down_kernel_serial if _serial(count, kw) else _down_kernel
+    kernel = _down_kernel_serial if _serial(count, kw, h2.shape[0]) else _down_kernel
     kernel(kw.code, kw.data, kw.scale, idx, count, h2, bool(skip_zero_rows), AXPY_FOUR_TOKENS, out,
            *_down_buffers(kw, h2.shape[0]))
     return out
@@ -447,7 +454,7 @@ def host_matvec(w, x, out=None):
     if xk.shape[0] >= blas_min_tokens(FORMATS[kw.code]):
         return host_matmul_blocked(w, x, out=out)
     y = _out(out, (xk.shape[0], kw.rows))
-    serial = _serial(kw.rows, kw)
+    serial = _serial(kw.rows, kw, xk.shape[0])
     if kw.code == _I4:
         half, groups = kw.cols // 2, kw.cols // GROUP
         xsum = (xk[:, :half] + xk[:, half:]).reshape(xk.shape[0], groups, GROUP // 2).sum(-1, dtype=np.float32)

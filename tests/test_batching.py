@@ -225,8 +225,8 @@ def test_packed_chunk_equals_each_prompt_alone(sparsity, host_attention, monkeyp
     group = RowGroup(jnp.asarray(tokens), jnp.asarray(positions), stage, logits_at=jnp.asarray([8, 0, 3]),
                      cache_rows=jnp.asarray(rows))
     calls = []
-    kernel = HA._decode_attention
-    monkeypatch.setattr(HA, "_decode_attention", lambda *a: calls.append(a[1].shape) or kernel(*a))
+    choose = HA._attention_kernel  # serial or parallel by size: record the queries of either
+    monkeypatch.setattr(HA, "_attention_kernel", lambda *a: lambda *b: calls.append(b[1].shape) or choose(*a)(*b))
     (logits, packed, _), = forward_groups(params, cfg, [group], 128, ffn)
     assert bool(calls) == (host_attention and jax.default_backend() == "cpu")  # one call a layer, 12 queries
     assert all(shape[0] == 12 for shape in calls)

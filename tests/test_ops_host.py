@@ -109,6 +109,7 @@ def test_callback_inside_jit(method, family, dtype, batch):
 def test_serial_and_parallel_kernels_agree_bit_for_bit(family, monkeypatch):
     """Small calls run the single-threaded build of the same kernels: same work split, same bits."""
     wg, wu, wd, bu, x, idx, count = _case(family, 256, 64, 45, 2, 7, np.float32)
+    monkeypatch.setattr(H, "SERIAL_MAX_WORK_BYTES", 1 << 40)  # serial: by bytes alone
     monkeypatch.setattr(H, "SERIAL_MAX_BYTES", 1 << 30)
     serial = H.host_sparse_ffn(family, wg, wu, wd, x, idx, count, bu)
     monkeypatch.setattr(H, "SERIAL_MAX_BYTES", 0)
@@ -182,3 +183,13 @@ def test_predicted_ffn_rows_equals_predictor_select_and_rows(fmt, batch):
     y0, count0, hot0 = g(as_jax(fc1), as_jax(fc2), order[:n_hot], order[n_hot:], as_jax(wg), as_jax(wu), as_jax(wd),
                          None, x_pred, x, rows)
     assert (int(count0), int(hot0)) == (int(count), int(hot)) and not np.asarray(y0).any()
+
+
+def test_the_serial_rule_counts_weight_bytes_and_tokens():
+    """One thread for a call under SERIAL_MAX_BYTES of weights whose bytes x tokens stay under
+    SERIAL_MAX_WORK_BYTES; a many-token call over the same small weight takes both threads."""
+    kw = H._kernel_weight(np.zeros((1536, 384), H.BF16))  # the bundled model's up projection, 1.1 MiB
+    assert kw.rows * kw.row_bytes <= H.SERIAL_MAX_BYTES
+    assert H._serial(kw.rows, kw, 1) and H._serial(kw.rows, kw, 4)
+    assert not H._serial(kw.rows, kw, 16)
+    assert not H._serial(2 * H.SERIAL_MAX_BYTES // kw.row_bytes, kw, 1)  # over the byte limit: parallel

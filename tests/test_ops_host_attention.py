@@ -33,6 +33,22 @@ def test_decode_attention_matches_reference(hq, hkv, window, cache_dtype):
     assert not np.asarray(got)[3].any()
 
 
+@pytest.mark.parametrize("serial_max_bytes", [0, 1 << 40])
+def test_serial_and_parallel_kernels_agree(monkeypatch, serial_max_bytes):
+    """A call reading few K/V bytes runs the serial twin (no thread wake), a larger one the parallel kernel:
+    both give the reference's result, and the size rule picks as stated."""
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((3, 8, 16), dtype=np.float32)
+    k, v = (rng.standard_normal((3, 2, 32, 16), dtype=np.float32) for _ in range(2))
+    positions = np.array([3, 31, 9], np.int32)
+    monkeypatch.setattr(HA, "SERIAL_MAX_BYTES", serial_max_bytes)
+    starts, ends = (np.asarray(a) for a in HA._slot_ranges(jnp.asarray(positions), 32, None))
+    picked = HA._attention_kernel(k, starts, ends)
+    assert picked is (HA._decode_attention_serial if serial_max_bytes else HA._decode_attention)
+    got = jax.jit(HA.decode_attention)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(positions))
+    _close(got, HA.decode_attention_ref(q, k, v, positions))
+
+
 def test_queries_read_the_cache_rows_they_are_mapped_to():
     """`cache_rows`: query b reads cache row cache_rows[b] (a packed prompt chunk: several queries a row,
     rows in any order, a padding query past the cache), against the reference and against each query

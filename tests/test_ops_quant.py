@@ -328,6 +328,7 @@ def test_matvec_one_row_kernels(fmt, cols, monkeypatch):
     for name in names + tuple(n + "_serial" for n in names):
         kernel = getattr(H, name)
         monkeypatch.setattr(H, name, lambda *a, k=kernel, n=name: calls.append((n, a[-2].shape)) or k(*a))
+    monkeypatch.setattr(H, "SERIAL_MAX_WORK_BYTES", 1 << 40)  # serial: by bytes alone
     for serial_bytes in (0, 1 << 40):  # parallel, then serial kernels
         monkeypatch.setattr(H, "SERIAL_MAX_BYTES", serial_bytes)
         for n in (1, 2):
@@ -442,6 +443,7 @@ def test_deterministic_and_serial_equals_parallel(fmt, monkeypatch):
         return (h, H.host_axpy_down(wd, idx, 150, h), dense, H.host_matvec(wu, x),
                 H.host_gather_matvec(wu, idx, 77, x), H.host_matvec(wu, np.tile(x, (5, 1))))
 
+    monkeypatch.setattr(H, "SERIAL_MAX_WORK_BYTES", 1 << 40)  # serial: by bytes alone
     monkeypatch.setattr(H, "SERIAL_MAX_BYTES", 1 << 40)
     serial = run()
     monkeypatch.setattr(H, "SERIAL_MAX_BYTES", 0)
