@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import math
 import time
 from typing import NamedTuple
 
@@ -163,8 +164,20 @@ def _writable_alias(a: np.ndarray) -> np.ndarray:
     slower code: 2.4 vs 1.9 ms for a 7B layer's 900 active rows. The kernels never write to
     weights, and the caller keeps `a` (which owns the memory) alive for the call.
     """
-    buf = (ctypes.c_char * a.nbytes).from_address(a.ctypes.data)
-    return np.frombuffer(buf, dtype=a.dtype).reshape(a.shape)
+    key = (a.ctypes.data, a.shape, a.dtype.str)
+    alias = _ALIASES.get(key)
+    if alias is None:
+        if len(_ALIASES) >= 4096:  # bounded: a long-lived process sees new buffers (batch sizes, reloads)
+            _ALIASES.clear()
+        buf = (ctypes.c_char * a.nbytes).from_address(a.ctypes.data)
+        alias = _ALIASES[key] = np.frombuffer(buf, dtype=a.dtype).reshape(a.shape)
+    return alias
+
+
+# Aliases by (address, shape, dtype): the engine's weights come back at the same addresses every step, and a new
+# ctypes alias cost ~3 us a call. An alias owns nothing and is only used while a caller passes memory at its address
+# (it is the same view a fresh one would be).
+_ALIASES: dict[tuple, np.ndarray] = {}
 
 
 def _contig(a) -> np.ndarray:
@@ -214,8 +227,8 @@ def _kernel_weight(w) -> _KW:
 def _kernel_x(kw: _KW, x) -> np.ndarray:
     """x [B, K] as contiguous f32 in the weight's kernel order (int4: packed, see module doc)."""
     x2 = _arg(np.atleast_2d(x), np.float32)
-    _expect(x2.ndim == 2 and x2.shape[1] == kw.cols,
-            f"x has {x2.shape[-1]} features, the weight {kw.cols} columns")
+    if x2.ndim != 2 or x2.shape[1] != kw.cols:
+        raise ValueError(f"x has {x2.shape[-1]} features, the weight {kw.cols} columns")
     if kw.code != _I4:
         return x2
     b, k = x2.shape
@@ -264,8 +277,9 @@ def _out(out, shape):
         return np.empty(shape, np.float32)
     _expect(out.dtype == np.float32 and out.flags.c_contiguous and out.flags.writeable,
             "out must be a writeable C-contiguous float32 array")
-    _expect(out.size == int(np.prod(shape)), f"out has shape {out.shape}, expected {shape}")
-    return out.reshape(shape)
+    if out.size != math.prod(shape):  # messages formatted only on failure: a decode step makes ~30 calls
+        raise ValueError(f"out has shape {out.shape}, expected {shape}")
+    return out if out.shape == shape else out.reshape(shape)
 
 
 # ---------------------------------------------------------------- public kernels
