@@ -193,3 +193,17 @@ def test_the_serial_rule_counts_weight_bytes_and_tokens():
     assert H._serial(kw.rows, kw, 1) and H._serial(kw.rows, kw, 4)
     assert not H._serial(kw.rows, kw, 16)
     assert not H._serial(2 * H.SERIAL_MAX_BYTES // kw.row_bytes, kw, 1)  # over the byte limit: parallel
+
+
+def test_read_only_weights_get_one_cached_writeable_alias():
+    """The kernels take a writeable alias of a read-only buffer (numba compiles read-only arrays into slower code);
+    the alias is cached by address, shape and dtype, and views the same memory."""
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    a.flags.writeable = False
+    alias = H._writable_alias(a)
+    assert alias.flags.writeable and alias.ctypes.data == a.ctypes.data and np.array_equal(alias, a)
+    assert H._writable_alias(a) is alias
+    other = H._writable_alias(a.reshape(4, 3))  # same address, another shape: its own alias
+    assert other is not alias and other.shape == (4, 3)
+    with pytest.raises(ValueError, match="out has shape"):
+        H._out(np.empty((2, 5), np.float32), (3, 4))
