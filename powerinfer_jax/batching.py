@@ -526,8 +526,7 @@ class ContinuousBatcher:
         start, n, tokens, positions = self._chunk_arrays(req, self.prefill_chunk)
         settings = row_settings([req])
         key, stage = self._take_stage(len(req.prompt_ids))
-        args = (self.engine.params, np.asarray(tokens), np.asarray(positions), stage,
-                np.asarray([n - 1], np.int32), *settings[1:])
+        args = (self.engine.params, tokens, positions, stage, np.asarray([n - 1], np.int32), *settings[1:])
         static = {"attend_len": decode_span(start + n, self.engine.max_seq_len), "mode": settings[0]}
         tok, stage = self._executable("chunk", args, static)(*args)
         self._stage_caches[key] = stage
@@ -598,9 +597,8 @@ class ContinuousBatcher:
             nxt, self._cache, totals = self._executable("step", args, static)(*args)
         else:
             pieces, chunk_tokens, chunk_positions, chunk_rows, row_set, last = self._packed_chunk()
-            args = (self.engine.params, tokens, positions, self._cache, np.asarray(chunk_tokens),
-                    np.asarray(chunk_positions), np.asarray(chunk_rows), np.asarray(row_set), np.asarray(last),
-                    keys, temps, top_ks, top_ps, steps)
+            args = (self.engine.params, tokens, positions, self._cache, chunk_tokens, chunk_positions, chunk_rows,
+                    row_set, last, keys, temps, top_ks, top_ps, steps)
             reach = max(r.prefilled + c for r, c in pieces)
             static = {"attend_len": decode_span(max(span, reach), self.engine.max_seq_len), "mode": mode}
             nxt, self._cache, totals = self._executable("mixed", args, static)(*args)

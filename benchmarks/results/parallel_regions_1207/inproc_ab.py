@@ -1,13 +1,8 @@
-import sys, os, time, json, importlib.util, numpy as np
-os.chdir("/work/main"); sys.path.insert(0, "/work/main")
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+from old_new import setv  # also: chdir to the checkout
 import powerinfer_jax as pij
-import ops.host_kernels as H, ops.host_attention as HA
-spec = importlib.util.spec_from_file_location("ops.host_loops_old", "/tmp/w/host_loops_old.py")
-OLD = importlib.util.module_from_spec(spec); spec.loader.exec_module(OLD)
-NEW = dict(down=H._down_kernel, work=H.SERIAL_MAX_WORK_BYTES, att=HA.SERIAL_MAX_BYTES)
-def setv(v):
-    if v == "old": H._down_kernel, H.SERIAL_MAX_WORK_BYTES, HA.SERIAL_MAX_BYTES = OLD._down_kernel, 1 << 60, 0
-    else: H._down_kernel, H.SERIAL_MAX_WORK_BYTES, HA.SERIAL_MAX_BYTES = NEW["down"], NEW["work"], NEW["att"]
 eng = pij.load(sys.argv[1] if len(sys.argv) > 1 else "models/shakespeare-relu-llama")
 ids = eng.encode("ROMEO:\nWhat light through yonder window breaks?")
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 128
