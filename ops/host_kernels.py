@@ -54,7 +54,8 @@ import threadpoolctl
 
 from ops.host_elements import _BF16, _F16, _F32, _GELU_C, _I4, _I8
 from ops.host_loops import (_DOWN_PARTIAL_BYTES, _MV_CHUNKS, _bf16_pair_matvec_kernel,
-                            _bf16_pair_matvec_kernel_serial, _down_kernel, _down_kernel_serial, _h_kernel,
+                            _bf16_pair_matvec_kernel_serial, _down_kernel, _down_kernel_serial, _ffn_kernel,
+                            _ffn_kernel_serial, _h_kernel,
                             _h_kernel_serial, _h_threshold_kernel, _h_threshold_kernel_serial, _matvec_kernel,
                             _matvec_kernel_serial, _matvec_q4_kernel, _matvec_q4_kernel_serial,
                             _one_row_matvec_kernel, _one_row_matvec_kernel_serial, _widen_kernel)
@@ -246,7 +247,11 @@ def _natural_order(code: int, y: np.ndarray) -> np.ndarray:
 def _serial(count, kw: _KW, tokens: int = 1) -> bool:
     """One thread for a call that reads at most SERIAL_MAX_BYTES of weights for at most SERIAL_MAX_WORK_BYTES
     of (weight bytes x tokens): waking the second thread costs more than it saves below that."""
-    nbytes = count * kw.row_bytes
+    return _serial_bytes(count * kw.row_bytes, tokens)
+
+
+def _serial_bytes(nbytes: int, tokens: int = 1) -> bool:
+    """`_serial` for a call reading `nbytes` of weights."""
     return nbytes <= SERIAL_MAX_BYTES and nbytes * tokens <= SERIAL_MAX_WORK_BYTES
 
 
@@ -522,13 +527,15 @@ def _blas_ffn(family, kg, ku, kd, x2, idx, count, bu, out, act_threshold=None, l
 
 
 def host_sparse_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, out=None, act_threshold=None,
-                    live=None, live_first=0):
+                    live=None, live_first=0, skip_zero_rows=True):
     """Cold FFN part over rows idx[:count] (no down bias): [d] or [B, d] f32, any format.
 
-    numba kernels for decode-sized batches; blocked BLAS GEMMs for prompts. ``act_threshold``:
-    neurons with |act(gate x)| <= it contribute nothing for that token (CATS); ``live``: an int array
-    whose live[0] gets the number of neurons computed for some token (their h is non-zero) and, when it
-    has a second entry, live[1] those among the first ``live_first`` listed (e.g. a layer's hot ones)."""
+    numba kernels for decode-sized batches (gate/up and down in one parallel region, `_ffn_kernel`); blocked
+    BLAS GEMMs for prompts. ``act_threshold``: neurons with |act(gate x)| <= it contribute nothing for that
+    token (CATS); ``live``: an int array whose live[0] gets the number of neurons computed for some token
+    (their h is non-zero) and, when it has a second entry, live[1] those among the first ``live_first`` listed
+    (e.g. a layer's hot ones). ``skip_zero_rows``: the down rows of neurons whose h is zero for every token are
+    not read (False: every listed row is, the dense FFN)."""
     x2 = np.atleast_2d(x)
     if live is not None:
         live[:] = 0
@@ -540,14 +547,38 @@ def host_sparse_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, ou
         bu = None if b_up is None else _arg(b_up, np.float32)
         y = _out(out, (x2.shape[0], kd.cols))
         _blas_ffn(family, kg, ku, kd, _arg(x2, np.float32), idx, count, bu, y, act_threshold, live, live_first)
+    elif act_threshold is None:
+        y = _fused_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up, out, live, live_first, skip_zero_rows)
     else:
         h = host_sparse_h(family, w_gate, w_up, x, idx, count, b_up, act_threshold=act_threshold)
         if live is not None:
             _count_live(h, live, live_first)
-        y = host_axpy_down(w_down_t, idx, count, h, out=out)
+        y = host_axpy_down(w_down_t, idx, count, h, out=out, skip_zero_rows=skip_zero_rows)
     if out is not None:
         return out
     return y[0] if np.ndim(x) == 1 else y
+
+
+def _fused_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up, out, live, live_first, skip_zero_rows):
+    """`host_sparse_ffn` for decode-sized batches without a threshold: `_ffn_kernel` (serial twin for small work)."""
+    kg, ku = _gate_up(family, w_gate, w_up)
+    kd = _kernel_weight(w_down_t)
+    _expect(kd.rows == ku.rows, "w_down_t and w_up disagree on the number of neurons")
+    x2 = _kernel_x(ku, x)
+    idx, count = _rows(idx, count, ku.rows)
+    has_bias = b_up is not None
+    bu = _arg(b_up, np.float32) if has_bias else np.zeros(1, np.float32)
+    _expect(not has_bias or bu.shape[0] >= ku.rows, "b_up has fewer entries than w_up rows")
+    h = np.empty((x2.shape[0], count), np.float32)
+    y = _out(out, (x2.shape[0], kd.cols))
+    gated = family != "relu"
+    row_bytes = ku.row_bytes * (2 if gated else 1) + kd.row_bytes
+    kernel = _ffn_kernel_serial if _serial_bytes(count * row_bytes, x2.shape[0]) else _ffn_kernel
+    kernel(_FAMILY_CODE[family], ku.code, kg.data, kg.scale, ku.data, ku.scale, bu, has_bias, GATED_FOUR_TOKENS,
+           x2, idx, count, kd.code, kd.data, kd.scale, bool(skip_zero_rows), h, y, *_down_buffers(kd, x2.shape[0]))
+    if live is not None:
+        _count_live(h, live, live_first)
+    return y
 
 
 @njit(cache=True)

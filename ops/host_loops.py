@@ -39,23 +39,21 @@ def _glu(family, g, u):
     return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(np.float32(_GELU_C) * (g + np.float32(0.044715) * g * g * g))) * u
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _h_kernel(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, count, out):
-    """out[b, i] = h of neuron idx[i] for token b, i < count.
+@njit(inline="always", fastmath=_FASTMATH, cache=True)
+def _h_span(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, lo, hi, out):
+    """out[b, i] = h of neuron idx[i] for token b, lo <= i < hi (one chunk of `_h_kernel` / `_ffn_kernel`).
 
     family: 0 reglu, 1 drelu, 2 relu (+ bias), 3 plain mat-vec ``wu[idx] @ x`` (wg unused),
     4 swiglu, 5 geglu (`_glu`)
     One kernel for all of them keeps numba's (slow, parallel) compilations to one per dtype.
-    Each output element is computed by one thread. Gated families read four neurons a pass
-    (gate and up rows of each: eight streams, `_gated4`; from two tokens on in the elementwise formats, their
-    gate rows, then their up rows, against four tokens at a time, `_dot4x4`, with ``four``); the others four
-    rows. A chunk's short tail computes its last neuron again in the spare slots (same code, same value).
+    Gated families read four neurons a pass (gate and up rows of each: eight streams, `_gated4`; from two
+    tokens on in the elementwise formats, their gate rows, then their up rows, against four tokens at a time,
+    `_dot4x4`, with ``four``); the others four rows. A short tail computes its last neuron again in the spare
+    slots (same code, same value).
     """
     zero = np.float32(0.0)
     n_tok = x.shape[0]
-    step = (count + _H_CHUNKS - 1) // _H_CHUNKS
-    for c in prange(_H_CHUNKS):
-        lo, hi = c * step, min(count, (c + 1) * step)
+    if hi > lo:
         if (family < 2 or family > 3) and four and code != _I4 and n_tok >= 2:
             # Two tokens or more: the four neurons' gate rows, then their up rows, against the tokens four at a
             # time (`_dot4x4`: each element widened once for four tokens; a short last group repeats its last
@@ -113,6 +111,15 @@ def _h_kernel(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, count, o
                     out[b, i1] = u1
                     out[b, i2] = u2
                     out[b, i3] = u3
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _h_kernel(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, count, out):
+    """out[b, i] = h of neuron idx[i] for token b, i < count (`_h_span` over fixed chunks): each output
+    element computed by one thread."""
+    step = (count + _H_CHUNKS - 1) // _H_CHUNKS
+    for c in prange(_H_CHUNKS):
+        _h_span(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, c * step, min(count, (c + 1) * step), out)
 
 
 @njit(inline="always", fastmath=_FASTMATH, cache=True)
@@ -317,64 +324,54 @@ def _matvec_q4_kernel(w, s, x, xsum, out, scratch):
                 out[b, r] = acc - eight * corr
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _down_kernel(code, wd, sd, idx, count, h, skip_zero, four, out, parts, sels, coefs, scratch):
-    """out[b, :] = sum_{i<count} h[b, i] * wd[idx[i], :].
-
-    The rows are split into a fixed number of chunks (from the shapes only); each chunk sums
-    its whole rows into its own partial, eight live rows per pass (concurrent read streams:
-    four were 1.7x one row at a time, eight another 5-10%), and the partials are then added in
-    chunk order. No thread adds into another's memory (the reference engine's unsynchronised
-    adds made greedy runs differ), and the result does not depend on the thread count. With
-    ``skip_zero``, rows whose h is zero for every token (ReLU zeros of predicted-active neurons)
-    are skipped: their bytes are never read. A pass with fewer than eight live rows repeats its
-    last row with coefficient 0.
-    From four tokens on (elementwise formats; ``four``), each group of four tokens takes the eight rows in one
-    pass (`_axpy8x4`), every element widened once for the four: per token, the widening, not the bytes, set
-    the pace.
-    Caller-allocated: ``parts [chunks, B, d]`` zeros, ``sels [chunks, 2, 8]`` int64 (positions,
-    rows), ``coefs [chunks, 40]`` f32, ``scratch [chunks, 4, K/2 or 0]`` f32 (int4).
-    """
+@njit(inline="always", fastmath=_FASTMATH, cache=True)
+def _down_span(code, wd, sd, idx, lo, hi, h, skip_zero, four, acc, sel, rows, coefs, scratch):
+    """acc[b, :] += sum_{lo<=i<hi} h[b, i] * wd[idx[i], :]: one chunk of `_down_kernel` / `_ffn_kernel`, eight
+    live rows a pass (concurrent read streams: four were 1.7x one row at a time, eight another 5-10%). With
+    ``skip_zero``, rows whose h is zero for every token are skipped: their bytes are never read. A pass with
+    fewer than eight live rows repeats its last row with coefficient 0. From four tokens on (elementwise
+    formats; ``four``), each group of four tokens takes the eight rows in one pass (`_axpy8x4`), every element
+    widened once for the four: per token, the widening, not the bytes, set the pace.
+    ``sel [8]`` int64 positions, ``rows [8]`` int64, ``coefs [40]`` f32 and ``scratch [4, K/2 or 0]``: the chunk's own."""
     n_tok = h.shape[0]
-    n_chunks = parts.shape[0]
-    d = parts.shape[2]
     zero = np.float32(0.0)
-    step = (count + n_chunks - 1) // n_chunks
-    for c in prange(n_chunks):
-        sel, rows, coef, coef32 = sels[c, 0], sels[c, 1], coefs[c, :8], coefs[c, 8:]
-        acc = parts[c]
-        i = c * step
-        end = min(count, (c + 1) * step)
-        while i < end:
-            m = 0
-            while i < end and m < 8:  # the next (up to) eight live rows of this chunk
-                live = not skip_zero
-                for b in range(n_tok):
-                    live = live or h[b, i] != 0
-                if live:
-                    sel[m] = i
-                    m += 1
-                i += 1
-            if m == 0:
-                break
-            for j in range(8):
-                rows[j] = idx[sel[min(j, m - 1)]]
-            b = 0
-            while four and code != _I4 and b + 4 <= n_tok:  # four tokens at a time, each row widened once
-                for t in range(4):
-                    for j in range(8):
-                        coef32[8 * t + j] = h[b + t, sel[j]] if j < m else zero
-                _axpy8x4(code, acc[b], acc[b + 1], acc[b + 2], acc[b + 3], coef32, wd, sd, rows)
-                b += 4
-            for b in range(b, n_tok):
+    coef, coef32 = coefs[:8], coefs[8:]
+    i = lo
+    while i < hi:
+        m = 0
+        while i < hi and m < 8:  # the next (up to) eight live rows of this chunk
+            live = not skip_zero
+            for b in range(n_tok):
+                live = live or h[b, i] != 0
+            if live:
+                sel[m] = i
+                m += 1
+            i += 1
+        if m == 0:
+            break
+        for j in range(8):
+            rows[j] = idx[sel[min(j, m - 1)]]
+        b = 0
+        while four and code != _I4 and b + 4 <= n_tok:  # four tokens at a time, each row widened once
+            for t in range(4):
                 for j in range(8):
-                    coef[j] = h[b, sel[j]] if j < m else zero
-                # acc[b]: 1-D views vectorise; acc[b, k] indexing did not as well
-                _axpy8(code, acc[b], coef, wd, sd, rows, scratch[c])
-    # The partials are added on the calling thread, chunk after chunk over whole rows (vectorised):
-    # a second parallel loop cost more to start (~35 us waking the team, OMP_WAIT_POLICY=PASSIVE)
-    # than the adds, and summing each column across chunks (a strided inner loop) took ~65 us a
-    # 4096-wide token.
+                    coef32[8 * t + j] = h[b + t, sel[j]] if j < m else zero
+            _axpy8x4(code, acc[b], acc[b + 1], acc[b + 2], acc[b + 3], coef32, wd, sd, rows)
+            b += 4
+        for b in range(b, n_tok):
+            for j in range(8):
+                coef[j] = h[b, sel[j]] if j < m else zero
+            # acc[b]: 1-D views vectorise; acc[b, k] indexing did not as well
+            _axpy8(code, acc[b], coef, wd, sd, rows, scratch)
+
+
+@njit(inline="always", fastmath=_FASTMATH, cache=True)
+def _add_partials(code, parts, out):
+    """out[b, :] = sum over chunks c of parts[c, b, :], in chunk order (int4: back to natural column order)."""
+    n_chunks, n_tok, d = parts.shape
+    # On the calling thread, chunk after chunk over whole rows (vectorised): a second parallel loop cost more to
+    # start (~35 us waking the team, OMP_WAIT_POLICY=PASSIVE) than the adds, and summing each column across
+    # chunks (a strided inner loop) took ~65 us a 4096-wide token.
     for b in range(n_tok):
         total = parts[0, b]
         for c in range(1, n_chunks):
@@ -388,6 +385,43 @@ def _down_kernel(code, wd, sd, idx, count, h, skip_zero, four, out, parts, sels,
         else:  # an explicit loop: under parallel=True a slice assignment becomes a parallel region of its own
             for k in range(d):  # (one per token: two thread wakes each, 1.5 ms of a 16-token call at d=384)
                 out[b, k] = total[k]
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _down_kernel(code, wd, sd, idx, count, h, skip_zero, four, out, parts, sels, coefs, scratch):
+    """out[b, :] = sum_{i<count} h[b, i] * wd[idx[i], :].
+
+    The rows are split into a fixed number of chunks (from the shapes only); each chunk sums
+    its whole rows into its own partial (`_down_span`), and the partials are then added in
+    chunk order (`_add_partials`). No thread adds into another's memory (the reference engine's
+    unsynchronised adds made greedy runs differ), and the result does not depend on the thread count.
+    Caller-allocated: ``parts [chunks, B, d]`` zeros, ``sels [chunks, 2, 8]`` int64 (positions,
+    rows), ``coefs [chunks, 40]`` f32, ``scratch [chunks, 4, K/2 or 0]`` f32 (int4).
+    """
+    n_chunks = parts.shape[0]
+    step = (count + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        _down_span(code, wd, sd, idx, c * step, min(count, (c + 1) * step), h, skip_zero, four, parts[c],
+                   sels[c, 0], sels[c, 1], coefs[c], scratch[c])
+    _add_partials(code, parts, out)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _ffn_kernel(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, count, code_d, wd, sd, skip_zero, h, out,
+                parts, sels, coefs, scratch):
+    """The whole FFN over neurons idx[:count] in one parallel region: out[b, :] = sum_i h[b, i] * wd[idx[i], :]
+    with h [B, count] (written) the activations of `_h_span`. Each of `_down_kernel`'s chunks computes its
+    neurons' h, then adds their down rows into its own partial while h is in cache; partials are added as
+    there. The same results as `_h_kernel` then `_down_kernel` (same chunks, same sums), but one team wake
+    a call instead of two (~100-200 us each on a VM whose idle vCPU halts)."""
+    n_chunks = parts.shape[0]
+    step = (count + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        lo, hi = c * step, min(count, (c + 1) * step)
+        _h_span(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, lo, hi, h)
+        _down_span(code_d, wd, sd, idx, lo, hi, h, skip_zero, four, parts[c], sels[c, 0], sels[c, 1], coefs[c],
+                   scratch[c])
+    _add_partials(code_d, parts, out)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -415,6 +449,7 @@ def _serial_twin(kernel):
 _h_kernel_serial = _serial_twin(_h_kernel)
 _h_threshold_kernel_serial = _serial_twin(_h_threshold_kernel)
 _down_kernel_serial = _serial_twin(_down_kernel)
+_ffn_kernel_serial = _serial_twin(_ffn_kernel)
 _matvec_kernel_serial = _serial_twin(_matvec_kernel)
 _one_row_matvec_kernel_serial = _serial_twin(_one_row_matvec_kernel)
 _matvec_q4_kernel_serial = _serial_twin(_matvec_q4_kernel)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ops.host_kernels import blas_min_tokens
-from ops.linear import linear, linear_t, uses_host_kernel
+from ops.linear import linear, linear_t, native_bf16_dot, uses_host_kernel
 from powerinfer_jax.config import SPARSE_FFN_KINDS, THRESHOLD_FFN_KINDS
 from powerinfer_jax.params import FFNParams
 
@@ -65,13 +65,15 @@ def ffn_output(p: FFNParams, h: jax.Array, exact: bool = False, prompt_from: int
 def dense_ffn(p: FFNParams, kind: str, x: jax.Array, prompt_from: int | None = None) -> jax.Array:
     """Dense FFN: every neuron computed (`prompt_from`: see `ffn_activation`)."""
     n_rows = x.size // x.shape[-1]
-    if kind in SPARSE_FFN_KINDS and uses_host_kernel(p.w_up, n_rows) and n_rows < blas_min_tokens(p.w_up.fmt):
-        # Decode on the CPU backend: gate and up rows read in one pass by the host kernel.
-        from ops.cpu_sparse import dense_h_rows
+    if (kind in SPARSE_FFN_KINDS and uses_host_kernel(p.w_up, n_rows) and uses_host_kernel(p.w_down_t)
+            and not native_bf16_dot(p.w_down_t, n_rows, transposed=True) and n_rows < blas_min_tokens(p.w_up.fmt)):
+        # Decode on the CPU backend: the whole FFN in one host call (gate and up rows read in one pass, the
+        # down rows of each chunk of neurons right after them): one callback and one thread wake, not two.
+        from ops.cpu_sparse import dense_ffn_rows
 
-        lead = x.shape[:-1]
-        h = dense_h_rows(kind, p.w_gate, p.w_up, p.b_up, x.reshape(-1, x.shape[-1]))
-        return ffn_output(p, h.reshape(lead + (h.shape[-1],)))
+        y = dense_ffn_rows(kind, p.w_gate, p.w_up, p.w_down_t, p.b_up, x.reshape(-1, x.shape[-1]))
+        y = y.reshape(x.shape[:-1] + (y.shape[-1],))
+        return y if p.b_down is None else y + p.b_down.astype(f32)
     h, _ = ffn_activation(p, kind, x, prompt_from)
     return ffn_output(p, h, kind in THRESHOLD_FFN_KINDS, prompt_from)
 

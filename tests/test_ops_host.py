@@ -119,6 +119,34 @@ def test_serial_and_parallel_kernels_agree_bit_for_bit(family, monkeypatch):
                                rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("fmt", ["bfloat16", "float16", "int8", "int4"])
+@pytest.mark.parametrize("family,batch", [("reglu", 1), ("relu", 5), ("swiglu", 4)])
+@pytest.mark.parametrize("skip_zero", [True, False])
+def test_one_region_ffn_equals_gate_up_then_down_bit_for_bit(fmt, family, batch, skip_zero, monkeypatch):
+    """`_ffn_kernel` (each chunk's h, then its down rows) sums exactly what `_h_kernel` then `_down_kernel` do,
+    serial and parallel, reading every down row or skipping the zero ones."""
+    from ops.quant import to_weight
+
+    rng = np.random.default_rng(11)
+    d, n, count = 64, 200, 150
+
+    def w():
+        return to_weight(rng.standard_normal((n, d)).astype(np.float32) * 0.1, fmt)
+
+    wg, wu, wd = (None if family == "relu" else w()), w(), w()
+    bu = rng.standard_normal(n).astype(np.float32) if family == "relu" else None
+    x = rng.standard_normal((batch, d)).astype(np.float32)
+    idx = rng.permutation(n).astype(np.int32)
+    for serial_bytes in (0, 1 << 40):
+        monkeypatch.setattr(H, "SERIAL_MAX_BYTES", serial_bytes)
+        monkeypatch.setattr(H, "SERIAL_MAX_WORK_BYTES", serial_bytes)
+        y = H.host_sparse_ffn(family, wg, wu, wd, x, idx, count, bu, skip_zero_rows=skip_zero)
+        h = H.host_sparse_h(family, wg, wu, x, idx, count, bu)
+        np.testing.assert_array_equal(y, H.host_axpy_down(wd, idx, count, h, skip_zero_rows=skip_zero))
+        np.testing.assert_allclose(y, H.host_sparse_ffn_ref(family, wg, wu, wd, x, idx, count, bu),
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_read_only_weights_are_used_in_place_and_left_untouched():
     """Numpy views of JAX CPU buffers are read-only; the kernels alias them (no copy) and never write."""
     wg, wu, wd, bu, x, idx, count = _case("reglu", 256, 64, 45, 2, 9, np.float32)

@@ -49,6 +49,11 @@ def _gated():
     H.host_sparse_h("reglu", _w(64, 64), _w(64, 64), rng.random((5, 64)).astype(np.float32), np.arange(64), 64)
 
 
+def _ffn():
+    H.host_sparse_ffn("reglu", _w(64, 64), _w(64, 64), _w(64, 64), rng.random((5, 64)).astype(np.float32),
+                      np.arange(64), 64)
+
+
 def _matvec():
     H.host_matvec(_w(64, 64), rng.random((5, 64)).astype(np.float32))
 
@@ -61,7 +66,7 @@ def _one_row_matvec():
     H.host_matvec(_w(64, 64, "float16"), rng.random(64).astype(np.float32))
 
 
-CASES = {"_down_kernel": _down, "_h_kernel": _gated, "_matvec_kernel": _matvec,
+CASES = {"_down_kernel": _down, "_h_kernel": _gated, "_ffn_kernel": _ffn, "_matvec_kernel": _matvec,
          "_bf16_pair_matvec_kernel": _pair_matvec, "_one_row_matvec_kernel": _one_row_matvec}
 
 
