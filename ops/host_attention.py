@@ -26,7 +26,7 @@ from numba.extending import overload
 
 from ops import host_elements, quant
 from ops import linear  # its USE_HOST_KERNELS = False sends everything through XLA (what a GPU runs)
-from ops.host_elements import _BF16, _F16, _F32, _bf16, _f16
+from ops.host_elements import _BF16, _F16, _F32, _axpy8, _bf16, _dot4, _f16
 from ops.host_loops import _serial_twin
 from ops.kernel_cache import drop_stale
 
@@ -68,42 +68,54 @@ def _kv_impl(code, x):
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
 def _decode_attention(code, q, k, v, rows_of, starts, ends, scale, out):
     """out[b, h] = softmax over slots starts[b]..ends[b]-1 of (q[b, h] . k[r, h // group, s]) v[r, ...],
-    r = rows_of[b] (the cache row query b reads); k and v f32, or bf16/f16 bits (uint16) by `code`."""
+    r = rows_of[b] (the cache row query b reads); k and v f32, or bf16/f16 bits (uint16) by `code`.
+
+    Scores four slots a pass (`_dot4`: four independent vector sums over the head dimension), the weighted
+    values eight slots a pass (`_axpy8`: the output row loaded and stored once for eight): a slot at a time,
+    each short dot was one dependent chain of adds and each value row a load and store of the output, ~6
+    GFLOP/s a core where these run ~3x that (BENCHMARKS.md, "Attention four and eight slots a pass")."""
     rows, hq, hd = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     longest = 1
     for b in range(rows):
         longest = max(longest, ends[b] - starts[b])
+    no_scale = np.empty((1, 0), np.float32)  # float formats: no row scales (what `_dot4` / `_axpy8` take)
     for job in prange(rows * hkv):  # one (row, kv head) a job: its K/V slots are read once for the group
         b, g = job // hkv, job % hkv
         r, s0, s1 = rows_of[b], starts[b], ends[b]
-        scores = np.empty(longest, np.float32)
+        kg, vg = k[r, g], v[r, g]  # [S, hd] each
+        scores = np.empty(longest + 8, np.float32)
+        sel = np.empty(8, np.int64)
+        coef = np.empty(8, np.float32)
         for j in range(group):
             h = g * group + j
+            acc = out[b, h]
+            for d in range(hd):
+                acc[d] = 0.0
             if s1 <= s0:  # a padding row (no sequence): zeros
-                out[b, h, :] = 0.0
                 continue
+            qh = q[b, h]
             top = -np.inf
-            for s in range(s0, s1):
-                acc = np.float32(0.0)
-                for d in range(hd):
-                    acc += q[b, h, d] * _kv(code, k[r, g, s, d])
-                acc *= scale
-                scores[s - s0] = acc
-                top = max(top, acc)
+            for s in range(s0, s1, 4):  # a short last pass repeats its last slot (same value, written once)
+                t1, t2, t3 = min(s + 1, s1 - 1), min(s + 2, s1 - 1), min(s + 3, s1 - 1)
+                e0, e1, e2, e3 = _dot4(code, kg[s], no_scale[0], kg[t1], no_scale[0], kg[t2], no_scale[0],
+                                       kg[t3], no_scale[0], qh)
+                e0, e1, e2, e3 = e0 * scale, e1 * scale, e2 * scale, e3 * scale
+                scores[s - s0], scores[t1 - s0], scores[t2 - s0], scores[t3 - s0] = e0, e1, e2, e3
+                top = max(top, max(max(e0, e1), max(e2, e3)))
             total = np.float32(0.0)
             for s in range(s1 - s0):
                 e = np.exp(scores[s] - top)
                 scores[s] = e
                 total += e
             inv = np.float32(1.0) / total
-            for d in range(hd):
-                out[b, h, d] = 0.0
-            for s in range(s0, s1):
-                p = scores[s - s0] * inv
-                for d in range(hd):
-                    out[b, h, d] += p * _kv(code, v[r, g, s, d])
+            for s in range(s0, s1, 8):  # a short last pass repeats its last slot with weight 0
+                m = min(8, s1 - s)
+                for i in range(8):
+                    sel[i] = s + min(i, m - 1)
+                    coef[i] = scores[s - s0 + i] * inv if i < m else np.float32(0.0)
+                _axpy8(code, acc, coef, vg, no_scale, sel, no_scale)
 
 
 _decode_attention_serial = _serial_twin(_decode_attention)
