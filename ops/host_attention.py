@@ -71,9 +71,9 @@ def _decode_attention(code, q, k, v, rows_of, starts, ends, scale, out):
     r = rows_of[b] (the cache row query b reads); k and v f32, or bf16/f16 bits (uint16) by `code`.
 
     Scores four slots a pass (`_dot4`: four independent vector sums over the head dimension), the weighted
-    values eight slots a pass (`_axpy8`: the output row loaded and stored once for eight): a slot at a time,
-    each short dot was one dependent chain of adds and each value row a load and store of the output, ~6
-    GFLOP/s a core where these run ~3x that (BENCHMARKS.md, "Attention four and eight slots a pass")."""
+    values eight slots a pass (`_axpy8`: the output row loaded and stored once for eight). A slot at a time,
+    each short dot was one dependent chain of adds and each value row a load and store of the output: 1.15-2.1x
+    slower at 7B head shapes, 1.0-1.5x at the bundled one (BENCHMARKS.md, "Attention four and eight slots")."""
     rows, hq, hd = q.shape
     hkv = k.shape[1]
     group = hq // hkv
