@@ -282,3 +282,30 @@ def test_prompt_parts_scope_wins_over_the_process_setting(monkeypatch):
     with L.prompt_parts_scope(1):
         assert L.prompt_bf16_parts() == 1
     assert L.prompt_bf16_parts() == 2
+
+
+@pytest.mark.parametrize("kind,fmt,rows", [("reglu", "bfloat16", 1), ("reglu", "int8", 5), ("relu", "float16", 3),
+                                           ("drelu", "int4", 2)])
+def test_dense_decode_ffn_is_one_host_callback(kind, fmt, rows):
+    """A dense FFN at decode on the CPU backend is one callback (`cpu_sparse.dense_ffn_rows`: gate/up and down in
+    one host call, every down row read), biases included (OPT's relu), and equals the XLA reference's dots."""
+    from powerinfer_jax.ffn import dense_ffn
+    from powerinfer_jax.params import FFNParams
+
+    d, n_ff = 64, 192
+    rng = np.random.default_rng(4)
+    gated = kind != "relu"
+    p = FFNParams(w_up=_weight(fmt, n_ff, d, 1), w_down_t=_weight(fmt, n_ff, d, 2),
+                  w_gate=_weight(fmt, n_ff, d, 3) if gated else None,
+                  b_up=None if gated else jnp.asarray(rng.standard_normal(n_ff), jnp.float32),
+                  b_down=None if gated else jnp.asarray(rng.standard_normal(d), jnp.float32))
+    pj = jax.tree.map(jnp.asarray, p)
+    x = jnp.asarray(rng.standard_normal((rows, d), dtype=np.float32))
+    fn = jax.jit(lambda a, p: dense_ffn(p, kind, a))
+    assert fn.lower(x, pj).as_text().count("custom_call") == 1
+    L.USE_HOST_KERNELS, before = False, L.USE_HOST_KERNELS  # the f32 reference: dequantized weights, XLA dots
+    try:
+        want = np.asarray(jax.jit(lambda a, p: dense_ffn(p, kind, a))(x, pj))
+    finally:
+        L.USE_HOST_KERNELS = before
+    _close(fn(x, pj), want)
