@@ -119,7 +119,9 @@ def test_serial_and_parallel_kernels_agree_bit_for_bit(family, monkeypatch):
                                rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("fmt", ["bfloat16", "float16", "int8", "int4"])
+# bf16 (float16 shares its compiled kernels) and int4 (its own h and down paths, natural column order); int8 runs
+# the elementwise code with row scales, against the reference in test_ops_quant. Each format compiles six kernels.
+@pytest.mark.parametrize("fmt", ["bfloat16", "int4"])
 @pytest.mark.parametrize("family,batch", [("reglu", 1), ("relu", 5), ("swiglu", 4)])
 @pytest.mark.parametrize("skip_zero", [True, False])
 def test_one_region_ffn_equals_gate_up_then_down_bit_for_bit(fmt, family, batch, skip_zero, monkeypatch):
