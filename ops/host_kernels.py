@@ -310,13 +310,22 @@ def _gate_up(family, w_gate, w_up) -> tuple[_KW, _KW]:
     return kg, ku
 
 
+def _gated_args(family, w_gate, w_up, x, idx, count, b_up):
+    """The gate/up kernels' checked arguments: (gate, up kernel weights, x as the kernel reads it, idx, count,
+    b_up as f32, or a one-entry placeholder when there is none)."""
+    kg, ku = _gate_up(family, w_gate, w_up)
+    x2 = _kernel_x(ku, x)
+    idx, count = _rows(idx, count, ku.rows)
+    bu = _arg(b_up, np.float32) if b_up is not None else np.zeros(1, np.float32)
+    _expect(b_up is None or bu.shape[0] >= ku.rows, "b_up has fewer entries than w_up rows")
+    return kg, ku, x2, idx, count, bu
+
+
 def host_sparse_h(family, w_gate, w_up, x, idx, count, b_up=None, out=None, act_threshold=None):
     """numba fused cold activations ``h [B, count]`` (f32, from any stored format). With
     ``act_threshold`` (gated families), h is zero where |act(gate x)| <= it and the up rows of
     neurons below it for every token are never read (`_h_threshold_kernel`)."""
-    kg, ku = _gate_up(family, w_gate, w_up)
-    x2 = _kernel_x(ku, x)
-    idx, count = _rows(idx, count, ku.rows)
+    kg, ku, x2, idx, count, bu = _gated_args(family, w_gate, w_up, x, idx, count, b_up)
     out = _out(out, (x2.shape[0], count))
     if act_threshold is not None:
         _expect(family != "relu", "an activation threshold needs a gated family")
@@ -324,11 +333,8 @@ def host_sparse_h(family, w_gate, w_up, x, idx, count, b_up=None, out=None, act_
         kernel(_FAMILY_CODE[family], ku.code, kg.data, kg.scale, ku.data, ku.scale, x2, idx, count,
                np.float32(act_threshold), out)
         return out
-    has_bias = b_up is not None
-    bu = _arg(b_up, np.float32) if has_bias else np.zeros(1, np.float32)
-    _expect(not has_bias or bu.shape[0] >= ku.rows, "b_up has fewer entries than w_up rows")
     kernel = _h_kernel_serial if _serial(2 * count, ku, x2.shape[0]) else _h_kernel
-    kernel(_FAMILY_CODE[family], ku.code, kg.data, kg.scale, ku.data, ku.scale, bu, has_bias, GATED_FOUR_TOKENS,
+    kernel(_FAMILY_CODE[family], ku.code, kg.data, kg.scale, ku.data, ku.scale, bu, b_up is not None, GATED_FOUR_TOKENS,
            x2, idx, count, out)
     return out
 
@@ -561,21 +567,17 @@ def host_sparse_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, ou
 
 def _fused_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up, out, live, live_first, skip_zero_rows):
     """`host_sparse_ffn` for decode-sized batches without a threshold: `_ffn_kernel` (serial twin for small work)."""
-    kg, ku = _gate_up(family, w_gate, w_up)
+    kg, ku, x2, idx, count, bu = _gated_args(family, w_gate, w_up, x, idx, count, b_up)
     kd = _kernel_weight(w_down_t)
     _expect(kd.rows == ku.rows, "w_down_t and w_up disagree on the number of neurons")
-    x2 = _kernel_x(ku, x)
-    idx, count = _rows(idx, count, ku.rows)
-    has_bias = b_up is not None
-    bu = _arg(b_up, np.float32) if has_bias else np.zeros(1, np.float32)
-    _expect(not has_bias or bu.shape[0] >= ku.rows, "b_up has fewer entries than w_up rows")
     h = np.empty((x2.shape[0], count), np.float32)
     y = _out(out, (x2.shape[0], kd.cols))
     gated = family != "relu"
     row_bytes = ku.row_bytes * (2 if gated else 1) + kd.row_bytes
     kernel = _ffn_kernel_serial if _serial_bytes(count * row_bytes, x2.shape[0]) else _ffn_kernel
-    kernel(_FAMILY_CODE[family], ku.code, kg.data, kg.scale, ku.data, ku.scale, bu, has_bias, GATED_FOUR_TOKENS,
-           x2, idx, count, kd.code, kd.data, kd.scale, bool(skip_zero_rows), h, y, *_down_buffers(kd, x2.shape[0]))
+    kernel(_FAMILY_CODE[family], ku.code, kg.data, kg.scale, ku.data, ku.scale, bu, b_up is not None,
+           GATED_FOUR_TOKENS, x2, idx, count, kd.code, kd.data, kd.scale, bool(skip_zero_rows), h, y,
+           *_down_buffers(kd, x2.shape[0]))
     if live is not None:
         _count_live(h, live, live_first)
     return y
