@@ -26,7 +26,7 @@ from numba.extending import overload
 
 from ops import host_elements, quant
 from ops import linear  # its USE_HOST_KERNELS = False sends everything through XLA (what a GPU runs)
-from ops.host_elements import _BF16, _F16, _F32, _axpy8, _bf16, _dot4, _f16
+from ops.host_elements import _BF16, _F16, _F32, _bf16, _f16
 from ops.host_loops import _serial_twin
 from ops.kernel_cache import drop_stale
 
@@ -34,8 +34,9 @@ HOST_ATTENTION_MIN_ROWS = 4  # decode steps of at least this many rows attend he
 HOST_ATTENTION_MIN_SPAN_BYTES = 512 << 10  # ... and smaller ones whose attended K+V span is at least this big
 USE_HOST_ATTENTION = True  # False keeps XLA's attention everywhere (tests compare the two)
 # A call reading at most this many K+V bytes runs on the calling thread: waking the second one costs 100-200 us
-# on a VM whose idle vCPU halts, 10x a bundled-model row's attention (BENCHMARKS.md, "One parallel region").
-SERIAL_MAX_BYTES = 1 << 21
+# on a VM whose idle vCPU halts, 10x a bundled-model row's attention (BENCHMARKS.md, "One parallel region"). Two
+# threads broke even at ~4 MiB (16 bundled rows at 150 slots, one 7B row at 300; "Attention without views").
+SERIAL_MAX_BYTES = 1 << 22
 # The bit patterns a KVCache stores half precisions in (powerinfer_jax.layers.KV_STORAGE), and cache dtype -> the
 # kernel's format code (bf16 and f16 as floats or as their bits)
 _HALF_BITS = {np.dtype(np.uint16): np.dtype(jnp.bfloat16), np.dtype(np.int16): np.dtype(np.float16)}
@@ -65,28 +66,71 @@ def _kv_impl(code, x):
     return None
 
 
+@njit(inline="always", fastmath={"reassoc", "contract"})
+def _exp_neg(x):
+    """exp(x) in float32 for x <= 0 (within 2 ulp; exp(-87) for anything below -87): range reduction to
+    2^n e^r, |r| <= ln2 / 2, and a degree-6 polynomial, arithmetic LLVM vectorises (np.exp is a libm
+    call per element: ~10-15% of this kernel's time at the bundled shape)."""
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = x - n * np.float32(0.693145751953125) - n * np.float32(1.428606765330187e-06)  # ln2 in two parts
+    p = np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * np.uint32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)  # times 2^n
+
+
+@njit(inline="always", fastmath={"reassoc", "contract"})
+def _scores4(code, kg, s0, s1, s2, s3, qh):
+    """The dots of slots s0..s3 of kg [S, hd] with qh: one pass over the head dimension, four sums."""
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    for d in range(qh.shape[0]):
+        qd = qh[d]
+        a0 += _kv(code, kg[s0, d]) * qd
+        a1 += _kv(code, kg[s1, d]) * qd
+        a2 += _kv(code, kg[s2, d]) * qd
+        a3 += _kv(code, kg[s3, d]) * qd
+    return a0, a1, a2, a3
+
+
+@njit(inline="always", fastmath={"reassoc", "contract"})
+def _values8(code, acc, vg, s, c):
+    """acc += sum_i c[i] vg[s + i] over eight slots: the output row loaded and stored once for eight."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+    for d in range(acc.shape[0]):
+        acc[d] += (c0 * _kv(code, vg[s, d]) + c1 * _kv(code, vg[s + 1, d]) + c2 * _kv(code, vg[s + 2, d])
+                   + c3 * _kv(code, vg[s + 3, d]) + c4 * _kv(code, vg[s + 4, d]) + c5 * _kv(code, vg[s + 5, d])
+                   + c6 * _kv(code, vg[s + 6, d]) + c7 * _kv(code, vg[s + 7, d]))
+
+
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
 def _decode_attention(code, q, k, v, rows_of, starts, ends, scale, out):
     """out[b, h] = softmax over slots starts[b]..ends[b]-1 of (q[b, h] . k[r, h // group, s]) v[r, ...],
     r = rows_of[b] (the cache row query b reads); k and v f32, or bf16/f16 bits (uint16) by `code`.
 
-    Scores four slots a pass (`_dot4`: four independent vector sums over the head dimension), the weighted
-    values eight slots a pass (`_axpy8`: the output row loaded and stored once for eight). A slot at a time,
-    each short dot was one dependent chain of adds and each value row a load and store of the output: 1.15-2.1x
-    slower at 7B head shapes, 1.0-1.5x at the bundled one (BENCHMARKS.md, "Attention four and eight slots")."""
+    Scores four slots a pass (`_scores4`: four independent sums over the head dimension), the weighted
+    values eight slots a pass (`_values8`), the softmax's exponentials vectorised (`_exp_neg`). The slots are
+    indexed in the [S, hd] block of the (row, kv head), not sliced: a slice per slot is an array view whose
+    reference count numba updates, and the kernel that sliced ran 1.2-1.8x slower in bf16 (BENCHMARKS.md,
+    "Attention without views")."""
     rows, hq, hd = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     longest = 1
     for b in range(rows):
         longest = max(longest, ends[b] - starts[b])
-    no_scale = np.empty((1, 0), np.float32)  # float formats: no row scales (what `_dot4` / `_axpy8` take)
     for job in prange(rows * hkv):  # one (row, kv head) a job: its K/V slots are read once for the group
         b, g = job // hkv, job % hkv
         r, s0, s1 = rows_of[b], starts[b], ends[b]
         kg, vg = k[r, g], v[r, g]  # [S, hd] each
-        scores = np.empty(longest + 8, np.float32)
-        sel = np.empty(8, np.int64)
+        scores = np.empty(longest + 3, np.float32)
         coef = np.empty(8, np.float32)
         for j in range(group):
             h = g * group + j
@@ -96,26 +140,29 @@ def _decode_attention(code, q, k, v, rows_of, starts, ends, scale, out):
             if s1 <= s0:  # a padding row (no sequence): zeros
                 continue
             qh = q[b, h]
-            top = -np.inf
+            top = np.float32(-np.inf)
             for s in range(s0, s1, 4):  # a short last pass repeats its last slot (same value, written once)
                 t1, t2, t3 = min(s + 1, s1 - 1), min(s + 2, s1 - 1), min(s + 3, s1 - 1)
-                e0, e1, e2, e3 = _dot4(code, kg[s], no_scale[0], kg[t1], no_scale[0], kg[t2], no_scale[0],
-                                       kg[t3], no_scale[0], qh)
+                e0, e1, e2, e3 = _scores4(code, kg, s, t1, t2, t3, qh)
                 e0, e1, e2, e3 = e0 * scale, e1 * scale, e2 * scale, e3 * scale
                 scores[s - s0], scores[t1 - s0], scores[t2 - s0], scores[t3 - s0] = e0, e1, e2, e3
                 top = max(top, max(max(e0, e1), max(e2, e3)))
+            n = s1 - s0
+            for i in range(n):
+                scores[i] = _exp_neg(scores[i] - top)
             total = np.float32(0.0)
-            for s in range(s1 - s0):
-                e = np.exp(scores[s] - top)
-                scores[s] = e
-                total += e
+            for i in range(n):
+                total += scores[i]
             inv = np.float32(1.0) / total
-            for s in range(s0, s1, 8):  # a short last pass repeats its last slot with weight 0
-                m = min(8, s1 - s)
+            full = s0 + n // 8 * 8
+            for s in range(s0, full, 8):
                 for i in range(8):
-                    sel[i] = s + min(i, m - 1)
-                    coef[i] = scores[s - s0 + i] * inv if i < m else np.float32(0.0)
-                _axpy8(code, acc, coef, vg, no_scale, sel, no_scale)
+                    coef[i] = scores[s - s0 + i] * inv
+                _values8(code, acc, vg, s, coef)
+            for s in range(full, s1):  # the last n % 8 slots one at a time
+                c = scores[s - s0] * inv
+                for d in range(hd):
+                    acc[d] += c * _kv(code, vg[s, d])
 
 
 _decode_attention_serial = _serial_twin(_decode_attention)

@@ -33,6 +33,43 @@ def test_decode_attention_matches_reference(hq, hkv, window, cache_dtype):
     assert not np.asarray(got)[3].any()
 
 
+def test_exp_neg_is_float32_exp_for_softmax_arguments():
+    """The kernel's vectorised exp against float64's over [-87, 0] (every exponent step): within 2 ulp
+    (relative 2.5e-7); below -87, where the softmax weight is < 2e-38 of the top slot's, no more than exp(-87)."""
+    from numba import njit
+
+    @njit
+    def run(xs, out):
+        for i in range(xs.shape[0]):
+            out[i] = HA._exp_neg(xs[i])
+
+    xs = np.concatenate([np.linspace(-87.0, 0.0, 200_001), -np.logspace(-8, 0, 1001), [0.0, -1e-30]])
+    xs = xs.astype(np.float32)
+    got = np.empty_like(xs)
+    run(xs, got)
+    want = np.exp(xs.astype(np.float64))
+    assert np.max(np.abs(got / want - 1.0)) < 2.5e-7
+    far = np.array([-87.5, -100.0, -1e4, -np.inf], np.float32)
+    out = np.empty_like(far)
+    run(far, out)
+    assert np.all((out >= 0) & (out <= np.exp(np.float32(-87.0)) * 1.000001))
+
+
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_long_spans_and_peaked_scores_at_model_head_sizes(cache_dtype):
+    """Head dims 64 and 128 over 1-203 slots (every remainder of the four- and eight-slot passes), with queries
+    scaled so most softmax weights underflow (scores spanning hundreds): the reference's result."""
+    rng = np.random.default_rng(5)
+    for hd, hq, hkv in ((64, 6, 6), (128, 8, 2)):
+        S = 208
+        q = 8.0 * rng.standard_normal((8, hq, hd), dtype=np.float32)
+        k = rng.standard_normal((8, hkv, S, hd), dtype=np.float32).astype(jnp.dtype(cache_dtype))
+        v = rng.standard_normal((8, hkv, S, hd), dtype=np.float32).astype(jnp.dtype(cache_dtype))
+        positions = np.array([0, 1, 6, 7, 8, 100, 201, 202], np.int32)
+        got = jax.jit(HA.decode_attention)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(positions))
+        _close(got, HA.decode_attention_ref(q, k, v, positions))
+
+
 @pytest.mark.parametrize("serial_max_bytes", [0, 1 << 40])
 def test_serial_and_parallel_kernels_agree(monkeypatch, serial_max_bytes):
     """A call reading few K/V bytes runs the serial twin (no thread wake), a larger one the parallel kernel:
