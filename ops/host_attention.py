@@ -116,10 +116,10 @@ def _decode_attention(code, q, k, v, rows_of, starts, ends, scale, out):
     r = rows_of[b] (the cache row query b reads); k and v f32, or bf16/f16 bits (uint16) by `code`.
 
     Scores four slots a pass (`_scores4`: four independent sums over the head dimension), the weighted
-    values eight slots a pass (`_values8`), the softmax's exponentials vectorised (`_exp_neg`). The slots are
-    indexed in the [S, hd] block of the (row, kv head), not sliced: a slice per slot is an array view whose
-    reference count numba updates, and the kernel that sliced ran 1.2-1.8x slower in bf16 (BENCHMARKS.md,
-    "Attention without views")."""
+    values eight slots a pass (`_values8`), the softmax's exponentials vectorised (`_exp_neg`). Both loops are
+    inlined here over the [S, hd] block of the (row, kv head): the host_elements overloads they replaced
+    (`_dot4`, `_axpy8`, a row view per slot) are calls numba does not inline, array structs in and a tuple out
+    per four or eight slots, and that kernel ran 1.3-2.3x slower (BENCHMARKS.md, "Attention loops inlined")."""
     rows, hq, hd = q.shape
     hkv = k.shape[1]
     group = hq // hkv
