@@ -35,7 +35,7 @@ HOST_ATTENTION_MIN_SPAN_BYTES = 512 << 10  # ... and smaller ones whose attended
 USE_HOST_ATTENTION = True  # False keeps XLA's attention everywhere (tests compare the two)
 # A call reading at most this many K+V bytes runs on the calling thread: waking the second one costs 100-200 us
 # on a VM whose idle vCPU halts, 10x a bundled-model row's attention (BENCHMARKS.md, "One parallel region"). Two
-# threads broke even at ~4 MiB (16 bundled rows at 150 slots, one 7B row at 300; "Attention without views").
+# threads broke even at ~4 MiB (16 bundled rows at 150 slots, one 7B row at 300; "Attention loops inlined").
 SERIAL_MAX_BYTES = 1 << 22
 # The bit patterns a KVCache stores half precisions in (powerinfer_jax.layers.KV_STORAGE), and cache dtype -> the
 # kernel's format code (bf16 and f16 as floats or as their bits)
