@@ -130,7 +130,7 @@ def _decode_attention(code, q, k, v, rows_of, starts, ends, scale, out):
         b, g = job // hkv, job % hkv
         r, s0, s1 = rows_of[b], starts[b], ends[b]
         kg, vg = k[r, g], v[r, g]  # [S, hd] each
-        scores = np.empty(longest + 3, np.float32)
+        scores = np.empty(longest, np.float32)
         coef = np.empty(8, np.float32)
         for j in range(group):
             h = g * group + j

@@ -286,7 +286,7 @@ def test_prompt_parts_scope_wins_over_the_process_setting(monkeypatch):
 
 @pytest.mark.parametrize("kind,fmt,rows", [("reglu", "bfloat16", 1), ("reglu", "int8", 5), ("relu", "float16", 3),
                                            ("drelu", "int4", 2)])
-def test_dense_decode_ffn_is_one_host_callback(kind, fmt, rows):
+def test_dense_decode_ffn_is_one_host_callback(kind, fmt, rows, monkeypatch):
     """A dense FFN at decode on the CPU backend is one callback (`cpu_sparse.dense_ffn_rows`: gate/up and down in
     one host call, every down row read), biases included (OPT's relu), and equals the XLA reference's dots."""
     from powerinfer_jax.ffn import dense_ffn
@@ -303,9 +303,6 @@ def test_dense_decode_ffn_is_one_host_callback(kind, fmt, rows):
     x = jnp.asarray(rng.standard_normal((rows, d), dtype=np.float32))
     fn = jax.jit(lambda a, p: dense_ffn(p, kind, a))
     assert fn.lower(x, pj).as_text().count("custom_call") == 1
-    L.USE_HOST_KERNELS, before = False, L.USE_HOST_KERNELS  # the f32 reference: dequantized weights, XLA dots
-    try:
-        want = np.asarray(jax.jit(lambda a, p: dense_ffn(p, kind, a))(x, pj))
-    finally:
-        L.USE_HOST_KERNELS = before
-    _close(fn(x, pj), want)
+    got = fn(x, pj)
+    monkeypatch.setattr(L, "USE_HOST_KERNELS", False)  # the f32 reference: dequantized weights, XLA dots
+    _close(got, np.asarray(jax.jit(lambda a, p: dense_ffn(p, kind, a))(x, pj)))

@@ -1,9 +1,10 @@
 # Bundled bf16 engine (bf16 KV cache, the default), decode ms/step at 4/16 rows and one row after a long prompt,
 # the parent's attention kernel and this one toggled in one process (alternating rounds, toggle.py).
-# usage: python engine_ab.py ROUNDS
+# usage: python engine_ab.py ROUNDS  (AB_TOGGLE_DIR: the directory whose toggle.py switches old/new, default this
+# one; AB_CASES: case names separated by ';'; ../inline_overloads_1207/engine_ab.py runs it with its own toggle)
 import json, os, sys
 import numpy as np
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.environ.get("AB_TOGGLE_DIR", os.path.dirname(os.path.abspath(__file__))))
 from toggle import setv  # also: chdir to the checkout
 import powerinfer_jax as pij
 
@@ -12,7 +13,9 @@ ids = eng.encode("ROMEO:\nWhat light through yonder window breaks?")
 long_ids = eng.encode(open("data/tinyshakespeare.txt").read()[:4000])[:600]
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 8
 res = {}
-for name, prompts in (("4 rows", [ids] * 4), ("16 rows", [ids] * 16), ("1 row, 600-token prompt", [long_ids[:600]])):
+CASES = {"1 row": [ids], "4 rows": [ids] * 4, "16 rows": [ids] * 16, "1 row, 600-token prompt": [long_ids]}
+for name in os.environ.get("AB_CASES", "4 rows;16 rows;1 row, 600-token prompt").split(";"):
+    prompts = CASES[name]
     for v in ("old", "new"):
         setv(v); eng.generate_batch(prompts, max_new_tokens=8, stop_at_eos=False)
     t = {"old": [], "new": []}

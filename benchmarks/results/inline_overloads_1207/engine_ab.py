@@ -1,27 +1,9 @@
-# Bundled bf16 engine (bf16 KV cache, the default), decode ms/step at 4/16 rows and one row after a long prompt,
-# the parent commit's host loops and this commit's toggled in one process (alternating rounds, toggle.py).
-# usage: python engine_ab.py ROUNDS
-import json, os, sys
-import numpy as np
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from toggle import setv  # also: chdir to the checkout
-import powerinfer_jax as pij
+# Bundled bf16 engine, decode ms/step at 1/4/16 rows, the parent commit's host loops and this commit's toggled in one
+# process (this directory's toggle.py): ../attention_inlined_1207/engine_ab.py with it. usage: python engine_ab.py ROUNDS
+import os
+import runpy
 
-eng = pij.load("models/shakespeare-relu-llama")
-ids = eng.encode("ROMEO:\nWhat light through yonder window breaks?")
-rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 8
-res = {}
-for name, prompts in (("1 row", [ids]), ("4 rows", [ids] * 4), ("16 rows", [ids] * 16)):
-    for v in ("old", "new"):
-        setv(v); eng.generate_batch(prompts, max_new_tokens=8, stop_at_eos=False)
-    t = {"old": [], "new": []}
-    for r in range(rounds):
-        for v in (("old", "new") if r % 2 == 0 else ("new", "old")):
-            setv(v)
-            s = eng.generate_batch(prompts, max_new_tokens=96, stop_at_eos=False)[0].stats
-            t[v].append(1e3 * s["decode_s"] / s["decode_steps"])
-    ratios = np.array(t["old"]) / np.array(t["new"])
-    res[name] = dict(old_ms=float(np.median(t["old"])), new_ms=float(np.median(t["new"])),
-                     old_over_new=float(np.median(ratios)), paired=[round(float(x), 2) for x in ratios])
-    print(name, res[name], flush=True)
-print(json.dumps(res))
+HERE = os.path.dirname(os.path.abspath(__file__))
+os.environ["AB_TOGGLE_DIR"] = HERE
+os.environ.setdefault("AB_CASES", "1 row;4 rows;16 rows")
+runpy.run_path(os.path.join(HERE, "..", "attention_inlined_1207", "engine_ab.py"), run_name="__main__")
