@@ -28,14 +28,14 @@ BIAS_FEATURE = 1.0  # value of residual dimension 0 on every token, in every lay
 
 
 def synthetic_config(layers: int = 4, hidden: int = 4096, ffn: int = 11008, heads: int = 32, vocab: int = 4096,
-                     max_positions: int = 2048, ffn_kind: str = "reglu") -> ModelConfig:
+                     max_positions: int = 2048, ffn_kind: str = "reglu", kv_heads: int | None = None) -> ModelConfig:
     """A LLaMA ReGLU (or `ffn_kind="swiglu"`) config (defaults: LLaMA-7B layer dimensions, 4 layers, small
-    vocabulary)."""
+    vocabulary; `kv_heads` below `heads`: grouped-query attention, as Llama-3's 8 kv heads for 32)."""
     return ModelConfig.from_hf_dict({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_act": {"reglu": "relu", "swiglu": "silu"}[ffn_kind],
         "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": vocab,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads or heads, "vocab_size": vocab,
         "max_position_embeddings": max_positions, "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2,
         "tie_word_embeddings": False})
 

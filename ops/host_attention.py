@@ -110,16 +110,123 @@ def _values8(code, acc, vg, s, c):
                    + c6 * _kv(code, vg[s + 6, d]) + c7 * _kv(code, vg[s + 7, d]))
 
 
+@njit(inline="always", fastmath={"reassoc", "contract"})
+def _scores2x4(code, kg, s, t, q4):
+    """The dots of slots s and t of kg [S, hd] with the four queries q4 [4, hd]: each K entry widened once for
+    the four heads of a query group; eight sums (slot s's four, then slot t's)."""
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    b0 = np.float32(0.0)
+    b1 = np.float32(0.0)
+    b2 = np.float32(0.0)
+    b3 = np.float32(0.0)
+    for d in range(q4.shape[1]):
+        ks, kt = _kv(code, kg[s, d]), _kv(code, kg[t, d])
+        q0, q1, q2, q3 = q4[0, d], q4[1, d], q4[2, d], q4[3, d]
+        a0 += ks * q0
+        a1 += ks * q1
+        a2 += ks * q2
+        a3 += ks * q3
+        b0 += kt * q0
+        b1 += kt * q1
+        b2 += kt * q2
+        b3 += kt * q3
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+@njit(inline="always", fastmath={"reassoc", "contract"})
+def _values2x4(code, acc4, vg, s, c):
+    """acc4[j] += c[2j] vg[s] + c[2j+1] vg[s+1] for the four heads j of a group: each V entry widened once."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+    for d in range(acc4.shape[1]):
+        v0, v1 = _kv(code, vg[s, d]), _kv(code, vg[s + 1, d])
+        acc4[0, d] += c0 * v0 + c1 * v1
+        acc4[1, d] += c2 * v0 + c3 * v1
+        acc4[2, d] += c4 * v0 + c5 * v1
+        acc4[3, d] += c6 * v0 + c7 * v1
+
+
+@njit(inline="always", fastmath={"reassoc", "contract"})
+def _softmax_in_place(sc, n, top):
+    """sc[:n] <- exp(sc[:n] - top), top their maximum; returns 1 / their sum."""
+    for i in range(n):
+        sc[i] = _exp_neg(sc[i] - top)
+    total = np.float32(0.0)
+    for i in range(n):
+        total += sc[i]
+    return np.float32(1.0) / total
+
+
+@njit(inline="always", fastmath={"reassoc", "contract"})
+def _four_heads(code, q4, kg, vg, s0, s1, scale, scores, coef, acc4):
+    """Attention of four query heads that share one kv head: each K and V entry widened once for the four
+    (`_scores2x4`, `_values2x4`: two slots x four heads a pass), the softmax per head. Against each head on its
+    own: 1.5-1.8x at 600 slots on the 7B GQA shape (BENCHMARKS.md, "Grouped-query attention")."""
+    n = s1 - s0
+    m0 = m1 = m2 = m3 = np.float32(-np.inf)
+    for s in range(s0, s1, 2):  # an odd last pass scores its slot twice (the same value, written once)
+        t = min(s + 1, s1 - 1)
+        a0, a1, a2, a3, b0, b1, b2, b3 = _scores2x4(code, kg, s, t, q4)
+        a0, a1, a2, a3, b0, b1, b2, b3 = a0 * scale, a1 * scale, a2 * scale, a3 * scale, b0 * scale, b1 * scale, \
+            b2 * scale, b3 * scale
+        i, j = s - s0, t - s0
+        scores[0, i], scores[1, i], scores[2, i], scores[3, i] = a0, a1, a2, a3
+        scores[0, j], scores[1, j], scores[2, j], scores[3, j] = b0, b1, b2, b3
+        m0, m1, m2, m3 = max(m0, max(a0, b0)), max(m1, max(a1, b1)), max(m2, max(a2, b2)), max(m3, max(a3, b3))
+    tops = (m0, m1, m2, m3)
+    for j in range(4):
+        inv = _softmax_in_place(scores[j], n, tops[j])
+        for i in range(n):
+            scores[j, i] *= inv
+    full = s0 + n // 2 * 2
+    for s in range(s0, full, 2):
+        for j in range(4):
+            coef[2 * j], coef[2 * j + 1] = scores[j, s - s0], scores[j, s - s0 + 1]
+        _values2x4(code, acc4, vg, s, coef)
+    if full < s1:  # the last slot of an odd count
+        for j in range(4):
+            c = scores[j, n - 1]
+            for d in range(acc4.shape[1]):
+                acc4[j, d] += c * _kv(code, vg[s1 - 1, d])
+
+
+@njit(inline="always", fastmath={"reassoc", "contract"})
+def _one_head(code, qh, kg, vg, s0, s1, scale, sc, coef, acc):
+    """Attention of one query head: scores four slots a pass, the weighted values eight slots a pass."""
+    n = s1 - s0
+    top = np.float32(-np.inf)
+    for s in range(s0, s1, 4):  # a short last pass repeats its last slot (same value, written once)
+        t1, t2, t3 = min(s + 1, s1 - 1), min(s + 2, s1 - 1), min(s + 3, s1 - 1)
+        e0, e1, e2, e3 = _scores4(code, kg, s, t1, t2, t3, qh)
+        e0, e1, e2, e3 = e0 * scale, e1 * scale, e2 * scale, e3 * scale
+        sc[s - s0], sc[t1 - s0], sc[t2 - s0], sc[t3 - s0] = e0, e1, e2, e3
+        top = max(top, max(max(e0, e1), max(e2, e3)))
+    inv = _softmax_in_place(sc, n, top)
+    full = s0 + n // 8 * 8
+    for s in range(s0, full, 8):
+        for i in range(8):
+            coef[i] = sc[s - s0 + i] * inv
+        _values8(code, acc, vg, s, coef)
+    for s in range(full, s1):  # the last n % 8 slots one at a time
+        c = sc[s - s0] * inv
+        for d in range(acc.shape[0]):
+            acc[d] += c * _kv(code, vg[s, d])
+
+
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
 def _decode_attention(code, q, k, v, rows_of, starts, ends, scale, out):
     """out[b, h] = softmax over slots starts[b]..ends[b]-1 of (q[b, h] . k[r, h // group, s]) v[r, ...],
     r = rows_of[b] (the cache row query b reads); k and v f32, or bf16/f16 bits (uint16) by `code`.
 
-    Scores four slots a pass (`_scores4`: four independent sums over the head dimension), the weighted
-    values eight slots a pass (`_values8`), the softmax's exponentials vectorised (`_exp_neg`). Both loops are
-    inlined here over the [S, hd] block of the (row, kv head): the host_elements overloads they replaced
-    (`_dot4`, `_axpy8`, a row view per slot) are calls numba does not inline, array structs in and a tuple out
-    per four or eight slots, and that kernel ran 1.3-2.3x slower (BENCHMARKS.md, "Attention loops inlined")."""
+    One job a (row, kv head). Its query heads go four at a time while four remain (`_four_heads`: each K and V
+    entry widened once for the four; grouped-query models: Llama-3 and Mistral have groups of 4, Llama-2-70B of
+    8), the rest one at a time (`_one_head`; multi-head models, and a group's last group % 4 heads). Every loop
+    is inlined over the [S, hd] block of the (row, kv head): the host_elements overloads they replaced (`_dot4`,
+    `_axpy8`, a row view per slot) are calls numba does not inline, array structs in and a tuple out per four
+    or eight slots, and that kernel ran 1.3-2.3x slower (BENCHMARKS.md, "Attention loops inlined"). The
+    softmax's exponentials are vectorised (`_exp_neg`)."""
     rows, hq, hd = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -130,39 +237,20 @@ def _decode_attention(code, q, k, v, rows_of, starts, ends, scale, out):
         b, g = job // hkv, job % hkv
         r, s0, s1 = rows_of[b], starts[b], ends[b]
         kg, vg = k[r, g], v[r, g]  # [S, hd] each
-        scores = np.empty(longest, np.float32)
+        scores = np.empty((4, longest), np.float32)
         coef = np.empty(8, np.float32)
-        for j in range(group):
-            h = g * group + j
-            acc = out[b, h]
+        h, h_end = g * group, (g + 1) * group
+        for j in range(h, h_end):
             for d in range(hd):
-                acc[d] = 0.0
-            if s1 <= s0:  # a padding row (no sequence): zeros
-                continue
-            qh = q[b, h]
-            top = np.float32(-np.inf)
-            for s in range(s0, s1, 4):  # a short last pass repeats its last slot (same value, written once)
-                t1, t2, t3 = min(s + 1, s1 - 1), min(s + 2, s1 - 1), min(s + 3, s1 - 1)
-                e0, e1, e2, e3 = _scores4(code, kg, s, t1, t2, t3, qh)
-                e0, e1, e2, e3 = e0 * scale, e1 * scale, e2 * scale, e3 * scale
-                scores[s - s0], scores[t1 - s0], scores[t2 - s0], scores[t3 - s0] = e0, e1, e2, e3
-                top = max(top, max(max(e0, e1), max(e2, e3)))
-            n = s1 - s0
-            for i in range(n):
-                scores[i] = _exp_neg(scores[i] - top)
-            total = np.float32(0.0)
-            for i in range(n):
-                total += scores[i]
-            inv = np.float32(1.0) / total
-            full = s0 + n // 8 * 8
-            for s in range(s0, full, 8):
-                for i in range(8):
-                    coef[i] = scores[s - s0 + i] * inv
-                _values8(code, acc, vg, s, coef)
-            for s in range(full, s1):  # the last n % 8 slots one at a time
-                c = scores[s - s0] * inv
-                for d in range(hd):
-                    acc[d] += c * _kv(code, vg[s, d])
+                out[b, j, d] = 0.0
+        if s1 <= s0:  # a padding row (no sequence): zeros
+            continue
+        while h + 4 <= h_end:
+            _four_heads(code, q[b, h:h + 4], kg, vg, s0, s1, scale, scores, coef, out[b, h:h + 4])
+            h += 4
+        while h < h_end:
+            _one_head(code, q[b, h], kg, vg, s0, s1, scale, scores[0], coef, out[b, h])
+            h += 1
 
 
 _decode_attention_serial = _serial_twin(_decode_attention)
