@@ -193,6 +193,73 @@ def _four_heads(code, q4, kg, vg, s0, s1, scale, scores, coef, acc4):
 
 
 @njit(inline="always", fastmath={"reassoc", "contract"})
+def _scores4x2(code, kg, s, t1, t2, t3, q2):
+    """The dots of slots s, t1, t2, t3 of kg [S, hd] with the two queries q2 [2, hd]: each K entry widened once
+    for the two heads; eight sums (the first head's four, then the second's)."""
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    b0 = np.float32(0.0)
+    b1 = np.float32(0.0)
+    b2 = np.float32(0.0)
+    b3 = np.float32(0.0)
+    for d in range(q2.shape[1]):
+        k0, k1, k2, k3 = _kv(code, kg[s, d]), _kv(code, kg[t1, d]), _kv(code, kg[t2, d]), _kv(code, kg[t3, d])
+        q0, q1 = q2[0, d], q2[1, d]
+        a0 += k0 * q0
+        a1 += k1 * q0
+        a2 += k2 * q0
+        a3 += k3 * q0
+        b0 += k0 * q1
+        b1 += k1 * q1
+        b2 += k2 * q1
+        b3 += k3 * q1
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+@njit(inline="always", fastmath={"reassoc", "contract"})
+def _values4x2(code, acc2, vg, s, c):
+    """acc2[j] += sum_i c[4j + i] vg[s + i] over four slots for the two heads j: each V entry widened once."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+    for d in range(acc2.shape[1]):
+        v0, v1 = _kv(code, vg[s, d]), _kv(code, vg[s + 1, d])
+        v2, v3 = _kv(code, vg[s + 2, d]), _kv(code, vg[s + 3, d])
+        acc2[0, d] += c0 * v0 + c1 * v1 + c2 * v2 + c3 * v3
+        acc2[1, d] += c4 * v0 + c5 * v1 + c6 * v2 + c7 * v3
+
+
+@njit(inline="always", fastmath={"reassoc", "contract"})
+def _two_heads(code, q2, kg, vg, s0, s1, scale, scores, coef, acc2):
+    """Attention of two query heads that share one kv head (groups of 2, and the two left after groups of four
+    in groups of 6 and 7): four slots x two heads a pass for scores and values (`_scores4x2`, `_values4x2`)."""
+    n = s1 - s0
+    m0 = m1 = np.float32(-np.inf)
+    for s in range(s0, s1, 4):  # a short last pass repeats its last slot (same value, written once)
+        t1, t2, t3 = min(s + 1, s1 - 1), min(s + 2, s1 - 1), min(s + 3, s1 - 1)
+        a0, a1, a2, a3, b0, b1, b2, b3 = _scores4x2(code, kg, s, t1, t2, t3, q2)
+        a0, a1, a2, a3, b0, b1, b2, b3 = a0 * scale, a1 * scale, a2 * scale, a3 * scale, b0 * scale, b1 * scale, \
+            b2 * scale, b3 * scale
+        scores[0, s - s0], scores[0, t1 - s0], scores[0, t2 - s0], scores[0, t3 - s0] = a0, a1, a2, a3
+        scores[1, s - s0], scores[1, t1 - s0], scores[1, t2 - s0], scores[1, t3 - s0] = b0, b1, b2, b3
+        m0 = max(m0, max(max(a0, a1), max(a2, a3)))
+        m1 = max(m1, max(max(b0, b1), max(b2, b3)))
+    inv0 = _softmax_in_place(scores[0], n, m0)
+    inv1 = _softmax_in_place(scores[1], n, m1)
+    full = s0 + n // 4 * 4
+    for s in range(s0, full, 4):
+        for i in range(4):
+            coef[i], coef[4 + i] = scores[0, s - s0 + i] * inv0, scores[1, s - s0 + i] * inv1
+        _values4x2(code, acc2, vg, s, coef)
+    for s in range(full, s1):  # the last n % 4 slots one at a time
+        c0, c1 = scores[0, s - s0] * inv0, scores[1, s - s0] * inv1
+        for d in range(acc2.shape[1]):
+            vd = _kv(code, vg[s, d])
+            acc2[0, d] += c0 * vd
+            acc2[1, d] += c1 * vd
+
+
+@njit(inline="always", fastmath={"reassoc", "contract"})
 def _one_head(code, qh, kg, vg, s0, s1, scale, sc, coef, acc):
     """Attention of one query head: scores four slots a pass, the weighted values eight slots a pass."""
     n = s1 - s0
@@ -222,11 +289,11 @@ def _decode_attention(code, q, k, v, rows_of, starts, ends, scale, out):
 
     One job a (row, kv head). Its query heads go four at a time while four remain (`_four_heads`: each K and V
     entry widened once for the four; grouped-query models: Llama-3 and Mistral have groups of 4, Llama-2-70B of
-    8), the rest one at a time (`_one_head`; multi-head models, and a group's last group % 4 heads). Every loop
-    is inlined over the [S, hd] block of the (row, kv head): the host_elements overloads they replaced (`_dot4`,
-    `_axpy8`, a row view per slot) are calls numba does not inline, array structs in and a tuple out per four
-    or eight slots, and that kernel ran 1.3-2.3x slower (BENCHMARKS.md, "Attention loops inlined"). The
-    softmax's exponentials are vectorised (`_exp_neg`)."""
+    8), then two (`_two_heads`: Gemma-2's groups of 2; Qwen2.5's of 7 go 4 + 2 + 1), then one (`_one_head`;
+    multi-head models). Every loop is inlined over the [S, hd] block of the (row, kv head): the host_elements
+    overloads they replaced (`_dot4`, `_axpy8`, a row view per slot) are calls numba does not inline, array structs
+    in and a tuple out per four or eight slots, and that kernel ran 1.3-2.3x slower (BENCHMARKS.md, "Attention
+    loops inlined"). The softmax's exponentials are vectorised (`_exp_neg`)."""
     rows, hq, hd = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -248,9 +315,11 @@ def _decode_attention(code, q, k, v, rows_of, starts, ends, scale, out):
         while h + 4 <= h_end:
             _four_heads(code, q[b, h:h + 4], kg, vg, s0, s1, scale, scores, coef, out[b, h:h + 4])
             h += 4
-        while h < h_end:
+        if h + 2 <= h_end:
+            _two_heads(code, q[b, h:h + 2], kg, vg, s0, s1, scale, scores, coef, out[b, h:h + 2])
+            h += 2
+        if h < h_end:
             _one_head(code, q[b, h], kg, vg, s0, s1, scale, scores[0], coef, out[b, h])
-            h += 1
 
 
 _decode_attention_serial = _serial_twin(_decode_attention)

@@ -18,8 +18,8 @@ def _close(got, want):
 
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("window", [None, 5])
-# plain heads; groups of 4 (the four-head path), 6 (four, then two one at a time) and 8 (two four-head blocks)
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (12, 2), (16, 2)])
+# plain heads; groups of 2 (the two-head path), 4 (four-head), 7 (four, two, then one) and 8 (two four-head blocks)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 4), (8, 2), (14, 2), (16, 2)])
 def test_decode_attention_matches_reference(hq, hkv, window, cache_dtype):
     """f32 and half-precision caches (the kernel widens their bits; the reference reads the same stored values)."""
     rng = np.random.default_rng(0)
@@ -59,10 +59,10 @@ def test_exp_neg_is_float32_exp_for_softmax_arguments():
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 def test_long_spans_and_peaked_scores_at_model_head_sizes(cache_dtype):
     """Head dims 64 and 128 over 1-203 slots (every remainder of the two-, four- and eight-slot passes; multi-head,
-    and groups of 4 and 5 query heads a kv head), with queries
+    and groups of 2, 4 and 5 query heads a kv head), with queries
     scaled so most softmax weights underflow (scores spanning hundreds): the reference's result."""
     rng = np.random.default_rng(5)
-    for hd, hq, hkv in ((64, 6, 6), (128, 8, 2), (128, 10, 2)):
+    for hd, hq, hkv in ((64, 6, 6), (128, 4, 2), (128, 8, 2), (128, 10, 2)):
         S = 208
         q = 8.0 * rng.standard_normal((8, hq, hd), dtype=np.float32)
         k = rng.standard_normal((8, hkv, S, hd), dtype=np.float32).astype(jnp.dtype(cache_dtype))
