@@ -159,7 +159,7 @@ def _softmax_in_place(sc, n, top):
     return np.float32(1.0) / total
 
 
-@njit(inline="always", fastmath={"reassoc", "contract"})
+@njit(fastmath={"reassoc", "contract"}, cache=True)
 def _four_heads(code, q4, kg, vg, s0, s1, scale, scores, coef, acc4):
     """Attention of four query heads that share one kv head: each K and V entry widened once for the four
     (`_scores2x4`, `_values2x4`: two slots x four heads a pass), the softmax per head. Against each head on its
@@ -229,7 +229,7 @@ def _values4x2(code, acc2, vg, s, c):
         acc2[1, d] += c4 * v0 + c5 * v1 + c6 * v2 + c7 * v3
 
 
-@njit(inline="always", fastmath={"reassoc", "contract"})
+@njit(fastmath={"reassoc", "contract"}, cache=True)
 def _two_heads(code, q2, kg, vg, s0, s1, scale, scores, coef, acc2):
     """Attention of two query heads that share one kv head (groups of 2, and the two left after groups of four
     in groups of 6 and 7): four slots x two heads a pass for scores and values (`_scores4x2`, `_values4x2`)."""
@@ -259,7 +259,7 @@ def _two_heads(code, q2, kg, vg, s0, s1, scale, scores, coef, acc2):
             acc2[1, d] += c1 * vd
 
 
-@njit(inline="always", fastmath={"reassoc", "contract"})
+@njit(fastmath={"reassoc", "contract"}, cache=True)
 def _one_head(code, qh, kg, vg, s0, s1, scale, sc, coef, acc):
     """Attention of one query head: scores four slots a pass, the weighted values eight slots a pass."""
     n = s1 - s0
@@ -290,10 +290,12 @@ def _decode_attention(code, q, k, v, rows_of, starts, ends, scale, out):
     One job a (row, kv head). Its query heads go four at a time while four remain (`_four_heads`: each K and V
     entry widened once for the four; grouped-query models: Llama-3 and Mistral have groups of 4, Llama-2-70B of
     8), then two (`_two_heads`: Gemma-2's groups of 2; Qwen2.5's of 7 go 4 + 2 + 1), then one (`_one_head`;
-    multi-head models). Every loop is inlined over the [S, hd] block of the (row, kv head): the host_elements
-    overloads they replaced (`_dot4`, `_axpy8`, a row view per slot) are calls numba does not inline, array structs
-    in and a tuple out per four or eight slots, and that kernel ran 1.3-2.3x slower (BENCHMARKS.md, "Attention
-    loops inlined"). The softmax's exponentials are vectorised (`_exp_neg`)."""
+    multi-head models). Those three are calls, once per head block over the whole span: inlined, they tripled the
+    kernel's first compile (27 s against 14 s for bf16 at two threads plus serial) for no measurable speed. Inside
+    them every per-slot loop is inlined over the [S, hd] block of the (row, kv head): the host_elements overloads
+    they replaced (`_dot4`, `_axpy8`, a row view per slot) are calls numba does not inline, array structs in and a
+    tuple out per four or eight slots, and that kernel ran 1.3-2.3x slower (BENCHMARKS.md, "Attention loops
+    inlined"). The softmax's exponentials are vectorised (`_exp_neg`)."""
     rows, hq, hd = q.shape
     hkv = k.shape[1]
     group = hq // hkv
