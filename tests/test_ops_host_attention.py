@@ -59,8 +59,8 @@ def test_exp_neg_is_float32_exp_for_softmax_arguments():
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 def test_long_spans_and_peaked_scores_at_model_head_sizes(cache_dtype):
     """Head dims 64 and 128 over 1-203 slots (every remainder of the two-, four- and eight-slot passes; multi-head,
-    and groups of 2, 4 and 5 query heads a kv head), with queries
-    scaled so most softmax weights underflow (scores spanning hundreds): the reference's result."""
+    and groups of 2, 4 and 5 query heads a kv head), with queries scaled so most softmax weights underflow (scores
+    spanning hundreds): the reference's result."""
     rng = np.random.default_rng(5)
     for hd, hq, hkv in ((64, 6, 6), (128, 4, 2), (128, 8, 2), (128, 10, 2)):
         S = 208
