@@ -329,11 +329,11 @@ def _q4_dot4(a, sa, b, sb, c, sc, d, sd, xb):
 
 @njit(fastmath=_FASTMATH, inline="always")
 def _q4_expand_scales(sa, m, out):
-    """out[j] = m * (scale of byte j's group), j < K/2: one f32 per packed byte.
+    """out[j] = m * (scale of byte j's group), j < K/2: one f32 per packed byte (`_q4_widen`).
 
-    Loops that store (axpy, widen) cannot load ``scale[j >> 4]`` per element: LLVM has no runtime
-    alias check for that index, so it left them scalar (1 GB/s). A splat per group is vectorised,
-    and then every load of the main loop is affine. The splat is a slice of a [groups, 16] view:
+    A loop that stores cannot load ``scale[j >> 4]`` per element: LLVM has no runtime alias check
+    for that index, so it left it scalar (1 GB/s). A splat per group is vectorised, and then every
+    load of the main loop is affine (the axpy's group loop instead: `_q4_axpy4`). The splat is a slice of a [groups, 16] view:
     written as a loop of 16 stores, LLVM unrolled it and vectorised across groups into scatter
     stores, 2.5x slower than the whole int4 axpy it fed (a dense int4 down projection ran at
     2.7 GB/s)."""
@@ -343,20 +343,21 @@ def _q4_expand_scales(sa, m, out):
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _q4_axpy4(acc, a0, a, sa, a1, b, sb, a2, c, sc, a3, d, sd, cf):
-    """acc (packed order) += sum_i a_i * row_i for four int4 rows; ``cf [4, K/2]`` f32 scratch
-    for their per-byte coefficients a_i * d_i."""
+def _q4_axpy4(acc, a0, a, sa, a1, b, sb, a2, c, sc, a3, d, sd):
+    """acc (packed order) += sum_i a_i * row_i for four int4 rows, a group (16 bytes) at a time.
+
+    Each row's coefficient a_i * d_i[g] is a scalar for its group's 16 bytes (LLVM broadcasts it),
+    and the group's low and high nibbles update both halves of acc in one pass. Expanding the
+    coefficients into a per-byte f32 scratch first (as `_q4_widen` still does, where it is the
+    faster form) stored and reloaded 16 KiB a row: 1.7-2.7x slower on one core at K = 384-8192
+    (AVX2 Zen 3; benchmarks/results/int4_down_1208)."""
     half = a.shape[0]
-    _q4_expand_scales(sa, a0, cf[0])
-    _q4_expand_scales(sb, a1, cf[1])
-    _q4_expand_scales(sc, a2, cf[2])
-    _q4_expand_scales(sd, a3, cf[3])
-    e0, e1, e2, e3 = cf[0], cf[1], cf[2], cf[3]
     acc_lo, acc_hi = acc[:half], acc[half:]
-    for j in range(half):
-        acc_lo[j] += e0[j] * _lo(a[j]) + e1[j] * _lo(b[j]) + e2[j] * _lo(c[j]) + e3[j] * _lo(d[j])
-    for j in range(half):
-        acc_hi[j] += e0[j] * _hi(a[j]) + e1[j] * _hi(b[j]) + e2[j] * _hi(c[j]) + e3[j] * _hi(d[j])
+    for g in range(half // 16):
+        e0, e1, e2, e3 = a0 * _f16(sa[g]), a1 * _f16(sb[g]), a2 * _f16(sc[g]), a3 * _f16(sd[g])
+        for j in range(16 * g, 16 * g + 16):
+            acc_lo[j] += e0 * _lo(a[j]) + e1 * _lo(b[j]) + e2 * _lo(c[j]) + e3 * _lo(d[j])
+            acc_hi[j] += e0 * _hi(a[j]) + e1 * _hi(b[j]) + e2 * _hi(c[j]) + e3 * _hi(d[j])
 
 
 @njit(fastmath=_FASTMATH, inline="always")
@@ -509,38 +510,38 @@ def _gated4_impl(code, wg, sg, wu, su, r0, r1, r2, r3, xb):
     return impl
 
 
-def _axpy8(code, acc, coef, w, s, rows, cf):
+def _axpy8(code, acc, coef, w, s, rows):
     """Stub: acc += sum_i coef[i] * row rows[i] of (w, s), eight rows (acc in the format's kernel
-    order; ``coef`` may be scaled in place; ``cf``: int4's [4, K/2] f32 scratch)."""
+    order; ``coef`` may be scaled in place)."""
     raise NotImplementedError
 
 
 @overload(_axpy8)
-def _axpy8_impl(code, acc, coef, w, s, rows, cf):
+def _axpy8_impl(code, acc, coef, w, s, rows):
     dt = w.dtype
     if dt == types.float32:
-        def impl(code, acc, coef, w, s, rows, cf):
+        def impl(code, acc, coef, w, s, rows):
             _f32_axpy8(acc, coef, w, rows)
         return impl
     if dt == types.uint16:
-        def impl(code, acc, coef, w, s, rows, cf):
+        def impl(code, acc, coef, w, s, rows):
             if code == _BF16:
                 _bf16_axpy8(acc, coef, w, rows)
             else:
                 _f16_axpy8(acc, coef, w, rows)
         return impl
     if dt == types.int8:
-        def impl(code, acc, coef, w, s, rows, cf):
+        def impl(code, acc, coef, w, s, rows):
             for i in range(8):  # the row scales go into the coefficients
                 coef[i] *= s[rows[i], 0]
             _i8_axpy8(acc, coef, w, rows)
         return impl
     if dt == types.uint8:
-        def impl(code, acc, coef, w, s, rows, cf):  # compute-bound: two passes of four rows
+        def impl(code, acc, coef, w, s, rows):  # compute-bound: two passes of four rows
             for i in range(0, 8, 4):
                 r0, r1, r2, r3 = rows[i], rows[i + 1], rows[i + 2], rows[i + 3]
                 _q4_axpy4(acc, coef[i], w[r0], s[r0], coef[i + 1], w[r1], s[r1],
-                          coef[i + 2], w[r2], s[r2], coef[i + 3], w[r3], s[r3], cf)
+                          coef[i + 2], w[r2], s[r2], coef[i + 3], w[r3], s[r3])
         return impl
     return None
 

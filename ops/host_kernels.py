@@ -343,8 +343,7 @@ def _down_buffers(kw: _KW, n_tok):
     d = kw.cols
     n_chunks = max(1, min(16, _DOWN_PARTIAL_BYTES // (4 * n_tok * d)))
     return (np.zeros((n_chunks, n_tok, d), np.float32), np.empty((n_chunks, 2, 8), np.int64),
-            np.empty((n_chunks, 40), np.float32),
-            np.empty((n_chunks, 4, d // 2 if kw.code == _I4 else 0), np.float32))
+            np.empty((n_chunks, 40), np.float32))
 
 
 # From two tokens on, the gated `_h_kernel` (gate and up dots of the listed neurons: the dense FFN's decode rows,

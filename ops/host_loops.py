@@ -325,14 +325,14 @@ def _matvec_q4_kernel(w, s, x, xsum, out, scratch):
 
 
 @njit(inline="always", fastmath=_FASTMATH, cache=True)
-def _down_span(code, wd, sd, idx, lo, hi, h, skip_zero, four, acc, sel, rows, coefs, scratch):
+def _down_span(code, wd, sd, idx, lo, hi, h, skip_zero, four, acc, sel, rows, coefs):
     """acc[b, :] += sum_{lo<=i<hi} h[b, i] * wd[idx[i], :]: one chunk of `_down_kernel` / `_ffn_kernel`, eight
     live rows a pass (concurrent read streams: four were 1.7x one row at a time, eight another 5-10%). With
     ``skip_zero``, rows whose h is zero for every token are skipped: their bytes are never read. A pass with
     fewer than eight live rows repeats its last row with coefficient 0. From four tokens on (elementwise
     formats; ``four``), each group of four tokens takes the eight rows in one pass (`_axpy8x4`), every element
     widened once for the four: per token, the widening, not the bytes, set the pace.
-    ``sel [8]`` int64 positions, ``rows [8]`` int64, ``coefs [40]`` f32 and ``scratch [4, K/2 or 0]``: the chunk's own."""
+    ``sel [8]`` int64 positions, ``rows [8]`` int64 and ``coefs [40]`` f32: the chunk's own."""
     n_tok = h.shape[0]
     zero = np.float32(0.0)
     coef, coef32 = coefs[:8], coefs[8:]
@@ -362,7 +362,7 @@ def _down_span(code, wd, sd, idx, lo, hi, h, skip_zero, four, acc, sel, rows, co
             for j in range(8):
                 coef[j] = h[b, sel[j]] if j < m else zero
             # acc[b]: 1-D views vectorise; acc[b, k] indexing did not as well
-            _axpy8(code, acc[b], coef, wd, sd, rows, scratch)
+            _axpy8(code, acc[b], coef, wd, sd, rows)
 
 
 @njit(inline="always", fastmath=_FASTMATH, cache=True)
@@ -388,7 +388,7 @@ def _add_partials(code, parts, out):
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _down_kernel(code, wd, sd, idx, count, h, skip_zero, four, out, parts, sels, coefs, scratch):
+def _down_kernel(code, wd, sd, idx, count, h, skip_zero, four, out, parts, sels, coefs):
     """out[b, :] = sum_{i<count} h[b, i] * wd[idx[i], :].
 
     The rows are split into a fixed number of chunks (from the shapes only); each chunk sums
@@ -396,19 +396,19 @@ def _down_kernel(code, wd, sd, idx, count, h, skip_zero, four, out, parts, sels,
     chunk order (`_add_partials`). No thread adds into another's memory (the reference engine's
     unsynchronised adds made greedy runs differ), and the result does not depend on the thread count.
     Caller-allocated: ``parts [chunks, B, d]`` zeros, ``sels [chunks, 2, 8]`` int64 (positions,
-    rows), ``coefs [chunks, 40]`` f32, ``scratch [chunks, 4, K/2 or 0]`` f32 (int4).
+    rows) and ``coefs [chunks, 40]`` f32.
     """
     n_chunks = parts.shape[0]
     step = (count + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         _down_span(code, wd, sd, idx, c * step, min(count, (c + 1) * step), h, skip_zero, four, parts[c],
-                   sels[c, 0], sels[c, 1], coefs[c], scratch[c])
+                   sels[c, 0], sels[c, 1], coefs[c])
     _add_partials(code, parts, out)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _ffn_kernel(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, count, code_d, wd, sd, skip_zero, h, out,
-                parts, sels, coefs, scratch):
+                parts, sels, coefs):
     """The whole FFN over neurons idx[:count] in one parallel region: out[b, :] = sum_i h[b, i] * wd[idx[i], :]
     with h [B, count] (written) the activations of `_h_span`. Each of `_down_kernel`'s chunks computes its
     neurons' h, then adds their down rows into its own partial while h is in cache; partials are added as
@@ -419,8 +419,7 @@ def _ffn_kernel(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, count,
     for c in prange(n_chunks):
         lo, hi = c * step, min(count, (c + 1) * step)
         _h_span(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, lo, hi, h)
-        _down_span(code_d, wd, sd, idx, lo, hi, h, skip_zero, four, parts[c], sels[c, 0], sels[c, 1], coefs[c],
-                   scratch[c])
+        _down_span(code_d, wd, sd, idx, lo, hi, h, skip_zero, four, parts[c], sels[c, 0], sels[c, 1], coefs[c])
     _add_partials(code_d, parts, out)
 
 
