@@ -327,6 +327,29 @@ def _q4_dot4(a, sa, b, sb, c, sc, d, sd, xb):
     return s0, s1, s2, s3
 
 
+@njit(fastmath=_FASTMATH, cache=True)
+def _q4_dot4x2(a, sa, b, sb, c, sc, d, sd, x0, x1):
+    """`_q4_dot4` against two tokens, each byte unpacked once for both: (row . x0, row . x1) for the four rows.
+    A call, not inlined: inlined twice into every kernel that inlines `_h_span` it doubled their compile time."""
+    half = a.shape[0]
+    x0_lo, x0_hi, x1_lo, x1_hi = x0[:half], x0[half:], x1[:half], x1[half:]
+    s0 = s1 = s2 = s3 = t0 = t1 = t2 = t3 = np.float32(0.0)
+    for j in range(half):
+        g = j >> 4
+        al, ah, bl, bh = _lo(a[j]), _hi(a[j]), _lo(b[j]), _hi(b[j])
+        cl, ch, dl, dh = _lo(c[j]), _hi(c[j]), _lo(d[j]), _hi(d[j])
+        da, db, dc, dd = _f16(sa[g]), _f16(sb[g]), _f16(sc[g]), _f16(sd[g])
+        s0 += da * (al * x0_lo[j] + ah * x0_hi[j])
+        t0 += da * (al * x1_lo[j] + ah * x1_hi[j])
+        s1 += db * (bl * x0_lo[j] + bh * x0_hi[j])
+        t1 += db * (bl * x1_lo[j] + bh * x1_hi[j])
+        s2 += dc * (cl * x0_lo[j] + ch * x0_hi[j])
+        t2 += dc * (cl * x1_lo[j] + ch * x1_hi[j])
+        s3 += dd * (dl * x0_lo[j] + dh * x0_hi[j])
+        t3 += dd * (dl * x1_lo[j] + dh * x1_hi[j])
+    return s0, s1, s2, s3, t0, t1, t2, t3
+
+
 @njit(fastmath=_FASTMATH, inline="always")
 def _q4_expand_scales(sa, m, out):
     """out[j] = m * (scale of byte j's group), j < K/2: one f32 per packed byte (`_q4_widen`).
@@ -358,6 +381,27 @@ def _q4_axpy4(acc, a0, a, sa, a1, b, sb, a2, c, sc, a3, d, sd):
         for j in range(16 * g, 16 * g + 16):
             acc_lo[j] += e0 * _lo(a[j]) + e1 * _lo(b[j]) + e2 * _lo(c[j]) + e3 * _lo(d[j])
             acc_hi[j] += e0 * _hi(a[j]) + e1 * _hi(b[j]) + e2 * _hi(c[j]) + e3 * _hi(d[j])
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _q4_axpy4x2(acc0, acc1, coef, i, a, sa, b, sb, c, sc, d, sd):
+    """`_q4_axpy4` for two tokens: acc_t += sum_k coef[8t + i + k] * row_k (k < 4), each group unpacked once
+    for both tokens (a pass per token unpacked it twice: 1.4-1.5x on one core, benchmarks/results/int4_down_1208)."""
+    half = a.shape[0]
+    p0l, p0h, p1l, p1h = acc0[:half], acc0[half:], acc1[:half], acc1[half:]
+    c0, c1, c2, c3 = coef[i], coef[i + 1], coef[i + 2], coef[i + 3]
+    f0, f1, f2, f3 = coef[8 + i], coef[9 + i], coef[10 + i], coef[11 + i]
+    for g in range(half // 16):
+        da, db, dc, dd = _f16(sa[g]), _f16(sb[g]), _f16(sc[g]), _f16(sd[g])
+        e0, e1, e2, e3 = c0 * da, c1 * db, c2 * dc, c3 * dd
+        k0, k1, k2, k3 = f0 * da, f1 * db, f2 * dc, f3 * dd
+        for j in range(16 * g, 16 * g + 16):
+            qa, qb, qc, qd = _lo(a[j]), _lo(b[j]), _lo(c[j]), _lo(d[j])
+            p0l[j] += e0 * qa + e1 * qb + e2 * qc + e3 * qd
+            p1l[j] += k0 * qa + k1 * qb + k2 * qc + k3 * qd
+            qa, qb, qc, qd = _hi(a[j]), _hi(b[j]), _hi(c[j]), _hi(d[j])
+            p0h[j] += e0 * qa + e1 * qb + e2 * qc + e3 * qd
+            p1h[j] += k0 * qa + k1 * qb + k2 * qc + k3 * qd
 
 
 @njit(fastmath=_FASTMATH, inline="always")
@@ -510,6 +554,31 @@ def _gated4_impl(code, wg, sg, wu, su, r0, r1, r2, r3, xb):
     return impl
 
 
+def _gated4x2(code, wg, sg, wu, su, r0, r1, r2, r3, x0, x1):
+    """Stub: `_gated4` against two tokens, (g0, u0, ..., g3, u3) for x0 then the same for x1; int4 rows only
+    (each byte unpacked once for both tokens; the elementwise formats take four tokens a pass, `_dot4x4`)."""
+    raise NotImplementedError
+
+
+@overload(_gated4x2)
+def _gated4x2_impl(code, wg, sg, wu, su, r0, r1, r2, r3, x0, x1):
+    if wg.dtype == types.uint8:
+        def impl(code, wg, sg, wu, su, r0, r1, r2, r3, x0, x1):
+            g0, u0, g1, u1, h0, v0, h1, v1 = _q4_dot4x2(wg[r0], sg[r0], wu[r0], su[r0], wg[r1], sg[r1], wu[r1], su[r1],
+                                                        x0, x1)
+            g2, u2, g3, u3, h2, v2, h3, v3 = _q4_dot4x2(wg[r2], sg[r2], wu[r2], su[r2], wg[r3], sg[r3], wu[r3], su[r3],
+                                                        x0, x1)
+            return g0, u0, g1, u1, g2, u2, g3, u3, h0, v0, h1, v1, h2, v2, h3, v3
+        return impl
+
+    def impl(code, wg, sg, wu, su, r0, r1, r2, r3, x0, x1):  # typed for the other formats' kernels, never run
+        z = np.float32(0.0)
+        if code >= 0:  # always (a bare raise would type the result as none)
+            raise ValueError("only int4 rows take two tokens a pass")
+        return (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
+    return impl
+
+
 def _axpy8(code, acc, coef, w, s, rows):
     """Stub: acc += sum_i coef[i] * row rows[i] of (w, s), eight rows (acc in the format's kernel
     order; ``coef`` may be scaled in place)."""
@@ -548,7 +617,7 @@ def _axpy8_impl(code, acc, coef, w, s, rows):
 
 def _axpy8x4(code, a0, a1, a2, a3, c, w, s, rows):
     """Stub: a_t += sum_i c[8t + i] * row rows[i] of (w, s) for four tokens t and eight rows (``c`` may be
-    scaled in place); the elementwise formats only (int4 takes `_axpy8` a token at a time)."""
+    scaled in place); the elementwise formats only (int4 takes two tokens a pass, `_axpy8x2`)."""
     raise NotImplementedError
 
 
@@ -582,6 +651,26 @@ def _axpy8x4_impl(code, a0, a1, a2, a3, c, w, s, rows):
             raise ValueError("int4 rows take _axpy8 one token at a time")
         return impl
     return None
+
+
+def _axpy8x2(code, a0, a1, c, w, s, rows):
+    """Stub: a_t += sum_i c[8t + i] * row rows[i] of (w, s) for two tokens t and eight int4 rows (the other
+    formats take four tokens a pass, `_axpy8x4`)."""
+    raise NotImplementedError
+
+
+@overload(_axpy8x2)
+def _axpy8x2_impl(code, a0, a1, c, w, s, rows):
+    if w.dtype == types.uint8:
+        def impl(code, a0, a1, c, w, s, rows):  # two passes of four rows, as `_axpy8`
+            for i in range(0, 8, 4):
+                r0, r1, r2, r3 = rows[i], rows[i + 1], rows[i + 2], rows[i + 3]
+                _q4_axpy4x2(a0, a1, c, i, w[r0], s[r0], w[r1], s[r1], w[r2], s[r2], w[r3], s[r3])
+        return impl
+
+    def impl(code, a0, a1, c, w, s, rows):  # typed for the other formats' kernels, never run there
+        raise ValueError("only int4 rows take two tokens a pass")
+    return impl
 
 
 def _widen(code, a, sa, out):

@@ -375,15 +375,18 @@ def host_axpy_down(w_down_t, idx, count, h, out=None, skip_zero_rows=True):
 # From how many tokens blocked BLAS GEMMs beat the numba kernels, by product and format. The kernels'
 # cost grows with the tokens (their arithmetic: ~1 ms a token on a 7B up-projection on 2 cores); BLAS
 # first widens every row block to f32 (~30 ms a 7B matrix in a half or integer format, nothing for
-# contiguous f32 rows), then runs at GEMM speed. int4's kernels unpack nibbles per token and cross
-# first. Measured on the 7B shape (BENCHMARKS.md, "Host kernels or BLAS by batch size"): at 16 tokens
+# contiguous f32 rows), then runs at GEMM speed. int4's kernels unpack nibbles once per two tokens and
+# cross first (BLAS time over the kernels' on the 7B shape, one BLAS thread as in the engine, AVX2: fused FFN
+# over 30% of the rows 0.43 / 0.82 / 1.00 / 1.49 at 8 / 16 / 32 / 48 tokens, mat-vec 0.40 / 0.62 / 0.88 /
+# 1.02 / 1.13 at 8 / 16 / 32 / 48 / 64, down 1.03 / 0.99 at 32 / 48; benchmarks/results/int4_down_1208/
+# blas_thresholds.txt). Measured on the 7B shape (BENCHMARKS.md, "Host kernels or BLAS by batch size"): at 16 tokens
 # an int8 up-projection takes 15.8 ms in the kernel and 39.9 ms through BLAS, the transposed down
 # projection 16.8 vs 79.7 ms; at 128 tokens BLAS wins (104 vs 124 ms). "matvec": x @ w.T;
 # "axpy": h @ w (the transposed down projection); "ffn": the fused sparse FFN over listed rows.
 _BLAS_MIN_TOKENS = {
-    "matvec": {"float32": 8, "int4": 32},
+    "matvec": {"float32": 8, "int4": 48},
     "axpy": {"float32": 8, "int4": 32},
-    "ffn": {"float32": 32, "int4": 16},
+    "ffn": {"float32": 32, "int4": 32},
 }
 _BLAS_MIN_DEFAULT = {"matvec": 64, "axpy": 128, "ffn": 64}  # bfloat16, float16, int8
 _WARM_BLAS_TOKENS = max(_BLAS_MIN_DEFAULT.values())  # a batch every product takes through BLAS

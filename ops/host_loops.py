@@ -17,8 +17,8 @@ import numpy as np
 from numba import njit, prange
 
 from ops import host_elements, quant
-from ops.host_elements import (_FASTMATH, _GELU_C, _I4, _axpy8, _axpy8x4, _dot1, _dot4, _dot4x4, _dot8, _f16, _gated4,
-                               _natural_col, _prefetch_rows, _row_scale, _widen)
+from ops.host_elements import (_FASTMATH, _GELU_C, _I4, _axpy8, _axpy8x2, _axpy8x4, _dot1, _dot4, _dot4x4, _dot8, _f16,
+                               _gated4, _gated4x2, _natural_col, _prefetch_rows, _row_scale, _widen)
 from ops.kernel_cache import drop_stale
 
 _H_CHUNKS = 64  # row chunks of the gate/up kernel
@@ -39,6 +39,26 @@ def _glu(family, g, u):
     return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(np.float32(_GELU_C) * (g + np.float32(0.044715) * g * g * g))) * u
 
 
+@njit(fastmath=_FASTMATH, cache=True)
+def _q4_h_pairs(family, code, wg, sg, wu, su, x, idx, lo, hi, out):
+    """`_h_span` of a gated family over int4 rows and two tokens or more: four neurons against two tokens a pass
+    (`_gated4x2`, each byte unpacked once for both; an odd last token pairs with itself, so a token's values never
+    depend on its place in the batch). A call, not inlined: inlined into the four kernels that inline `_h_span`
+    it added ~50% to their compile time."""
+    n_tok = x.shape[0]
+    for i in range(lo, hi, 4):
+        i1, i2, i3 = min(i + 1, hi - 1), min(i + 2, hi - 1), min(i + 3, hi - 1)
+        r0, r1, r2, r3 = idx[i], idx[i1], idx[i2], idx[i3]
+        for b0 in range(0, n_tok, 2):
+            b1 = min(b0 + 1, n_tok - 1)
+            g0, u0, g1, u1, g2, u2, g3, u3, h0, v0, h1, v1, h2, v2, h3, v3 = _gated4x2(
+                code, wg, sg, wu, su, r0, r1, r2, r3, x[b0], x[b1])
+            out[b0, i], out[b0, i1] = _glu(family, g0, u0), _glu(family, g1, u1)
+            out[b0, i2], out[b0, i3] = _glu(family, g2, u2), _glu(family, g3, u3)
+            out[b1, i], out[b1, i1] = _glu(family, h0, v0), _glu(family, h1, v1)
+            out[b1, i2], out[b1, i3] = _glu(family, h2, v2), _glu(family, h3, v3)
+
+
 @njit(inline="always", fastmath=_FASTMATH, cache=True)
 def _h_span(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, lo, hi, out):
     """out[b, i] = h of neuron idx[i] for token b, lo <= i < hi (one chunk of `_h_kernel` / `_ffn_kernel`).
@@ -48,8 +68,8 @@ def _h_span(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, lo, hi, ou
     One kernel for all of them keeps numba's (slow, parallel) compilations to one per dtype.
     Gated families read four neurons a pass (gate and up rows of each: eight streams, `_gated4`; from two
     tokens on in the elementwise formats, their gate rows, then their up rows, against four tokens at a time,
-    `_dot4x4`, with ``four``); the others four rows. A short tail computes its last neuron again in the spare
-    slots (same code, same value).
+    `_dot4x4`, with ``four``; int4 rows against two tokens at a time, `_gated4x2`); the others four rows. A
+    short tail computes its last neuron again in the spare slots (same code, same value).
     """
     zero = np.float32(0.0)
     n_tok = x.shape[0]
@@ -84,10 +104,12 @@ def _h_span(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, lo, hi, ou
                     out[b2, i3] = _glu(family, g[14] * dg3, u[14] * du3)
                     out[b3, i3] = _glu(family, g[15] * dg3, u[15] * du3)
         elif family < 2 or family > 3:  # gated: the branch sits outside the row loop so LLVM vectorises the dots
-            for i in range(lo, hi, 4):
+            if four and code == _I4 and n_tok >= 2:
+                _q4_h_pairs(family, code, wg, sg, wu, su, x, idx, lo, hi, out)
+            for i in range(lo, hi if not (four and code == _I4 and n_tok >= 2) else lo, 4):
                 i1, i2, i3 = min(i + 1, hi - 1), min(i + 2, hi - 1), min(i + 3, hi - 1)
                 r0, r1, r2, r3 = idx[i], idx[i1], idx[i2], idx[i3]
-                for b in range(x.shape[0]):
+                for b in range(n_tok):
                     g0, u0, g1, u1, g2, u2, g3, u3 = _gated4(code, wg, sg, wu, su, r0, r1, r2, r3, x[b])
                     out[b, i] = _glu(family, g0, u0)
                     out[b, i1] = _glu(family, g1, u1)
@@ -291,12 +313,14 @@ def _matvec_q4_kernel(w, s, x, xsum, out, scratch):
     """int4 mat-vec: out[b, r] = row r . x[b] (x in packed order, ``xsum [B, K/32]`` its group sums).
 
     Unpacking nibbles makes int4 compute-bound (~15 G values/s a core with 256-bit vectors), so
-    each pass does the least work per value: one row at a time, its group scales converted once
+    each pass does the least work per value: one row at a time (against two tokens at a time from two
+    tokens on, each byte unpacked once for both: 1.3-1.4x at 7B shapes), its group scales converted once
     into ``scratch [chunks, K/32]``, and the -8 offset taken out of the loop (sum_g d_g sum q x
     minus 8 sum_g d_g xsum_g). The next row is prefetched: the hardware prefetchers alone left
     this slow loop waiting at the start of every 2 KiB row (2.7x slower).
     """
     rows, half = w.shape
+    n_tok = x.shape[0]
     step = (rows + _MV_CHUNKS - 1) // _MV_CHUNKS
     eight = np.float32(8.0)
     for c in prange(_MV_CHUNKS):
@@ -310,8 +334,28 @@ def _matvec_q4_kernel(w, s, x, xsum, out, scratch):
             for g in range(sr.shape[0]):
                 dt[g] = _f16(sr[g])
             a = w[r]
-            for b in range(x.shape[0]):
-                xb, xs = x[b], xsum[b]
+            # From two tokens on, two tokens a pass (each byte unpacked once for both); an odd last token pairs
+            # with itself, so a token's sums never depend on its place in the batch.
+            for b in range(0, n_tok if n_tok >= 2 else 0, 2):
+                b1 = min(b + 1, n_tok - 1)
+                x0, x1 = x[b], x[b1]
+                x0_lo, x0_hi, x1_lo, x1_hi = x0[:half], x0[half:], x1[:half], x1[half:]
+                corr0 = np.float32(0.0)
+                corr1 = np.float32(0.0)
+                for g in range(sr.shape[0]):
+                    corr0 += dt[g] * xsum[b, g]
+                    corr1 += dt[g] * xsum[b1, g]
+                acc0 = np.float32(0.0)
+                acc1 = np.float32(0.0)
+                for j in range(half):
+                    v = a[j]
+                    q_lo, q_hi = np.float32(np.uint8(v & np.uint8(15))), np.float32(np.uint8(v >> np.uint8(4)))
+                    acc0 += dt[j >> 4] * (q_lo * x0_lo[j] + q_hi * x0_hi[j])
+                    acc1 += dt[j >> 4] * (q_lo * x1_lo[j] + q_hi * x1_hi[j])
+                out[b, r] = acc0 - eight * corr0
+                out[b1, r] = acc1 - eight * corr1
+            if n_tok == 1:
+                xb, xs = x[0], xsum[0]
                 x_lo, x_hi = xb[:half], xb[half:]
                 corr = np.float32(0.0)
                 for g in range(sr.shape[0]):
@@ -321,7 +365,7 @@ def _matvec_q4_kernel(w, s, x, xsum, out, scratch):
                     v = a[j]
                     acc += dt[j >> 4] * (np.float32(np.uint8(v & np.uint8(15))) * x_lo[j]
                                          + np.float32(np.uint8(v >> np.uint8(4))) * x_hi[j])
-                out[b, r] = acc - eight * corr
+                out[0, r] = acc - eight * corr
 
 
 @njit(inline="always", fastmath=_FASTMATH, cache=True)
@@ -331,7 +375,8 @@ def _down_span(code, wd, sd, idx, lo, hi, h, skip_zero, four, acc, sel, rows, co
     ``skip_zero``, rows whose h is zero for every token are skipped: their bytes are never read. A pass with
     fewer than eight live rows repeats its last row with coefficient 0. From four tokens on (elementwise
     formats; ``four``), each group of four tokens takes the eight rows in one pass (`_axpy8x4`), every element
-    widened once for the four: per token, the widening, not the bytes, set the pace.
+    widened once for the four: per token, the widening, not the bytes, set the pace. int4 rows take two tokens
+    a pass (`_axpy8x2`: four tokens' coefficients and accumulators overflow AVX2's 16 registers).
     ``sel [8]`` int64 positions, ``rows [8]`` int64 and ``coefs [40]`` f32: the chunk's own."""
     n_tok = h.shape[0]
     zero = np.float32(0.0)
@@ -358,6 +403,12 @@ def _down_span(code, wd, sd, idx, lo, hi, h, skip_zero, four, acc, sel, rows, co
                     coef32[8 * t + j] = h[b + t, sel[j]] if j < m else zero
             _axpy8x4(code, acc[b], acc[b + 1], acc[b + 2], acc[b + 3], coef32, wd, sd, rows)
             b += 4
+        while four and code == _I4 and b + 2 <= n_tok:  # int4: two tokens a pass, each group unpacked once
+            for t in range(2):
+                for j in range(8):
+                    coef32[8 * t + j] = h[b + t, sel[j]] if j < m else zero
+            _axpy8x2(code, acc[b], acc[b + 1], coef32, wd, sd, rows)
+            b += 2
         for b in range(b, n_tok):
             for j in range(8):
                 coef[j] = h[b, sel[j]] if j < m else zero
