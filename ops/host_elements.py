@@ -330,7 +330,7 @@ def _q4_dot4(a, sa, b, sb, c, sc, d, sd, xb):
 @njit(fastmath=_FASTMATH, cache=True)
 def _q4_dot4x2(a, sa, b, sb, c, sc, d, sd, x0, x1):
     """`_q4_dot4` against two tokens, each byte unpacked once for both: (row . x0, row . x1) for the four rows.
-    A call, not inlined: inlined twice into every kernel that inlines `_h_span` it doubled their compile time."""
+    Compiled once as a function of its own (as `_q4_axpy4x2`), not inlined into each kernel: see host_loops._q4_h_pairs."""
     half = a.shape[0]
     x0_lo, x0_hi, x1_lo, x1_hi = x0[:half], x0[half:], x1[:half], x1[half:]
     s0 = s1 = s2 = s3 = t0 = t1 = t2 = t3 = np.float32(0.0)

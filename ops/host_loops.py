@@ -43,8 +43,8 @@ def _glu(family, g, u):
 def _q4_h_pairs(family, code, wg, sg, wu, su, x, idx, lo, hi, out):
     """`_h_span` of a gated family over int4 rows and two tokens or more: four neurons against two tokens a pass
     (`_gated4x2`, each byte unpacked once for both; an odd last token pairs with itself, so a token's values never
-    depend on its place in the batch). A call, not inlined: inlined into the four kernels that inline `_h_span`
-    it added ~50% to their compile time."""
+    depend on its place in the batch). A function of its own, not inlined: inlined into the four kernels that
+    inline `_h_span` it added ~50% to their compile time."""
     n_tok = x.shape[0]
     for i in range(lo, hi, 4):
         i1, i2, i3 = min(i + 1, hi - 1), min(i + 2, hi - 1), min(i + 3, hi - 1)
@@ -106,15 +106,16 @@ def _h_span(family, code, wg, sg, wu, su, bu, has_bias, four, x, idx, lo, hi, ou
         elif family < 2 or family > 3:  # gated: the branch sits outside the row loop so LLVM vectorises the dots
             if four and code == _I4 and n_tok >= 2:
                 _q4_h_pairs(family, code, wg, sg, wu, su, x, idx, lo, hi, out)
-            for i in range(lo, hi if not (four and code == _I4 and n_tok >= 2) else lo, 4):
-                i1, i2, i3 = min(i + 1, hi - 1), min(i + 2, hi - 1), min(i + 3, hi - 1)
-                r0, r1, r2, r3 = idx[i], idx[i1], idx[i2], idx[i3]
-                for b in range(n_tok):
-                    g0, u0, g1, u1, g2, u2, g3, u3 = _gated4(code, wg, sg, wu, su, r0, r1, r2, r3, x[b])
-                    out[b, i] = _glu(family, g0, u0)
-                    out[b, i1] = _glu(family, g1, u1)
-                    out[b, i2] = _glu(family, g2, u2)
-                    out[b, i3] = _glu(family, g3, u3)
+            else:
+                for i in range(lo, hi, 4):
+                    i1, i2, i3 = min(i + 1, hi - 1), min(i + 2, hi - 1), min(i + 3, hi - 1)
+                    r0, r1, r2, r3 = idx[i], idx[i1], idx[i2], idx[i3]
+                    for b in range(n_tok):
+                        g0, u0, g1, u1, g2, u2, g3, u3 = _gated4(code, wg, sg, wu, su, r0, r1, r2, r3, x[b])
+                        out[b, i] = _glu(family, g0, u0)
+                        out[b, i1] = _glu(family, g1, u1)
+                        out[b, i2] = _glu(family, g2, u2)
+                        out[b, i3] = _glu(family, g3, u3)
         else:
             for i in range(lo, hi, 4):
                 i1, i2, i3 = min(i + 1, hi - 1), min(i + 2, hi - 1), min(i + 3, hi - 1)
@@ -376,7 +377,7 @@ def _down_span(code, wd, sd, idx, lo, hi, h, skip_zero, four, acc, sel, rows, co
     fewer than eight live rows repeats its last row with coefficient 0. From four tokens on (elementwise
     formats; ``four``), each group of four tokens takes the eight rows in one pass (`_axpy8x4`), every element
     widened once for the four: per token, the widening, not the bytes, set the pace. int4 rows take two tokens
-    a pass (`_axpy8x2`: four tokens' coefficients and accumulators overflow AVX2's 16 registers).
+    a pass (`_axpy8x2`, each group unpacked once for both; four a pass measured no faster).
     ``sel [8]`` int64 positions, ``rows [8]`` int64 and ``coefs [40]`` f32: the chunk's own."""
     n_tok = h.shape[0]
     zero = np.float32(0.0)
