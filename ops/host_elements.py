@@ -330,7 +330,8 @@ def _q4_dot4(a, sa, b, sb, c, sc, d, sd, xb):
 @njit(fastmath=_FASTMATH, cache=True)
 def _q4_dot4x2(a, sa, b, sb, c, sc, d, sd, x0, x1):
     """`_q4_dot4` against two tokens, each byte unpacked once for both: (row . x0, row . x1) for the four rows.
-    Compiled once as a function of its own (as `_q4_axpy4x2`), not inlined into each kernel: see host_loops._q4_h_pairs."""
+    Compiled once as a function of its own (as `_q4_axpy4x2`), not inlined into every kernel (see
+    host_loops._q4_h_pairs)."""
     half = a.shape[0]
     x0_lo, x0_hi, x1_lo, x1_hi = x0[:half], x0[half:], x1[:half], x1[half:]
     s0 = s1 = s2 = s3 = t0 = t1 = t2 = t3 = np.float32(0.0)
@@ -356,10 +357,10 @@ def _q4_expand_scales(sa, m, out):
 
     A loop that stores cannot load ``scale[j >> 4]`` per element: LLVM has no runtime alias check
     for that index, so it left it scalar (1 GB/s). A splat per group is vectorised, and then every
-    load of the main loop is affine (the axpy's group loop instead: `_q4_axpy4`). The splat is a slice of a [groups, 16] view:
-    written as a loop of 16 stores, LLVM unrolled it and vectorised across groups into scatter
-    stores, 2.5x slower than the whole int4 axpy it fed (a dense int4 down projection ran at
-    2.7 GB/s)."""
+    load of the main loop is affine (the axpy runs a group loop instead: `_q4_axpy4`). The splat is
+    a slice of a [groups, 16] view: written as a loop of 16 stores, LLVM unrolled it and vectorised
+    across groups into scatter stores, 2.5x slower than the whole int4 axpy it fed (a dense int4
+    down projection ran at 2.7 GB/s)."""
     rows = out.reshape(sa.shape[0], GROUP // 2)
     for g in range(sa.shape[0]):
         rows[g, :] = m * _f16(sa[g])
