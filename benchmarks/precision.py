@@ -1,4 +1,5 @@
-"""Decode speed per weight format, side by side: float32, bfloat16, float16, int8, int4, each dense
+"""Decode speed per weight format, side by side: float32, bfloat16, float16, int8, int4 (and int4-a8, int4 with
+int8 activations), each dense
 and hybrid (predicted sparsity at one device budget), on one subject (the 4-layer LLaMA-7B cut).
 
 Every engine is built and compiled first; then rounds alternate over all of them, so the drifts
@@ -20,18 +21,30 @@ from powerinfer_jax.engine import Engine, bucket
 from powerinfer_jax.hybrid import build_hybrid_engine, predicted_capacities
 from powerinfer_jax.loading import to_device
 
-FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
+FORMATS = ("float32", "bfloat16", "float16", "int8", "int4", "int4-a8")
+# "int4-a8": int4 weights whose host kernels take int8 activations (`Engine.set_int4_activations("int8")`): the
+# same bytes as int4, another arithmetic.
+
+
+def weight_format(fmt: str) -> str:
+    """The stored weight format of a suite format ("int4-a8" -> "int4")."""
+    return fmt.split("-")[0]
 
 
 def _engines(s: Subject, fmt: str, fraction: float, max_seq_len: int) -> tuple[dict, dict]:
-    host = s.host_in(fmt)
-    b = plan_budget(s, fraction, max_seq_len, fmt)
+    wfmt = weight_format(fmt)
+    host = s.host_in(wfmt)
+    b = plan_budget(s, fraction, max_seq_len, wfmt)
     caps = predicted_capacities(s.rates, b.hot_indices, s.predicted_ratio)
     hybrid = build_hybrid_engine(s.cfg, host, mode="predicted", hot_indices=b.hot_indices, predictors=s.predictors,
                                  thresholds=s.thresholds, capacities=caps, max_seq_len=max_seq_len)
     info = {"budget_bytes": b.budget_bytes, "hot_fraction": float(sum(len(h) for h in b.hot_indices)
                                                                   / (s.cfg.num_layers * s.cfg.intermediate_size))}
-    return {"dense": Engine(s.cfg, to_device(host), max_seq_len=max_seq_len), "hybrid": hybrid}, info
+    engines = {"dense": Engine(s.cfg, to_device(host), max_seq_len=max_seq_len), "hybrid": hybrid}
+    if fmt.endswith("-a8"):
+        for e in engines.values():
+            e.set_int4_activations("int8")
+    return engines, info
 
 
 def bench_formats(s: Subject, formats: Sequence[str], *, fraction: float, repeats: int, new_tokens: int,
@@ -62,11 +75,12 @@ def bench_formats(s: Subject, formats: Sequence[str], *, fraction: float, repeat
     rows = []
     for (fmt, kind), rs in runs.items():
         tok_s = [x["decode_tok_s"] for x in rs]
-        table = s.host_in(fmt).embed.fmt
+        wfmt = weight_format(fmt)
+        table = s.host_in(wfmt).embed.fmt
         neurons = (np.median([x["ffn_computed_per_token"] for x in rs]) if kind == "hybrid"
                    else s.cfg.num_layers * s.cfg.intermediate_size)
-        nbytes = roofline.decode_bytes(s.cfg, fmt, ffn_neurons_per_token=float(neurons), attend_len=attend_len,
-                                       predictor_bytes=roofline.predictor_bytes(s.predictor_shapes(), fmt)
+        nbytes = roofline.decode_bytes(s.cfg, wfmt, ffn_neurons_per_token=float(neurons), attend_len=attend_len,
+                                       predictor_bytes=roofline.predictor_bytes(s.predictor_shapes(), wfmt)
                                        if kind == "hybrid" else 0,
                                        ffn_index=kind == "hybrid", table_dtype=table)
         med = float(np.median(tok_s))
@@ -89,6 +103,10 @@ def bench_formats(s: Subject, formats: Sequence[str], *, fraction: float, repeat
         if fmt != "bfloat16":
             paired[f"{fmt}_hybrid_over_bfloat16_hybrid"] = ratio((fmt, "hybrid"), ("bfloat16", "hybrid"))
             paired[f"{fmt}_dense_over_bfloat16_dense"] = ratio((fmt, "dense"), ("bfloat16", "dense"))
+        plain = weight_format(fmt)
+        if plain != fmt:  # another arithmetic over the same bytes: against the plain format
+            for kind in ("dense", "hybrid"):
+                paired[f"{fmt}_{kind}_over_{plain}_{kind}"] = ratio((fmt, kind), (plain, kind))
     del engines
     gc.collect()
     return {"name": s.name, "description": s.description, "quality_note": s.quality_note, "fraction": fraction,

@@ -39,7 +39,7 @@ def _rebuild(w, bufs: list):
     if isinstance(w, Weight):
         data = np.asarray(bufs.pop(0))
         scale = None if w.scale is None else np.asarray(bufs.pop(0))
-        return Weight(data, scale, w.fmt, w.cols)
+        return Weight(data, scale, w.fmt, w.cols, w.act)
     return np.asarray(bufs.pop(0))
 
 

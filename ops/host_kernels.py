@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import math
 import time
@@ -52,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import threadpoolctl
 
+from ops import host_q8
 from ops.host_elements import _BF16, _F16, _F32, _GELU_C, _I4, _I8
 from ops.host_loops import (_DOWN_PARTIAL_BYTES, _MV_CHUNKS, _bf16_pair_matvec_kernel,
                             _bf16_pair_matvec_kernel_serial, _down_kernel, _down_kernel_serial, _ffn_kernel,
@@ -148,6 +150,7 @@ class _KW(NamedTuple):
     data: np.ndarray   # [R, K] (int4: [R, K//2] uint8)
     scale: np.ndarray  # [R, 1] f32 (int8) | [R, K//32] uint16 (int4) | [R, 0] f32 (float formats)
     cols: int          # logical K
+    int8_x: bool = False  # int4 rows the int8-activation kernels take (`ops.host_q8`: Weight.act == "int8")
 
     @property
     def rows(self) -> int:
@@ -222,7 +225,12 @@ def _kernel_weight(w) -> _KW:
         scale = _contig(scale)
     else:
         scale = np.empty((rows, 0), np.float32)
-    return _KW(code, _contig(data), scale, cols)
+    int8_x = isinstance(w, Weight) and w.act == "int8"
+    if int8_x and not (code == _I4 and host_q8.usable(cols)):
+        raise ValueError(f"int8 activations need int4 rows of a multiple of {host_q8.BLOCK} columns on an x86-64 CPU "
+                         f"with AVX2 and F16C; got {FORMATS[code]} rows of {cols} columns"
+                         + ("" if host_q8.SUPPORTED else " on a CPU without them"))
+    return _KW(code, _contig(data), scale, cols, int8_x)
 
 
 def _kernel_x(kw: _KW, x) -> np.ndarray:
@@ -304,7 +312,7 @@ def _gate_up(family, w_gate, w_up) -> tuple[_KW, _KW]:
     check_family(family, w_gate)
     ku = _kernel_weight(w_up)
     kg = ku if w_gate is None else _kernel_weight(w_gate)
-    _expect(kg.code == ku.code and kg.data.shape == ku.data.shape,
+    _expect(kg.code == ku.code and kg.data.shape == ku.data.shape and kg.int8_x == ku.int8_x,
             f"gate and up must share format and shape: {FORMATS[kg.code]} {kg.data.shape} vs "
             f"{FORMATS[ku.code]} {ku.data.shape}")
     return kg, ku
@@ -482,7 +490,10 @@ def host_matvec(w, x, out=None):
         return host_matmul_blocked(w, x, out=out)
     y = _out(out, (xk.shape[0], kw.rows))
     serial = _serial(kw.rows, kw, xk.shape[0])
-    if kw.code == _I4:
+    if kw.int8_x:  # int4 rows against int8 activations (integer dots, `ops.host_q8`)
+        kernel = host_q8._matvec_q4q8_kernel_serial if serial else host_q8._matvec_q4q8_kernel
+        kernel(kw.data, kw.scale, *host_q8.quantize_x(xk), y)
+    elif kw.code == _I4:
         half, groups = kw.cols // 2, kw.cols // GROUP
         xsum = (xk[:, :half] + xk[:, half:]).reshape(xk.shape[0], groups, GROUP // 2).sum(-1, dtype=np.float32)
         kernel = _matvec_q4_kernel_serial if serial else _matvec_q4_kernel
@@ -576,10 +587,16 @@ def _fused_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up, out, live, l
     y = _out(out, (x2.shape[0], kd.cols))
     gated = family != "relu"
     row_bytes = ku.row_bytes * (2 if gated else 1) + kd.row_bytes
-    kernel = _ffn_kernel_serial if _serial_bytes(count * row_bytes, x2.shape[0]) else _ffn_kernel
-    kernel(_FAMILY_CODE[family], ku.code, kg.data, kg.scale, ku.data, ku.scale, bu, b_up is not None,
-           GATED_FOUR_TOKENS, x2, idx, count, kd.code, kd.data, kd.scale, bool(skip_zero_rows), h, y,
-           *_down_buffers(kd, x2.shape[0]))
+    serial = _serial_bytes(count * row_bytes, x2.shape[0])
+    down = (kd.code, kd.data, kd.scale, bool(skip_zero_rows))
+    if ku.int8_x and gated:  # int4 gate/up rows against int8 activations (integer dots, `ops.host_q8`)
+        kernel = host_q8._ffn_q4q8_kernel_serial if serial else host_q8._ffn_q4q8_kernel
+        kernel(_FAMILY_CODE[family], kg.data, kg.scale, ku.data, ku.scale, *host_q8.quantize_x(x2), idx, count,
+               *down, GATED_FOUR_TOKENS, h, y, *_down_buffers(kd, x2.shape[0]))
+    else:
+        kernel = _ffn_kernel_serial if serial else _ffn_kernel
+        kernel(_FAMILY_CODE[family], ku.code, kg.data, kg.scale, ku.data, ku.scale, bu, b_up is not None,
+               GATED_FOUR_TOKENS, x2, idx, count, *down, h, y, *_down_buffers(kd, x2.shape[0]))
     if live is not None:
         _count_live(h, live, live_first)
     return y
@@ -662,6 +679,23 @@ def warm(formats, gated: bool = False) -> float:
     return time.perf_counter() - t0
 
 
+def warm_int8_activations() -> float:
+    """`warm` for the int8-activation kernels (`ops.host_q8`): mat-vec and gated FFN, serial and parallel, one
+    token and two. Once per process; returns the seconds it took."""
+    t0 = time.perf_counter()
+    if "int8_activations" not in _WARM:
+        cols = 1024
+        for rows in (8, 2 * SERIAL_MAX_BYTES // _kernel_weight(_zero_weight(8, cols, "int4")).row_bytes + 8):
+            w = dataclasses.replace(_zero_weight(rows, cols, "int4"), act="int8")
+            idx = np.arange(rows, dtype=np.int32)
+            for n_tok in (1, 2):
+                x = np.ones((n_tok, cols), np.float32)
+                host_matvec(w, x)
+                host_sparse_ffn("reglu", w, w, _zero_weight(rows, cols, "int4"), x, idx, rows)
+        _WARM.add("int8_activations")
+    return time.perf_counter() - t0
+
+
 def _zero_weight(rows: int, cols: int, fmt: str) -> Weight:
     """A zero Weight of `fmt` ([rows, cols]) in the layout the kernels take."""
     if fmt == "float32":
@@ -680,7 +714,7 @@ def _host_array(a):
         return None
     if isinstance(a, Weight):
         return Weight(np.ascontiguousarray(a.data),
-                      None if a.scale is None else np.ascontiguousarray(a.scale), a.fmt, a.cols)
+                      None if a.scale is None else np.ascontiguousarray(a.scale), a.fmt, a.cols, a.act)
     return np.ascontiguousarray(a)
 
 

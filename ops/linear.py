@@ -222,7 +222,7 @@ def _rows_dot(x2: jax.Array, w: jax.Array) -> jax.Array:
 
 def _host_weight(w: Weight, data, scale) -> Weight:
     """The operand buffers of a callback as a numpy-backed Weight of the same format."""
-    return Weight(np.asarray(data), None if scale is None else np.asarray(scale), w.fmt, w.cols)
+    return Weight(np.asarray(data), None if scale is None else np.asarray(scale), w.fmt, w.cols, w.act)
 
 
 def _callback(kernel, w: Weight, x2: jax.Array, out_cols: int) -> jax.Array:
@@ -262,7 +262,7 @@ def _all_rows(n: int) -> np.ndarray:
 
 def slice_rows(w: Weight, r0: int, r1: int) -> Weight:
     """Rows r0:r1 of a Weight (views: per-row scales slice with their rows)."""
-    return Weight(w.data[r0:r1], None if w.scale is None else w.scale[r0:r1], w.fmt, w.cols)
+    return Weight(w.data[r0:r1], None if w.scale is None else w.scale[r0:r1], w.fmt, w.cols, w.act)
 
 
 def linear(x: jax.Array, w, b: jax.Array | None = None, exact: bool = False,

@@ -40,6 +40,9 @@ class Weight:
     scale: Any   # None (float formats) | f32 [R] (int8) | uint16 f16 bits [R, K//32] (int4)
     fmt: str     # one of FORMATS (static)
     cols: int    # logical K (static)
+    # How the host kernels meet this weight's rows (static): "float32" activations (exact: dequantize, then f32
+    # math), or "int8" (int4 weights only: activations rounded to int8 per group of 32, integer dots; `ops.host_q8`).
+    act: str = "float32"
 
     def __post_init__(self):
         # bf16 bit patterns from files, zeros or older code become bf16 views (no copy)
@@ -60,7 +63,7 @@ class Weight:
         return int(self.data.nbytes) + (0 if self.scale is None else int(self.scale.nbytes))
 
 
-jax.tree_util.register_dataclass(Weight, data_fields=["data", "scale"], meta_fields=["fmt", "cols"])
+jax.tree_util.register_dataclass(Weight, data_fields=["data", "scale"], meta_fields=["fmt", "cols", "act"])
 
 
 def check_format(fmt: str, cols: int | None = None) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from powerinfer_jax.engine import PROMPT_ACTIVATIONS
+from powerinfer_jax.engine import INT4_ACTIVATIONS, PROMPT_ACTIVATIONS
 from powerinfer_jax.loading import DTYPES
 from powerinfer_jax.model import KV_DTYPES
 
 
 def define_precision_flags(flags) -> None:
-    """Defines --dtype, --quantize, --kv_dtype and --prompt_activations on an absl `flags` module."""
+    """Defines --dtype, --quantize, --kv_dtype, --prompt_activations and --int4_activations on an absl `flags`
+    module."""
     flags.DEFINE_enum("dtype", "auto", list(DTYPES),
                       "Weight storage: auto keeps the checkpoint's precision (bf16/f16/f32); the others convert. "
                       "Activations, accumulation, norms and softmax are float32 whatever the storage (but see "
@@ -27,10 +28,17 @@ def define_precision_flags(flags) -> None:
                       "decode steps that carry them ~1.4x faster on a 7B shape, prompt logits within ~1e-3 of "
                       "f32). Decode rows, other formats and GPUs are unaffected. Without the flag: "
                       "POWERINFER_PROMPT_BF16_PARTS (1 = bfloat16), else float32.")
+    flags.DEFINE_enum("int4_activations", "float32", list(INT4_ACTIVATIONS),
+                      "How the CPU host kernels meet int4 weights (--quantize int4): float32 (exact: dequantize, then "
+                      "f32 math) or int8 (each token's activations rounded to int8 per group of 32 values, integer dot "
+                      "products as llama.cpp's Q4_0 x Q8_0: 2.7-3x faster int4 mat-vecs on AVX2, outputs within "
+                      "~0.5% of their largest; x86-64 CPUs with AVX2 only). Prompts through BLAS and the down "
+                      "projection stay exact.")
 
 
 def precision_kwargs(FLAGS) -> dict:
     """The `pij.load` keyword arguments the precision flags ask for (--prompt_activations only where given, so
     that POWERINFER_PROMPT_BF16_PARTS still applies without it)."""
     prompt = FLAGS.prompt_activations if FLAGS["prompt_activations"].present else None
-    return {"dtype": FLAGS.dtype, "quantize": FLAGS.quantize, "kv_dtype": FLAGS.kv_dtype, "prompt_activations": prompt}
+    return {"dtype": FLAGS.dtype, "quantize": FLAGS.quantize, "kv_dtype": FLAGS.kv_dtype, "prompt_activations": prompt,
+            "int4_activations": FLAGS.int4_activations}

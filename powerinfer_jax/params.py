@@ -134,10 +134,10 @@ def concat_rows(*ws):
     if ws[0] is None:
         return None
     if isinstance(ws[0], Weight):
-        if len({(w.fmt, w.cols) for w in ws}) != 1:
+        if len({(w.fmt, w.cols, w.act) for w in ws}) != 1:
             raise ValueError(f"cannot fuse weights of formats {[w.fmt for w in ws]}")
         scale = None if ws[0].scale is None else _cat([w.scale for w in ws])
-        return Weight(_cat([w.data for w in ws]), scale, ws[0].fmt, ws[0].cols)
+        return Weight(_cat([w.data for w in ws]), scale, ws[0].fmt, ws[0].cols, ws[0].act)
     return _cat(list(ws))
 
 
@@ -148,6 +148,24 @@ def _split_rows(w, bounds):
     if isinstance(w, Weight):
         return tuple(slice_rows(w, a, b) for a, b in pairs)
     return tuple(w[a:b] for a, b in pairs)
+
+
+def with_int4_activations(params: ModelParams, mode: str) -> tuple[ModelParams, int]:
+    """`params` with every int4 Weight whose rows the int8-activation kernels take (`ops.host_q8.usable`) set to
+    meet `mode` activations ("float32" or "int8", `Weight.act`); returns them and how many weights were set."""
+    from ops import host_q8
+
+    marked = 0
+
+    def mark(w):
+        nonlocal marked
+        if isinstance(w, Weight) and w.fmt == "int4" and (mode == "float32" or host_q8.usable(w.cols)):
+            marked += 1
+            return dataclasses.replace(w, act=mode)
+        return w
+
+    out = jax.tree_util.tree_map(mark, params, is_leaf=lambda a: isinstance(a, Weight))
+    return out, marked
 
 
 def fuse_qkv(params: ModelParams) -> ModelParams:

@@ -135,8 +135,8 @@ def take_rows(w, ids: np.ndarray):
     if w is None:
         return None
     if isinstance(w, Weight):
-        return Weight(np.ascontiguousarray(w.data[ids]), None if w.scale is None else np.ascontiguousarray(w.scale[ids]),
-                      w.fmt, w.cols)
+        scale = None if w.scale is None else np.ascontiguousarray(w.scale[ids])
+        return Weight(np.ascontiguousarray(w.data[ids]), scale, w.fmt, w.cols, w.act)
     return np.ascontiguousarray(np.asarray(w)[ids])
 
 
@@ -147,7 +147,7 @@ def permute_outputs(p: PredictorParams | None, order: np.ndarray) -> PredictorPa
     if isinstance(p.fc2, Weight):  # engine form: fc2 rows [n_ff, r]
         w = p.fc2
         fc2 = Weight(jnp.take(w.data, order, axis=0), None if w.scale is None else jnp.take(w.scale, order, axis=0),
-                     w.fmt, w.cols)
+                     w.fmt, w.cols, w.act)
     else:  # training form: fc2 [r, n_ff]
         fc2 = jnp.take(p.fc2, order, axis=1)
     return PredictorParams(fc1=p.fc1, fc2=fc2)

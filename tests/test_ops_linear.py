@@ -250,7 +250,8 @@ def test_activation_threshold_models_keep_exact_dots(kind, monkeypatch):
 
 def test_prompt_activations_flag_becomes_a_load_argument(monkeypatch):
     """`--prompt_activations` of the bin/ programs becomes pij.load's `prompt_activations` (None without the flag,
-    so that POWERINFER_PROMPT_BF16_PARTS still applies), and the process setting is left alone."""
+    so that POWERINFER_PROMPT_BF16_PARTS still applies), and the process setting is left alone; `--int4_activations`
+    becomes `int4_activations`."""
     import functools
     import types
 
@@ -259,13 +260,13 @@ def test_prompt_activations_flag_becomes_a_load_argument(monkeypatch):
     from powerinfer_jax.cli_flags import define_precision_flags, precision_kwargs
 
     monkeypatch.setenv("POWERINFER_PROMPT_BF16_PARTS", "")
-    for argv, want in ((["x"], None), (["x", "--prompt_activations=bfloat16"], "bfloat16"),
-                       (["x", "--prompt_activations=float32"], "float32")):
+    for argv, want, int4 in ((["x"], None, "float32"), (["x", "--prompt_activations=bfloat16"], "bfloat16", "float32"),
+                             (["x", "--prompt_activations=float32", "--int4_activations=int8"], "float32", "int8")):
         fv = flags.FlagValues()
         define_precision_flags(types.SimpleNamespace(DEFINE_enum=functools.partial(flags.DEFINE_enum, flag_values=fv)))
         fv(argv)
         assert precision_kwargs(fv) == {"dtype": "auto", "quantize": None, "kv_dtype": "auto",
-                                        "prompt_activations": want}
+                                        "prompt_activations": want, "int4_activations": int4}
         assert os.environ.get("POWERINFER_PROMPT_BF16_PARTS") == ""
         assert L.prompt_bf16_parts() == L.bf16_split_parts()
 
