@@ -21,7 +21,8 @@ at ~85% of the streaming bandwidth, bfloat16/float16 at ~70-80%, int8 at ~60-75%
 costs a convert and an FMA port slot per element; with LLVM's 256-bit vectors two cores are then
 close to compute-bound), int4 at ~33%: unpacking nibbles runs at ~15 G values/s a core, so int4 is
 compute-bound and has its own mat-vec (one row at a time, next row prefetched, scales converted
-once per row, the -8 offset taken out of the inner loop).
+once per row, the -8 offset taken out of the inner loop). Opt-in, int4 weights marked ``act="int8"`` take
+int8-rounded activations and integer dot products instead (`ops.host_q8`: mat-vec and gate/up, 2-2.5x).
 
 Threads: with numba's default OpenMP layer, workers spin-wait; on a shared 2-core machine that
 stalled each parallel region to a scheduler tick (LLaMA-7B layer 16-24 ms instead of 5-6 ms).
