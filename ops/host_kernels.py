@@ -392,23 +392,29 @@ def host_axpy_down(w_down_t, idx, count, h, out=None, skip_zero_rows=True):
 # an int8 up-projection takes 15.8 ms in the kernel and 39.9 ms through BLAS, the transposed down
 # projection 16.8 vs 79.7 ms; at 128 tokens BLAS wins (104 vs 124 ms). "matvec": x @ w.T;
 # "axpy": h @ w (the transposed down projection); "ffn": the fused sparse FFN over listed rows.
+# "int4-a8": int4 rows against int8 activations (`ops.host_q8`), whose kernels beat BLAS much further: 7B shape,
+# BLAS over the kernels' time, mat-vec 2.70 / 2.72 / 1.81 / 1.64 / 1.42 / 1.31 at 16 / 32 / 48 / 64 / 128 / 256 tokens,
+# dense FFN 1.80 / 1.36 / 0.99 at 16 / 32 / 48 (benchmarks/results/int4_q8_1208/blas_thresholds.txt).
 _BLAS_MIN_TOKENS = {
-    "matvec": {"float32": 8, "int4": 48},
+    "matvec": {"float32": 8, "int4": 48, "int4-a8": 256},
     "axpy": {"float32": 8, "int4": 32},
-    "ffn": {"float32": 32, "int4": 32},
+    "ffn": {"float32": 32, "int4": 32, "int4-a8": 48},
 }
 _BLAS_MIN_DEFAULT = {"matvec": 64, "axpy": 128, "ffn": 64}  # bfloat16, float16, int8
 _WARM_BLAS_TOKENS = max(_BLAS_MIN_DEFAULT.values())  # a batch every product takes through BLAS
 
 
-def _format_of(w) -> str:
-    """A weight argument's stored format (a Weight's own; a plain array's from its dtype), unchecked."""
-    return w.fmt if isinstance(w, Weight) else np.dtype(w.dtype).name
+def kernel_format(w) -> str:
+    """A weight argument's kernel format for `blas_min_tokens`: a Weight's own ("int4-a8" for int4 rows against
+    int8 activations), a plain array's from its dtype; unchecked."""
+    if isinstance(w, Weight):
+        return "int4-a8" if w.fmt == "int4" and w.act == "int8" else w.fmt
+    return np.dtype(w.dtype).name
 
 
 def blas_min_tokens(fmt: str, product: str = "matvec") -> int:
-    """Tokens from which the host `product` ("matvec", "axpy" or "ffn") over a weight stored as `fmt`
-    goes through blocked BLAS GEMMs instead of the numba kernels."""
+    """Tokens from which the host `product` ("matvec", "axpy" or "ffn") over a weight stored as `fmt` (or
+    "int4-a8", int4 against int8 activations) goes through blocked BLAS GEMMs instead of the numba kernels."""
     return _BLAS_MIN_TOKENS[product].get(fmt, _BLAS_MIN_DEFAULT[product])
 BLAS_BLOCK_ROWS = 512  # rows widened to f32 at a time for BLAS (bounded scratch; 256 was 10% slower)
 
@@ -487,7 +493,7 @@ def host_matvec(w, x, out=None):
     tokens, at memory bandwidth in any format; BLAS blocks from ``blas_min_tokens`` tokens."""
     kw = _kernel_weight(w)
     xk = _kernel_x(kw, x)
-    if xk.shape[0] >= blas_min_tokens(FORMATS[kw.code]):
+    if xk.shape[0] >= blas_min_tokens("int4-a8" if kw.int8_x else FORMATS[kw.code]):
         return host_matmul_blocked(w, x, out=out)
     y = _out(out, (xk.shape[0], kw.rows))
     serial = _serial(kw.rows, kw, xk.shape[0])
@@ -559,7 +565,7 @@ def host_sparse_ffn(family, w_gate, w_up, w_down_t, x, idx, count, b_up=None, ou
     x2 = np.atleast_2d(x)
     if live is not None:
         live[:] = 0
-    if x2.shape[0] >= blas_min_tokens(_format_of(w_up), "ffn"):
+    if x2.shape[0] >= blas_min_tokens(kernel_format(w_up), "ffn"):
         kg, ku = _gate_up(family, w_gate, w_up)
         kd = _kernel_weight(w_down_t)
         _expect(kd.rows == ku.rows, "w_down_t and w_up disagree on the number of neurons")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ops.host_kernels import blas_min_tokens
+from ops.host_kernels import blas_min_tokens, kernel_format
 from ops.linear import linear, linear_t, native_bf16_dot, uses_host_kernel
 from powerinfer_jax.config import SPARSE_FFN_KINDS, THRESHOLD_FFN_KINDS
 from powerinfer_jax.params import FFNParams
@@ -66,7 +66,8 @@ def dense_ffn(p: FFNParams, kind: str, x: jax.Array, prompt_from: int | None = N
     """Dense FFN: every neuron computed (`prompt_from`: see `ffn_activation`)."""
     n_rows = x.size // x.shape[-1]
     if (kind in SPARSE_FFN_KINDS and uses_host_kernel(p.w_up, n_rows) and uses_host_kernel(p.w_down_t)
-            and not native_bf16_dot(p.w_down_t, n_rows, transposed=True) and n_rows < blas_min_tokens(p.w_up.fmt)):
+            and not native_bf16_dot(p.w_down_t, n_rows, transposed=True)
+            and n_rows < blas_min_tokens(kernel_format(p.w_up))):
         # Decode on the CPU backend: the whole FFN in one host call (gate and up rows read in one pass, the
         # down rows of each chunk of neurons right after them): one callback and one thread wake, not two.
         from ops.cpu_sparse import dense_ffn_rows

@@ -187,3 +187,17 @@ def test_bundled_model_int4_with_int8_activations():
     rb = fast.generate(ids, max_new_tokens=24, temperature=0.0, stop_at_eos=False)
     same = sum(p == q for p, q in zip(ra.token_ids, rb.token_ids))
     assert same >= 12, (ra.text, rb.text)  # greedy text mostly the same
+
+
+@needs_avx2
+def test_prompts_take_the_int8_kernels_up_to_their_own_blas_threshold():
+    """The int8-activation kernels beat BLAS further than the exact ones (7B shape: the mat-vec to 256 tokens, the
+    FFN to 32): prompts below `blas_min_tokens("int4-a8")` take them; from there on BLAS, exact."""
+    assert H.blas_min_tokens("int4-a8") > H.blas_min_tokens("int4")
+    assert H.kernel_format(_w(4, 64)) == "int4-a8" and H.kernel_format(_w(4, 64, act="float32")) == "int4"
+    w = _w(64, 128)
+    exact = dataclasses.replace(w, act="float32")
+    below = rng.standard_normal((H.blas_min_tokens("int4") + 8, 128)).astype(np.float32)
+    assert not np.array_equal(H.host_matvec(w, below), H.host_matvec(exact, below))  # the int8 kernel, not BLAS
+    at = rng.standard_normal((H.blas_min_tokens("int4-a8"), 128)).astype(np.float32)
+    np.testing.assert_array_equal(H.host_matvec(w, at), H.host_matvec(exact, at))  # both BLAS
