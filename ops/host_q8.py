@@ -5,11 +5,12 @@ two AVX2 cores that is compute-bound at ~10-19 G values/s, a quarter of what mem
 llama.cpp's Q4_0 x Q8_0 dot, each token's activations are first rounded to int8 in groups of 32 (the weight's
 own groups, in its packed order) with one f32 scale a group, and a row's 64 values (two groups) take two
 ``vpmaddubsw`` (4-bit weight x int8 activation, pairs summed into int16), a ``vpmaddwd`` into int32, one convert
-and one FMA by the two groups' combined scales: 2.7-3x the exact kernel's values a second
-(benchmarks/results/int4_q8_1208/). The arithmetic after the rounding is exact (integer sums, then f32): the
-kernels match a float64 reference of the rounded activations within f32 rounding (tests/test_host_q8.py). The
-rounding itself moves outputs by ~0.5% of their largest magnitude on random inputs: an approximation the caller
-opts into, like `prompt_activations="bfloat16"`; the default keeps activations in float32.
+and one FMA by the two groups' combined scales: 2.8x the exact kernel's values a second on one core, int4
+mat-vecs 2.0-2.5x and the dense FFN 1.6-2.0x through `ops.host_kernels` (benchmarks/results/int4_q8_1208/). The
+arithmetic after the rounding is exact (integer sums, then f32): the kernels match a float64 reference of the
+rounded activations within f32 rounding (tests/test_host_q8.py). The rounding itself moves outputs by ~0.5% of
+their largest magnitude on random inputs: an approximation the caller opts into, like
+`prompt_activations="bfloat16"`; the default keeps activations in float32.
 
 Layout: x in int4's packed order (`ops.host_kernels._kernel_x`); group g is x_lo[16g:16g+16] with
 x_hi[16g:16g+16]. ``xq [B, K]`` int8 (packed order), ``dx [B, K/32]`` f32 scales, ``xoff [B, K/4]`` int16: 8 times

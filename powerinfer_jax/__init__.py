@@ -87,7 +87,7 @@ def load(
       logits within ~1e-3 of f32), or None (the process setting, POWERINFER_PROMPT_BF16_PARTS; float32 when unset).
     int4_activations: how the CPU host kernels meet int4 weights (`quantize="int4"`): "float32" (exact, the
       default) or "int8" (activations rounded to int8 per group of 32, integer dot products as llama.cpp's
-      Q4_0 x Q8_0: 2.7-3x faster int4 mat-vecs on AVX2; x86-64 with AVX2 only; `Engine.set_int4_activations`).
+      Q4_0 x Q8_0: 2-2.5x faster int4 mat-vecs on AVX2; x86-64 with AVX2 only; `Engine.set_int4_activations`).
     kv_dtype: KV-cache precision: "auto" (the weights' half precision for bf16/f16 checkpoints, float32 for
       float32 ones), "float32" (exact), "bfloat16" or "float16" (half the memory, as fast on every backend).
     sparsity: None/"dense" (reference), "oracle" (true ReLU mask drives the sparse path) or

@@ -31,7 +31,7 @@ def define_precision_flags(flags) -> None:
     flags.DEFINE_enum("int4_activations", "float32", list(INT4_ACTIVATIONS),
                       "How the CPU host kernels meet int4 weights (--quantize int4): float32 (exact: dequantize, then "
                       "f32 math) or int8 (each token's activations rounded to int8 per group of 32 values, integer dot "
-                      "products as llama.cpp's Q4_0 x Q8_0: 2.7-3x faster int4 mat-vecs on AVX2, outputs within "
+                      "products as llama.cpp's Q4_0 x Q8_0: 2-2.5x faster int4 mat-vecs on AVX2, outputs within "
                       "~0.5% of their largest; x86-64 CPUs with AVX2 only). Prompts through BLAS and the down "
                       "projection stay exact.")
 

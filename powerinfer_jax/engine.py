@@ -149,7 +149,7 @@ class Engine:
     def set_int4_activations(self, mode: str) -> None:
         """How the CPU host kernels meet this engine's int4 weights: "float32" (exact: dequantize, then f32 math;
         the default) or "int8" (each token's activations rounded to int8 per group of 32 values, integer dot
-        products as llama.cpp's Q4_0 x Q8_0: 2.7-3x faster int4 mat-vecs on AVX2, outputs within ~0.5% of the
+        products as llama.cpp's Q4_0 x Q8_0: 2-2.5x faster int4 mat-vecs on AVX2, outputs within ~0.5% of the
         largest; `ops.host_q8`). Prompts from the BLAS threshold on and the down projection stay exact.
         Call before generating."""
         from ops import host_kernels, host_q8
