@@ -31,9 +31,11 @@ def _quantize_ref(xk):
     half, groups = k // 2, k // 32
     lo, hi = xk[:, :half].reshape(n_tok, groups, 16), xk[:, half:].reshape(n_tok, groups, 16)
     dx = (np.maximum(np.abs(lo).max(-1), np.abs(hi).max(-1)) / np.float32(127.0)).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = lambda v: np.where(dx[..., None] > 0, np.clip(np.rint(v / dx[..., None]), -127, 127), 0)  # noqa: E731
-    ql, qh = q(lo).astype(np.int8), q(hi).astype(np.int8)
+    def q(v):
+        with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero group: 0 / 0, replaced by 0
+            return np.where(dx[..., None] > 0, np.clip(np.rint(v / dx[..., None]), -127, 127), 0).astype(np.int8)
+
+    ql, qh = q(lo), q(hi)
     xq = np.concatenate([ql.reshape(n_tok, half), qh.reshape(n_tok, half)], axis=1)
     s = ql.astype(np.int32) + qh
     xoff = (8 * (s[..., 0::2] + s[..., 1::2])).astype(np.int16).reshape(n_tok, k // 4)
