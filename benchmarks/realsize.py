@@ -314,6 +314,7 @@ def describe(ckpt_dir: str) -> dict:
 def with_floors(ckpt_dir: str, rows: list[dict], bandwidth: float) -> list[dict]:
     """Adds bytes touched per token, the floor and achieved/floor to each measured row."""
     from benchmarks import roofline
+    from benchmarks.precision import weight_format
     from powerinfer_jax.config import load_config
 
     cfg = load_config(ckpt_dir)
@@ -322,7 +323,7 @@ def with_floors(ckpt_dir: str, rows: list[dict], bandwidth: float) -> list[dict]
     for r in rows:
         if "error" in r:
             continue
-        fmt = (r["quantize"] or "bfloat16").split("-")[0]  # int4-a8 reads int4's bytes
+        fmt = weight_format(r["quantize"] or "bfloat16")  # int4-a8 reads int4's bytes
         hybrid = r["kind"] == "hybrid"
         neurons = r.get("ffn_computed_per_token", cfg.num_layers * cfg.intermediate_size) if hybrid else \
             cfg.num_layers * cfg.intermediate_size

@@ -493,7 +493,7 @@ def host_matvec(w, x, out=None):
     tokens, at memory bandwidth in any format; BLAS blocks from ``blas_min_tokens`` tokens."""
     kw = _kernel_weight(w)
     xk = _kernel_x(kw, x)
-    if xk.shape[0] >= blas_min_tokens("int4-a8" if kw.int8_x else FORMATS[kw.code]):
+    if xk.shape[0] >= blas_min_tokens(kernel_format(w)):
         return host_matmul_blocked(w, x, out=out)
     y = _out(out, (xk.shape[0], kw.rows))
     serial = _serial(kw.rows, kw, xk.shape[0])
@@ -657,7 +657,8 @@ _WARM: set = set()
 
 
 def warm(formats, gated: bool = False) -> float:
-    """Runs every kernel once per weight format on small zero weights (serial and parallel variants,
+    """Runs every kernel once per weight format (`kernel_format`: "int4-a8" loads the int8-activation kernels) on
+    small zero weights (serial and parallel variants,
     prompt and decode sizes), so numba loads their machine code from its on-disk cache (or compiles it)
     now and not inside the first tokens. Once per format and process; returns the seconds it took."""
     t0 = time.perf_counter()
@@ -686,25 +687,10 @@ def warm(formats, gated: bool = False) -> float:
     return time.perf_counter() - t0
 
 
-def warm_int8_activations() -> float:
-    """`warm` for the int8-activation kernels (`ops.host_q8`): mat-vec and gated FFN, serial and parallel, one
-    token and two. Once per process; returns the seconds it took."""
-    t0 = time.perf_counter()
-    if "int8_activations" not in _WARM:
-        cols = 1024
-        for rows in (8, 2 * SERIAL_MAX_BYTES // _kernel_weight(_zero_weight(8, cols, "int4")).row_bytes + 8):
-            w = dataclasses.replace(_zero_weight(rows, cols, "int4"), act="int8")
-            idx = np.arange(rows, dtype=np.int32)
-            for n_tok in (1, 2):
-                x = np.ones((n_tok, cols), np.float32)
-                host_matvec(w, x)
-                host_sparse_ffn("reglu", w, w, _zero_weight(rows, cols, "int4"), x, idx, rows)
-        _WARM.add("int8_activations")
-    return time.perf_counter() - t0
-
-
 def _zero_weight(rows: int, cols: int, fmt: str) -> Weight:
-    """A zero Weight of `fmt` ([rows, cols]) in the layout the kernels take."""
+    """A zero Weight of `fmt` ([rows, cols]; a `kernel_format`, so "int4-a8" too) in the layout the kernels take."""
+    if fmt == "int4-a8":
+        return dataclasses.replace(_zero_weight(rows, cols, "int4"), act="int8")
     if fmt == "float32":
         return Weight(np.zeros((rows, cols), np.float32), None, fmt, cols)
     if fmt in ("bfloat16", "float16"):

@@ -104,7 +104,7 @@ def warm_host_kernels(params: ModelParams, cfg: ModelConfig, sparse: bool) -> fl
     weights = [w for w in jax.tree_util.tree_leaves(params, is_leaf=lambda a: isinstance(a, Weight))
                if isinstance(w, Weight)]
     # Sparse engines read FFN rows with numba in every format (the CPU engine, or a GPU engine's cold part).
-    formats = {w.fmt for w in weights if sparse or uses_host_kernel(w)}
+    formats = {host_kernels.kernel_format(w) for w in weights if sparse or uses_host_kernel(w)}
     if not formats:
         return 0.0
     return host_kernels.warm(sorted(formats), gated=cfg.ffn_kind in THRESHOLD_FFN_KINDS)
@@ -152,7 +152,7 @@ class Engine:
         products as llama.cpp's Q4_0 x Q8_0: 2-2.5x faster int4 mat-vecs on AVX2, outputs within ~0.5% of the
         largest; `ops.host_q8`). Prompts from the BLAS threshold on and the down projection stay exact.
         Call before generating."""
-        from ops import host_kernels, host_q8
+        from ops import host_q8
 
         checks.choice("int4_activations", mode, INT4_ACTIVATIONS)
         if mode == "int8":
@@ -169,7 +169,7 @@ class Engine:
         self.params = params
         self._loop_programs = None  # programs made for the old weights' pytree structure
         if mode == "int8":
-            self.host_kernel_warm_s += host_kernels.warm_int8_activations()
+            self.host_kernel_warm_s += warm_host_kernels(self.params, self.cfg, sparse=self._ffn_fn is not None)
 
     def traced(self, fn: Callable) -> Callable:
         """`fn` run with this engine's `prompt_activations` (ops.linear.prompt_parts_scope) whenever it is traced:

@@ -72,17 +72,6 @@ def test_matvec_matches_the_rounded_reference_and_the_exact_path(rows, cols, bat
     assert np.abs(got - exact).max() > 0  # the rounding is really there (the option is not a no-op)
 
 
-def _glu(family, g, u):
-    relu = lambda v: np.maximum(v, 0)  # noqa: E731
-    if family == "reglu":
-        return relu(g) * u
-    if family == "drelu":
-        return relu(g) * relu(u)
-    if family == "swiglu":
-        return g / (1 + np.exp(-g)) * u
-    return 0.5 * g * (1 + np.tanh(0.7978845608028654 * (g + 0.044715 * g ** 3))) * u
-
-
 @needs_avx2
 @pytest.mark.parametrize("family", ["reglu", "drelu", "swiglu", "geglu"])
 @pytest.mark.parametrize("batch", [1, 2, 5])
@@ -100,7 +89,7 @@ def test_ffn_matches_the_rounded_reference(family, batch):
     rows = idx[:count]
     g = Q.q4q8_ref(kg.data[rows], kg.scale[rows], xq, dx)
     u = Q.q4q8_ref(ku.data[rows], ku.scale[rows], xq, dx)
-    want = _glu(family, g, u) @ dequantize(wd)[rows].astype(np.float64)
+    want = H._np_glu(family, g, u) @ dequantize(wd)[rows].astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
     exact = H.host_sparse_ffn_ref(family, dataclasses.replace(wg, act="float32"),
                                   dataclasses.replace(wu, act="float32"), wd, x, idx, count)
